@@ -1,0 +1,1 @@
+"""Process groups, multi-rank launching and TorchRec sharding plans."""

@@ -1,0 +1,90 @@
+"""Sharding plans for the TorchRec embedding modules of a model, addressed by table name.
+
+This module owns turning "table → sharding type" into a TorchRec ``ShardingPlan`` for every
+``EmbeddingCollection`` / ``EmbeddingBagCollection`` inside a model. It does not apply the plan
+(``DistributedModelParallel`` does) and does not run TorchRec's planner.
+
+On CPU, an ``EmbeddingCollection`` shards only with the fused compute kernel (the dense
+kernel crashes), so ``fused`` is the default kernel here for every sharding type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+from torchrec.distributed.sharding_plan import (
+    ParameterShardingGenerator,
+    column_wise,
+    construct_module_sharding_plan,
+    get_module_to_default_sharders,
+    row_wise,
+    table_wise,
+)
+from torchrec.distributed.types import ShardingPlan
+
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise")
+"""Sharding types a manual plan may name; all three work on CPU with the fused kernel."""
+
+
+def embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The shardable TorchRec embedding modules of ``model``, by module path."""
+    shardable = tuple(get_module_to_default_sharders())
+    return {path: m for path, m in model.named_modules() if isinstance(m, shardable)}
+
+
+def _table_names(module: nn.Module) -> list[str]:
+    sharder = get_module_to_default_sharders()[type(module)]
+    return list(sharder.shardable_parameters(module))
+
+
+def manual_plan(
+    model: nn.Module,
+    sharding: Mapping[str, str],
+    *,
+    world_size: int,
+    local_world_size: int | None = None,
+    device_type: str = "cpu",
+    compute_kernel: str = "fused",
+) -> ShardingPlan:
+    """A plan that shards each table of ``model`` the way ``sharding`` names it.
+
+    ``sharding`` maps every table name to one of :data:`SHARDING_TYPES`. Table-wise tables
+    are placed round-robin over the ranks in the order given; column-wise tables are split
+    into one column block per rank. The model may live on the meta device.
+    """
+    modules = embedding_modules(model)
+    tables = {name: path for path, m in modules.items() for name in _table_names(m)}
+    unknown = sorted(set(sharding) - set(tables))
+    if unknown:
+        raise ValueError(f"sharding names tables the model does not have: {unknown}; "
+                         f"the model's tables are {sorted(tables)}")
+    missing = sorted(set(tables) - set(sharding))
+    if missing:
+        raise ValueError(f"sharding gives no sharding type for tables {missing}")
+    bad = {name: kind for name, kind in sharding.items() if kind not in SHARDING_TYPES}
+    if bad:
+        raise ValueError(f"unknown sharding types {bad}; expected one of {SHARDING_TYPES}")
+
+    local_world_size = local_world_size or world_size
+    generators: dict[str, dict[str, ParameterShardingGenerator]] = {}
+    for index, (name, kind) in enumerate(sharding.items()):
+        if kind == "table_wise":
+            generator = table_wise(rank=index % world_size, compute_kernel=compute_kernel)
+        elif kind == "row_wise":
+            generator = row_wise(compute_kernel=compute_kernel)
+        else:
+            generator = column_wise(ranks=list(range(world_size)), compute_kernel=compute_kernel)
+        generators.setdefault(tables[name], {})[name] = generator
+    return ShardingPlan(
+        {
+            path: construct_module_sharding_plan(
+                modules[path],
+                per_table,
+                local_size=local_world_size,
+                world_size=world_size,
+                device_type=device_type,
+            )
+            for path, per_table in generators.items()
+        }
+    )

@@ -36,8 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         "check passes; each failed check names its cause and the fix.",
     )
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
-    doctor.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
-                        help="limit for the 2-rank job (default: %(default)s)")
+    doctor.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="limit for the 2-rank job (default: %(default)s)",
+    )
     doctor.set_defaults(run=_doctor)
     return parser
 

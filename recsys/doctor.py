@@ -9,6 +9,7 @@ still reports when they are missing or broken.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import re
@@ -46,10 +47,8 @@ class Check:
 def _installed(names: tuple[str, ...]) -> list[tuple[str, str]]:
     found = []
     for name in names:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             found.append((name, metadata.version(name)))
-        except metadata.PackageNotFoundError:
-            pass
     return found
 
 
@@ -58,9 +57,9 @@ def versions() -> dict[str, str]:
     report = {"python": platform.python_version()}
     for label, dists in PACKAGES.items():
         found = _installed(dists)
-        report[label] = ", ".join(
-            v if d == label else f"{v} ({d})" for d, v in found
-        ) or "not installed"
+        report[label] = (
+            ", ".join(v if d == label else f"{v} ({d})" for d, v in found) or "not installed"
+        )
     return report
 
 
@@ -85,8 +84,10 @@ def _major_minor(version: str) -> tuple[int, ...]:
 # Version combinations seen to fail; each entry: (test on installed versions, cause, fix).
 KNOWN_BAD: list[tuple[Callable[[dict[str, str]], bool], str, str]] = [
     (
-        lambda v: _major_minor(v.get("torch", "0")) == (2, 13)
-        and _major_minor(v.get("fbgemm", "0")) >= (1, 9),
+        lambda v: (
+            _major_minor(v.get("torch", "0")) == (2, 13)
+            and _major_minor(v.get("fbgemm", "0")) >= (1, 9)
+        ),
         "fbgemm-gpu 1.9 and newer fail to load their operators with torch 2.13 (ABI mismatch)",
         "install fbgemm-gpu-cpu==1.8.0 (CPU) or fbgemm-gpu==1.8.0 (CUDA): " + SETUP_FIX,
     ),
@@ -103,12 +104,16 @@ def accelerator() -> str:
     import torch
 
     if not torch.cuda.is_available():
-        built = f"torch built with CUDA {torch.version.cuda}" if torch.version.cuda \
+        built = (
+            f"torch built with CUDA {torch.version.cuda}"
+            if torch.version.cuda
             else "torch built without CUDA"
+        )
         return f"none: no CUDA device ({built})"
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return f"CUDA {torch.version.cuda}, {len(names)} device(s): " + ", ".join(
-        f"{i}: {n}" for i, n in enumerate(names))
+        f"{i}: {n}" for i, n in enumerate(names)
+    )
 
 
 def backends() -> dict[str, bool]:
@@ -128,17 +133,22 @@ def backends() -> dict[str, bool]:
 def _explain_fbgemm(error: BaseException) -> tuple[str, str]:
     text = f"{type(error).__name__}: {error}"
     if isinstance(error, ModuleNotFoundError) and (error.name or "").startswith("fbgemm_gpu"):
-        return f"fbgemm-gpu is not installed ({text})", "pip install fbgemm-gpu-cpu==1.8.0, or " \
-            + SETUP_FIX
+        return (
+            f"fbgemm-gpu is not installed ({text})",
+            "pip install fbgemm-gpu-cpu==1.8.0, or " + SETUP_FIX,
+        )
     if re.search(r"libcuda|libcudart|libnvidia|libcublas|CUDA driver", text, re.I):
-        return (f"fbgemm-gpu needs CUDA libraries this host lacks: the CUDA build is installed "
-                f"on a host without a GPU ({text})",
-                "pip uninstall -y fbgemm-gpu && pip install fbgemm-gpu-cpu==1.8.0, or "
-                + SETUP_FIX)
+        return (
+            f"fbgemm-gpu needs CUDA libraries this host lacks: the CUDA build is installed "
+            f"on a host without a GPU ({text})",
+            "pip uninstall -y fbgemm-gpu && pip install fbgemm-gpu-cpu==1.8.0, or " + SETUP_FIX,
+        )
     if "undefined symbol" in text:
-        return (f"fbgemm-gpu was built against another torch than the one installed ({text})",
-                "install the tested pair torch==2.13.0 with fbgemm-gpu-cpu==1.8.0 (or "
-                "fbgemm-gpu==1.8.0 on CUDA): " + SETUP_FIX)
+        return (
+            f"fbgemm-gpu was built against another torch than the one installed ({text})",
+            "install the tested pair torch==2.13.0 with fbgemm-gpu-cpu==1.8.0 (or "
+            "fbgemm-gpu==1.8.0 on CUDA): " + SETUP_FIX,
+        )
     return f"fbgemm-gpu failed to load ({text})", SETUP_FIX
 
 
@@ -157,17 +167,27 @@ def _check_fbgemm_build() -> Check:
     cpu_build = [d for d, _ in _installed(("fbgemm-gpu-cpu",))]
     name = "fbgemm-gpu build fits this host"
     if cuda_build and cpu_build:
-        return Check(name, "fail", "both fbgemm-gpu and fbgemm-gpu-cpu are installed; they "
-                     "write the same package", "pip uninstall -y fbgemm-gpu fbgemm-gpu-cpu, then "
-                     + SETUP_FIX)
+        return Check(
+            name,
+            "fail",
+            "both fbgemm-gpu and fbgemm-gpu-cpu are installed; they write the same package",
+            "pip uninstall -y fbgemm-gpu fbgemm-gpu-cpu, then " + SETUP_FIX,
+        )
     if cuda_build and not torch.cuda.is_available():
-        return Check(name, "fail", "the CUDA build fbgemm-gpu is installed but this host has no "
-                     "CUDA device", "pip uninstall -y fbgemm-gpu && pip install "
-                     "fbgemm-gpu-cpu==1.8.0, or " + SETUP_FIX)
+        return Check(
+            name,
+            "fail",
+            "the CUDA build fbgemm-gpu is installed but this host has no CUDA device",
+            "pip uninstall -y fbgemm-gpu && pip install fbgemm-gpu-cpu==1.8.0, or " + SETUP_FIX,
+        )
     if cpu_build and torch.cuda.is_available():
-        return Check(name, "warn", "the CPU build fbgemm-gpu-cpu is installed on a host with "
-                     "CUDA devices: embeddings will not run on the GPU",
-                     "make setup ACCEL=cuda")
+        return Check(
+            name,
+            "warn",
+            "the CPU build fbgemm-gpu-cpu is installed on a host with "
+            "CUDA devices: embeddings will not run on the GPU",
+            "make setup ACCEL=cuda",
+        )
     return Check(name, "ok", "CUDA build" if cuda_build else "CPU build")
 
 
@@ -187,13 +207,17 @@ def _check_fbgemm_ops() -> Check:
 def _check_torchrec() -> Check:
     name = "torchrec imports"
     try:
-        import torchrec  # noqa: F401
+        import torchrec
         import torchrec.distributed  # noqa: F401
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] == "torchrec":
-            return Check(name, "fail", "torchrec is not installed",
-                         "pip install --no-deps torchrec==1.9.2 (its metadata names the "
-                         "CUDA-only fbgemm-gpu), or " + SETUP_FIX)
+            return Check(
+                name,
+                "fail",
+                "torchrec is not installed",
+                "pip install --no-deps torchrec==1.9.2 (its metadata names the "
+                "CUDA-only fbgemm-gpu), or " + SETUP_FIX,
+            )
         return Check(name, "fail", f"a torchrec dependency is missing: {error}", SETUP_FIX)
     except Exception as error:  # noqa: BLE001
         return Check(name, "fail", f"{type(error).__name__}: {error}", SETUP_FIX)
@@ -209,19 +233,25 @@ def _check_versions(report: dict[str, str]) -> Check:
         return Check(name, "fail", "; ".join(c for c, _ in bad), "; ".join(f for _, f in bad))
     pins = pinned_versions()
     pins.setdefault("fbgemm-gpu", pins.get("fbgemm-gpu-cpu", ""))
-    differ = [f"{k} {installed[k]} (tested: {pins[k]})" for k in PACKAGES
-              if pins.get(k) and k in installed and installed[k].split("+")[0] != pins[k]]
+    differ = [
+        f"{k} {installed[k]} (tested: {pins[k]})"
+        for k in PACKAGES
+        if pins.get(k) and k in installed and installed[k].split("+")[0] != pins[k]
+    ]
     if differ:
-        return Check(name, "warn", "differs from the tested stack: " + ", ".join(differ),
-                     SETUP_FIX)
+        return Check(name, "warn", "differs from the tested stack: " + ", ".join(differ), SETUP_FIX)
     return Check(name, "ok")
 
 
 def _check_gloo(available: dict[str, bool]) -> Check:
     if available.get("gloo"):
         return Check("gloo backend available", "ok")
-    return Check("gloo backend available", "fail", "this torch build has no gloo backend",
-                 "install a torch build with distributed support: " + SETUP_FIX)
+    return Check(
+        "gloo backend available",
+        "fail",
+        "this torch build has no gloo backend",
+        "install a torch build with distributed support: " + SETUP_FIX,
+    )
 
 
 def _check_sharded_step(timeout: float) -> Check:
@@ -231,22 +261,30 @@ def _check_sharded_step(timeout: float) -> Check:
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return Check(name, "fail", f"no result after {timeout:.0f} s (rendezvous or collective "
-                     "hung)", "check that localhost TCP ports are open; rerun with a larger "
-                     "--timeout")
+        return Check(
+            name,
+            "fail",
+            f"no result after {timeout:.0f} s (rendezvous or collective hung)",
+            "check that localhost TCP ports are open; rerun with a larger --timeout",
+        )
     seconds = time.monotonic() - start
     try:
         results = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        return Check(name, "fail", f"the 2-rank job failed (exit code {proc.returncode}):\n"
-                     f"{tail}", SETUP_FIX)
+        return Check(
+            name, "fail", f"the 2-rank job failed (exit code {proc.returncode}):\n{tail}", SETUP_FIX
+        )
     if proc.returncode != 0:
         worst = max(results, key=lambda r: (r["forward_error"], r["update_error"]))
-        return Check(name, "fail", f"sharded results differ from the unsharded reference: "
-                     f"forward error {worst['forward_error']:.3g}, update error "
-                     f"{worst['update_error']:.3g} on rank {worst['rank']}",
-                     "report it with this output; try the tested versions: " + SETUP_FIX)
+        return Check(
+            name,
+            "fail",
+            f"sharded results differ from the unsharded reference: "
+            f"forward error {worst['forward_error']:.3g}, update error "
+            f"{worst['update_error']:.3g} on rank {worst['rank']}",
+            "report it with this output; try the tested versions: " + SETUP_FIX,
+        )
     return Check(name, "ok", f"outputs and SGD update equal the reference ({seconds:.1f} s)")
 
 
@@ -262,15 +300,19 @@ def diagnose(timeout: float = 300.0) -> dict:
     checks.append(_check_fbgemm_build())
     checks.append(_check_fbgemm_ops())
     fbgemm_ok = checks[-1].status != "fail"
-    checks.append(_check_torchrec() if fbgemm_ok
-                  else Check("torchrec imports", "skip", "needs fbgemm-gpu operators"))
+    checks.append(
+        _check_torchrec()
+        if fbgemm_ok
+        else Check("torchrec imports", "skip", "needs fbgemm-gpu operators")
+    )
     checks.append(_check_versions(report["versions"]))
     checks.append(_check_gloo(report["backends"]))
     if all(c.status in ("ok", "warn") for c in checks):
         checks.append(_check_sharded_step(timeout))
     else:
-        checks.append(Check("2-rank sharded EmbeddingCollection step", "skip",
-                            "needs every check above"))
+        checks.append(
+            Check("2-rank sharded EmbeddingCollection step", "skip", "needs every check above")
+        )
     return _finish(report)
 
 
@@ -285,9 +327,10 @@ def render(report: dict) -> str:
     lines = ["versions"]
     lines += [f"  {k:<13} {v}" for k, v in report["versions"].items()]
     lines += ["accelerator", f"  {report['accelerator'] or 'unknown (torch did not import)'}"]
-    lines += ["distributed backends",
-              "  " + "  ".join(f"{k}: {'yes' if v else 'no'}"
-                               for k, v in report["backends"].items())]
+    lines += [
+        "distributed backends",
+        "  " + "  ".join(f"{k}: {'yes' if v else 'no'}" for k, v in report["backends"].items()),
+    ]
     lines.append("checks")
     for check in report["checks"]:
         detail = f": {check['detail']}" if check["detail"] and check["status"] != "fail" else ""
@@ -298,8 +341,11 @@ def render(report: dict) -> str:
         elif check["status"] == "warn" and check["fix"]:
             lines.append(f"        fix:   {check['fix']}")
     failed = [c for c in report["checks"] if c["status"] == "fail"]
-    lines.append("all checks passed" if report["ok"]
-                 else f"{len(failed)} check(s) failed: " + ", ".join(c["name"] for c in failed))
+    lines.append(
+        "all checks passed"
+        if report["ok"]
+        else f"{len(failed)} check(s) failed: " + ", ".join(c["name"] for c in failed)
+    )
     return "\n".join(lines)
 
 

@@ -98,8 +98,9 @@ def _describe_failure(err: ChildFailedError, log_dir: str | None) -> str:
             message = message.get("message", message)
         lines.append(f"--- rank {rank} (exit code {failure.exitcode}) ---\n{message}")
         if log_dir is not None:
-            for path in glob.glob(os.path.join(log_dir, "**", str(failure.local_rank),
-                                               "stderr.log"), recursive=True):
+            for path in glob.glob(
+                os.path.join(log_dir, "**", str(failure.local_rank), "stderr.log"), recursive=True
+            ):
                 with open(path, errors="replace") as f:
                     tail = f.readlines()[-30:]
                 lines.append(f"--- rank {rank} stderr (last lines) ---\n{''.join(tail)}")

@@ -50,15 +50,19 @@ def manual_plan(
     """A plan that shards each table of ``model`` the way ``sharding`` names it.
 
     ``sharding`` maps every table name to one of :data:`SHARDING_TYPES`. Table-wise tables
-    are placed round-robin over the ranks in the order given; column-wise tables are split
-    into one column block per rank. The model may live on the meta device.
+    are placed round-robin over the ranks in the order given; column-wise tables are cut into
+    column blocks placed on ranks 0, 1, ... (TorchRec's rule: blocks at least 4 columns wide,
+    so a width-8 table makes two blocks whatever the world size). The model may live on the
+    meta device.
     """
     modules = embedding_modules(model)
     tables = {name: path for path, m in modules.items() for name in _table_names(m)}
     unknown = sorted(set(sharding) - set(tables))
     if unknown:
-        raise ValueError(f"sharding names tables the model does not have: {unknown}; "
-                         f"the model's tables are {sorted(tables)}")
+        raise ValueError(
+            f"sharding names tables the model does not have: {unknown}; "
+            f"the model's tables are {sorted(tables)}"
+        )
     missing = sorted(set(tables) - set(sharding))
     if missing:
         raise ValueError(f"sharding gives no sharding type for tables {missing}")

@@ -27,10 +27,12 @@ LEARNING_RATE = 0.5
 TABLES = (
     # One table serving two features, as the item table serves history and candidate.
     # (A table may not be named "items": EmbeddingCollection keeps tables in a ModuleDict.)
-    EmbeddingConfig(name="item", embedding_dim=8, num_embeddings=50,
-                    feature_names=["history", "candidate"]),
-    EmbeddingConfig(name="category", embedding_dim=8, num_embeddings=12,
-                    feature_names=["history_category"]),
+    EmbeddingConfig(
+        name="item", embedding_dim=8, num_embeddings=50, feature_names=["history", "candidate"]
+    ),
+    EmbeddingConfig(
+        name="category", embedding_dim=8, num_embeddings=12, feature_names=["history_category"]
+    ),
 )
 
 
@@ -67,8 +69,9 @@ def _batch(seed: int) -> KeyedJaggedTensor:
             n = torch.randint(1, 5, (4,), generator=generator)
             keys.append(feature)
             lengths.append(n)
-            values.append(torch.randint(0, table.num_embeddings, (int(n.sum()),),
-                                        generator=generator))
+            values.append(
+                torch.randint(0, table.num_embeddings, (int(n.sum()),), generator=generator)
+            )
     return KeyedJaggedTensor.from_lengths_sync(
         keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)
     )
@@ -93,17 +96,23 @@ def _check(env: DistEnv, sharding_type: str) -> CheckResult:
     reference = _Model(torch.device("cpu"))
 
     model = _Model(torch.device("meta"))
-    apply_optimizer_in_backward(torch.optim.SGD, model.embeddings.parameters(),
-                                {"lr": LEARNING_RATE})
-    plan = manual_plan(model, {t.name: sharding_type for t in TABLES},
-                       world_size=env.world_size, local_world_size=env.local_world_size,
-                       device_type="cpu")
+    apply_optimizer_in_backward(
+        torch.optim.SGD, model.embeddings.parameters(), {"lr": LEARNING_RATE}
+    )
+    plan = manual_plan(
+        model,
+        {t.name: sharding_type for t in TABLES},
+        world_size=env.world_size,
+        local_world_size=env.local_world_size,
+        device_type="cpu",
+    )
     sharded = DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=env.device,
+        model,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=env.device,
         plan=plan,
     )
-    full = {t.name: reference.embeddings.embeddings[t.name].weight.detach().clone()
-            for t in TABLES}
+    full = {t.name: reference.embeddings.embeddings[t.name].weight.detach().clone() for t in TABLES}
     shards = _local_shards(sharded)
     with torch.no_grad():
         for name, tensor, rows, cols in shards:
@@ -127,8 +136,15 @@ def _check(env: DistEnv, sharding_type: str) -> CheckResult:
     for name, tensor, rows, cols in _local_shards(sharded):
         update_error = max(update_error, (tensor - updated[name][rows, cols]).abs().max().item())
         rows_updated += int((tensor != full[name][rows, cols]).any(dim=1).sum())
-    return CheckResult(env.rank, env.world_size, sharding_type, forward_error, update_error,
-                       rows_updated, len(shards))
+    return CheckResult(
+        env.rank,
+        env.world_size,
+        sharding_type,
+        forward_error,
+        update_error,
+        rows_updated,
+        len(shards),
+    )
 
 
 def _local_shards(model: nn.Module) -> list[tuple[str, torch.Tensor, slice, slice]]:
@@ -157,12 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     from recsys.distributed.planning import SHARDING_TYPES
 
     parser = argparse.ArgumentParser(prog="python -m recsys.distributed.selfcheck")
-    parser.add_argument("sharding_types", nargs="*", default=["row_wise"],
-                        choices=SHARDING_TYPES, metavar="SHARDING_TYPE")
+    parser.add_argument(
+        "sharding_types",
+        nargs="*",
+        default=["row_wise"],
+        choices=SHARDING_TYPES,
+        metavar="SHARDING_TYPE",
+    )
     parser.add_argument("--world-size", type=int, default=2)
     args = parser.parse_args(argv)
-    per_rank = run_on_ranks(sharded_embedding_check, *args.sharding_types,
-                            world_size=args.world_size, quiet=True)
+    per_rank = run_on_ranks(
+        sharded_embedding_check, *args.sharding_types, world_size=args.world_size, quiet=True
+    )
     results = [result for rank_results in per_rank for result in rank_results]
     print(json.dumps(results))
     return 0 if all(passed(r) for r in results) else 1
@@ -170,8 +192,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def passed(result: dict) -> bool:
     """Whether one rank's result is exact and the step really changed some rows."""
-    return result["forward_error"] == 0.0 and result["update_error"] < 1e-6 \
+    return (
+        result["forward_error"] == 0.0
+        and result["update_error"] < 1e-6
         and result["rows_updated"] > 0
+    )
 
 
 if __name__ == "__main__":

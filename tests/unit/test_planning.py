@@ -1,0 +1,87 @@
+"""Manual sharding plans name tables, use the fused kernel, and reject wrong names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+)
+
+from recsys.distributed.planning import embedding_modules, manual_plan
+
+
+class Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        meta = torch.device("meta")
+        self.sequence = EmbeddingCollection(
+            device=meta,
+            tables=[
+                EmbeddingConfig(
+                    name="item",
+                    embedding_dim=16,
+                    num_embeddings=4_000_000_000,
+                    feature_names=["history", "candidate"],
+                ),
+                EmbeddingConfig(
+                    name="category",
+                    embedding_dim=16,
+                    num_embeddings=100,
+                    feature_names=["history_category"],
+                ),
+            ],
+        )
+        self.pooled = EmbeddingBagCollection(
+            device=meta,
+            tables=[
+                EmbeddingBagConfig(
+                    name="user", embedding_dim=8, num_embeddings=1000, feature_names=["user_id"]
+                ),
+            ],
+        )
+
+
+def test_plan_shards_each_table_as_named() -> None:
+    model = Model()
+    plan = manual_plan(
+        model, {"item": "row_wise", "category": "table_wise", "user": "column_wise"}, world_size=4
+    )
+    assert set(plan.plan) == {"sequence", "pooled"}
+    item = plan.plan["sequence"]["item"]
+    assert item.sharding_type == "row_wise"
+    assert item.compute_kernel == "fused"
+    assert item.ranks == [0, 1, 2, 3]
+    assert sum(s.shard_sizes[0] for s in item.sharding_spec.shards) == 4_000_000_000
+    assert plan.plan["sequence"]["category"].ranks == [1]  # second table → rank 1
+    user = plan.plan["pooled"]["user"]
+    # TorchRec cuts column blocks at least 4 wide: a width-8 table makes 2 blocks of 4.
+    assert [s.shard_sizes for s in user.sharding_spec.shards] == [[1000, 4], [1000, 4]]
+    assert user.ranks == [0, 1]
+
+
+def test_meta_model_holds_no_table_memory() -> None:
+    assert all(p.is_meta for m in embedding_modules(Model()).values() for p in m.parameters())
+
+
+@pytest.mark.parametrize(
+    ("sharding", "message"),
+    [
+        (
+            {"item": "row_wise", "category": "row_wise", "user": "row_wise", "price": "row_wise"},
+            r"tables the model does not have: \['price'\]",
+        ),
+        ({"item": "row_wise", "user": "row_wise"}, r"no sharding type for tables \['category'\]"),
+        (
+            {"item": "diagonal", "category": "row_wise", "user": "row_wise"},
+            r"unknown sharding types \{'item': 'diagonal'\}",
+        ),
+    ],
+)
+def test_plan_errors_name_the_table(sharding: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        manual_plan(Model(), sharding, world_size=2)

@@ -46,6 +46,7 @@ $(STAMP): pyproject.toml Makefile scripts/requirements.py | $(PY)
 	$(PY) scripts/requirements.py no-deps > $(VENV)/requirements-no-deps.txt
 	$(PIP) install --quiet --no-deps -r $(VENV)/requirements-no-deps.txt
 	$(PY) scripts/requirements.py deps --extras $(ACCEL),dev > $(VENV)/requirements.txt
+	@echo "(pip may say 'torchrec requires fbgemm-gpu, which is not installed': expected on CPU hosts, where fbgemm-gpu-cpu provides the same package)"
 	$(PIP) install --quiet $(TORCH_SOURCE) -r $(VENV)/requirements.txt
 	touch $@
 

@@ -131,12 +131,13 @@ def main() -> None:
     from recsys.distributed.launch import run_on_ranks
 
     cores = os.cpu_count() or 1
+    kernel = "torchrec EC, fused row-wise Adagrad"
     results = {
         f"baseline: nn.Embedding(sparse) + Adagrad, 1 process x {cores} threads": baseline(setting),
-        f"torchrec EC fused row-wise Adagrad, 1 rank x {cores} threads": run_on_ranks(
+        f"{kernel}, 1 rank x {cores} threads": run_on_ranks(
             torchrec_worker, setting, world_size=1, quiet=True
         )[0],
-        f"torchrec EC fused row-wise Adagrad, 2 gloo ranks x {max(1, cores // 2)} threads": run_on_ranks(
+        f"{kernel}, 2 gloo ranks x {max(1, cores // 2)} threads": run_on_ranks(
             torchrec_worker, setting, world_size=2, quiet=True
         )[0],
     }

@@ -15,12 +15,13 @@ PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.installed-$(ACCEL)
 PYTEST_ARGS ?=
 
-# Where pip finds the CPU build of torch: a directory of local wheels when it holds one,
-# otherwise PyTorch's CPU index. (PyPI's torch wheel for Linux is the CUDA build.)
+# Where pip finds the CPU build of torch: a directory of local wheels when it holds one for
+# this Python, otherwise PyTorch's CPU index. (PyPI's torch wheel for Linux is the CUDA build.)
 TORCH_WHEELS    ?= /opt/wheels
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PY_TAG := cp$(shell $(PYTHON) -c 'import sys; print("%d%d" % sys.version_info[:2])')
 ifeq ($(ACCEL),cpu)
-  ifneq ($(wildcard $(TORCH_WHEELS)/torch-2.13.0*.whl),)
+  ifneq ($(wildcard $(TORCH_WHEELS)/torch-2.13.0*-$(PY_TAG)-*.whl),)
     TORCH_SOURCE := --find-links $(TORCH_WHEELS)
   else
     TORCH_SOURCE := --extra-index-url $(TORCH_CPU_INDEX)
@@ -41,7 +42,12 @@ $(PY):
 # torchrec's metadata names the CUDA-only fbgemm-gpu, so torchrec goes in with --no-deps and
 # its other requirements with the rest (scripts/requirements.py splits the two groups).
 $(STAMP): pyproject.toml Makefile scripts/requirements.py | $(PY)
-	rm -f $(VENV)/.installed-*
+	@for other in $(VENV)/.installed-*; do \
+	  if [ -e "$$other" ] && [ "$$other" != "$(STAMP)" ]; then \
+	    echo "$(VENV) holds the $${other##*-} build; for ACCEL=$(ACCEL) remove it (rm -rf $(VENV)) or pass VENV=.venv-$(ACCEL)" >&2; \
+	    exit 1; fi; done
+	rm -f $(STAMP)
+	$(PIP) install --quiet packaging
 	$(PIP) install --quiet --no-deps -e .
 	$(PY) scripts/requirements.py no-deps > $(VENV)/requirements-no-deps.txt
 	$(PIP) install --quiet --no-deps -r $(VENV)/requirements-no-deps.txt

@@ -9,16 +9,20 @@ still reports when they are missing or broken.
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.version import InvalidVersion, Version
 
 PACKAGES = {
     # What the report calls a package → the distributions that provide it.
@@ -44,55 +48,68 @@ class Check:
     fix: str = ""
 
 
-def _installed(names: tuple[str, ...]) -> list[tuple[str, str]]:
-    found = []
-    for name in names:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            found.append((name, metadata.version(name)))
+def installed() -> dict[str, list[tuple[str, str]]]:
+    """For each package of the stack, the (distribution, version) pairs installed."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for label, dists in PACKAGES.items():
+        found[label] = []
+        for dist in dists:
+            try:
+                found[label].append((dist, metadata.version(dist)))
+            except metadata.PackageNotFoundError:
+                continue
     return found
 
 
-def versions() -> dict[str, str]:
-    """The version of python and of each package of the stack ('not installed' if absent)."""
+def versions(stack: dict[str, list[tuple[str, str]]] | None = None) -> dict[str, str]:
+    """Python's version and each package's, as the report shows them."""
+    stack = installed() if stack is None else stack
     report = {"python": platform.python_version()}
-    for label, dists in PACKAGES.items():
-        found = _installed(dists)
-        report[label] = (
-            ", ".join(v if d == label else f"{v} ({d})" for d, v in found) or "not installed"
-        )
+    for label, found in stack.items():
+        shown = [v if d == label else f"{v} ({d})" for d, v in found]
+        report[label] = ", ".join(shown) or "not installed"
     return report
 
 
 def pinned_versions() -> dict[str, str]:
-    """Versions pinned with ``==`` by this project's own requirements (its tested stack)."""
+    """Versions pinned with ``==`` by this project's requirements (the tested stack)."""
     try:
         requires = metadata.requires("recsys") or []
     except metadata.PackageNotFoundError:
         return {}
     pins = {}
-    for requirement in requires:
-        match = re.match(r"^\s*([A-Za-z0-9_.-]+)\s*==\s*([^\s;]+)", requirement)
-        if match:
-            pins[match.group(1).lower()] = match.group(2)
+    for line in requires:
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
+            continue
+        exact = [s.version for s in requirement.specifier if s.operator == "=="]
+        if exact:
+            pins[requirement.name.lower()] = exact[0]
     return pins
 
 
-def _major_minor(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+def _pin(name: str, fallback: str) -> str:
+    return f"{name}=={pinned_versions().get(name, fallback)}"
 
 
-# Version combinations seen to fail; each entry: (test on installed versions, cause, fix).
+def _release(version: str | None) -> tuple[int, ...]:
+    """(major, minor) of a version; (0,) when absent or unreadable."""
+    try:
+        return Version(version).release[:2] if version else (0,)
+    except InvalidVersion:
+        return (0,)
+
+
+# Version combinations seen to fail: (test on {package: version}, cause, fix).
 KNOWN_BAD: list[tuple[Callable[[dict[str, str]], bool], str, str]] = [
     (
-        lambda v: (
-            _major_minor(v.get("torch", "0")) == (2, 13)
-            and _major_minor(v.get("fbgemm", "0")) >= (1, 9)
-        ),
+        lambda v: _release(v.get("torch")) == (2, 13) and _release(v.get("fbgemm-gpu")) >= (1, 9),
         "fbgemm-gpu 1.9 and newer fail to load their operators with torch 2.13 (ABI mismatch)",
         "install fbgemm-gpu-cpu==1.8.0 (CPU) or fbgemm-gpu==1.8.0 (CUDA): " + SETUP_FIX,
     ),
     (
-        lambda v: "torchrec" in v and _major_minor(v.get("torchmetrics", "0")) >= (1, 9),
+        lambda v: "torchrec" in v and _release(v.get("torchmetrics")) >= (1, 9),
         "torchmetrics 1.9 and newer break torchrec.metrics' AUC (torchrec pins 1.0.3)",
         "pip install torchmetrics==1.0.3",
     ),
@@ -130,26 +147,11 @@ def backends() -> dict[str, bool]:
     }
 
 
-def _explain_fbgemm(error: BaseException) -> tuple[str, str]:
-    text = f"{type(error).__name__}: {error}"
-    if isinstance(error, ModuleNotFoundError) and (error.name or "").startswith("fbgemm_gpu"):
-        return (
-            f"fbgemm-gpu is not installed ({text})",
-            "pip install fbgemm-gpu-cpu==1.8.0, or " + SETUP_FIX,
-        )
-    if re.search(r"libcuda|libcudart|libnvidia|libcublas|CUDA driver", text, re.I):
-        return (
-            f"fbgemm-gpu needs CUDA libraries this host lacks: the CUDA build is installed "
-            f"on a host without a GPU ({text})",
-            "pip uninstall -y fbgemm-gpu && pip install fbgemm-gpu-cpu==1.8.0, or " + SETUP_FIX,
-        )
-    if "undefined symbol" in text:
-        return (
-            f"fbgemm-gpu was built against another torch than the one installed ({text})",
-            "install the tested pair torch==2.13.0 with fbgemm-gpu-cpu==1.8.0 (or "
-            "fbgemm-gpu==1.8.0 on CUDA): " + SETUP_FIX,
-        )
-    return f"fbgemm-gpu failed to load ({text})", SETUP_FIX
+def _check_packages(stack: dict[str, list[tuple[str, str]]]) -> Check:
+    missing = [label for label, found in stack.items() if not found]
+    if missing:
+        return Check("stack installed", "fail", f"not installed: {', '.join(missing)}", SETUP_FIX)
+    return Check("stack installed", "ok")
 
 
 def _check_torch() -> Check:
@@ -160,27 +162,29 @@ def _check_torch() -> Check:
     return Check("torch imports", "ok", torch.__version__)
 
 
-def _check_fbgemm_build() -> Check:
+def _check_fbgemm_build(stack: dict[str, list[tuple[str, str]]]) -> Check:
     import torch
 
-    cuda_build = [d for d, _ in _installed(("fbgemm-gpu",))]
-    cpu_build = [d for d, _ in _installed(("fbgemm-gpu-cpu",))]
+    builds = {dist for dist, _ in stack["fbgemm-gpu"]}
+    cpu_fix = f"pip install {_pin('fbgemm-gpu-cpu', '1.8.0')}, or " + SETUP_FIX
     name = "fbgemm-gpu build fits this host"
-    if cuda_build and cpu_build:
+    if not builds:
+        return Check(name, "fail", "neither fbgemm-gpu nor fbgemm-gpu-cpu is installed", cpu_fix)
+    if builds == {"fbgemm-gpu", "fbgemm-gpu-cpu"}:
         return Check(
             name,
             "fail",
             "both fbgemm-gpu and fbgemm-gpu-cpu are installed; they write the same package",
             "pip uninstall -y fbgemm-gpu fbgemm-gpu-cpu, then " + SETUP_FIX,
         )
-    if cuda_build and not torch.cuda.is_available():
+    if builds == {"fbgemm-gpu"} and not torch.cuda.is_available():
         return Check(
             name,
             "fail",
             "the CUDA build fbgemm-gpu is installed but this host has no CUDA device",
-            "pip uninstall -y fbgemm-gpu && pip install fbgemm-gpu-cpu==1.8.0, or " + SETUP_FIX,
+            "pip uninstall -y fbgemm-gpu && " + cpu_fix,
         )
-    if cpu_build and torch.cuda.is_available():
+    if builds == {"fbgemm-gpu-cpu"} and torch.cuda.is_available():
         return Check(
             name,
             "warn",
@@ -188,10 +192,35 @@ def _check_fbgemm_build() -> Check:
             "CUDA devices: embeddings will not run on the GPU",
             "make setup ACCEL=cuda",
         )
-    return Check(name, "ok", "CUDA build" if cuda_build else "CPU build")
+    return Check(name, "ok", "CUDA build" if builds == {"fbgemm-gpu"} else "CPU build")
 
 
-def _check_fbgemm_ops() -> Check:
+def _explain_fbgemm(error: BaseException, builds: set[str]) -> tuple[str, str]:
+    text = f"{type(error).__name__}: {error}"
+    cpu_fix = (
+        f"pip uninstall -y fbgemm-gpu fbgemm-gpu-cpu && pip install "
+        f"{_pin('fbgemm-gpu-cpu', '1.8.0')}, or " + SETUP_FIX
+    )
+    if isinstance(error, ModuleNotFoundError) and (error.name or "").startswith("fbgemm_gpu"):
+        return f"fbgemm_gpu cannot be imported ({text})", cpu_fix
+    if re.search(r"libcuda|libcudart|libnvidia|libcublas|CUDA driver", text, re.I):
+        which = (
+            "the CUDA build fbgemm-gpu is installed on a host without a GPU"
+            if "fbgemm-gpu" in builds
+            else "its files come from a CUDA build, although fbgemm-gpu-cpu is what pip lists"
+        )
+        return f"fbgemm_gpu needs CUDA libraries this host lacks: {which} ({text})", cpu_fix
+    if "undefined symbol" in text:
+        return (
+            f"fbgemm-gpu was built against another torch than the one installed ({text})",
+            f"install the tested pair {_pin('torch', '2.13.0')} with "
+            f"{_pin('fbgemm-gpu-cpu', '1.8.0')} (or fbgemm-gpu of the same version on "
+            "CUDA): " + SETUP_FIX,
+        )
+    return f"fbgemm-gpu failed to load ({text})", SETUP_FIX
+
+
+def _check_fbgemm_ops(stack: dict[str, list[tuple[str, str]]]) -> Check:
     name = "fbgemm-gpu operators load"
     try:
         import fbgemm_gpu  # noqa: F401
@@ -199,7 +228,7 @@ def _check_fbgemm_ops() -> Check:
 
         torch.ops.fbgemm.asynchronous_complete_cumsum  # noqa: B018 - raises if not registered
     except Exception as error:  # noqa: BLE001
-        cause, fix = _explain_fbgemm(error)
+        cause, fix = _explain_fbgemm(error, {dist for dist, _ in stack["fbgemm-gpu"]})
         return Check(name, "fail", cause, fix)
     return Check(name, "ok")
 
@@ -207,7 +236,6 @@ def _check_fbgemm_ops() -> Check:
 def _check_torchrec() -> Check:
     name = "torchrec imports"
     try:
-        import torchrec
         import torchrec.distributed  # noqa: F401
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] == "torchrec":
@@ -215,8 +243,8 @@ def _check_torchrec() -> Check:
                 name,
                 "fail",
                 "torchrec is not installed",
-                "pip install --no-deps torchrec==1.9.2 (its metadata names the "
-                "CUDA-only fbgemm-gpu), or " + SETUP_FIX,
+                f"pip install --no-deps {_pin('torchrec', '1.9.2')} (its metadata "
+                "names the CUDA-only fbgemm-gpu), or " + SETUP_FIX,
             )
         return Check(name, "fail", f"a torchrec dependency is missing: {error}", SETUP_FIX)
     except Exception as error:  # noqa: BLE001
@@ -224,20 +252,19 @@ def _check_torchrec() -> Check:
     return Check(name, "ok")
 
 
-def _check_versions(report: dict[str, str]) -> Check:
+def _check_versions(stack: dict[str, list[tuple[str, str]]]) -> Check:
     name = "known-good version combination"
-    installed = {k: v.split(" ")[0] for k, v in report.items() if v != "not installed"}
-    installed["fbgemm"] = installed.get("fbgemm-gpu", "0")
-    bad = [(cause, fix) for test, cause, fix in KNOWN_BAD if test(installed)]
+    current = {label: found[0][1] for label, found in stack.items() if found}
+    bad = [(cause, fix) for test, cause, fix in KNOWN_BAD if test(current)]
     if bad:
         return Check(name, "fail", "; ".join(c for c, _ in bad), "; ".join(f for _, f in bad))
     pins = pinned_versions()
-    pins.setdefault("fbgemm-gpu", pins.get("fbgemm-gpu-cpu", ""))
-    differ = [
-        f"{k} {installed[k]} (tested: {pins[k]})"
-        for k in PACKAGES
-        if pins.get(k) and k in installed and installed[k].split("+")[0] != pins[k]
-    ]
+    differ = []
+    for found in stack.values():
+        for dist, version in found:
+            pin = pins.get(dist)
+            if pin and Version(version).public != Version(pin).public:
+                differ.append(f"{dist} {version} (tested: {pin})")
     if differ:
         return Check(name, "warn", "differs from the tested stack: " + ", ".join(differ), SETUP_FIX)
     return Check(name, "ok")
@@ -254,58 +281,85 @@ def _check_gloo(available: dict[str, bool]) -> Check:
     )
 
 
+def _run_bounded(command: list[str], timeout: float) -> tuple[int, str, str] | None:
+    """Run ``command`` in its own session; on timeout kill the whole group (ranks included)."""
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None
+    return proc.returncode, out, err
+
+
 def _check_sharded_step(timeout: float) -> Check:
     name = "2 gloo ranks shard an EmbeddingCollection (row_wise), forward + backward"
-    command = [sys.executable, "-m", "recsys.distributed.selfcheck", "row_wise"]
+    from recsys.distributed.selfcheck import passed
+
     start = time.monotonic()
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    done = _run_bounded([sys.executable, "-m", "recsys.distributed.selfcheck", "row_wise"], timeout)
+    if done is None:
         return Check(
             name,
             "fail",
-            f"no result after {timeout:.0f} s (rendezvous or collective hung)",
+            f"no result after {timeout:.0f} s (rendezvous or collective "
+            "hung); its processes were killed",
             "check that localhost TCP ports are open; rerun with a larger --timeout",
         )
+    code, out, err = done
     seconds = time.monotonic() - start
     try:
-        results = json.loads(proc.stdout.strip().splitlines()[-1])
+        results = json.loads(out.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        return Check(
-            name, "fail", f"the 2-rank job failed (exit code {proc.returncode}):\n{tail}", SETUP_FIX
-        )
-    if proc.returncode != 0:
-        worst = max(results, key=lambda r: (r["forward_error"], r["update_error"]))
+        tail = "\n".join((err or out).strip().splitlines()[-15:])
+        return Check(name, "fail", f"the 2-rank job failed (exit code {code}):\n{tail}", SETUP_FIX)
+    failed = [r for r in results if not passed(r)]
+    if code != 0 or failed:
+        problems = []
+        for r in failed:
+            if r["forward_error"] != 0.0:
+                problems.append(
+                    f"rank {r['rank']}: forward differs from the unsharded "
+                    f"reference by {r['forward_error']:.3g}"
+                )
+            if r["update_error"] >= 1e-6:
+                problems.append(f"rank {r['rank']}: SGD update differs by {r['update_error']:.3g}")
+            if r["rows_updated"] == 0:
+                problems.append(f"rank {r['rank']}: the backward step changed no rows")
         return Check(
             name,
             "fail",
-            f"sharded results differ from the unsharded reference: "
-            f"forward error {worst['forward_error']:.3g}, update error "
-            f"{worst['update_error']:.3g} on rank {worst['rank']}",
+            "; ".join(problems) or f"exit code {code}",
             "report it with this output; try the tested versions: " + SETUP_FIX,
         )
-    return Check(name, "ok", f"outputs and SGD update equal the reference ({seconds:.1f} s)")
+    return Check(
+        name, "ok", f"outputs equal the reference, SGD update within 1e-6 ({seconds:.1f} s)"
+    )
 
 
 def diagnose(timeout: float = 300.0) -> dict:
     """Run every check; return the whole report as a dict (``ok`` is the verdict)."""
-    report: dict = {"versions": versions(), "accelerator": None, "backends": {}, "checks": []}
+    stack = installed()
+    report: dict = {"versions": versions(stack), "accelerator": None, "backends": {}, "checks": []}
     checks: list[Check] = report["checks"]
+    checks.append(_check_packages(stack))
     checks.append(_check_torch())
     if checks[-1].status == "fail":
         return _finish(report)
     report["accelerator"] = accelerator()
     report["backends"] = backends()
-    checks.append(_check_fbgemm_build())
-    checks.append(_check_fbgemm_ops())
+    checks.append(_check_fbgemm_build(stack))
+    checks.append(_check_fbgemm_ops(stack))
     fbgemm_ok = checks[-1].status != "fail"
     checks.append(
         _check_torchrec()
         if fbgemm_ok
         else Check("torchrec imports", "skip", "needs fbgemm-gpu operators")
     )
-    checks.append(_check_versions(report["versions"]))
+    checks.append(_check_versions(stack))
     checks.append(_check_gloo(report["backends"]))
     if all(c.status in ("ok", "warn") for c in checks):
         checks.append(_check_sharded_step(timeout))

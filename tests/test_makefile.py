@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -12,9 +13,12 @@ def make(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["make", "-C", str(REPO), *args], capture_output=True, text=True)
 
 
-def test_installed_environment_is_up_to_date() -> None:
-    # The suite runs after `make setup`: a second set-up has nothing to do.
-    assert make("--question", ".venv/.installed-cpu").returncode == 0
+def test_second_setup_installs_nothing() -> None:
+    # The suite runs after `make setup` (ACCEL and VENV reach this make through MAKEFLAGS).
+    proc = make("setup")
+    assert proc.returncode == 0, proc.stderr
+    assert "Nothing to be done for 'setup'" in proc.stdout
+    assert "pip install" not in proc.stdout
 
 
 def test_cuda_variant_installs_cuda_builds(tmp_path: Path) -> None:
@@ -27,7 +31,24 @@ def test_cuda_variant_installs_cuda_builds(tmp_path: Path) -> None:
 
 def test_cpu_variant_installs_cpu_builds(tmp_path: Path) -> None:
     proc = make("--dry-run", "setup", f"VENV={tmp_path / 'venv'}")
+    assert proc.returncode == 0, proc.stderr
     assert "requirements.py deps --extras cpu,dev" in proc.stdout
+    # The CPU torch comes from local wheels for this Python or from PyTorch's CPU index.
+    assert "--find-links" in proc.stdout or "whl/cpu" in proc.stdout
+    no_wheels = make(
+        "--dry-run", "setup", f"VENV={tmp_path / 'venv'}", f"TORCH_WHEELS={tmp_path / 'none'}"
+    )
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in no_wheels.stdout
+
+
+def test_switching_accelerator_in_one_venv_is_refused(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    (venv / ".installed-cpu").touch()
+    proc = make("setup", "ACCEL=cuda", f"VENV={venv}")
+    assert proc.returncode != 0
+    assert f"{venv} holds the cpu build; for ACCEL=cuda remove it" in proc.stderr
 
 
 def test_unknown_accelerator_is_refused() -> None:

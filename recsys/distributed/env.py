@@ -63,7 +63,8 @@ def distributed(device_type: str | None = None) -> Iterator[DistEnv]:
 
     World info comes from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
     LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Without them the process runs alone as a
-    world of size 1. ``device_type`` defaults to ``cuda`` when a CUDA device is present.
+    world of size 1. ``device_type`` defaults to ``cuda`` when a CUDA device is present. If
+    the default group already exists, it is described and left open at the end.
     """
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,6 +82,9 @@ def distributed(device_type: str | None = None) -> Iterator[DistEnv]:
         device = torch.device("cpu")
 
     owns_group = not dist.is_initialized()
+    if not owns_group:
+        # Joined already (by the caller): the group, not the environment, is the truth.
+        rank, world_size, backend = dist.get_rank(), dist.get_world_size(), dist.get_backend()
     store_dir = None
     if owns_group:
         if "MASTER_ADDR" in os.environ:

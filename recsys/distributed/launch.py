@@ -68,12 +68,16 @@ def run_on_ranks(
         start_method="spawn",
         logs_specs=logs,
     )
-    saved = {key: os.environ.get(key) for key in _child_env(threads_per_rank)}
-    os.environ.update(_child_env(threads_per_rank))
+    child_env = _child_env(threads_per_rank)
+    saved = {key: os.environ.get(key) for key in child_env}
+    os.environ.update(child_env)
     try:
         results = elastic_launch(config, _call)(fn, *args)
     except ChildFailedError as err:
-        raise RankFailedError(_describe_failure(err, log_dir.name if log_dir else None)) from err
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise RankFailedError(
+            _describe_failure(err, name, log_dir.name if log_dir else None)
+        ) from err
     finally:
         if log_dir is not None:
             log_dir.cleanup()
@@ -90,12 +94,14 @@ def _call(fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
 
 
-def _describe_failure(err: ChildFailedError, log_dir: str | None) -> str:
-    lines = [f"{len(err.failures)} rank(s) failed running {err.name}:"]
+def _describe_failure(err: ChildFailedError, name: str, log_dir: str | None) -> str:
+    lines = [f"{len(err.failures)} rank(s) failed running {name}:"]
     for rank, failure in sorted(err.failures.items()):
         message = failure.message
         if isinstance(message, dict):
-            message = message.get("message", message)
+            # The error file written by @record: the traceback, or failing that the message.
+            extra = message.get("extraInfo") or {}
+            message = extra.get("py_callstack") or message.get("message", message)
         lines.append(f"--- rank {rank} (exit code {failure.exitcode}) ---\n{message}")
         if log_dir is not None:
             for path in glob.glob(

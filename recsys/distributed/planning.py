@@ -33,9 +33,21 @@ def embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {path: m for path, m in model.named_modules() if isinstance(m, shardable)}
 
 
-def _table_names(module: nn.Module) -> list[str]:
+def _tables(module: nn.Module) -> dict[str, nn.Parameter]:
     sharder = get_module_to_default_sharders()[type(module)]
-    return list(sharder.shardable_parameters(module))
+    return dict(sharder.shardable_parameters(module))
+
+
+def column_blocks(dim: int, world_size: int) -> int:
+    """How many column blocks a table of width ``dim`` is cut into on ``world_size`` ranks.
+
+    The most blocks, at most one per rank, that divide ``dim`` evenly into widths that are
+    multiples of 4 (TorchRec's kernels want widths in multiples of 4); 1 when none does.
+    """
+    for blocks in range(min(world_size, dim // 4), 0, -1):
+        if dim % blocks == 0 and (dim // blocks) % 4 == 0:
+            return blocks
+    return 1
 
 
 def manual_plan(
@@ -51,12 +63,20 @@ def manual_plan(
 
     ``sharding`` maps every table name to one of :data:`SHARDING_TYPES`. Table-wise tables
     are placed round-robin over the ranks in the order given; column-wise tables are cut into
-    column blocks placed on ranks 0, 1, ... (TorchRec's rule: blocks at least 4 columns wide,
-    so a width-8 table makes two blocks whatever the world size). The model may live on the
-    meta device.
+    :func:`column_blocks` equal blocks placed on ranks 0, 1, ... The model may live on the
+    meta device. Table names must be unique across the model's embedding modules.
     """
     modules = embedding_modules(model)
-    tables = {name: path for path, m in modules.items() for name in _table_names(m)}
+    tables: dict[str, str] = {}
+    dims: dict[str, int] = {}
+    for path, module in modules.items():
+        for name, weight in _tables(module).items():
+            if name in tables:
+                raise ValueError(
+                    f"table {name!r} is in both {tables[name]!r} and {path!r}; "
+                    "plans address tables by name, so names must be unique"
+                )
+            tables[name], dims[name] = path, weight.shape[1]
     unknown = sorted(set(sharding) - set(tables))
     if unknown:
         raise ValueError(
@@ -78,7 +98,10 @@ def manual_plan(
         elif kind == "row_wise":
             generator = row_wise(compute_kernel=compute_kernel)
         else:
-            generator = column_wise(ranks=list(range(world_size)), compute_kernel=compute_kernel)
+            blocks = column_blocks(dims[name], world_size)
+            generator = column_wise(
+                size_per_rank=[dims[name] // blocks] * blocks, compute_kernel=compute_kernel
+            )
         generators.setdefault(tables[name], {})[name] = generator
     return ShardingPlan(
         {

@@ -49,7 +49,11 @@ def _fail_on_rank_1() -> int:
     return 7
 
 
-def test_failing_rank_is_reported_with_its_error() -> None:
+@pytest.mark.parametrize("quiet", [True, False])
+def test_failing_rank_is_reported_with_its_traceback(quiet: bool) -> None:
     with pytest.raises(RankFailedError, match="rank one gives up") as info:
-        run_on_ranks(_fail_on_rank_1, world_size=2, quiet=True)
-    assert "rank 1" in str(info.value)
+        run_on_ranks(_fail_on_rank_1, world_size=2, quiet=quiet)
+    message = str(info.value)
+    assert "1 rank(s) failed running _fail_on_rank_1" in message
+    assert "--- rank 1 (exit code 1) ---" in message
+    assert "Traceback" in message and 'raise ValueError("rank one gives up")' in message

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,7 @@ def test_doctor_passes_on_this_host() -> None:
     report = json.loads(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert report["ok"] is True
-    assert [c["status"] for c in report["checks"]] == ["ok"] * 7
+    assert [c["status"] for c in report["checks"]] == ["ok"] * 8
     assert report["checks"][-1]["name"].startswith("2 gloo ranks shard an EmbeddingCollection")
     for package in (
         "python",
@@ -71,7 +72,8 @@ def test_cuda_fbgemm_on_cpu_host_is_named(tmp_path: Path) -> None:
     assert proc.returncode == 1
     out = proc.stdout
     assert "FAIL  fbgemm-gpu operators load" in out
-    assert "the CUDA build is installed on a host without a GPU" in out
+    assert "fbgemm_gpu needs CUDA libraries this host lacks" in out
+    assert "libcudart.so.12" in out
     assert "pip install fbgemm-gpu-cpu==1.8.0" in out
     assert "SKIP  torchrec imports" in out
     assert "SKIP  2-rank sharded EmbeddingCollection step" in out
@@ -107,25 +109,64 @@ def test_missing_torchrec_is_named(tmp_path: Path) -> None:
 
 
 def test_known_bad_combination_fails() -> None:
-    report = {
-        "python": "3.11.7",
-        "torch": "2.13.0+cpu",
-        "torchrec": "1.9.2",
-        "fbgemm-gpu": "1.9.0 (fbgemm-gpu-cpu)",
-        "torchmetrics": "1.0.3",
-    }
-    check = doctor._check_versions(report)
+    stack = doctor.installed()
+    stack["torch"] = [("torch", "2.13.0+cpu")]
+    stack["fbgemm-gpu"] = [("fbgemm-gpu-cpu", "1.9.0")]
+    check = doctor._check_versions(stack)
     assert check.status == "fail"
     assert "fbgemm-gpu 1.9 and newer fail to load their operators with torch 2.13" in check.detail
 
 
 def test_untested_versions_only_warn() -> None:
-    report = doctor.versions()
-    report["pyarrow"] = "1.0.0"
-    report["torchx"] = "0.6.0"
-    check = doctor._check_versions(report)
+    stack = doctor.installed()
+    stack["torchx"] = [("torchx", "0.6.0")]
+    check = doctor._check_versions(stack)
     assert check.status == "warn"
-    assert "torchx 0.6.0 (tested: 0.7.0)" in check.detail
+    assert check.detail == "differs from the tested stack: torchx 0.6.0 (tested: 0.7.0)"
+
+
+def test_missing_package_fails() -> None:
+    stack = doctor.installed()
+    stack["pyarrow"] = []
+    check = doctor._check_packages(stack)
+    assert (check.status, check.detail) == ("fail", "not installed: pyarrow")
+    assert doctor.versions(stack)["pyarrow"] == "not installed"
+    stack["fbgemm-gpu"] = []
+    assert doctor._check_fbgemm_build(stack).status == "fail"
+
+
+def test_wrong_sharded_results_are_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = {
+        "rank": 1,
+        "world_size": 2,
+        "sharding_type": "row_wise",
+        "forward_error": 0.5,
+        "update_error": 0.0,
+        "rows_updated": 0,
+        "local_shards": 2,
+    }
+    monkeypatch.setattr(doctor, "_run_bounded", lambda cmd, timeout: (1, json.dumps([result]), ""))
+    check = doctor._check_sharded_step(10)
+    assert check.status == "fail"
+    assert "rank 1: forward differs from the unsharded reference by 0.5" in check.detail
+    assert "rank 1: the backward step changed no rows" in check.detail
+
+
+def test_timeout_kills_the_whole_job(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(120)\n"
+    )
+    assert doctor._run_bounded([sys.executable, "-c", script], timeout=3) is None
+    status = Path(f"/proc/{int(pid_file.read_text())}/status")
+    for _ in range(50):  # the kill is immediate; reaping by init may take a moment
+        if not status.exists() or "State:\tZ" in status.read_text():
+            break
+        time.sleep(0.1)
+    assert not status.exists() or "State:\tZ" in status.read_text()
 
 
 @pytest.mark.gpu

@@ -51,3 +51,15 @@ def test_bad_variable_is_named(no_torchrun: None, monkeypatch: pytest.MonkeyPatc
 def test_backend_per_device() -> None:
     assert default_backend("cuda") == "nccl"
     assert default_backend("cpu") == "gloo"
+
+
+def test_existing_group_is_described_and_kept(
+    no_torchrun: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with distributed("cpu"):
+        monkeypatch.setenv("RANK", "5")  # stale variables must not win over the group
+        monkeypatch.setenv("WORLD_SIZE", "8")
+        with distributed("cpu") as inner:
+            assert (inner.rank, inner.world_size, inner.backend) == (0, 1, "gloo")
+        assert dist.is_initialized()
+    assert not dist.is_initialized()

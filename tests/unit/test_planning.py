@@ -12,7 +12,7 @@ from torchrec import (
     EmbeddingConfig,
 )
 
-from recsys.distributed.planning import embedding_modules, manual_plan
+from recsys.distributed.planning import column_blocks, embedding_modules, manual_plan
 
 
 class Model(nn.Module):
@@ -59,9 +59,56 @@ def test_plan_shards_each_table_as_named() -> None:
     assert sum(s.shard_sizes[0] for s in item.sharding_spec.shards) == 4_000_000_000
     assert plan.plan["sequence"]["category"].ranks == [1]  # second table → rank 1
     user = plan.plan["pooled"]["user"]
-    # TorchRec cuts column blocks at least 4 wide: a width-8 table makes 2 blocks of 4.
+    # Column blocks are multiples of 4 wide: a width-8 table makes 2 blocks of 4 on 4 ranks.
     assert [s.shard_sizes for s in user.sharding_spec.shards] == [[1000, 4], [1000, 4]]
     assert user.ranks == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("dim", "world_size", "blocks"),
+    [
+        (8, 1, 1),
+        (8, 2, 2),
+        (8, 3, 2),
+        (8, 16, 2),
+        (64, 3, 2),
+        (64, 16, 16),
+        (96, 8, 8),
+        (96, 5, 4),
+        (6, 2, 1),
+    ],
+)
+def test_column_blocks(dim: int, world_size: int, blocks: int) -> None:
+    assert column_blocks(dim, world_size) == blocks
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5, 16])
+def test_column_wise_plans_for_any_world_size(world_size: int) -> None:
+    plan = manual_plan(
+        Model(),
+        {"item": "column_wise", "category": "column_wise", "user": "column_wise"},
+        world_size=world_size,
+    )
+    item = plan.plan["sequence"]["item"]
+    widths = [s.shard_sizes[1] for s in item.sharding_spec.shards]
+    assert sum(widths) == 16 and len(set(widths)) == 1 and widths[0] % 4 == 0
+    assert item.ranks == list(range(len(widths)))
+
+
+def test_duplicate_table_names_are_refused() -> None:
+    model = Model()
+    model.other = EmbeddingBagCollection(
+        device=torch.device("meta"),
+        tables=[
+            EmbeddingBagConfig(
+                name="user", embedding_dim=8, num_embeddings=10, feature_names=["u2"]
+            )
+        ],
+    )
+    with pytest.raises(ValueError, match="table 'user' is in both 'pooled' and 'other'"):
+        manual_plan(
+            model, {"item": "row_wise", "category": "row_wise", "user": "row_wise"}, world_size=2
+        )
 
 
 def test_meta_model_holds_no_table_memory() -> None:

@@ -7,9 +7,11 @@ module, imported when the sub-command runs so that ``recsys --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from recsys import __version__
+from recsys.data.schema import DataError
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -44,13 +46,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="limit for the 2-rank job (default: %(default)s)",
     )
     doctor.set_defaults(run=_doctor)
+
+    from recsys.data.cli import add_commands as add_data_commands
+
+    add_data_commands(commands)
     return parser
+
+
+def _log_to_stderr() -> None:
+    """recsys's own INFO logs (counts, progress notes) on stderr; other libraries' stay quiet."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("recsys")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``recsys`` console script."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    _log_to_stderr()
+    try:
+        return args.run(args)
+    except (DataError, FileExistsError) as err:
+        print(f"recsys {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Datasets: Parquet schemas, streaming into TorchRec batches, converters and generators."""

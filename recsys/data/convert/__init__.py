@@ -1,0 +1,1 @@
+"""Converters of public behaviour logs into recsys datasets (GPSD protocol)."""

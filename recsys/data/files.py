@@ -1,0 +1,138 @@
+"""Opening a dataset: resolve paths or URIs, read ``dataset.json`` and every file's footer.
+
+This module owns finding the Parquet files of a dataset on any filesystem pyarrow supports
+(local paths, ``file://``, ``s3://``, ``gs://``, ``hdfs://`` ...), reading their footers (row
+groups and their sizes), and rejecting, before any training starts, what cannot be read: a
+path that does not exist, an empty or corrupt file, a file whose schema does not fit the
+dataset, files with different schemas. It reads no rows.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from recsys.data.schema import METADATA_FILE, DataError, DatasetMeta, check_schema, columns
+
+
+@dataclass(frozen=True)
+class ParquetPart:
+    """One Parquet file of a dataset and the sizes of its row groups."""
+
+    path: str
+    row_groups: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.row_groups)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An opened dataset: its metadata, filesystem and files, checked but not read."""
+
+    meta: DatasetMeta
+    filesystem: pafs.FileSystem
+    parts: tuple[ParquetPart, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    def open_file(self, part: ParquetPart) -> pq.ParquetFile:
+        return pq.ParquetFile(self.filesystem.open_input_file(part.path))
+
+
+def _resolve(source: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(source)
+    except (pa.ArrowInvalid, ValueError):
+        return pafs.LocalFileSystem(), posixpath.abspath(source)
+
+
+def _info(fs: pafs.FileSystem, path: str, source: str) -> pafs.FileInfo:
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{source}: no such file or directory")
+    return info
+
+
+def read_meta(fs: pafs.FileSystem, directory: str) -> DatasetMeta:
+    """The ``dataset.json`` of ``directory``."""
+    path = posixpath.join(directory, METADATA_FILE)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise DataError(
+            f"{path}: missing; every dataset directory holds a {METADATA_FILE} "
+            "(written by `recsys data ...`; see docs/data.md)"
+        )
+    with fs.open_input_stream(path) as f:
+        return DatasetMeta.from_json(f.read().decode(), path)
+
+
+def open_dataset(source: str | Sequence[str], meta: DatasetMeta | None = None) -> Dataset:
+    """Open a dataset directory, or a list of its Parquet files, on any pyarrow filesystem.
+
+    Without ``meta``, the ``dataset.json`` of the directory (or of the first file's
+    directory) is read.
+    """
+    sources = [source] if isinstance(source, str) else list(source)
+    if not sources:
+        raise DataError("no dataset files given")
+    paths: list[tuple[str, str]] = []  # (path on the filesystem, what the user wrote)
+    fs: pafs.FileSystem | None = None
+    directory = None
+    for src in sources:
+        src_fs, path = _resolve(str(src))
+        fs = fs or src_fs
+        info = _info(src_fs, path, str(src))
+        if info.type == pafs.FileType.Directory:
+            directory = directory or path
+            listing = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+            files = sorted(
+                i.path
+                for i in listing
+                if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+            )
+            if not files:
+                raise DataError(f"{src}: no .parquet files in this directory")
+            paths += [(f, f) for f in files]
+        else:
+            directory = directory or posixpath.dirname(path)
+            paths.append((path, str(src)))
+    assert fs is not None and directory is not None
+    meta = meta or read_meta(fs, directory)
+    parts = []
+    reference: tuple[str, pa.Schema] | None = None
+    for path, shown in paths:
+        try:
+            metadata = pq.ParquetFile(fs.open_input_file(path)).metadata
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(
+                f"{shown}: not a readable Parquet file (empty, truncated or corrupt): {err}"
+            ) from None
+        schema = metadata.schema.to_arrow_schema()
+        check_schema(shown, schema, meta)
+        if reference is None:
+            reference = (shown, schema)
+        else:
+            _same_schema(reference, (shown, schema), meta)
+        rows = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
+        parts.append(ParquetPart(path, rows))
+    return Dataset(meta, fs, tuple(parts))
+
+
+def _same_schema(
+    first: tuple[str, pa.Schema], other: tuple[str, pa.Schema], meta: DatasetMeta
+) -> None:
+    for name in columns(meta):
+        a, b = first[1].field(name).type, other[1].field(name).type
+        if a != b:
+            raise DataError(
+                f"files of one dataset have different schemas: column {name!r} is "
+                f"{a} in {first[0]} but {b} in {other[0]}"
+            )

@@ -1,0 +1,232 @@
+"""GPSD's public data protocol: behaviour events → pretraining sequences and CTR samples.
+
+This module owns the split every converter shares (GPSD, KDD'25, §4.1, and its public code):
+
+- ids are remapped densely (items, categories, users, in sorted order of the raw ids);
+- users with fewer than ``min_events`` events are dropped (4 for Amazon and MovieLens, 10 for
+  Taobao);
+- each user's events are ordered by time (ties keep input order);
+- users whose last event is later than the ``test_quantile`` (70%) quantile of all users'
+  last-event times (the time of the user at rank ⌊0.7·n⌋) are test users, the others
+  training users;
+- each user gives two CTR samples: the last event's item as the positive candidate and one
+  uniformly drawn other item as the negative, both with the earlier events (the most recent
+  ``max_history`` = 200) as history;
+- pretraining sequences are every user's events except the last one, so no CTR target is
+  ever pretrained on.
+
+It works on whole NumPy arrays; it reads and writes no files except through
+:func:`write_split`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from recsys.data.schema import DataError, DatasetMeta
+from recsys.data.writer import write_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Parameters of the split."""
+
+    min_events: int = 4
+    """Users with fewer events are dropped."""
+    test_quantile: float = 0.7
+    """Users whose last event is later than this quantile of last-event times are test users."""
+    max_history: int = 200
+    """Most recent events kept as a CTR sample's history."""
+    seed: int = 0
+    """Seed of the negative candidates."""
+
+    def __post_init__(self) -> None:
+        if self.min_events < 2:
+            raise ValueError(f"min_events must be >= 2 (history + target), got {self.min_events}")
+        if not 0.0 < self.test_quantile < 1.0:
+            raise ValueError(f"test_quantile must lie in (0, 1), got {self.test_quantile}")
+        if self.max_history < 1:
+            raise ValueError(f"max_history must be >= 1, got {self.max_history}")
+
+
+@dataclass
+class Events:
+    """Behaviour events with raw ids, one entry per event."""
+
+    user: np.ndarray
+    item: np.ndarray
+    category: np.ndarray
+    """The category of each event's item."""
+    timestamp: np.ndarray
+
+
+@dataclass
+class Split:
+    """The protocol's output: three tables and what produced them."""
+
+    seq: pa.Table
+    ctr_train: pa.Table
+    ctr_test: pa.Table
+    vocab: dict[str, int]
+    counts: dict[str, int]
+    protocol: dict[str, Any] = field(default_factory=dict)
+
+
+def _dense(raw: np.ndarray) -> tuple[np.ndarray, int]:
+    uniques, dense = np.unique(raw, return_inverse=True)
+    return dense.astype(np.int64), len(uniques)
+
+
+def _lists(offsets_start: np.ndarray, offsets_end: np.ndarray, values: np.ndarray) -> pa.Array:
+    lengths = offsets_end - offsets_start
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    index = np.repeat(offsets_start - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return pa.LargeListArray.from_arrays(offsets, values[index]).cast(pa.list_(pa.int64()))
+
+
+def split(events: Events, config: ProtocolConfig | None = None) -> Split:
+    """Apply the protocol to ``events``."""
+    config = config or ProtocolConfig()
+    n_in = len(events.user)
+    if not (len(events.item) == len(events.category) == len(events.timestamp) == n_in):
+        raise DataError("events: user, item, category and timestamp arrays differ in length")
+    if n_in == 0:
+        raise DataError("events: no events to convert")
+    users_in = len(np.unique(events.user))
+    # Drop users with too few events before remapping, so vocabularies hold only kept ids.
+    _, user_of, counts = np.unique(events.user, return_inverse=True, return_counts=True)
+    keep = counts[user_of] >= config.min_events
+    if not keep.any():
+        raise DataError(f"events: no user has at least {config.min_events} events")
+    user, n_users = _dense(events.user[keep])
+    item, n_items = _dense(events.item[keep])
+    category, n_categories = _dense(events.category[keep])
+    timestamp = events.timestamp[keep].astype(np.int64)
+    if n_items < 2:
+        raise DataError("events: a negative candidate needs at least 2 distinct items")
+
+    order = np.lexsort((np.arange(len(user)), timestamp, user))  # by user, time, input order
+    user, item, category, timestamp = user[order], item[order], category[order], timestamp[order]
+    starts = np.searchsorted(user, np.arange(n_users), side="left")
+    ends = np.searchsorted(user, np.arange(n_users), side="right")
+    last = ends - 1
+    last_time = timestamp[last]
+    # The quantile is the last-event time of the user at rank ⌊q·n⌋ in time order; this is
+    # the rule that gives GPSD's published ML-100K split (661 train / 282 test users).
+    threshold = np.sort(last_time)[min(int(config.test_quantile * n_users), n_users - 1)]
+    test = last_time > threshold
+
+    rng = np.random.default_rng(config.seed)
+    negative = rng.integers(0, n_items - 1, size=n_users)
+    negative += negative >= item[last]  # uniform over the other n_items - 1 items
+
+    seq = pa.table(
+        {
+            "user_id": pa.array(np.arange(n_users, dtype=np.int64)),
+            "item_ids": _lists(starts, last, item),
+            "category_ids": _lists(starts, last, category),
+            "timestamps": _lists(starts, last, timestamp),
+        }
+    )
+
+    # A candidate's category is its item's category (negatives are not events).
+    item_category = np.zeros(n_items, dtype=np.int64)
+    item_category[item] = category
+
+    def ctr(users: np.ndarray) -> pa.Table:
+        pair = np.repeat(users, 2)  # positive then negative sample of each user
+        is_pos = np.tile([True, False], len(users))
+        hist_start = np.maximum(starts[pair], last[pair] - config.max_history)
+        candidate = np.where(is_pos, item[last[pair]], negative[pair])
+        return pa.table(
+            {
+                "user_id": pa.array(pair.astype(np.int64)),
+                "history_item_ids": _lists(hist_start, last[pair], item),
+                "history_category_ids": _lists(hist_start, last[pair], category),
+                "item_id": pa.array(candidate.astype(np.int64)),
+                "category_id": pa.array(item_category[candidate]),
+                "label": pa.array(is_pos.astype(np.int64)),
+                "timestamp": pa.array(last_time[pair]),
+            }
+        )
+
+    train_users, test_users = np.flatnonzero(~test), np.flatnonzero(test)
+    result = Split(
+        seq=seq,
+        ctr_train=ctr(train_users),
+        ctr_test=ctr(test_users),
+        vocab={"item": n_items, "category": n_categories, "user": n_users},
+        counts={
+            "events_in": n_in,
+            "users_in": users_in,
+            "events": len(user),
+            "users": n_users,
+            "items": n_items,
+            "categories": n_categories,
+            "train_users": len(train_users),
+            "test_users": len(test_users),
+            "train_samples": 2 * len(train_users),
+            "test_samples": 2 * len(test_users),
+            "sequences": n_users,
+        },
+        protocol={
+            "name": "gpsd-public",
+            "min_events": config.min_events,
+            "test_quantile": config.test_quantile,
+            "max_history": config.max_history,
+            "seed": config.seed,
+        },
+    )
+    log.info("protocol: %s", ", ".join(f"{k} {v:,}" for k, v in result.counts.items()))
+    return result
+
+
+def write_split(
+    out: str | os.PathLike,
+    result: Split,
+    source: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    row_group_rows: int = 65_536,
+) -> dict[str, DatasetMeta]:
+    """Write ``out/seq``, ``out/ctr_train`` and ``out/ctr_test`` together, all or nothing."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    protocol = {**result.protocol, "counts": result.counts, **source}
+    written = {}
+    try:
+        for name, table, kind in (
+            ("seq", result.seq, "seq"),
+            ("ctr_train", result.ctr_train, "ctr"),
+            ("ctr_test", result.ctr_test, "ctr"),
+        ):
+            meta = DatasetMeta(
+                kind=kind,
+                vocab=dict(result.vocab),
+                side_features=["category"],
+                has_timestamps=kind == "seq",
+                protocol={**protocol, "split": name},
+            )
+            written[name] = write_dataset(tmp / name, meta, [table], row_group_rows=row_group_rows)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return written

@@ -1,0 +1,213 @@
+"""Streaming a Parquet dataset into batches: exactly once per epoch across ranks × workers.
+
+This module owns the order in which rows are read and the cursor that lets a restarted job
+continue where it stopped. The unit of work is a row group:
+
+1. every epoch, all row groups of the dataset are shuffled with ``(seed, epoch)`` (the same
+   order on every rank), then dealt round-robin to the ``world_size × num_workers`` readers,
+   so each row group — and so each row — is read by exactly one reader per epoch;
+2. a reader takes its row groups ``buffer_row_groups`` at a time, shuffles the rows of that
+   buffer with ``(seed, epoch, reader, buffer)``, and cuts the row stream into batches
+   (a batch may span two buffers);
+3. the cursor is ``(epoch, rows done)`` per reader. The row stream is a pure function of the
+   seed, epoch and reader, so resuming skips whole buffers by their footer row counts and
+   restarts inside one buffer at the right offset: no row repeated or lost.
+
+Each pass (``iter``) reads one epoch from its start, or from the cursor given to
+:meth:`ParquetStream.load_state_dict`; at its end the stream moves to the next epoch.
+
+Use it with ``torchdata``'s ``StatefulDataLoader(stream, batch_size=None, num_workers=N)``,
+whose ``state_dict`` collects each worker's cursor. Call :meth:`ParquetStream.set_epoch`
+before each epoch when the loader has workers (as with ``DistributedSampler``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch.distributed as dist
+from torch.utils.data import IterableDataset, get_worker_info
+
+from recsys.data.batch import Batch, Columns, concat, decode, gather, to_batch
+from recsys.data.files import Dataset, open_dataset
+from recsys.data.schema import DataError, DatasetMeta, describe, list_columns, scalar_columns
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How a dataset is read."""
+
+    batch_size: int = 512
+    """Rows per batch on each rank."""
+    max_len: int | None = 200
+    """Keep only the most recent ``max_len`` events of each sequence (None: keep all).
+    Longer sequences are cut, not rejected."""
+    shuffle: bool = True
+    """Shuffle row-group order and rows within each buffer, seeded per epoch."""
+    seed: int = 0
+    """Seed of every shuffle."""
+    buffer_row_groups: int = 4
+    """Row groups per shuffle buffer of a reader (memory: this many row groups decoded)."""
+    drop_last: bool = False
+    """Drop each reader's last, smaller batch of an epoch."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_len is not None and self.max_len < 1:
+            raise ValueError(f"max_len must be >= 1 or None, got {self.max_len}")
+        if self.buffer_row_groups < 1:
+            raise ValueError(f"buffer_row_groups must be >= 1, got {self.buffer_row_groups}")
+
+
+@dataclass(frozen=True)
+class _Unit:
+    part: int
+    row_group: int
+    rows: int
+    first_row_id: int
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class ParquetStream(IterableDataset):
+    """Batches of a ``seq`` or ``ctr`` Parquet dataset for one rank (see the module doc)."""
+
+    def __init__(
+        self,
+        source: str | Sequence[str],
+        config: StreamConfig | None = None,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        meta: DatasetMeta | None = None,
+    ) -> None:
+        self.config = config or StreamConfig()
+        self.dataset: Dataset = open_dataset(source, meta)
+        world_rank, world = _world()
+        self.rank = world_rank if rank is None else rank
+        self.world_size = world if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        self.epoch = 0
+        self._rows_done = 0
+        self._resume: dict[str, Any] | None = None  # a loaded cursor the next pass starts at
+        self._reader: tuple[int, int] | None = None  # (reader, readers) of the current pass
+        self._columns = [*list_columns(self.meta), *scalar_columns(self.meta)]
+
+    @property
+    def meta(self) -> DatasetMeta:
+        return self.dataset.meta
+
+    def set_epoch(self, epoch: int) -> None:
+        """Read epoch ``epoch`` next (its own shuffle); a loaded cursor of another epoch is
+        dropped."""
+        self.epoch = epoch
+        if self._resume is not None and self._resume["epoch"] != epoch:
+            self._resume = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cursor of this reader: epoch, rows done in it, and which reader it is."""
+        if self._resume is not None:  # loaded but not started yet: still the same position
+            return dict(self._resume)
+        return {"epoch": self.epoch, "rows_done": self._rows_done, "reader": self._reader}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Make the next pass continue from a cursor saved by :meth:`state_dict`."""
+        self.epoch = int(state["epoch"])
+        reader = state.get("reader")
+        self._resume = {
+            "epoch": self.epoch,
+            "rows_done": int(state["rows_done"]),
+            "reader": tuple(reader) if reader is not None else None,
+        }
+
+    def _units(self, epoch: int) -> list[_Unit]:
+        units, first = [], 0
+        for p, part in enumerate(self.dataset.parts):
+            for g, rows in enumerate(part.row_groups):
+                if rows:
+                    units.append(_Unit(p, g, rows, first))
+                first += rows
+        if self.config.shuffle:
+            order = np.random.default_rng([self.config.seed, epoch]).permutation(len(units))
+            units = [units[i] for i in order]
+        return units
+
+    def _reader_id(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def __iter__(self) -> Iterator[Batch]:
+        reader = self._reader_id()
+        resume, self._resume = self._resume, None
+        skip = resume["rows_done"] if resume else 0
+        if skip and resume["reader"] is not None and resume["reader"] != reader:
+            raise ValueError(
+                f"the saved data cursor belongs to reader {resume['reader'][0]} of "
+                f"{resume['reader'][1]} but this is reader {reader[0]} of {reader[1]}: "
+                "resume with the same world size and number of loader workers"
+            )
+        self._reader, self._rows_done = reader, skip
+        epoch = self.epoch
+        units = self._units(epoch)[reader[0] :: reader[1]]
+        size = self.config.buffer_row_groups
+        buffers = [units[i : i + size] for i in range(0, len(units), size)]
+        pending: list[Columns] = []
+        pending_rows = 0
+        files: dict[int, Any] = {}
+        for b, buffer in enumerate(buffers):
+            rows = sum(u.rows for u in buffer)
+            if skip >= rows:
+                skip -= rows
+                continue
+            columns = concat([self._decode(u, files) for u in buffer])
+            order = (
+                np.random.default_rng([self.config.seed, epoch, reader[0], b]).permutation(rows)
+                if self.config.shuffle
+                else np.arange(rows)
+            )
+            order, skip = order[skip:], 0
+            while len(order):
+                take = order[: self.config.batch_size - pending_rows]
+                order = order[len(take) :]
+                pending.append(gather(columns, take, self.config.max_len))
+                pending_rows += len(take)
+                if pending_rows == self.config.batch_size:
+                    yield self._emit(pending)
+                    pending, pending_rows = [], 0
+        if pending and not self.config.drop_last:
+            yield self._emit(pending)
+        self.epoch, self._rows_done = epoch + 1, 0
+
+    def _emit(self, pending: list[Columns]) -> Batch:
+        columns = concat(pending)
+        self._rows_done += len(columns)
+        return to_batch(columns, self.meta)
+
+    def _decode(self, unit: _Unit, files: dict[int, Any]) -> Columns:
+        part = self.dataset.parts[unit.part]
+        if unit.part not in files:
+            files[unit.part] = self.dataset.open_file(part)
+        try:
+            table = files[unit.part].read_row_group(unit.row_group, columns=self._columns)
+        except (OSError, pa.ArrowException) as err:
+            raise DataError(
+                f"{describe(part.path, row_group=unit.row_group)}: cannot be "
+                f"read (corrupt data?): {err}"
+            ) from None
+
+        def locate(row: int, column: str) -> str:
+            return describe(part.path, row_group=unit.row_group, row=row, column=column)
+
+        return decode(table, self.meta, unit.first_row_id, locate)

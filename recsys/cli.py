@@ -11,7 +11,6 @@ import logging
 import sys
 
 from recsys import __version__
-from recsys.data.schema import DataError
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -66,11 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``recsys`` console script."""
     args = build_parser().parse_args(argv)
     _log_to_stderr()
-    try:
-        return args.run(args)
-    except (DataError, FileExistsError) as err:
-        print(f"recsys {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,25 @@ class Batch:
             moved[f.name] = value if value is None else value.to(device, non_blocking=non_blocking)
         return Batch(**moved)
 
+    def __reduce__(self):
+        # Crossing from a loader worker, every tensor would get its own shared-memory segment
+        # (a few system calls each). One packed int64 array per batch, pickled by value
+        # through the worker's pipe, is cheaper (labels are 0/1: exact as int64).
+        parts = [self.features.values(), self.features.lengths(), self.user_ids, self.row_ids]
+        if self.labels is not None:
+            parts += [self.labels.to(torch.int64), self.timestamps]
+        sizes = [len(p) for p in parts]
+        return _unpack, (self.features.keys(), torch.cat(parts).numpy(), sizes)
+
+
+def _unpack(keys: list[str], packed: np.ndarray, sizes: list[int]) -> Batch:
+    parts = torch.split(torch.from_numpy(packed), sizes)
+    features = KeyedJaggedTensor(keys=keys, values=parts[0], lengths=parts[1])
+    batch = Batch(features, parts[2], parts[3])
+    if len(parts) > 4:
+        batch.labels, batch.timestamps = parts[4].to(torch.float32), parts[5]
+    return batch
+
 
 def hash_ids(values: np.ndarray, size: int) -> np.ndarray:
     """Map raw 64-bit ids into [0, size) with a fixed mixing function (SplitMix64's finaliser),
@@ -109,15 +128,13 @@ def _check_ids(
     size = meta.vocab[vocab]
     if meta.id_mode == "hash":
         return hash_ids(values, size)
-    negative = values < 0
-    if negative.any():
-        i = _first(negative)
+    if values.min() < 0:  # one pass each; the offending row is searched only on failure
+        i = _first(values < 0)
         raise DataError(
             f"{locate(row_of(i), column)}: id {values[i]} is negative; ids must lie in [0, {size})"
         )
-    too_big = values >= size
-    if too_big.any():
-        i = _first(too_big)
+    if values.max() >= size:
+        i = _first(values >= size)
         raise DataError(
             f"{locate(row_of(i), column)}: id {values[i]} is not below the vocab "
             f"size {size} of {vocab!r} (dataset.json); remap ids densely or use "
@@ -132,17 +149,26 @@ def _int64(
     if array.null_count:
         i = _first(np.asarray(array.is_null()))
         raise DataError(f"{locate(row_of(i), column)}: null value; nulls are not allowed")
-    return np.asarray(array.cast(pa.int64()))
+    return np.asarray(array if array.type == pa.int64() else array.cast(pa.int64()))
 
 
-def decode(table: pa.Table, meta: DatasetMeta, first_row_id: int, locate: Locate) -> Columns:
-    """Validate one row group (as a table) and turn it into NumPy columns."""
+def _array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    return column
+
+
+def decode(
+    table: pa.Table | pa.RecordBatch, meta: DatasetMeta, first_row_id: int, locate: Locate
+) -> Columns:
+    """Validate rows of a row group and view them as NumPy columns (no copy where the Arrow
+    buffers are already int64)."""
     n = table.num_rows
     lists = list_columns(meta)
     offsets: np.ndarray | None = None
     values: dict[str, np.ndarray] = {}
     for column, vocab in lists.items():
-        array = table.column(column).combine_chunks()
+        array = _array(table.column(column))
         if array.null_count:
             i = _first(np.asarray(array.is_null()))
             raise DataError(f"{locate(i, column)}: null list; use an empty list instead")
@@ -168,7 +194,7 @@ def decode(table: pa.Table, meta: DatasetMeta, first_row_id: int, locate: Locate
         values[column] = _check_ids(ids, vocab, meta, column, row_of, locate)
     scalars: dict[str, np.ndarray] = {}
     for column, vocab in scalar_columns(meta).items():
-        ids = _int64(table.column(column).combine_chunks(), column, locate, int)
+        ids = _int64(_array(table.column(column)), column, locate, int)
         if column == "label":
             bad = (ids != 0) & (ids != 1)
             if bad.any():
@@ -181,8 +207,17 @@ def decode(table: pa.Table, meta: DatasetMeta, first_row_id: int, locate: Locate
 
 
 def gather(columns: Columns, rows: np.ndarray, max_len: int | None) -> Columns:
-    """The given rows, in that order, with lists cut to their last ``max_len`` values."""
+    """The given rows, in that order, with lists cut to their last ``max_len`` values.
+
+    A run of consecutive rows whose lists need no cutting is returned as views (no copy)."""
     offsets = columns.lists.offsets
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows) and (rows[1:] > rows[:-1]).all():
+        start, stop = int(rows[0]), int(rows[-1]) + 1
+        run = offsets[start : stop + 1]
+        if max_len is None or not (np.diff(run) > max_len).any():
+            lo, hi = run[0], run[-1]
+            lists = Lists(run - lo, {k: v[lo:hi] for k, v in columns.lists.values.items()})
+            return Columns(lists, {k: v[start:stop] for k, v in columns.scalars.items()})
     starts, ends = offsets[rows], offsets[rows + 1]
     if max_len is not None:
         starts = np.maximum(starts, ends - max_len)
@@ -205,6 +240,11 @@ def concat(parts: list[Columns]) -> Columns:
     lists = Lists(offsets, {k: np.concatenate([p.lists.values[k] for p in parts]) for k in keys})
     scalars = {k: np.concatenate([p.scalars[k] for p in parts]) for k in parts[0].scalars}
     return Columns(lists, scalars)
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    # Views of Arrow buffers are read-only, and torch wants writable memory: copy those.
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def to_batch(columns: Columns, meta: DatasetMeta) -> Batch:
@@ -230,8 +270,8 @@ def to_batch(columns: Columns, meta: DatasetMeta) -> Batch:
         lengths=torch.from_numpy(np.concatenate(key_lengths)),
     )
     s = columns.scalars
-    batch = Batch(features, torch.from_numpy(s["user_id"]), torch.from_numpy(s[ROW_ID]))
+    batch = Batch(features, _tensor(s["user_id"]), _tensor(s[ROW_ID]))
     if meta.kind == "ctr":
-        batch.labels = torch.from_numpy(s["label"]).to(torch.float32)
-        batch.timestamps = torch.from_numpy(s["timestamp"])
+        batch.labels = _tensor(s["label"]).to(torch.float32)
+        batch.timestamps = _tensor(s["timestamp"])
     return batch

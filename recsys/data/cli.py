@@ -8,6 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+
+def _reporting_errors(run):
+    """Bad input ends the command with its message on stderr and exit code 2, no traceback."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        from recsys.data.schema import DataError
+
+        try:
+            return run(args)
+        except (DataError, FileExistsError) as err:
+            print(f"recsys data {args.data_command}: error: {err}", file=sys.stderr)
+            return 2
+
+    return wrapped
 
 
 def _protocol_args(parser: argparse.ArgumentParser, min_events: int) -> None:
@@ -152,7 +168,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "ml-10m, ml-20m (default: %(default)s)",
     )
     _protocol_args(ml, min_events=4)
-    ml.set_defaults(run=_movielens)
+    ml.set_defaults(run=_reporting_errors(_movielens))
 
     tb = sub.add_parser(
         "taobao",
@@ -167,7 +183,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="comma-separated behaviours kept: pv, buy, cart, fav (default: pv)",
     )
     _protocol_args(tb, min_events=10)
-    tb.set_defaults(run=_taobao)
+    tb.set_defaults(run=_reporting_errors(_taobao))
 
     am = sub.add_parser(
         "amazon",
@@ -178,7 +194,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     am.add_argument("--reviews", required=True, help="reviews JSON lines (.json or .json.gz)")
     am.add_argument("--meta", help="item metadata JSON lines with categories (optional)")
     _protocol_args(am, min_events=4)
-    am.set_defaults(run=_amazon)
+    am.set_defaults(run=_reporting_errors(_amazon))
 
     sy = sub.add_parser(
         "synth",
@@ -197,7 +213,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     sy.add_argument("--zipf", type=float, default=1.0, help="popularity exponent")
     _protocol_args(sy, min_events=4)
-    sy.set_defaults(run=_synth)
+    sy.set_defaults(run=_reporting_errors(_synth))
 
     ins = sub.add_parser(
         "inspect",
@@ -206,4 +222,4 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     ins.add_argument("path")
     ins.add_argument("--json", action="store_true", help="print the summary as JSON")
-    ins.set_defaults(run=_inspect)
+    ins.set_defaults(run=_reporting_errors(_inspect))

@@ -8,7 +8,7 @@ continue where it stopped. The unit of work is a row group:
    so each row group — and so each row — is read by exactly one reader per epoch;
 2. a reader takes its row groups ``buffer_row_groups`` at a time, shuffles the rows of that
    buffer with ``(seed, epoch, reader, buffer)``, and cuts the row stream into batches
-   (a batch may span two buffers);
+   (a batch may span two buffers; within a batch, rows are in buffer order);
 3. the cursor is ``(epoch, rows done)`` per reader. The row stream is a pure function of the
    seed, epoch and reader, so resuming skips whole buffers by their footer row counts and
    restarts inside one buffer at the right offset: no row repeated or lost.
@@ -37,6 +37,9 @@ from recsys.data.batch import Batch, Columns, concat, decode, gather, to_batch
 from recsys.data.files import Dataset, open_dataset
 from recsys.data.schema import DataError, DatasetMeta, describe, list_columns, scalar_columns
 
+CHUNK_ROWS = 65_536
+"""Rows decoded at a time inside a row group."""
+
 
 @dataclass(frozen=True)
 class StreamConfig:
@@ -51,7 +54,7 @@ class StreamConfig:
     """Shuffle row-group order and rows within each buffer, seeded per epoch."""
     seed: int = 0
     """Seed of every shuffle."""
-    buffer_row_groups: int = 4
+    buffer_row_groups: int = 1
     """Row groups per shuffle buffer of a reader (memory: this many row groups decoded)."""
     drop_last: bool = False
     """Drop each reader's last, smaller batch of an epoch."""
@@ -171,7 +174,8 @@ class ParquetStream(IterableDataset):
             if skip >= rows:
                 skip -= rows
                 continue
-            columns = concat([self._decode(u, files) for u in buffer])
+            chunks = [chunk for u in buffer for chunk in self._decode(u, files)]
+            starts = np.cumsum([0] + [len(c) for c in chunks])
             order = (
                 np.random.default_rng([self.config.seed, epoch, reader[0], b]).permutation(rows)
                 if self.config.shuffle
@@ -181,7 +185,7 @@ class ParquetStream(IterableDataset):
             while len(order):
                 take = order[: self.config.batch_size - pending_rows]
                 order = order[len(take) :]
-                pending.append(gather(columns, take, self.config.max_len))
+                pending += self._take(chunks, starts, take)
                 pending_rows += len(take)
                 if pending_rows == self.config.batch_size:
                     yield self._emit(pending)
@@ -190,24 +194,47 @@ class ParquetStream(IterableDataset):
             yield self._emit(pending)
         self.epoch, self._rows_done = epoch + 1, 0
 
+    def _take(self, chunks: list[Columns], starts: np.ndarray, rows: np.ndarray) -> list[Columns]:
+        """The given rows of a buffer, in buffer order, each piece gathered from its own chunk
+        (the buffer is never concatenated)."""
+        rows = np.sort(rows)
+        pieces = np.split(rows, np.searchsorted(rows, starts[1:-1]))
+        return [
+            gather(chunk, piece - start, self.config.max_len)
+            for chunk, piece, start in zip(chunks, pieces, starts[:-1], strict=True)
+            if len(piece)
+        ]
+
     def _emit(self, pending: list[Columns]) -> Batch:
         columns = concat(pending)
         self._rows_done += len(columns)
         return to_batch(columns, self.meta)
 
-    def _decode(self, unit: _Unit, files: dict[int, Any]) -> Columns:
+    def _decode(self, unit: _Unit, files: dict[int, Any]) -> list[Columns]:
+        """A row group, validated, as chunks of ``CHUNK_ROWS`` rows (decoding into small
+        buffers is faster than one large table, and no chunk is ever concatenated)."""
         part = self.dataset.parts[unit.part]
         if unit.part not in files:
             files[unit.part] = self.dataset.open_file(part)
+        chunks, offset = [], 0
         try:
-            table = files[unit.part].read_row_group(unit.row_group, columns=self._columns)
+            for batch in files[unit.part].iter_batches(
+                batch_size=CHUNK_ROWS,
+                row_groups=[unit.row_group],
+                columns=self._columns,
+                use_threads=get_worker_info() is None,
+            ):
+
+                def locate(row: int, column: str, offset: int = offset) -> str:
+                    return describe(
+                        part.path, row_group=unit.row_group, row=offset + row, column=column
+                    )
+
+                chunks.append(decode(batch, self.meta, unit.first_row_id + offset, locate))
+                offset += batch.num_rows
         except (OSError, pa.ArrowException) as err:
             raise DataError(
-                f"{describe(part.path, row_group=unit.row_group)}: cannot be "
-                f"read (corrupt data?): {err}"
+                f"{describe(part.path, row_group=unit.row_group)}: cannot be read "
+                f"(corrupt data?): {err}"
             ) from None
-
-        def locate(row: int, column: str) -> str:
-            return describe(part.path, row_group=unit.row_group, row=row, column=column)
-
-        return decode(table, self.meta, unit.first_row_id, locate)
+        return chunks

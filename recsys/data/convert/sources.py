@@ -30,13 +30,19 @@ class Source:
         self._zip = None
         if self.path.is_file() and zipfile.is_zipfile(self.path):
             self._zip = zipfile.ZipFile(self.path)
+            self.root = self.path
             self._names = [n for n in self._zip.namelist() if not n.endswith("/")]
         elif self.path.is_dir():
+            self.root = self.path
             self._names = sorted(
                 str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file()
             )
-        else:
-            self._names = [self.path.name]
+        else:  # one file: it comes first, its neighbours (e.g. the item file) after it
+            self.root = self.path.parent
+            self._names = [
+                self.path.name,
+                *sorted(p.name for p in self.root.iterdir() if p.is_file() and p != self.path),
+            ]
 
     def find(self, *patterns: str) -> str | None:
         """The first file whose base name matches one of ``patterns`` (in pattern order)."""
@@ -53,16 +59,11 @@ class Source:
 
     def label(self, name: str) -> str:
         """How errors name the file."""
-        if self._zip is not None:
-            return f"{self.path}!{name}"
-        return str(self.path / name) if self.path.is_dir() else str(self.path)
+        return f"{self.path}!{name}" if self._zip is not None else str(self.root / name)
 
     def read_bytes(self, name: str) -> bytes:
         """The file's bytes, decompressed when its name ends in .gz."""
-        if self._zip is not None:
-            data = self._zip.read(name)
-        else:
-            data = (self.path / name if self.path.is_dir() else self.path).read_bytes()
+        data = self._zip.read(name) if self._zip is not None else (self.root / name).read_bytes()
         return gzip.decompress(data) if name.endswith(".gz") else data
 
     def read_text(self, name: str, encoding: str = "utf-8") -> str:

@@ -1,0 +1,184 @@
+"""Every kind of bad input stops with one clear error naming the file, place and column."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recsys.data.schema import DataError, DatasetMeta
+from recsys.data.stream import ParquetStream, StreamConfig
+
+META = DatasetMeta(kind="ctr", vocab={"item": 10, "category": 3}, side_features=["category"])
+
+
+def good_rows(n: int = 4) -> dict[str, list]:
+    return {
+        "user_id": list(range(n)),
+        "history_item_ids": [[1, 2, 3]] * n,
+        "history_category_ids": [[0, 1, 2]] * n,
+        "item_id": [4] * n,
+        "category_id": [1] * n,
+        "label": [1, 0] * (n // 2),
+        "timestamp": [100] * n,
+    }
+
+
+def write(directory: Path, tables: dict[str, pa.Table], meta: DatasetMeta = META) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        pq.write_table(table, directory / name, row_group_size=2)
+    (directory / "dataset.json").write_text(meta.to_json())
+    return directory
+
+
+def table(**changes) -> pa.Table:
+    rows = good_rows()
+    rows.update(changes)
+    return pa.table(rows)
+
+
+def read_all(directory: Path) -> None:
+    for _ in ParquetStream(str(directory), StreamConfig(batch_size=3, shuffle=False)):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"history_item_ids": [[1, 2, 3], [1, None, 3], [1, 2, 3], [1, 2, 3]]},
+            r"part.parquet, row group 0, row 1, column 'history_item_ids': null value",
+        ),
+        (
+            {"history_item_ids": [[1, 2, 3], [1, 2, 3], None, [1, 2, 3]]},
+            r"part.parquet, row group 1, row 0, column 'history_item_ids': null list",
+        ),
+        (
+            {"history_category_ids": [[0, 1, 2], [0, 1, 2], [0, 1, 2], [0, -1, 2]]},
+            r"row group 1, row 1, column 'history_category_ids': id -1 is negative",
+        ),
+        (
+            {"item_id": [4, 4, 10, 4]},
+            r"row group 1, row 0, column 'item_id': id 10 is not below the vocab size 10 of "
+            r"'item'",
+        ),
+        (
+            {"label": [1, 0, 2, 0]},
+            r"row group 1, row 0, column 'label': label 2; labels must "
+            r"be 0 or 1",
+        ),
+        (
+            {"history_category_ids": [[0, 1, 2], [0, 1], [0, 1, 2], [0, 1, 2]]},
+            r"row group 0, row 1, column 'history_category_ids': list of 2 values but "
+            r"'history_item_ids' has 3",
+        ),
+        ({"user_id": [0, 1, None, 3]}, r"row group 1, row 0, column 'user_id': null value"),
+    ],
+)
+def test_bad_values_name_file_row_group_row_and_column(
+    tmp_path: Path, changes: dict, message: str
+) -> None:
+    directory = write(tmp_path / "d", {"part.parquet": table(**changes)})
+    with pytest.raises(DataError, match=message):
+        read_all(directory)
+
+
+def test_missing_column(tmp_path: Path) -> None:
+    directory = write(tmp_path / "d", {"part.parquet": table().drop_columns(["label"])})
+    with pytest.raises(
+        DataError,
+        match=r"part.parquet, column 'label': missing; a ctr dataset "
+        r"needs columns \['user_id'",
+    ):
+        ParquetStream(str(directory))
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    bad = table().set_column(3, "item_id", pa.array(["a", "b", "c", "d"]))
+    directory = write(tmp_path / "d", {"part.parquet": bad})
+    with pytest.raises(DataError, match=r"column 'item_id': type string, expected int64"):
+        ParquetStream(str(directory))
+
+
+def test_narrower_integers_are_accepted(tmp_path: Path) -> None:
+    narrow = table().set_column(5, "label", pa.array([1, 0, 1, 0], pa.int8()))
+    directory = write(tmp_path / "d", {"part.parquet": narrow})
+    batch = next(iter(ParquetStream(str(directory), StreamConfig(shuffle=False))))
+    assert batch.labels.tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_files_with_different_schemas(tmp_path: Path) -> None:
+    other = table().set_column(0, "user_id", pa.array([0, 1, 2, 3], pa.int32()))
+    directory = write(tmp_path / "d", {"a.parquet": table(), "b.parquet": other})
+    with pytest.raises(
+        DataError,
+        match=r"different schemas: column 'user_id' is int64 in "
+        r".*a.parquet but int32 in .*b.parquet",
+    ):
+        ParquetStream(str(directory))
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    directory = write(tmp_path / "d", {"a.parquet": table()})
+    (directory / "b.parquet").write_bytes(b"")
+    with pytest.raises(DataError, match=r"b.parquet: not a readable Parquet file"):
+        ParquetStream(str(directory))
+
+
+def test_truncated_file(tmp_path: Path) -> None:
+    directory = write(tmp_path / "d", {"a.parquet": table()})
+    data = (directory / "a.parquet").read_bytes()
+    (directory / "a.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        DataError,
+        match=r"a.parquet: not a readable Parquet file \(empty, "
+        r"truncated or corrupt\)",
+    ):
+        ParquetStream(str(directory))
+
+
+def test_corrupt_row_group_is_named(tmp_path: Path) -> None:
+    directory = write(tmp_path / "d", {"a.parquet": table()})
+    path = directory / "a.parquet"
+    data = bytearray(path.read_bytes())
+    meta = pq.ParquetFile(path).metadata
+    start = meta.row_group(1).column(1).data_page_offset
+    data[start : start + 40] = b"\xff" * 40  # the footer stays intact, the pages do not
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"a.parquet, row group 1: cannot be read"):
+        read_all(directory)
+
+
+def test_path_that_does_not_exist(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nowhere: no such file or directory"):
+        ParquetStream(str(tmp_path / "nowhere"))
+
+
+def test_missing_metadata(tmp_path: Path) -> None:
+    directory = tmp_path / "d"
+    directory.mkdir()
+    pq.write_table(table(), directory / "a.parquet")
+    with pytest.raises(DataError, match=r"dataset.json: missing"):
+        ParquetStream(str(directory))
+
+
+def test_bad_metadata(tmp_path: Path) -> None:
+    directory = write(tmp_path / "d", {"a.parquet": table()})
+    (directory / "dataset.json").write_text(
+        '{"kind": "ctr", "vocab": {"category": 3}, "side_features": ["category"]}'
+    )
+    with pytest.raises(
+        DataError,
+        match=r"dataset.json: vocab has no size for features "
+        r"\['item'\]",
+    ):
+        ParquetStream(str(directory))
+
+
+def test_uri_paths_work(tmp_path: Path) -> None:
+    directory = write(tmp_path / "d", {"a.parquet": table()})
+    stream = ParquetStream(f"file://{directory}", StreamConfig(shuffle=False))
+    assert next(iter(stream)).user_ids.tolist() == [0, 1, 2, 3]

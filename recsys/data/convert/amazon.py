@@ -12,9 +12,12 @@ first category path; items without metadata get ``unknown``. At least 4 events p
 from __future__ import annotations
 
 import ast
+import io
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.json as pajson
 
 from recsys.data.convert.sources import Source
 from recsys.data.protocol import Events, ProtocolConfig, Split, split
@@ -48,6 +51,34 @@ def _category(record: dict) -> str:
     return str(path[-1]).strip() if path and str(path[-1]).strip() else UNKNOWN
 
 
+REVIEW_FIELDS = pa.schema(
+    [("reviewerID", pa.string()), ("asin", pa.string()), ("unixReviewTime", pa.int64())]
+)
+
+
+def _read_reviews(source: Source, name: str) -> pa.Table:
+    """The three fields of every review, parsed by pyarrow (other fields are ignored)."""
+    options = pajson.ParseOptions(explicit_schema=REVIEW_FIELDS, unexpected_field_behavior="ignore")
+    try:
+        table = pajson.read_json(io.BytesIO(source.read_bytes(name)), parse_options=options)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise DataError(
+            f"{source.label(name)}: cannot parse the reviews (JSON lines with "
+            f"reviewerID, asin and an integer unixReviewTime): {err}"
+        ) from None
+    if table.num_rows == 0:
+        raise DataError(f"{source.label(name)}: no reviews")
+    for field in REVIEW_FIELDS.names:
+        column = table.column(field)
+        if column.null_count:
+            row = int(np.argmax(np.asarray(column.is_null())))
+            raise DataError(
+                f"{source.label(name)}, line {row + 1}: a review needs reviewerID, "
+                f"asin and an integer unixReviewTime; {field!r} is missing"
+            )
+    return table
+
+
 def read(reviews: str, meta: str | None) -> tuple[Events, list[str]]:
     """The review events and the files read."""
     source = Source(reviews)
@@ -55,19 +86,10 @@ def read(reviews: str, meta: str | None) -> tuple[Events, list[str]]:
         source.find("*.json", "*.json.gz", "*.jsonl", "*.jsonl.gz"),
         "reviews file (*.json or *.json.gz)",
     )
-    users, items, times = [], [], []
-    for n, record in _records(source, name):
-        try:
-            users.append(str(record["reviewerID"]))
-            items.append(str(record["asin"]))
-            times.append(int(record["unixReviewTime"]))
-        except (KeyError, TypeError, ValueError) as err:
-            raise DataError(
-                f"{source.label(name)}, line {n}: a review needs reviewerID, asin "
-                f"and an integer unixReviewTime ({type(err).__name__}: {err})"
-            ) from None
-    if not users:
-        raise DataError(f"{source.label(name)}: no reviews")
+    reviews_table = _read_reviews(source, name)
+    users = np.asarray(reviews_table.column("reviewerID"))
+    items = np.asarray(reviews_table.column("asin"))
+    times = np.asarray(reviews_table.column("unixReviewTime"))
     categories: dict[str, str] = {}
     files = [source.label(name)]
     if meta is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _reporting_errors(run):
@@ -79,6 +80,8 @@ def _run(args: argparse.Namespace, produce) -> int:
 
     from recsys.data.protocol import write_split
 
+    if Path(args.out).exists() and not args.overwrite:  # before any work, not after it
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
     with tqdm(total=2, desc=f"recsys data {args.data_command}", unit="stage") as bar:
         bar.set_postfix_str("read + split")
         result, source = produce()

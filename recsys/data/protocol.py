@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from recsys.data.schema import DataError, DatasetMeta
-from recsys.data.writer import write_dataset
+from recsys.data.writer import atomic_directory, write_dataset
 
 log = logging.getLogger(__name__)
 
@@ -202,14 +199,9 @@ def write_split(
     row_group_rows: int = 65_536,
 ) -> dict[str, DatasetMeta]:
     """Write ``out/seq``, ``out/ctr_train`` and ``out/ctr_test`` together, all or nothing."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     protocol = {**result.protocol, "counts": result.counts, **source}
     written = {}
-    try:
+    with atomic_directory(out, overwrite) as tmp:
         for name, table, kind in (
             ("seq", result.seq, "seq"),
             ("ctr_train", result.ctr_train, "ctr"),
@@ -223,10 +215,4 @@ def write_split(
                 protocol={**protocol, "split": name},
             )
             written[name] = write_dataset(tmp / name, meta, [table], row_group_rows=row_group_rows)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return written

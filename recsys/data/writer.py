@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.data.schema import METADATA_FILE, DatasetMeta, arrow_schema, check_schema
+
+
+@contextmanager
+def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to fill; renamed to ``out`` when the block succeeds,
+    removed when it fails. An existing ``out`` is replaced only with ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_dataset(
@@ -34,13 +54,8 @@ def write_dataset(
 
     ``meta.rows`` and ``meta.files`` are filled in from what was written.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
     schema = arrow_schema(meta)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite) as tmp:
         files: dict[str, int] = {}
         writer, name = None, ""
         for table in tables:
@@ -62,10 +77,4 @@ def write_dataset(
             writer.close()
         meta = replace(meta, rows=sum(files.values()), files=files)
         (tmp / METADATA_FILE).write_text(meta.to_json() + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta

@@ -1,0 +1,97 @@
+"""GPSD's CTR model: the behaviour sequence plus the candidate item, scored by an MLP head.
+
+The candidate token (item + side-feature embeddings) is appended after the user's history;
+a segment embedding tells history (0) from candidate (1). The tower's output at the candidate
+position goes through Linear(d, 4d) → ReLU → Linear(4d, 1) to a logit, trained with binary
+cross-entropy (GPSD §2.2). Table and tower names equal the generative model's, so pretrained
+parameters transfer by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from recsys.models.generative import ITEM_TABLE
+from recsys.models.sparse import SparseArch, SparseConfig, TableSpec, padded, summed
+from recsys.models.tower import Tower, TowerConfig
+
+
+def ctr_tables(items: int, side_features: dict[str, int], dim: int) -> list[TableSpec]:
+    """The tables every CTR-style model (this one and the baselines) looks up."""
+    tables = [TableSpec(ITEM_TABLE, items, dim, ("history_item", "candidate_item"))]
+    tables += [
+        TableSpec(name, rows, dim, (f"history_{name}", f"candidate_{name}"))
+        for name, rows in side_features.items()
+    ]
+    return tables
+
+
+@dataclass(frozen=True)
+class CTRConfig:
+    tower: TowerConfig
+    items: int
+    side_features: dict[str, int] = field(default_factory=dict)
+    frozen: tuple[str, ...] = ()
+
+    def sparse(self) -> SparseConfig:
+        return SparseConfig(
+            tuple(ctr_tables(self.items, self.side_features, self.tower.hidden)), self.frozen
+        )
+
+
+@dataclass
+class CTROutput:
+    logits: torch.Tensor
+    """[B] scores before the sigmoid."""
+    loss: torch.Tensor | None = None
+    """Mean binary cross-entropy when labels were given."""
+
+
+def candidate_tokens(
+    sequences: dict, sides: list[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """History tokens [B, T, D] with their valid mask, and candidate tokens [B, D]."""
+    history, valid = padded(summed(sequences, ["history_item", *(f"history_{s}" for s in sides)]))
+    candidate = summed(sequences, ["candidate_item", *(f"candidate_{s}" for s in sides)])
+    return history, valid, candidate.values()
+
+
+def bce(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+    return None if labels is None else F.binary_cross_entropy_with_logits(logits, labels)
+
+
+class CTRModel(nn.Module):
+    """CTR batches (KJT keys ``history_*`` and ``candidate_*``) → :class:`CTROutput`."""
+
+    def __init__(
+        self,
+        config: CTRConfig,
+        sparse_device: torch.device | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        d = config.tower.hidden
+        self.sparse = SparseArch(config.sparse(), sparse_device)
+        self.segment = nn.Parameter(torch.randn(2, d, device=device) * 0.02)
+        self.tower = Tower(config.tower).to(device)
+        self.head = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Linear(4 * d, 1)).to(device)
+
+    def forward(self, features: KeyedJaggedTensor, labels: torch.Tensor | None = None) -> CTROutput:
+        sequences, _ = self.sparse(features)
+        history, valid, candidate = candidate_tokens(sequences, list(self.config.side_features))
+        b, t, d = history.shape
+        lengths = valid.sum(1)
+        rows = torch.arange(b, device=history.device)
+        # Append the candidate right after each user's last event (segment 1), history is 0.
+        tokens = torch.cat([history + self.segment[0], history.new_zeros(b, 1, d)], dim=1)
+        tokens = tokens.index_put((rows, lengths), candidate + self.segment[1])
+        positions = torch.arange(t + 1, device=history.device)[None, :]
+        hidden = self.tower(tokens, positions <= lengths[:, None])
+        logits = self.head(hidden[rows, lengths]).squeeze(-1)
+        return CTROutput(logits, bce(logits, labels))

@@ -1,0 +1,157 @@
+"""GPSD's generative pretraining model: predict the next item of behaviour sequences.
+
+Each position's input is the sum of its item and side-feature embeddings (GPSD §2.1). The
+tower's output at position t scores the item at t + 1 against K negatives drawn uniformly
+from the whole item table, shared by every position of a sequence (sampled softmax without
+logQ correction, as in GPSD's code), all looked up in the same item table as the inputs (tied
+embeddings). Side features of the next event are predicted with a full softmax over their
+vocabulary. Losses are averaged over real (not padded) targets and summed with weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from recsys.models.sparse import SparseArch, SparseConfig, TableSpec, padded, summed
+from recsys.models.tower import Tower, TowerConfig
+
+ITEM_TABLE = "item"
+
+
+@dataclass(frozen=True)
+class GenerativeConfig:
+    """The pretraining model."""
+
+    tower: TowerConfig
+    items: int
+    """Rows of the item table."""
+    side_features: dict[str, int] = field(default_factory=dict)
+    """Side feature → vocabulary size (each its own table, named like the feature)."""
+    negatives: int = 4096
+    """K uniform negatives per sequence (GPSD: 4,096)."""
+    side_weights: dict[str, float] = field(default_factory=dict)
+    """Weight of each side feature's loss (default 1)."""
+    scoring: str = "dot"
+    """``dot`` or ``cosine`` similarity between tower output and item embeddings."""
+    temperature: float = 1.0
+    """Scores are divided by it (GPSD's code: cosine / 0.05)."""
+    remove_accidental_hits: bool = False
+    """Ignore negatives equal to the target (GPSD's code keeps them)."""
+    frozen: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("dot", "cosine"):
+            raise ValueError(f"scoring must be dot or cosine, got {self.scoring!r}")
+        if self.negatives < 1 or self.temperature <= 0:
+            raise ValueError("negatives must be >= 1 and temperature > 0")
+
+    def sparse(self) -> SparseConfig:
+        d = self.tower.hidden
+        tables = [TableSpec(ITEM_TABLE, self.items, d, ("item", "negative_item"))]
+        tables += [TableSpec(name, rows, d, (name,)) for name, rows in self.side_features.items()]
+        return SparseConfig(tuple(tables), self.frozen)
+
+
+@dataclass
+class GenerativeOutput:
+    loss: torch.Tensor
+    item_loss: torch.Tensor
+    side_losses: dict[str, torch.Tensor]
+    hits: torch.Tensor
+    """Targets whose score beats every negative."""
+    targets: torch.Tensor
+    """Number of real targets."""
+
+
+def sampled_softmax_loss(
+    hidden: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    scoring: str = "dot",
+    temperature: float = 1.0,
+    accidental: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of the positive against shared negatives, and the hit count.
+
+    hidden, positive: [B, T, D]; negatives: [B, K, D]; valid: [B, T]; accidental: [B, T, K]
+    True where a negative equals the target (masked out).
+    """
+    if scoring == "cosine":
+        hidden, positive = F.normalize(hidden, dim=-1), F.normalize(positive, dim=-1)
+        negatives = F.normalize(negatives, dim=-1)
+    pos = (hidden * positive).sum(-1, keepdim=True)
+    neg = torch.einsum("btd,bkd->btk", hidden, negatives)
+    if accidental is not None:
+        neg = neg.masked_fill(accidental, float("-inf"))
+    logits = torch.cat([pos, neg], dim=-1)[valid] / temperature
+    zeros = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+    loss = F.cross_entropy(logits, zeros)
+    hits = (logits[:, 0:1] > logits[:, 1:]).all(-1).sum()
+    return loss, hits
+
+
+class GenerativeModel(nn.Module):
+    """Seq batches (KJT keys ``item`` and each side feature) → :class:`GenerativeOutput`."""
+
+    def __init__(
+        self,
+        config: GenerativeConfig,
+        sparse_device: torch.device | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.sparse = SparseArch(config.sparse(), sparse_device)
+        self.tower = Tower(config.tower).to(device)
+        self.side_heads = nn.ModuleDict(
+            {
+                name: nn.Linear(config.tower.hidden, rows, device=device)
+                for name, rows in config.side_features.items()
+            }
+        )
+
+    def forward(self, features: KeyedJaggedTensor) -> GenerativeOutput:
+        config = self.config
+        batch = features.stride()
+        negatives = torch.randint(
+            0, config.items, (batch * config.negatives,), device=features.values().device
+        )
+        sampled = KeyedJaggedTensor.from_lengths_sync(
+            keys=["negative_item"],
+            values=negatives,
+            lengths=torch.full((batch,), config.negatives, device=negatives.device),
+        )
+        sequences, _ = self.sparse(KeyedJaggedTensor.concat([features, sampled]))
+        sides = list(config.side_features)
+        tokens, valid = padded(summed(sequences, ["item", *sides]))
+        hidden = self.tower(tokens, valid)[:, :-1]
+        items, _ = padded(sequences["item"], tokens.shape[1])
+        ids, _ = padded(features["item"], tokens.shape[1])
+        target_valid = valid[:, 1:]
+        negative_emb = sequences["negative_item"].values().view(batch, config.negatives, -1)
+        accidental = None
+        if config.remove_accidental_hits:
+            accidental = ids[:, 1:, None] == negatives.view(batch, 1, config.negatives)
+        item_loss, hits = sampled_softmax_loss(
+            hidden,
+            items[:, 1:],
+            negative_emb,
+            target_valid,
+            scoring=config.scoring,
+            temperature=config.temperature,
+            accidental=accidental,
+        )
+        side_losses = {}
+        for name in sides:
+            side_ids, _ = padded(features[name], tokens.shape[1])
+            logits = self.side_heads[name](hidden)[target_valid]
+            side_losses[name] = F.cross_entropy(logits, side_ids[:, 1:][target_valid])
+        loss = item_loss + sum(config.side_weights.get(n, 1.0) * v for n, v in side_losses.items())
+        return GenerativeOutput(loss, item_loss, side_losses, hits, target_valid.sum())

@@ -1,0 +1,185 @@
+"""Embedding tables as TorchRec modules, addressed by table name, trainable or frozen.
+
+This module owns the sparse part of every model: one ``EmbeddingCollection`` of sequence
+tables (jagged lookups, no pooling) and optionally one ``EmbeddingBagCollection`` of pooled
+tables, each split in two: trainable tables, and frozen tables whose output is detached so
+that they receive no gradient (and, with the optimizer applied to trainable tables only, no
+optimizer state). One table serves several features: the item table serves the input
+sequence, the targets, the sampled negatives and the CTR candidate, which ties input and
+output embeddings. Tables are built on the device given (``meta`` for sharding: nothing is
+allocated until ``DistributedModelParallel`` places the shards).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+    JaggedTensor,
+    KeyedJaggedTensor,
+    PoolingType,
+)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One embedding table."""
+
+    name: str
+    """Transfer, freezing and plans address the table by this name."""
+    rows: int
+    dim: int
+    features: tuple[str, ...]
+    """KJT keys looked up in this table."""
+    pooling: str = "none"
+    """``none`` (sequence lookups, EmbeddingCollection) or ``sum`` / ``mean`` (pooled,
+    EmbeddingBagCollection)."""
+
+    def __post_init__(self) -> None:
+        if self.rows < 1 or self.dim < 1:
+            raise ValueError(f"table {self.name!r}: rows and dim must be >= 1")
+        if self.pooling not in ("none", "sum", "mean"):
+            raise ValueError(f"table {self.name!r}: pooling must be none, sum or mean")
+        if not self.features:
+            raise ValueError(f"table {self.name!r} serves no feature")
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """The tables of a model and which of them are frozen."""
+
+    tables: tuple[TableSpec, ...]
+    frozen: tuple[str, ...] = ()
+    """Names of tables whose weights stay fixed (GPSD's sparse freezing, "SF")."""
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.tables]
+        if len(set(names)) != len(names):
+            raise ValueError(f"table names repeat: {names}")
+        features = [f for t in self.tables for f in t.features]
+        if len(set(features)) != len(features):
+            raise ValueError(f"a feature is served by two tables: {features}")
+        unknown = sorted(set(self.frozen) - set(names))
+        if unknown:
+            raise ValueError(f"frozen tables {unknown} do not exist; tables: {names}")
+
+    def table(self, name: str) -> TableSpec:
+        return next(t for t in self.tables if t.name == name)
+
+
+# Attribute name of each collection (the module paths that plans and checkpoints see).
+COLLECTIONS = {
+    (False, False): "sequence",
+    (False, True): "sequence_frozen",
+    (True, False): "pooled",
+    (True, True): "pooled_frozen",
+}
+
+
+class SparseArch(nn.Module):
+    """KJT → ``{feature: JaggedTensor}`` (sequence tables) and ``{feature: Tensor [B, dim]}``
+    (pooled tables)."""
+
+    def __init__(self, config: SparseConfig, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self._features: dict[str, list[str]] = {}
+        for (pooled, frozen), attribute in COLLECTIONS.items():
+            specs = [
+                t
+                for t in config.tables
+                if (t.pooling != "none") == pooled and (t.name in config.frozen) == frozen
+            ]
+            if not specs:
+                continue
+            if pooled:
+                module = EmbeddingBagCollection(
+                    device=device,
+                    tables=[
+                        EmbeddingBagConfig(
+                            name=t.name,
+                            num_embeddings=t.rows,
+                            embedding_dim=t.dim,
+                            feature_names=list(t.features),
+                            pooling=PoolingType[t.pooling.upper()],
+                        )
+                        for t in specs
+                    ],
+                )
+            else:
+                module = EmbeddingCollection(
+                    device=device,
+                    tables=[
+                        EmbeddingConfig(
+                            name=t.name,
+                            num_embeddings=t.rows,
+                            embedding_dim=t.dim,
+                            feature_names=list(t.features),
+                        )
+                        for t in specs
+                    ],
+                )
+            if frozen:
+                module.requires_grad_(False)
+            setattr(self, attribute, module)
+            self._features[attribute] = [f for t in specs for f in t.features]
+
+    def forward(
+        self, features: KeyedJaggedTensor
+    ) -> tuple[dict[str, JaggedTensor], dict[str, torch.Tensor]]:
+        sequences: dict[str, JaggedTensor] = {}
+        pooled: dict[str, torch.Tensor] = {}
+        keys = features.keys()
+        for (is_pooled, frozen), attribute in COLLECTIONS.items():
+            if attribute not in self._features:
+                continue
+            wanted = self._features[attribute]
+            missing = [f for f in wanted if f not in keys]
+            if missing:
+                # Sharded collections fix their input layout at the first call: every call
+                # must bring every feature (an empty one where there is nothing to look up).
+                raise KeyError(f"features {missing} are missing from the batch (it has {keys})")
+            subset = features.permute([keys.index(f) for f in wanted])
+            out = getattr(self, attribute)(subset)
+            if is_pooled:
+                for name in wanted:
+                    value = out[name]
+                    pooled[name] = value.detach() if frozen else value
+            else:
+                for name in wanted:
+                    jagged = out[name]
+                    if frozen:  # no gradient flows into a frozen table
+                        jagged = JaggedTensor(
+                            values=jagged.values().detach(), lengths=jagged.lengths()
+                        )
+                    sequences[name] = jagged
+        return sequences, pooled
+
+
+def summed(sequences: dict[str, JaggedTensor], names: list[str]) -> JaggedTensor:
+    """Per-position sum of aligned lookups (e.g. item + category embeddings of each event)."""
+    first = sequences[names[0]]
+    values = first.values()
+    for name in names[1:]:
+        values = values + sequences[name].values()
+    return JaggedTensor(values=values, lengths=first.lengths())
+
+
+def padded(jagged: JaggedTensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A jagged [B, *, ...] tensor as right-padded [B, length, ...] (zeros) and its valid mask
+    [B, length]; ``length`` defaults to the longest list."""
+    lengths = jagged.lengths()
+    if length is None:
+        length = int(lengths.max()) if lengths.numel() else 0
+    valid = torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
+    values = jagged.values()
+    out = values.new_zeros((len(lengths), length, *values.shape[1:]))
+    # Right padding keeps jagged order: filling True positions row by row is exactly it.
+    mask = valid.view(*valid.shape, *([1] * (values.dim() - 1))).expand_as(out)
+    return out.masked_scatter(mask, values), valid

@@ -1,0 +1,173 @@
+"""The Llama-style Transformer tower shared by the generative and CTR models.
+
+Pre-norm blocks of RMSNorm → multi-head attention with rotary position embeddings (RoPE) →
+residual, RMSNorm → SwiGLU feed-forward → residual, and a final RMSNorm (GPSD §3 uses the
+LLaMA architecture). Attention is causal by default and bidirectional as an option; padded
+positions are masked as keys. Sizes are named as in the paper: ``L4H64A4`` = 4 layers,
+hidden size 64, 4 heads.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NAME = re.compile(r"^L(\d+)H(\d+)A(\d+)$")
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """Shape of the tower."""
+
+    layers: int = 4
+    hidden: int = 64
+    heads: int = 4
+    ffn_hidden: int | None = None
+    """SwiGLU inner size; default 3 × hidden (192 at width 64, as GPSD's public code)."""
+    max_len: int = 256
+    """Longest sequence the rotary tables cover (the CTR model adds one candidate token)."""
+    causal: bool = True
+    """Causal attention (GPSD's default); False for bidirectional."""
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if min(self.layers, self.hidden, self.heads) < 1:
+            raise ValueError("layers, hidden and heads must be >= 1")
+        if self.hidden % self.heads or (self.hidden // self.heads) % 2:
+            raise ValueError(
+                f"hidden {self.hidden} must split into {self.heads} heads of an "
+                "even size (RoPE rotates pairs of dimensions)"
+            )
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> TowerConfig:
+        """``L{layers}H{hidden}A{heads}``, e.g. ``L4H64A4`` or ``L12H768A12``."""
+        match = NAME.match(name)
+        if not match:
+            raise ValueError(
+                f"model size {name!r} is not of the form L<layers>H<hidden>A<heads> (e.g. L4H64A4)"
+            )
+        layers, hidden, heads = (int(g) for g in match.groups())
+        return cls(layers=layers, hidden=hidden, heads=heads, **overrides)
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layers}H{self.hidden}A{self.heads}"
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_hidden or 3 * self.hidden
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x.float() * scale).type_as(x) * self.weight
+
+
+def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, [max_len, head_dim / 2]."""
+    inverse = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inverse)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (even, odd) of the last dimension of x [B, heads, T, head_dim]."""
+    t = x.shape[-2]
+    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
+    c, s = cos[:t], sin[:t]
+    rotated = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TowerConfig) -> None:
+        super().__init__()
+        self.heads = config.heads
+        self.qkv = nn.Linear(config.hidden, 3 * config.hidden, bias=False)
+        self.out = nn.Linear(config.hidden, config.hidden, bias=False)
+        self.dropout = config.dropout
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: W2 (SiLU(W1 x) ⊙ W3 x)."""
+
+    def __init__(self, config: TowerConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden, config.ffn, bias=False)
+        self.w3 = nn.Linear(config.hidden, config.ffn, bias=False)
+        self.w2 = nn.Linear(config.ffn, config.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TowerConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.hidden, config.norm_eps)
+        self.ffn = FeedForward(config)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), mask, cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Tower(nn.Module):
+    """x [B, T, hidden] and valid [B, T] (True at real positions) → [B, T, hidden]."""
+
+    def __init__(self, config: TowerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        self.norm = RMSNorm(config.hidden, config.norm_eps)
+        cos, sin = rotary_tables(config.hidden // config.heads, config.max_len, config.rope_theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def attention_mask(self, valid: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, T] boolean: a query sees valid keys (earlier ones when causal), and
+        always itself, so that padded rows stay finite."""
+        t = valid.shape[1]
+        mask = valid[:, None, None, :].expand(-1, 1, t, t)
+        if self.config.causal:
+            mask = mask & torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()
+        return mask | torch.eye(t, dtype=torch.bool, device=valid.device)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > self.config.max_len:
+            raise ValueError(
+                f"sequence of {x.shape[1]} positions exceeds the tower's max_len "
+                f"{self.config.max_len}"
+            )
+        mask = self.attention_mask(valid)
+        for block in self.blocks:
+            x = block(x, mask, self.cos, self.sin)
+        return self.norm(x)

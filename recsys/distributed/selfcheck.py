@@ -22,6 +22,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 
 from recsys.distributed.env import DistEnv, distributed
 from recsys.distributed.planning import manual_plan
+from recsys.distributed.shards import load_full_tables, local_shards
 
 LEARNING_RATE = 0.5
 TABLES = (
@@ -113,10 +114,7 @@ def _check(env: DistEnv, sharding_type: str) -> CheckResult:
         plan=plan,
     )
     full = {t.name: reference.embeddings.embeddings[t.name].weight.detach().clone() for t in TABLES}
-    shards = _local_shards(sharded)
-    with torch.no_grad():
-        for name, tensor, rows, cols in shards:
-            tensor.copy_(full[name][rows, cols])
+    load_full_tables(sharded, full)
 
     batch = _batch(seed=1000 + env.rank)
     out = sharded(batch)
@@ -133,9 +131,11 @@ def _check(env: DistEnv, sharding_type: str) -> CheckResult:
         # division), so that they average over ranks as DDP's dense gradients do.
         updated[t.name] = full[t.name] - LEARNING_RATE * grad / env.world_size
     update_error, rows_updated = 0.0, 0
-    for name, tensor, rows, cols in _local_shards(sharded):
-        update_error = max(update_error, (tensor - updated[name][rows, cols]).abs().max().item())
-        rows_updated += int((tensor != full[name][rows, cols]).any(dim=1).sum())
+    shards = local_shards(sharded)
+    for s in shards:
+        expected, before = updated[s.table][s.rows, s.cols], full[s.table][s.rows, s.cols]
+        update_error = max(update_error, (s.tensor - expected).abs().max().item())
+        rows_updated += int((s.tensor != before).any(dim=1).sum())
     return CheckResult(
         env.rank,
         env.world_size,
@@ -145,20 +145,6 @@ def _check(env: DistEnv, sharding_type: str) -> CheckResult:
         rows_updated,
         len(shards),
     )
-
-
-def _local_shards(model: nn.Module) -> list[tuple[str, torch.Tensor, slice, slice]]:
-    """This rank's shards: table name, shard tensor, and its rows and columns in the table.
-
-    The tensors alias the fused kernel's weights, so writing them changes the model.
-    """
-    shards = []
-    for key, value in model.state_dict().items():
-        table = key.split(".")[-2]  # "embeddings.embeddings.<table>.weight"
-        for shard in value.local_shards():
-            (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-            shards.append((table, shard.tensor, slice(r0, r0 + nr), slice(c0, c0 + nc)))
-    return shards
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,44 @@
+"""This rank's shards of sharded embedding tables, addressed by table name.
+
+A sharded table's state-dict entry is a ``ShardedTensor`` whose local shards alias the fused
+kernel's weights: reading them reads the model, writing them writes it. This module owns
+listing them with where each sits in the full table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LocalShard:
+    table: str
+    tensor: torch.Tensor
+    """Aliases the model's weights."""
+    rows: slice
+    cols: slice
+    """Where the shard sits in the full table."""
+
+
+def local_shards(model: nn.Module) -> list[LocalShard]:
+    """Every local shard of every sharded table of ``model`` (after DistributedModelParallel)."""
+    shards = []
+    for key, value in model.state_dict().items():
+        if not hasattr(value, "local_shards"):
+            continue  # dense parameters and buffers
+        table = key.split(".")[-2]  # "...embeddings.<table>.weight"
+        for shard in value.local_shards():
+            (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+            shards.append(LocalShard(table, shard.tensor, slice(r0, r0 + nr), slice(c0, c0 + nc)))
+    return shards
+
+
+@torch.no_grad()
+def load_full_tables(model: nn.Module, tables: dict[str, torch.Tensor]) -> None:
+    """Give the sharded tables of ``model`` the weights of full (unsharded) tables, by name."""
+    for shard in local_shards(model):
+        if shard.table in tables:
+            shard.tensor.copy_(tables[shard.table][shard.rows, shard.cols])

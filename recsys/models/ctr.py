@@ -10,6 +10,7 @@ parameters transfer by name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,9 @@ class CTRConfig:
         )
 
 
-@dataclass
-class CTROutput:
+class CTROutput(NamedTuple):
+    # A NamedTuple, not a dataclass: DistributedDataParallel finds the tensors of a model's
+    # output by pytree traversal, and its gradient sync relies on finding them.
     logits: torch.Tensor
     """[B] scores before the sigmoid."""
     loss: torch.Tensor | None = None

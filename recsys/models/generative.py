@@ -11,6 +11,7 @@ vocabulary. Losses are averaged over real (not padded) targets and summed with w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +58,9 @@ class GenerativeConfig:
         return SparseConfig(tuple(tables), self.frozen)
 
 
-@dataclass
-class GenerativeOutput:
+class GenerativeOutput(NamedTuple):
+    # A NamedTuple, not a dataclass: DistributedDataParallel finds the tensors of a model's
+    # output by pytree traversal, and its gradient sync relies on finding them.
     loss: torch.Tensor
     item_loss: torch.Tensor
     side_losses: dict[str, torch.Tensor]

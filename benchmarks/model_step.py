@@ -1,0 +1,219 @@
+"""Training-step throughput of the CTR model: sharded on 2 gloo ranks against one process with
+plain unsharded tables, measured in the same run; and tower TFLOP/s and MFU on a GPU.
+
+    python benchmarks/model_step.py                    # CPU: L4H64A4, history 100, batch 256
+    python benchmarks/model_step.py --tower-only --device cuda --size L12H768A12
+
+A step is forward + backward + optimizer: for the sharded model, the tables' row-wise Adagrad
+is fused into backward and the dense part is data-parallel (DDP) with AdamW; the baseline
+runs the same model with unsharded TorchRec tables and AdamW on everything, in one process
+with all cores. Both see the same global batch. ``--tower-only`` times the Transformer tower
+alone (pure torch, bf16 autocast on CUDA) and reports achieved TFLOP/s and the fraction of
+the device's peak (MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+# Dense bf16 peak, TFLOP/s, by device name fragment (vendor data sheets, no sparsity).
+PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+@dataclass(frozen=True)
+class Setting:
+    size: str
+    history: int
+    batch: int
+    """Global samples per step."""
+    items: int
+    steps: int
+    warmup: int
+
+
+def _batch(setting: Setting, n: int, seed: int):
+    from torchrec import KeyedJaggedTensor
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.full((n,), setting.history)
+    ones = torch.ones(n, dtype=torch.long)
+    values = torch.cat(
+        [
+            torch.randint(0, setting.items, (n * (setting.history + 1),), generator=g),
+            torch.randint(0, 100, (n * (setting.history + 1),), generator=g),
+        ]
+    )
+    features = KeyedJaggedTensor.from_lengths_sync(
+        keys=["history_item", "candidate_item", "history_category", "candidate_category"],
+        values=values,
+        lengths=torch.cat([lengths, ones, lengths, ones]),
+    )
+    return features, torch.randint(0, 2, (n,), generator=g).float()
+
+
+def _config(setting: Setting):
+    from recsys.models.ctr import CTRConfig
+    from recsys.models.tower import TowerConfig
+
+    return CTRConfig(
+        TowerConfig.from_name(setting.size, max_len=setting.history + 1),
+        setting.items,
+        {"category": 100},
+    )
+
+
+def _timed(setting: Setting, step) -> float:
+    for i in range(setting.warmup):
+        step(i)
+    start = time.perf_counter()
+    for i in range(setting.warmup, setting.warmup + setting.steps):
+        step(i)
+    return (time.perf_counter() - start) / setting.steps
+
+
+def unsharded(setting: Setting) -> float:
+    """Seconds per step in one process with plain (unsharded) TorchRec tables."""
+    from recsys.models.ctr import CTRModel
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = CTRModel(_config(setting))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = [_batch(setting, setting.batch, i) for i in range(2)]
+
+    def step(i: int) -> None:
+        out = model(*batches[i % 2])
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+
+    return _timed(setting, step)
+
+
+def sharded_worker(setting: Setting) -> float:
+    """Seconds per step on this rank; the job's step ends with its slowest rank."""
+    import torch.distributed as dist
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.types import ShardingEnv
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    from recsys.distributed.env import distributed
+    from recsys.distributed.planning import manual_plan
+    from recsys.models.ctr import CTRModel
+
+    with distributed("cpu") as env:
+        model = CTRModel(_config(setting), sparse_device=torch.device("meta"))
+        apply_optimizer_in_backward(RowWiseAdagrad, model.sparse.parameters(), {"lr": 0.01})
+        plan = manual_plan(
+            model, {"item": "row_wise", "category": "table_wise"}, world_size=env.world_size
+        )
+        sharded = DistributedModelParallel(
+            model,
+            env=ShardingEnv.from_process_group(dist.group.WORLD),
+            device=env.device,
+            plan=plan,
+        )
+        dense = [p for n, p in sharded.named_parameters() if "sparse." not in n]
+        optimizer = torch.optim.AdamW(dense, lr=1e-3)
+        local = setting.batch // env.world_size
+        batches = [_batch(setting, local, 10 * env.rank + i) for i in range(2)]
+
+        def step(i: int) -> None:
+            out = sharded(*batches[i % 2])
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+
+        seconds = torch.tensor([_timed(setting, step)])
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        return float(seconds)
+
+
+def tower_flops(config, tokens: int) -> float:
+    """FLOPs of one forward + backward of the tower over ``tokens`` tokens in sequences of
+    ``config.max_len``: 6 per weight per token, plus attention's QKᵀ and AV (3 × 4·T·d per
+    token and layer)."""
+    d, t = config.hidden, config.max_len
+    weights = config.layers * (4 * d * d + 3 * d * config.ffn)
+    return 6 * weights * tokens + 3 * 4 * config.layers * t * d * tokens
+
+
+def tower_only(size: str, length: int, batch: int, device: str, steps: int) -> None:
+    from recsys.models.tower import Tower, TowerConfig
+
+    config = TowerConfig.from_name(size, max_len=length)
+    model = Tower(config).to(device)
+    x = torch.randn(batch, length, config.hidden, device=device, requires_grad=True)
+    valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+
+    def step() -> None:
+        with torch.autocast(device_type=device, dtype=dtype, enabled=device == "cuda"):
+            y = model(x, valid)
+        y.float().square().mean().backward()
+
+    for _ in range(3):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    achieved = tower_flops(config, batch * length) / seconds / 1e12
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    mfu = f", MFU {achieved / peak:.1%} of {peak:.0f} TFLOP/s bf16" if peak else ""
+    print(
+        f"tower {size}, {batch} × {length} tokens on {name} ({dtype}): "
+        f"{batch * length / seconds:,.0f} tokens/s, {achieved:.2f} TFLOP/s{mfu}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default=None, help="L4H64A4 (CTR step) / L12H768A12 (tower)")
+    parser.add_argument("--history", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=256, help="global samples per step")
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--tower-only", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    if args.tower_only:
+        tower_only(args.size or "L12H768A12", args.history + 1, args.batch, args.device, args.steps)
+        return
+
+    from recsys.distributed.launch import run_on_ranks
+
+    setting = Setting(
+        args.size or "L4H64A4", args.history, args.batch, args.items, args.steps, args.warmup
+    )
+    cores = os.cpu_count() or 1
+    results = {
+        f"baseline: unsharded tables, 1 process x {cores} threads": unsharded(setting),
+        f"sharded: 2 gloo ranks x {max(1, cores // 2)} threads (row-wise item table)": run_on_ranks(
+            sharded_worker, setting, world_size=2, quiet=True
+        )[0],
+    }
+    print(
+        f"CTR model {setting.size}, history {setting.history}, global batch {setting.batch}, "
+        f"{setting.items:,} items; {setting.steps} timed steps after {setting.warmup}"
+    )
+    base = None
+    for name, seconds in results.items():
+        rate = setting.batch / seconds
+        base = base or rate
+        print(f"  {name:<66} {rate:>8,.0f} samples/s {rate / base:6.2f}x baseline")
+
+
+if __name__ == "__main__":
+    main()

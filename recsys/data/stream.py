@@ -23,7 +23,11 @@ before each epoch when the loader has workers (as with ``DistributedSampler``).
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import logging
 import os
+import posixpath
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +40,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from recsys.data.batch import Batch, Columns, concat, decode, gather, to_batch
 from recsys.data.files import Dataset, open_dataset
 from recsys.data.schema import DataError, DatasetMeta, describe, list_columns, scalar_columns
+
+log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 65_536
 """Rows decoded at a time inside a row group."""
@@ -70,10 +76,18 @@ class StreamConfig:
 
 @dataclass(frozen=True)
 class _Unit:
+    """Rows ``start:stop`` of one row group (all of it unless row groups are too few)."""
+
     part: int
     row_group: int
-    rows: int
-    first_row_id: int
+    start: int
+    stop: int
+    group_first_row_id: int
+    """Dataset-wide index of the row group's first row."""
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
 
 
 def _world() -> tuple[int, int]:
@@ -103,6 +117,7 @@ class ParquetStream(IterableDataset):
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
         self.epoch = 0
         self._rows_done = 0
+        self._finished = False  # the last pass read its epoch to the end
         self._resume: dict[str, Any] | None = None  # a loaded cursor the next pass starts at
         self._reader: tuple[int, int] | None = None  # (reader, readers) of the current pass
         self._columns = [*list_columns(self.meta), *scalar_columns(self.meta)]
@@ -114,33 +129,80 @@ class ParquetStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Read epoch ``epoch`` next (its own shuffle); a loaded cursor of another epoch is
         dropped."""
-        self.epoch = epoch
+        self.epoch, self._finished = epoch, False
         if self._resume is not None and self._resume["epoch"] != epoch:
             self._resume = None
 
+    def _settings(self) -> dict[str, Any]:
+        """What the row order depends on besides epoch and reader: a cursor is only valid
+        with the same settings and the same files."""
+        layout = [(posixpath.basename(p.path), p.row_groups) for p in self.dataset.parts]
+        return {
+            "seed": self.config.seed,
+            "shuffle": self.config.shuffle,
+            "buffer_row_groups": self.config.buffer_row_groups,
+            "batch_size": self.config.batch_size,
+            "files": hashlib.sha256(repr(layout).encode()).hexdigest()[:16],
+        }
+
     def state_dict(self) -> dict[str, Any]:
-        """The cursor of this reader: epoch, rows done in it, and which reader it is."""
+        """The cursor of this reader: epoch, rows done in it, which reader, which settings.
+
+        At the end of an epoch the cursor stays on it with every row done (a pass started
+        from it reads nothing); the next pass without a loaded cursor moves to the next epoch.
+        """
         if self._resume is not None:  # loaded but not started yet: still the same position
             return dict(self._resume)
-        return {"epoch": self.epoch, "rows_done": self._rows_done, "reader": self._reader}
+        return {
+            "epoch": self.epoch,
+            "rows_done": self._rows_done,
+            "reader": self._reader,
+            "settings": self._settings(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Make the next pass continue from a cursor saved by :meth:`state_dict`."""
-        self.epoch = int(state["epoch"])
+        self.epoch, self._finished = int(state["epoch"]), False
         reader = state.get("reader")
         self._resume = {
             "epoch": self.epoch,
             "rows_done": int(state["rows_done"]),
             "reader": tuple(reader) if reader is not None else None,
+            "settings": state.get("settings"),
         }
 
-    def _units(self, epoch: int) -> list[_Unit]:
+    def _check_resume(self, resume: dict[str, Any], reader: tuple[int, int]) -> None:
+        if resume["reader"] is not None and resume["reader"] != reader:
+            raise ValueError(
+                f"the saved data cursor belongs to reader {resume['reader'][0]} of "
+                f"{resume['reader'][1]} but this is reader {reader[0]} of {reader[1]}: "
+                "resume with the same world size and number of loader workers"
+            )
+        saved, current = resume.get("settings"), self._settings()
+        if saved is not None and saved != current:
+            changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+            raise ValueError(
+                "the saved data cursor was made with other stream settings or files "
+                f"(saved, now): {changed}; resume with the same ones or start the epoch over"
+            )
+
+    def _units(self, epoch: int, readers: int) -> list[_Unit]:
         units, first = [], 0
         for p, part in enumerate(self.dataset.parts):
             for g, rows in enumerate(part.row_groups):
                 if rows:
-                    units.append(_Unit(p, g, rows, first))
+                    units.append(_Unit(p, g, 0, rows, first))
                 first += rows
+        if 0 < len(units) < readers:
+            # Fewer row groups than readers: cut each into row ranges, so that no rank is left
+            # without data (a rank with no batches would hang the job's collectives).
+            pieces = -(-readers // len(units))
+            units = [
+                _Unit(u.part, u.row_group, int(a), int(b), u.group_first_row_id)
+                for u in units
+                for a, b in itertools.pairwise(np.linspace(0, u.rows, pieces + 1).astype(int))
+                if b > a
+            ]
         if self.config.shuffle:
             order = np.random.default_rng([self.config.seed, epoch]).permutation(len(units))
             units = [units[i] for i in order]
@@ -154,16 +216,19 @@ class ParquetStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         reader = self._reader_id()
         resume, self._resume = self._resume, None
+        if self._finished and resume is None:
+            self.epoch += 1  # a plain new pass after a finished one reads the next epoch
+        self._finished = False
         skip = resume["rows_done"] if resume else 0
-        if skip and resume["reader"] is not None and resume["reader"] != reader:
-            raise ValueError(
-                f"the saved data cursor belongs to reader {resume['reader'][0]} of "
-                f"{resume['reader'][1]} but this is reader {reader[0]} of {reader[1]}: "
-                "resume with the same world size and number of loader workers"
-            )
+        if skip:
+            self._check_resume(resume, reader)
         self._reader, self._rows_done = reader, skip
         epoch = self.epoch
-        units = self._units(epoch)[reader[0] :: reader[1]]
+        units = self._units(epoch, reader[1])[reader[0] :: reader[1]]
+        if not units:
+            log.warning(
+                "reader %d of %d has no rows: the dataset has fewer rows than readers", *reader
+            )
         size = self.config.buffer_row_groups
         buffers = [units[i : i + size] for i in range(0, len(units), size)]
         pending: list[Columns] = []
@@ -185,22 +250,26 @@ class ParquetStream(IterableDataset):
             while len(order):
                 take = order[: self.config.batch_size - pending_rows]
                 order = order[len(take) :]
-                pending += self._take(chunks, starts, take)
+                pending += self._take(chunks, starts, take, self.config.max_len)
                 pending_rows += len(take)
                 if pending_rows == self.config.batch_size:
                     yield self._emit(pending)
                     pending, pending_rows = [], 0
         if pending and not self.config.drop_last:
             yield self._emit(pending)
-        self.epoch, self._rows_done = epoch + 1, 0
+        # The epoch is done: the cursor stays on it with every row counted (dropped ones too).
+        self._rows_done, self._finished = sum(u.rows for u in units), True
 
-    def _take(self, chunks: list[Columns], starts: np.ndarray, rows: np.ndarray) -> list[Columns]:
+    @staticmethod
+    def _take(
+        chunks: list[Columns], starts: np.ndarray, rows: np.ndarray, max_len: int | None
+    ) -> list[Columns]:
         """The given rows of a buffer, in buffer order, each piece gathered from its own chunk
         (the buffer is never concatenated)."""
         rows = np.sort(rows)
         pieces = np.split(rows, np.searchsorted(rows, starts[1:-1]))
         return [
-            gather(chunk, piece - start, self.config.max_len)
+            gather(chunk, piece - start, max_len)
             for chunk, piece, start in zip(chunks, pieces, starts[:-1], strict=True)
             if len(piece)
         ]
@@ -230,11 +299,15 @@ class ParquetStream(IterableDataset):
                         part.path, row_group=unit.row_group, row=offset + row, column=column
                     )
 
-                chunks.append(decode(batch, self.meta, unit.first_row_id + offset, locate))
+                chunks.append(decode(batch, self.meta, unit.group_first_row_id + offset, locate))
                 offset += batch.num_rows
         except (OSError, pa.ArrowException) as err:
             raise DataError(
                 f"{describe(part.path, row_group=unit.row_group)}: cannot be read "
                 f"(corrupt data?): {err}"
             ) from None
-        return chunks
+        if unit.rows == offset:
+            return chunks
+        # A row range of the group: keep its rows (views of the decoded chunks).
+        starts = np.cumsum([0] + [len(c) for c in chunks])
+        return self._take(chunks, starts, np.arange(unit.start, unit.stop), max_len=None)

@@ -15,7 +15,13 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from recsys.data.batch import hash_ids
 from recsys.data.files import open_dataset
+from recsys.data.protocol import write_split
 from recsys.data.stream import ParquetStream, StreamConfig
+from recsys.data.synth import SynthConfig, make
+
+# SplitMix64's finaliser (z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27;
+# z *= 0x94D049BB133111EB; z ^= z >> 31) of 0, 1, 2 and 2**64 - 1, modulo 2**20.
+PINNED_HASHES = [0, 722405, 726154, 769403]
 
 
 def read_rows(directory: Path) -> pa.Table:
@@ -60,23 +66,68 @@ def test_each_epoch_has_its_own_order_and_seeds_repeat(synth_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_mid_epoch_continues_exactly(synth_dir: Path, workers: int) -> None:
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_resume_at_any_batch_continues_exactly(synth_dir: Path, workers: int, epoch: int) -> None:
     source = str(synth_dir / "ctr_train")
-    config = StreamConfig(batch_size=10, buffer_row_groups=2)
-    full = [b.row_ids.tolist() for b in loader(ParquetStream(source, config), workers)]
+    config = StreamConfig(batch_size=40, buffer_row_groups=2)
 
-    first = loader(ParquetStream(source, config), workers)
-    it = iter(first)
-    head = [next(it).row_ids.tolist() for _ in range(7)]
-    state = first.state_dict()
-    del it, first  # the job dies here
+    def fresh() -> tuple[ParquetStream, StatefulDataLoader]:
+        stream = ParquetStream(source, config)
+        stream.set_epoch(epoch)
+        return stream, loader(stream, workers)
 
-    resumed = loader(ParquetStream(source, config), workers)
-    resumed.load_state_dict(state)
-    tail = [b.row_ids.tolist() for b in resumed]
-    assert head + tail == full
+    full = [b.row_ids.tolist() for b in fresh()[1]]
     total = open_dataset(source).rows
-    assert sorted(i for b in head + tail for i in b) == list(range(total))
+    assert sorted(i for b in full for i in b) == list(range(total))
+    # Stop after every batch, including after some workers have finished their share.
+    for stop in range(len(full) + 1):
+        _, first = fresh()
+        it = iter(first)
+        head = [next(it).row_ids.tolist() for _ in range(stop)]
+        state = first.state_dict()
+        del it, first  # the job dies here
+        _, resumed = fresh()
+        resumed.load_state_dict(state)
+        tail = [b.row_ids.tolist() for b in resumed]
+        assert head + tail == full, f"stopped after {stop} batches"
+
+
+def test_next_pass_reads_the_next_epoch(synth_dir: Path) -> None:
+    stream = ParquetStream(str(synth_dir / "seq"), StreamConfig(batch_size=32))
+    first = row_ids(stream)
+    end_of_epoch = stream.state_dict()
+    second = row_ids(stream)
+    assert sorted(first) == sorted(second) and first != second
+    assert stream.epoch == 1
+    resumed = ParquetStream(str(synth_dir / "seq"), StreamConfig(batch_size=32))
+    resumed.load_state_dict(end_of_epoch)
+    assert row_ids(resumed) == []  # epoch 0 was finished
+    assert sorted(row_ids(resumed)) == sorted(first)  # then epoch 1
+
+
+def test_cursor_of_other_settings_is_refused(synth_dir: Path) -> None:
+    source = str(synth_dir / "ctr_train")
+    stream = ParquetStream(source, StreamConfig(batch_size=10, seed=1))
+    next(iter(stream))
+    other = ParquetStream(source, StreamConfig(batch_size=10, seed=2))
+    other.load_state_dict(stream.state_dict())
+    with pytest.raises(ValueError, match=r"other stream settings or files .*'seed': \(1, 2\)"):
+        next(iter(other))
+
+
+def test_fewer_row_groups_than_readers_still_feeds_every_reader(tmp_path: Path) -> None:
+    result, source = make(SynthConfig(users=60, items=40, categories=4, seed=5))
+    write_split(tmp_path / "d", result, source)  # one row group per dataset
+    directory = str(tmp_path / "d" / "ctr_train")
+    total = open_dataset(directory).rows
+    seen, per_rank = [], []
+    for rank in (0, 1):
+        stream = ParquetStream(directory, StreamConfig(batch_size=8), rank=rank, world_size=2)
+        ids = row_ids(loader(stream, 2))
+        per_rank.append(len(ids))
+        seen += ids
+    assert sorted(seen) == list(range(total))
+    assert min(per_rank) > 0
 
 
 def test_cursor_of_another_layout_is_refused(synth_dir: Path) -> None:

@@ -143,12 +143,32 @@ def _check_ids(
     return values
 
 
+INT64_MAX = np.iinfo(np.int64).max
+
+
 def _int64(
-    array: pa.Array, column: str, locate: Locate, row_of: Callable[[int], int]
+    array: pa.Array,
+    column: str,
+    locate: Locate,
+    row_of: Callable[[int], int],
+    raw: bool = False,
 ) -> np.ndarray:
+    """The column's values as int64 (``raw``: unsigned 64-bit ids kept as they are, for
+    hashing)."""
     if array.null_count:
         i = _first(np.asarray(array.is_null()))
         raise DataError(f"{locate(row_of(i), column)}: null value; nulls are not allowed")
+    if pa.types.is_uint64(array.type):
+        values = np.asarray(array)
+        if raw:
+            return values
+        if values.size and values.max() > INT64_MAX:
+            i = _first(values > INT64_MAX)
+            raise DataError(
+                f"{locate(row_of(i), column)}: value {values[i]} does not fit "
+                "int64 (raw 64-bit ids need id_mode 'hash')"
+            )
+        return values.astype(np.int64)
     return np.asarray(array if array.type == pa.int64() else array.cast(pa.int64()))
 
 
@@ -190,11 +210,14 @@ def decode(
         def row_of(position: int, own: np.ndarray = own) -> int:
             return int(np.searchsorted(own, position, side="right") - 1)
 
-        ids = _int64(flat, column, locate, row_of)
+        ids = _int64(flat, column, locate, row_of, raw=bool(vocab) and meta.id_mode == "hash")
         values[column] = _check_ids(ids, vocab, meta, column, row_of, locate)
     scalars: dict[str, np.ndarray] = {}
     for column, vocab in scalar_columns(meta).items():
-        ids = _int64(_array(table.column(column)), column, locate, int)
+        raw = bool(vocab) and meta.id_mode == "hash"
+        ids = _int64(_array(table.column(column)), column, locate, int, raw=raw)
+        if column == "user_id" and meta.id_mode == "remap" and "user" in meta.vocab:
+            _check_ids(ids, "user", meta, column, int, locate)  # checked, never hashed
         if column == "label":
             bad = (ids != 0) & (ids != 1)
             if bad.any():

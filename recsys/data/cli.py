@@ -13,14 +13,13 @@ from pathlib import Path
 
 
 def _reporting_errors(run):
-    """Bad input ends the command with its message on stderr and exit code 2, no traceback."""
+    """Bad input or arguments end the command with the message on stderr and exit code 2,
+    no traceback (DataError is a ValueError; so are the configs' checks of arguments)."""
 
     def wrapped(args: argparse.Namespace) -> int:
-        from recsys.data.schema import DataError
-
         try:
             return run(args)
-        except (DataError, FileExistsError) as err:
+        except (ValueError, FileExistsError) as err:
             print(f"recsys data {args.data_command}: error: {err}", file=sys.stderr)
             return 2
 

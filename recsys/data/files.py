@@ -86,12 +86,13 @@ def open_dataset(source: str | Sequence[str], meta: DatasetMeta | None = None) -
     paths: list[tuple[str, str]] = []  # (path on the filesystem, what the user wrote)
     fs: pafs.FileSystem | None = None
     directory = None
+    whole_directory = False
     for src in sources:
         src_fs, path = _resolve(str(src))
         fs = fs or src_fs
         info = _info(src_fs, path, str(src))
         if info.type == pafs.FileType.Directory:
-            directory = directory or path
+            directory, whole_directory = directory or path, True
             listing = fs.get_file_info(pafs.FileSelector(path, recursive=False))
             files = sorted(
                 i.path
@@ -105,6 +106,7 @@ def open_dataset(source: str | Sequence[str], meta: DatasetMeta | None = None) -
             directory = directory or posixpath.dirname(path)
             paths.append((path, str(src)))
     assert fs is not None and directory is not None
+    listed = meta is None  # the files must agree with the dataset.json they come with
     meta = meta or read_meta(fs, directory)
     parts = []
     reference: tuple[str, pa.Schema] | None = None
@@ -123,7 +125,28 @@ def open_dataset(source: str | Sequence[str], meta: DatasetMeta | None = None) -
             _same_schema(reference, (shown, schema), meta)
         rows = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
         parts.append(ParquetPart(path, rows))
+    if listed and meta.files:
+        _check_listed(meta, parts, whole_directory)
     return Dataset(meta, fs, tuple(parts))
+
+
+def _check_listed(meta: DatasetMeta, parts: list[ParquetPart], whole_directory: bool) -> None:
+    """Files and row counts must be the ones dataset.json lists (a stray or lost part file
+    would otherwise be read twice or missed without a word)."""
+    found = {posixpath.basename(p.path): p for p in parts}
+    extra = sorted(set(found) - set(meta.files))
+    if extra:
+        raise DataError(
+            f"{METADATA_FILE} does not list {extra}, found beside it; it lists {sorted(meta.files)}"
+        )
+    missing = sorted(set(meta.files) - set(found))
+    if whole_directory and missing:
+        raise DataError(f"{METADATA_FILE} lists {missing}, which are missing")
+    for name, part in found.items():
+        if part.rows != meta.files[name]:
+            raise DataError(
+                f"{part.path}: {part.rows} rows, but {METADATA_FILE} says {meta.files[name]}"
+            )
 
 
 def _same_schema(

@@ -64,6 +64,16 @@ class DatasetMeta:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if not isinstance(self.vocab, dict) or not all(isinstance(k, str) for k in self.vocab):
+            raise DataError(f"vocab must map feature names to table sizes, got {self.vocab!r}")
+        if not isinstance(self.side_features, list) or not all(
+            isinstance(f, str) for f in self.side_features
+        ):
+            raise DataError(
+                f"side_features must be a list of feature names, got {self.side_features!r}"
+            )
+        if not isinstance(self.files, dict):
+            raise DataError(f"files must map file names to row counts, got {self.files!r}")
         if self.kind not in KINDS:
             raise DataError(f"dataset kind must be one of {KINDS}, got {self.kind!r}")
         if self.id_mode not in ID_MODES:

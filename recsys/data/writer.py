@@ -33,12 +33,27 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _permissions_from_umask(tmp)
         if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+            # Move the old output aside, the new one in, then delete the old: a crash between
+            # the two renames leaves the old output intact in .NAME.old-*.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / out.name)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _permissions_from_umask(directory: Path) -> None:
+    """mkdtemp makes directories private (0700); a dataset gets the usual mode instead."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_dataset(

@@ -182,3 +182,74 @@ def test_uri_paths_work(tmp_path: Path) -> None:
     directory = write(tmp_path / "d", {"a.parquet": table()})
     stream = ParquetStream(f"file://{directory}", StreamConfig(shuffle=False))
     assert next(iter(stream)).user_ids.tolist() == [0, 1, 2, 3]
+
+
+def test_unsigned_ids_beyond_int64(tmp_path: Path) -> None:
+    huge = 2**63 + 5
+    items = pa.array([[1, 2, 3], [1, 2, 3], [1, 2, huge], [1, 2, 3]], pa.list_(pa.uint64()))
+    directory = write(
+        tmp_path / "d", {"part.parquet": table().set_column(1, "history_item_ids", items)}
+    )
+    with pytest.raises(
+        DataError,
+        match=r"row group 1, row 0, column 'history_item_ids': value "
+        r"9223372036854775813 does not fit int64 \(raw 64-bit ids need id_mode "
+        r"'hash'\)",
+    ):
+        read_all(directory)
+    hashed = DatasetMeta(
+        kind="ctr", vocab={"item": 10, "category": 3}, side_features=["category"], id_mode="hash"
+    )
+    (directory / "dataset.json").write_text(hashed.to_json())
+    values = next(
+        b.features["history_item"].values()
+        for b in ParquetStream(str(directory), StreamConfig(batch_size=4, shuffle=False))
+    )
+    assert values.min() >= 0 and values.max() < 10
+
+
+def test_user_ids_checked_against_the_user_vocab(tmp_path: Path) -> None:
+    meta = DatasetMeta(
+        kind="ctr", vocab={"item": 10, "category": 3, "user": 4}, side_features=["category"]
+    )
+    directory = write(tmp_path / "d", {"p.parquet": table(user_id=[0, 1, -3, 2])}, meta)
+    with pytest.raises(
+        DataError,
+        match=r"row group 1, row 0, column 'user_id': id -3 is "
+        r"negative",
+    ):
+        read_all(directory)
+
+
+def test_files_must_match_dataset_json(tmp_path: Path) -> None:
+    meta = DatasetMeta(
+        kind="ctr", vocab=META.vocab, side_features=["category"], files={"a.parquet": 4}, rows=4
+    )
+    directory = write(tmp_path / "d", {"a.parquet": table()}, meta)
+    ParquetStream(str(directory))  # consistent: fine
+    (directory / "copy.parquet").write_bytes((directory / "a.parquet").read_bytes())
+    with pytest.raises(DataError, match=r"dataset.json does not list \['copy.parquet'\]"):
+        ParquetStream(str(directory))
+    (directory / "copy.parquet").unlink()
+    pq.write_table(pa.table(good_rows(6)), directory / "a.parquet")
+    with pytest.raises(DataError, match=r"a.parquet: 6 rows, but dataset.json says 4"):
+        ParquetStream(str(directory))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"kind": "ctr", "vocab": [10, 3]}', r"vocab must map feature names to table sizes"),
+        (
+            '{"kind": "ctr", "vocab": {"item": 10, "category": 3}, "side_features": "category"}',
+            r"side_features must be a list of feature names, got 'category'",
+        ),
+        ('{"kind": "rows", "vocab": {"item": 10}}', r"dataset kind must be one of"),
+        ("{not json", r"not valid JSON"),
+    ],
+)
+def test_malformed_metadata(tmp_path: Path, text: str, message: str) -> None:
+    directory = write(tmp_path / "d", {"a.parquet": table()})
+    (directory / "dataset.json").write_text(text)
+    with pytest.raises(DataError, match=message):
+        ParquetStream(str(directory))

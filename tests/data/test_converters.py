@@ -86,6 +86,13 @@ def check_expected_split(out: Path) -> None:
     assert meta["protocol"]["counts"]["test_users"] == 1
 
 
+def write_u_data(tmp_path: Path) -> Path:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "u.data").write_text("".join(f"{u}\t{i}\t4\t{t}\n" for u, i, t in EVENTS))
+    return raw
+
+
 def convert_to(out: Path, path: Path | str) -> None:
     result, source = movielens.convert(str(path))
     write_split(out, result, source)
@@ -245,3 +252,56 @@ def test_cli_writes_all_or_nothing(tmp_path: Path) -> None:
     )
     assert failed.returncode == 2 and "u.data: cannot parse" in failed.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]  # nothing half-written
+
+
+def test_a_named_file_wins_over_its_neighbours(tmp_path: Path) -> None:
+    (tmp_path / "UserBehavior.csv").write_text("1,10,100,pv,1\n")  # not the one asked for
+    sample = tmp_path / "UserBehavior_sample.csv"
+    sample.write_text("".join(f"{u},{i},{100 + i},pv,{t}\n" for u, i, t in EVENTS))
+    result, source = taobao.convert(str(sample), movielens.ProtocolConfig(min_events=4))
+    assert source["inputs"] == [str(sample)]
+    assert result.counts["events_in"] == len(EVENTS)
+
+
+def test_writing_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result, source = movielens.convert(str(write_u_data(tmp_path)))
+    out = tmp_path / "out"
+    write_split(out, result, source)
+    assert oct(out.stat().st_mode & 0o777) != oct(0o700)  # not mkdtemp's private mode
+    before = rows(out / "ctr_train")
+    calls = {"n": 0}
+    real = pq.ParquetWriter.write_table
+
+    def failing(self, table, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first dataset is written, the second fails
+            raise OSError("disk full")
+        return real(self, table, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", failing)
+    with pytest.raises(OSError, match="disk full"):
+        write_split(out, result, source, overwrite=True)
+    assert rows(out / "ctr_train") == before  # the old output is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]  # no temporaries
+
+
+def test_cli_bad_argument_is_a_clean_error(tmp_path: Path) -> None:
+    recsys = str(Path(sys.executable).with_name("recsys"))
+    done = subprocess.run(
+        [
+            recsys,
+            "data",
+            "synth",
+            "--items",
+            "55",
+            "--categories",
+            "10",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "error: items (55) must be a multiple of categories (10)" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -45,7 +45,11 @@ class Source:
             ]
 
     def find(self, *patterns: str) -> str | None:
-        """The first file whose base name matches one of ``patterns`` (in pattern order)."""
+        """The first file whose base name matches one of ``patterns`` (in pattern order); a
+        file the user named itself wins over its neighbours."""
+        named = self._zip is None and self.path.is_file()
+        if named and any(fnmatch.fnmatch(self.path.name, p) for p in patterns):
+            return self.path.name
         for pattern in patterns:
             for name in self._names:
                 if fnmatch.fnmatch(Path(name).name, pattern):

@@ -1,9 +1,13 @@
 """DeepFM and DIN on the same sparse tables as the CTR model, so that the same transfer and
 freezing apply to them (GPSD Table 6 applies ST&SF to both).
 
-Both read the candidate's embeddings and the user's history (item + side features summed per
-event); DeepFM mean-pools the history into fields, DIN weighs each past event by its
-relevance to the candidate (Zhou et al., KDD'18).
+Both read the candidate's embeddings and the user's history; DeepFM mean-pools the history
+into fields, DIN weighs each past event by its relevance to the candidate (Zhou et al.,
+KDD'18). Differences from the original papers, kept for simplicity and stated here: DeepFM's
+first-order term is a linear layer over the field vectors (no separate 1-wide tables); DIN
+sums each event's item and side embeddings instead of concatenating them and uses ReLU
+instead of Dice. Transferring pretrained tables needs ``dim`` equal to the pretrained
+model's width (transfer checks shapes).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class DeepFM(nn.Module):
         self.config = config
         self.sparse = SparseArch(config.sparse(), sparse_device)
         fields = 2 * (1 + len(config.side_features))
+        self.linear = nn.Linear(fields * config.dim, 1)  # first order, over the field vectors
         self.deep = mlp([fields * config.dim, *config.hidden, 1])
 
     def forward(self, features: KeyedJaggedTensor, labels: torch.Tensor | None = None) -> CTROutput:
@@ -69,7 +74,8 @@ class DeepFM(nn.Module):
             fields += [candidate, history.sum(1) / count]
         stacked = torch.stack(fields, dim=1)  # [B, F, D]
         fm = 0.5 * (stacked.sum(1).square() - stacked.square().sum(1)).sum(-1)
-        logits = fm + self.deep(stacked.flatten(1)).squeeze(-1)
+        flat = stacked.flatten(1)
+        logits = self.linear(flat).squeeze(-1) + fm + self.deep(flat).squeeze(-1)
         return CTROutput(logits, bce(logits, labels))
 
 

@@ -60,6 +60,8 @@ def candidate_tokens(
     """History tokens [B, T, D] with their valid mask, and candidate tokens [B, D]."""
     history, valid = padded(summed(sequences, ["history_item", *(f"history_{s}" for s in sides)]))
     candidate = summed(sequences, ["candidate_item", *(f"candidate_{s}" for s in sides)])
+    if not bool((candidate.lengths() == 1).all()):
+        raise ValueError("every sample needs exactly one candidate item")
     return history, valid, candidate.values()
 
 
@@ -80,7 +82,8 @@ class CTRModel(nn.Module):
         self.config = config
         d = config.tower.hidden
         self.sparse = SparseArch(config.sparse(), sparse_device)
-        self.segment = nn.Parameter(torch.randn(2, d, device=device) * 0.02)
+        # Zero at first: a transferred tower starts from the function it was pretrained to be.
+        self.segment = nn.Parameter(torch.zeros(2, d, device=device))
         self.tower = Tower(config.tower).to(device)
         self.head = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Linear(4 * d, 1)).to(device)
 

@@ -88,14 +88,20 @@ def sampled_softmax_loss(
     if scoring == "cosine":
         hidden, positive = F.normalize(hidden, dim=-1), F.normalize(positive, dim=-1)
         negatives = F.normalize(negatives, dim=-1)
-    pos = (hidden * positive).sum(-1, keepdim=True)
-    neg = torch.einsum("btd,bkd->btk", hidden, negatives)
+    if not bool(valid.any()):
+        # No target here (e.g. only one-event sequences): a zero that keeps the graph, so
+        # that data-parallel ranks still exchange gradients.
+        return hidden.sum() * 0.0, torch.zeros((), dtype=torch.long, device=hidden.device)
+    pos = (hidden * positive).sum(-1) / temperature  # [B, T]
+    # [B, T, K] is the one large tensor; the loss never copies it (no concatenation with the
+    # positive, no masked selection): -log softmax = logaddexp(pos, logsumexp(neg)) - pos.
+    neg = torch.einsum("btd,bkd->btk", hidden, negatives) / temperature
     if accidental is not None:
         neg = neg.masked_fill(accidental, float("-inf"))
-    logits = torch.cat([pos, neg], dim=-1)[valid] / temperature
-    zeros = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
-    loss = F.cross_entropy(logits, zeros)
-    hits = (logits[:, 0:1] > logits[:, 1:]).all(-1).sum()
+    best_negative, _ = neg.max(-1)
+    per_target = torch.logaddexp(pos, torch.logsumexp(neg, -1)) - pos
+    loss = per_target[valid].mean()
+    hits = (pos > best_negative)[valid].sum()
     return loss, hits
 
 
@@ -153,7 +159,11 @@ class GenerativeModel(nn.Module):
         side_losses = {}
         for name in sides:
             side_ids, _ = padded(features[name], tokens.shape[1])
-            logits = self.side_heads[name](hidden)[target_valid]
-            side_losses[name] = F.cross_entropy(logits, side_ids[:, 1:][target_valid])
+            logits = self.side_heads[name](hidden[target_valid])
+            side_losses[name] = (
+                F.cross_entropy(logits, side_ids[:, 1:][target_valid])
+                if len(logits)
+                else logits.sum() * 0.0
+            )
         loss = item_loss + sum(config.side_weights.get(n, 1.0) * v for n, v in side_losses.items())
         return GenerativeOutput(loss, item_loss, side_losses, hits, target_valid.sum())

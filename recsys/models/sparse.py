@@ -40,6 +40,10 @@ class TableSpec:
     pooling: str = "none"
     """``none`` (sequence lookups, EmbeddingCollection) or ``sum`` / ``mean`` (pooled,
     EmbeddingBagCollection)."""
+    init_std: float = 0.02
+    """Weights start uniform with this standard deviation, whatever the table's size
+    (TorchRec's default, ±√(1/rows), would make a 4M-row item table ~200× smaller than a
+    100-row category table, and the summed input all category)."""
 
     def __post_init__(self) -> None:
         if self.rows < 1 or self.dim < 1:
@@ -71,6 +75,13 @@ class SparseConfig:
 
     def table(self, name: str) -> TableSpec:
         return next(t for t in self.tables if t.name == name)
+
+
+def _init(table: TableSpec) -> dict[str, float]:
+    # Uniform(-a, a) has standard deviation a / √3. TorchRec applies these bounds both to
+    # unsharded tables and to the shards it allocates.
+    bound = table.init_std * 3**0.5
+    return {"weight_init_min": -bound, "weight_init_max": bound}
 
 
 # Attribute name of each collection (the module paths that plans and checkpoints see).
@@ -167,6 +178,10 @@ def summed(sequences: dict[str, JaggedTensor], names: list[str]) -> JaggedTensor
     first = sequences[names[0]]
     values = first.values()
     for name in names[1:]:
+        if not torch.equal(sequences[name].lengths(), first.lengths()):
+            raise ValueError(
+                f"feature {name!r} is not aligned with {names[0]!r}: their lists differ in length"
+            )
         values = values + sequences[name].values()
     return JaggedTensor(values=values, lengths=first.lengths())
 

@@ -101,13 +101,19 @@ class Attention(nn.Module):
         self.dropout = config.dropout
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # mask None: causal over right-padded rows, which lets SDPA pick its fused kernels.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
@@ -134,7 +140,7 @@ class Block(nn.Module):
         self.ffn = FeedForward(config)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), mask, cos, sin)
         return x + self.ffn(self.ffn_norm(x))
@@ -152,9 +158,13 @@ class Tower(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def attention_mask(self, valid: torch.Tensor) -> torch.Tensor:
+    def attention_mask(self, valid: torch.Tensor) -> torch.Tensor | None:
         """[B, 1, T, T] boolean: a query sees valid keys (earlier ones when causal), and
-        always itself, so that padded rows stay finite."""
+        always itself, so that padded rows stay finite. None when attention is causal and
+        every row is right-padded: then causality alone keeps real positions from seeing
+        padding (padded positions' outputs are never used)."""
+        if self.config.causal and bool((valid.cummin(dim=1).values == valid).all()):
+            return None
         t = valid.shape[1]
         mask = valid[:, None, None, :].expand(-1, 1, t, t)
         if self.config.causal:

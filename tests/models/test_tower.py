@@ -60,3 +60,14 @@ def test_padding_changes_nothing_real(causal: bool) -> None:
 def test_longer_than_max_len_is_refused() -> None:
     with pytest.raises(ValueError, match="exceeds the tower's max_len 16"):
         tower()(torch.randn(1, 17, 32), torch.ones(1, 17, dtype=torch.bool))
+
+
+def test_left_padding_uses_the_explicit_mask() -> None:
+    # Not right-padded, so the tower cannot lean on causality alone. RoPE scores depend on
+    # relative positions only, so a left-padded sequence gives what it gives alone.
+    model = tower()
+    x = torch.randn(1, 6, 32)
+    valid = torch.tensor([[False, False, True, True, True, True]])
+    assert model.attention_mask(valid) is not None
+    alone = model(x[:, 2:], torch.ones(1, 4, dtype=torch.bool))
+    assert torch.allclose(model(x, valid)[:, 2:], alone, atol=1e-5)

@@ -4,8 +4,6 @@ a frozen table stays bitwise unchanged."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,13 +11,16 @@ from torchrec import KeyedJaggedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from recsys.distributed.env import distributed
 from recsys.distributed.launch import run_on_ranks
 from recsys.distributed.planning import SHARDING_TYPES, manual_plan
 from recsys.distributed.shards import load_full_tables, local_shards
+from recsys.models.baselines import DIN, BaselineConfig, DeepFM
 from recsys.models.ctr import CTRConfig, CTRModel
 from recsys.models.generative import GenerativeConfig, GenerativeModel
+from recsys.models.sparse import SparseArch, SparseConfig, TableSpec
 from recsys.models.tower import TowerConfig
 
 pytestmark = pytest.mark.dist
@@ -116,7 +117,8 @@ def ctr_check(sharding_type: str, env) -> dict:
             "tower_grads": all(p.grad is not None for p in sharded.module.tower.parameters())}
 
 
-def generative_check(env) -> dict:
+def generative_check(sharding_type: str, env) -> dict:
+    """Inputs, targets and negatives share the item table: its update sums all three."""
     torch.manual_seed(0)
     config = GenerativeConfig(TOWER, ITEMS, {"category": CATEGORIES}, negatives=8)
     reference = GenerativeModel(config)
@@ -124,22 +126,85 @@ def generative_check(env) -> dict:
     model.load_state_dict(
         {k: v for k, v in reference.state_dict().items() if not k.startswith("sparse.")},
         strict=False)
-    sharded = _shard(model, copy.deepcopy(reference), "row_wise", env)
+    sharded = _shard(model, reference, sharding_type, env)
+    before = _full_tables(reference)["item"].detach().clone()
     features = seq_batch(200 + env.rank)
     torch.manual_seed(7 + env.rank)  # the same negatives for both
     out = sharded(features)
     torch.manual_seed(7 + env.rank)
     expected = reference(features)
     out.loss.backward()
+    expected.loss.backward()
+    grad = _full_tables(reference)["item"].grad.clone()
+    dist.all_reduce(grad)
+    updated = before - LR * grad / env.world_size
+    update_error = max([0.0] + [(s.tensor - updated[s.rows, s.cols]).abs().max().item()
+                                for s in local_shards(sharded) if s.table == "item"])
     return {"loss_error": abs(out.loss.item() - expected.loss.item()),
             "hits_equal": int(out.hits) == int(expected.hits),
+            "update_error": update_error,
             "tower_grads": all(p.grad is not None for p in sharded.module.tower.parameters())}
+
+
+def baseline_check(env) -> dict:
+    """DeepFM and DIN, and a pooled (EmbeddingBagCollection) table, sharded row-wise."""
+    errors = {}
+    for name, cls in (("deepfm", DeepFM), ("din", DIN)):
+        torch.manual_seed(0)
+        config = BaselineConfig(ITEMS, {"category": CATEGORIES}, dim=8, hidden=(16,))
+        reference = cls(config)
+        model = cls(config, sparse_device=torch.device("meta"))
+        model.load_state_dict(
+            {k: v for k, v in reference.state_dict().items() if not k.startswith("sparse.")},
+            strict=False)
+        sharded = _shard(model, reference, "row_wise", env)
+        features, labels = ctr_batch(300 + env.rank)
+        errors[name] = (sharded(features, labels).logits
+                        - reference(features, labels).logits).abs().max().item()
+    torch.manual_seed(0)
+    pooled = SparseConfig((TableSpec("user", 20, 8, ("user",), pooling="sum"),))
+    reference, model = Pooled(pooled), Pooled(pooled, torch.device("meta"))
+    apply_optimizer_in_backward(torch.optim.SGD, list(model.sparse.parameters()), {"lr": LR})
+    plan = manual_plan(model, {"user": "row_wise"}, world_size=env.world_size)
+    sharded = DistributedModelParallel(model, env=ShardingEnv.from_process_group(
+        dist.group.WORLD), device=env.device, plan=plan)
+    load_full_tables(sharded, {"user": reference.sparse.pooled.embedding_bags["user"].weight
+                               .detach().clone()})
+    users = KeyedJaggedTensor.from_lengths_sync(
+        keys=["user"], values=torch.tensor([1, 5, 5, 19, 0]), lengths=torch.tensor([2, 1, 2]))
+    errors["pooled"] = (sharded(users) - reference(users)).abs().max().item()
+    return errors
+
+
+class Pooled(torch.nn.Module):
+    def __init__(self, config: SparseConfig, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.sparse = SparseArch(config, device)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        return self.sparse(features)[1]["user"]
+
+
+def optimizer_state_check(env) -> dict:
+    """With row-wise Adagrad fused into backward, only trainable tables get its state."""
+    model = CTRModel(CTRConfig(TOWER, ITEMS, {"category": CATEGORIES}, frozen=("category",)),
+                     sparse_device=torch.device("meta"))
+    trainable = [p for p in model.sparse.parameters() if p.requires_grad]
+    apply_optimizer_in_backward(RowWiseAdagrad, trainable, {"lr": 0.1})
+    plan = manual_plan(model, {"item": "row_wise", "category": "row_wise"},
+                       world_size=env.world_size)
+    sharded = DistributedModelParallel(model, env=ShardingEnv.from_process_group(
+        dist.group.WORLD), device=env.device, plan=plan)
+    state = sharded.fused_optimizer.state_dict()["state"]
+    return {name.split(".")[-2]: sorted(entries) for name, entries in state.items()}
 
 
 def all_checks() -> dict:
     with distributed("cpu") as env:
         results = {kind: ctr_check(kind, env) for kind in SHARDING_TYPES}
-        results["generative"] = generative_check(env)
+        results["generative"] = {kind: generative_check(kind, env) for kind in SHARDING_TYPES}
+        results["baselines"] = baseline_check(env)
+        results["optimizer_state"] = optimizer_state_check(env)
         return results
 
 
@@ -165,7 +230,20 @@ def test_frozen_table_stays_bitwise_equal(results: list[dict], sharding_type: st
     assert not any(rank[sharding_type]["frozen_changed"] for rank in results)
 
 
-def test_generative_model_sharded_equals_reference(results: list[dict]) -> None:
+@pytest.mark.parametrize("sharding_type", SHARDING_TYPES)
+def test_generative_model_sharded_equals_reference(results: list[dict],
+                                                   sharding_type: str) -> None:
     for rank in results:
-        r = rank["generative"]
+        r = rank["generative"][sharding_type]
         assert r["loss_error"] < 1e-5 and r["hits_equal"] and r["tower_grads"], r
+        assert r["update_error"] < 1e-5, r
+
+
+def test_baselines_and_pooled_tables_sharded_equal_reference(results: list[dict]) -> None:
+    for rank in results:
+        assert all(error < 1e-5 for error in rank["baselines"].values()), rank["baselines"]
+
+
+def test_frozen_table_has_no_optimizer_state(results: list[dict]) -> None:
+    for rank in results:
+        assert rank["optimizer_state"] == {"item": ["item.momentum1"], "category": []}

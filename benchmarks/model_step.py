@@ -79,15 +79,16 @@ def _timed(setting: Setting, step) -> float:
 
 def unsharded(setting: Setting) -> float:
     """Seconds per step in one process with plain (unsharded) TorchRec tables."""
-    from recsys.models.ctr import CTRModel
-
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    from recsys.models.ctr import CTRModel
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = CTRModel(_config(setting))
     tables = RowWiseAdagrad(list(model.sparse.parameters()), lr=0.01)
     dense = torch.optim.AdamW(
-        [p for n, p in model.named_parameters() if not n.startswith("sparse.")], lr=1e-3)
+        [p for n, p in model.named_parameters() if not n.startswith("sparse.")], lr=1e-3
+    )
     batches = [_batch(setting, setting.batch, i) for i in range(2)]
 
     def step(i: int) -> None:

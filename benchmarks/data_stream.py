@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute
 import pyarrow.parquet as pq
+from common import print_rates
 
 
 def build(data: Path, users: int) -> Path:
@@ -105,11 +106,9 @@ def main() -> None:
         f"{pa.compute.min(sizes).as_py()}–{pa.compute.max(sizes).as_py()}, "
         f"batch {args.batch_size}"
     )
-    base = None
-    for name, (rows, seconds) in results.items():
-        rate = rows / seconds
-        base = base or rate
-        print(f"  {name:<42} {rows:>10,} rows {rate:>12,.0f} rows/s {rate / base:6.2f}x baseline")
+    counts = {rows for rows, _ in results.values()}
+    assert len(counts) == 1, f"set-ups read different numbers of rows: {counts}"
+    print_rates({name: rows / seconds for name, (rows, seconds) in results.items()}, "rows")
 
 
 if __name__ == "__main__":

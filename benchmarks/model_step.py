@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from common import print_rates, seconds_per_step, slowest_rank
 
 # Dense bf16 peak, TFLOP/s, by device name fragment (vendor data sheets, no sparsity).
 PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -68,15 +69,6 @@ def _config(setting: Setting):
     )
 
 
-def _timed(setting: Setting, step) -> float:
-    for i in range(setting.warmup):
-        step(i)
-    start = time.perf_counter()
-    for i in range(setting.warmup, setting.warmup + setting.steps):
-        step(i)
-    return (time.perf_counter() - start) / setting.steps
-
-
 def unsharded(setting: Setting) -> float:
     """Seconds per step in one process with plain (unsharded) TorchRec tables."""
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
@@ -99,7 +91,7 @@ def unsharded(setting: Setting) -> float:
         tables.step()
         dense.step()
 
-    return _timed(setting, step)
+    return seconds_per_step(step, setting.warmup, setting.steps)
 
 
 def sharded_worker(setting: Setting) -> float:
@@ -137,9 +129,7 @@ def sharded_worker(setting: Setting) -> float:
             out.loss.backward()
             optimizer.step()
 
-        seconds = torch.tensor([_timed(setting, step)])
-        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-        return float(seconds)
+        return slowest_rank(seconds_per_step(step, setting.warmup, setting.steps))
 
 
 def tower_flops(config, tokens: int) -> float:
@@ -216,11 +206,7 @@ def main() -> None:
         f"CTR model {setting.size}, history {setting.history}, global batch {setting.batch}, "
         f"{setting.items:,} items; {setting.steps} timed steps after {setting.warmup}"
     )
-    base = None
-    for name, seconds in results.items():
-        rate = setting.batch / seconds
-        base = base or rate
-        print(f"  {name:<66} {rate:>8,.0f} samples/s {rate / base:6.2f}x baseline")
+    print_rates({name: setting.batch / seconds for name, seconds in results.items()}, "samples")
 
 
 if __name__ == "__main__":

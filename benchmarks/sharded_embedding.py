@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from dataclasses import dataclass
 
 import torch
+from common import print_rates, seconds_per_step, slowest_rank
 from torch import nn
 
 
@@ -41,16 +41,6 @@ def _ids(setting: Setting, batch: int, step: int, rank: int) -> torch.Tensor:
     return torch.randint(0, setting.rows, (batch * setting.seq_len,), generator=generator)
 
 
-def _time_steps(setting: Setting, step_fn) -> float:
-    """Seconds per step after warm-up."""
-    for step in range(setting.warmup):
-        step_fn(step)
-    start = time.perf_counter()
-    for step in range(setting.warmup, setting.warmup + setting.steps):
-        step_fn(step)
-    return (time.perf_counter() - start) / setting.steps
-
-
 def baseline(setting: Setting) -> float:
     """Seconds per step of a plain sparse nn.Embedding with Adagrad."""
     torch.set_num_threads(os.cpu_count() or 1)
@@ -62,7 +52,7 @@ def baseline(setting: Setting) -> float:
         table(_ids(setting, setting.batch, i, 0)).square().sum().backward()
         optimizer.step()
 
-    return _time_steps(setting, step)
+    return seconds_per_step(step, setting.warmup, setting.steps)
 
 
 class _Lookup(nn.Module):
@@ -111,10 +101,7 @@ def torchrec_worker(setting: Setting) -> float:
             )
             sharded(features).square().sum().backward()
 
-        seconds = _time_steps(setting, step)
-        slowest = torch.tensor([seconds])
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a step ends when every rank is done
-        return float(slowest)
+        return slowest_rank(seconds_per_step(step, setting.warmup, setting.steps))
 
 
 def main() -> None:
@@ -145,11 +132,7 @@ def main() -> None:
         f"table {setting.rows:,} x {setting.dim}, global batch {setting.batch} sequences x "
         f"{setting.seq_len} ids, {setting.steps} timed steps after {setting.warmup} warm-up"
     )
-    base = None
-    for name, seconds in results.items():
-        rate = setting.batch / seconds
-        base = base or rate
-        print(f"  {name:<72} {rate:>10,.0f} samples/s  {rate / base:5.2f}x baseline")
+    print_rates({name: setting.batch / seconds for name, seconds in results.items()}, "samples")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Training: metrics, optimizers and schedules, the loop every stage runs."""

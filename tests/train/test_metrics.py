@@ -1,0 +1,102 @@
+"""Metrics against plain reference computations on fixed data, and across 2 ranks."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from recsys.distributed.env import distributed
+from recsys.distributed.launch import run_on_ranks
+from recsys.train.metrics import CTRMetrics, PretrainMetrics, grouped_auc
+
+SCORES = torch.tensor([0.9, 0.8, 0.8, 0.3, 0.5, 0.5, 0.2, 0.7, 0.1, 0.6, 0.4, 0.4])
+LABELS = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+USERS = torch.tensor([3, 3, 3, 3, 8, 8, 8, 1, 1, 5, 5, 5])  # user 5: positives only
+
+
+def pairwise_auc(scores: list[float], labels: list[float]) -> float:
+    """P(score of a positive > score of a negative), ties counting one half."""
+    pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+    neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def reference_gauc() -> float:
+    total, weight = 0.0, 0
+    for user in USERS.unique().tolist():
+        mask = user == USERS
+        labels = LABELS[mask].tolist()
+        if 0 < sum(labels) < len(labels):
+            total += len(labels) * pairwise_auc(SCORES[mask].tolist(), labels)
+            weight += len(labels)
+    return total / weight
+
+
+def logits(scores: torch.Tensor) -> torch.Tensor:
+    return torch.log(scores / (1 - scores))
+
+
+def test_auc_logloss_gauc_equal_references() -> None:
+    metrics = CTRMetrics()
+    metrics.update(logits(SCORES[:5]), LABELS[:5], USERS[:5])
+    metrics.update(logits(SCORES[5:]), LABELS[5:], USERS[5:])
+    result = metrics.compute()
+    assert result["auc"] == pytest.approx(pairwise_auc(SCORES.tolist(), LABELS.tolist()))
+    expected_logloss = (
+        -sum(
+            math.log(s) if y else math.log(1 - s)
+            for s, y in zip(SCORES.tolist(), LABELS.tolist(), strict=True)
+        )
+        / 12
+    )
+    assert result["logloss"] == pytest.approx(expected_logloss, rel=1e-5)
+    assert result["gauc"] == pytest.approx(reference_gauc(), rel=1e-6)
+
+
+def test_grouped_auc_skips_one_label_users_and_handles_ties() -> None:
+    auc, weight = grouped_auc(SCORES, LABELS, USERS)
+    assert weight.tolist() == [2.0, 4.0, 3.0]  # users 1, 3, 8; user 5 has no negative
+    assert auc.tolist() == pytest.approx(
+        [1.0, pairwise_auc([0.9, 0.8, 0.8, 0.3], [1, 0, 1, 0]), 0.75]
+    )
+
+
+def test_metric_state_survives_a_checkpoint() -> None:
+    first = CTRMetrics()
+    first.update(logits(SCORES[:6]), LABELS[:6], USERS[:6])
+    resumed = CTRMetrics()
+    resumed.load_state_dict(first.state_dict())
+    resumed.update(logits(SCORES[6:]), LABELS[6:], USERS[6:])
+    whole = CTRMetrics()
+    whole.update(logits(SCORES), LABELS, USERS)
+    assert resumed.compute() == whole.compute()
+
+
+def test_pretrain_hit_rate() -> None:
+    metrics = PretrainMetrics()
+    metrics.update(torch.tensor(2.0), torch.tensor(3), torch.tensor(10))
+    metrics.update(torch.tensor(1.0), torch.tensor(5), torch.tensor(30))
+    result = metrics.compute()
+    assert result["hit_rate"] == pytest.approx(8 / 40)
+    assert result["loss"] == pytest.approx((2.0 * 10 + 1.0 * 30) / 40)
+
+
+def _half_on_each_rank() -> dict[str, float]:
+    with distributed("cpu") as env:
+        rows = slice(0, 7) if env.rank == 0 else slice(7, 12)
+        metrics = CTRMetrics()
+        metrics.update(logits(SCORES[rows]), LABELS[rows], USERS[rows])
+        return metrics.compute()
+
+
+@pytest.mark.dist
+def test_two_ranks_report_what_one_process_does() -> None:
+    single = CTRMetrics()
+    single.update(logits(SCORES), LABELS, USERS)
+    expected = single.compute()
+    for result in run_on_ranks(_half_on_each_rank, world_size=2):
+        assert result == pytest.approx(expected, rel=1e-6)

@@ -1,0 +1,1 @@
+"""Checkpoints: DCP save/load of everything a run needs, transfer and freezing of tables."""

@@ -1,0 +1,178 @@
+"""Checkpoints with ``torch.distributed.checkpoint`` (DCP): atomic, kept K deep, resharding.
+
+This module owns the checkpoint directory of a run::
+
+    checkpoint/
+      step-00000100/     a complete checkpoint (DCP files + .metadata)
+      step-00000200/
+      .step-00000300.tmp being written; renamed when every rank has finished
+
+Every rank writes its shards into the temporary directory; when all have finished, rank 0
+renames it, so a crash during a save leaves the previous checkpoint as the latest complete
+one. The last ``keep`` checkpoints are kept. Loading goes through DCP, which reshards: a
+checkpoint saved on 2 ranks with one plan loads on 1 rank or under another plan. Loading
+"latest" falls back to the previous checkpoint when the newest cannot be read, and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+log = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names the directory or file."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class CheckpointManager:
+    """Saves and loads the checkpoints of one run directory."""
+
+    def __init__(self, directory: str | Path, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.iterdir() if STEP_DIR.match(p.name) and p.is_dir()]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        complete = self.complete()
+        return complete[-1] if complete else None
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write ``state`` (values: ``Stateful`` objects or state dicts) as step ``step``;
+        every rank calls it."""
+        final = self.directory / f"step-{step:08d}"
+        tmp = self.directory / f".step-{step:08d}.tmp"
+        if _rank() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left by a crash during an earlier save of this step
+                shutil.rmtree(tmp)
+        _barrier()
+        dcp.save(state, checkpoint_id=str(tmp))
+        _barrier()  # every rank's shards are written
+        if _rank() == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in self.complete()[: -self.keep]:
+                shutil.rmtree(old)
+        _barrier()
+        log.info("checkpoint saved: %s", final)
+        return final
+
+    def load(self, state: dict[str, Any], path: str | Path | None = None) -> Path:
+        """Load a checkpoint into ``state`` in place (resharding as needed).
+
+        ``path`` None means the latest complete checkpoint, falling back to older ones when
+        it cannot be read; an explicit path that cannot be read is an error.
+        """
+        if path is not None:
+            candidates = [Path(path)]
+        else:
+            candidates = list(reversed(self.complete()))
+            if not candidates:
+                raise CheckpointError(f"{self.directory}: no complete checkpoint to resume from")
+        errors = []
+        for candidate in candidates:
+            try:
+                self._load_one(state, candidate)
+            except CheckpointError as err:
+                if path is not None:
+                    raise
+                errors.append(str(err))
+                log.warning("%s; trying the previous checkpoint", err)
+                continue
+            if errors:
+                log.warning("resumed from %s instead of the newest checkpoint", candidate)
+            return candidate
+        raise CheckpointError("no checkpoint could be read:\n" + "\n".join(errors))
+
+    @staticmethod
+    def _load_one(state: dict[str, Any], path: Path) -> None:
+        verify(path)
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        # DCP reports reader failures as CheckpointException, a BaseException; the storage
+        # layer may raise plain errors too.
+        except (CheckpointException, Exception) as err:
+            broken = _broken_file(path, err)
+            raise CheckpointError(
+                f"{broken}: cannot be read ({type(err).__name__}: {_first_line(err)})"
+            ) from err
+
+
+def verify(path: str | Path) -> None:
+    """Check that every file the checkpoint's metadata refers to is there and long enough,
+    naming the first that is not (a truncated or lost file is the common damage)."""
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no .metadata file)")
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as err:
+        raise CheckpointError(f"{path / '.metadata'}: cannot be read ({err})") from err
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(
+            needed.get(info.relative_path, 0), info.offset + info.length
+        )
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing from the checkpoint")
+        if file.stat().st_size < size:
+            raise CheckpointError(
+                f"{file}: truncated ({file.stat().st_size} bytes, the "
+                f"checkpoint's metadata needs {size})"
+            )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _broken_file(path: Path, err: BaseException) -> Path:
+    """The checkpoint file an error is about, when its message names one."""
+    text = str(err)
+    for candidate in sorted(path.iterdir()):
+        if candidate.name in text:
+            return candidate
+    return path
+
+
+def export(path: str | Path, out: str | Path) -> Path:
+    """A checkpoint as one plain ``torch.save`` file (full tables, no sharding), for
+    inspection or for tools that know nothing of DCP."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dcp_to_torch_save(str(path), str(out))
+    return out

@@ -156,6 +156,11 @@ def verify(path: str | Path) -> None:
 
 
 def _first_line(err: BaseException) -> str:
+    failures = getattr(err, "failures", None)  # CheckpointException: rank → (error, stack)
+    if failures:
+        rank, wrapped = sorted(failures.items())[0]
+        inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+        return f"rank {rank}: {type(inner).__name__}: {_first_line(inner)}"
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
 

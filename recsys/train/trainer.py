@@ -1,0 +1,240 @@
+"""The training loop every stage runs: resume → { step, log, evaluate, save } → save.
+
+This module owns the order of a run and what survives a restart. It is handed a sharded
+model, its optimizers and data loaders, all built elsewhere; it never builds or shards a
+model. Everything a restart needs is checkpointed through ``CheckpointManager``: the model
+(sharded tables and dense part), the fused table optimizer, the dense optimizer and its
+schedule, and per rank the step, epoch, data cursor, metric states and random-number
+generators — so a resumed run continues bit for bit where it stopped.
+
+Ranks may hold a few more batches than others at the end of an epoch (row groups differ in
+size): the epoch ends for every rank when the first runs out, so collectives stay matched.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from recsys.checkpoint.manager import CheckpointManager
+from recsys.train.log import RunLog
+from recsys.train.metrics import CTRMetrics, PretrainMetrics
+from recsys.train.optim import OptimConfig, clip
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop's own settings."""
+
+    run_dir: str
+    """Where checkpoints, metrics.jsonl, TensorBoard files and config.json go."""
+    task: str = "ctr"
+    """``ctr`` (labels, AUC/gAUC) or ``pretrain`` (next-item loss, hit rate)."""
+    epochs: int = 1
+    max_steps: int | None = None
+    """Stop after this many steps in all (None: after ``epochs``)."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    keep: int = 3
+    """Checkpoints kept."""
+    resume: bool = True
+    """Continue from the latest checkpoint of ``run_dir`` when there is one."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task not in ("ctr", "pretrain"):
+            raise ValueError(f"task must be ctr or pretrain, got {self.task!r}")
+        if self.epochs < 1 or self.checkpoint_every < 0:
+            raise ValueError("epochs must be >= 1 and checkpoint_every >= 0")
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Python, NumPy and torch generators, distinct per rank (negatives are drawn per rank)."""
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        dense_optimizer,
+        schedule,
+        train_loader,
+        config: TrainConfig,
+        optim: OptimConfig,
+        valid_loader=None,
+    ) -> None:
+        self.model, self.dense, self.schedule = model, dense_optimizer, schedule
+        self.train_loader, self.valid_loader = train_loader, valid_loader
+        self.config, self.optim = config, optim
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.step = self.epoch = 0
+        self.train_metrics = CTRMetrics() if config.task == "ctr" else PretrainMetrics()
+        self.checkpoints = CheckpointManager(f"{config.run_dir}/checkpoint", keep=config.keep)
+        self.log = RunLog(
+            config.run_dir,
+            main=self.rank == 0,
+            total_steps=config.max_steps,
+            config={"train": asdict(config), "optim": asdict(optim)},
+        )
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint holds. Tensors (model, optimizer states) go through DCP, which
+        reshards them. Everything else — step, epoch, schedule, data cursor, metric states,
+        RNGs — goes per rank under a key of its own as one serialized blob: DCP keeps a
+        single copy of a value every rank saves under the same key, and its key matching
+        rejects plain-Python state whose layout changes once a loader has started."""
+        return {
+            "model": self.model,
+            "fused": self.model.fused_optimizer,
+            "dense": self.dense,
+            self._rank_key: self._rank_state(),
+        }
+
+    @property
+    def _rank_key(self) -> str:
+        return f"rank{self.rank}"
+
+    def _rank_state(self) -> bytes:
+        mine = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "schedule": self.schedule.state_dict(),
+            "loader": self.train_loader.state_dict(),
+            "metrics": self.train_metrics.state_dict() if self.config.task == "ctr" else {},
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+            },
+        }
+        buffer = io.BytesIO()
+        torch.save(mine, buffer)
+        return buffer.getvalue()
+
+    def _load_rank_state(self, blob: bytes) -> None:
+        # The run's own checkpoint: trusted, and it holds Python objects (RNG states).
+        mine = torch.load(io.BytesIO(blob), weights_only=False)
+        self.step, self.epoch = int(mine["step"]), int(mine["epoch"])
+        self.schedule.load_state_dict(mine["schedule"])
+        # The optimizer's current learning rate is plain Python state too: set it from the
+        # schedule, or the first resumed step would run at the schedule's starting rate.
+        for group, lr in zip(self.dense.param_groups, self.schedule.get_last_lr(), strict=True):
+            group["lr"] = lr
+        self.train_loader.load_state_dict(mine["loader"])
+        if mine["metrics"]:
+            self.train_metrics.load_state_dict(mine["metrics"])
+        random.setstate(mine["rng"]["python"])
+        np.random.set_state(mine["rng"]["numpy"])
+        torch.set_rng_state(mine["rng"]["torch"])
+
+    def _resume(self) -> None:
+        self.dense.init_state()  # AdamW's state is lazy: make room for the saved one
+        state = self.state()
+        self.checkpoints.load(state)
+        self._load_rank_state(state[self._rank_key])
+
+    def train(self) -> dict[str, float]:
+        """Run to the end; return the last epoch's metrics."""
+        seed_everything(self.config.seed, self.rank)
+        if self.config.resume and self.checkpoints.latest() is not None:
+            self._resume()
+        results: dict[str, float] = {}
+        while self.epoch < self.config.epochs and not self._done():
+            if not self._run_epoch():
+                break  # max_steps reached inside the epoch: it is not over
+            results = self._end_epoch()
+        self.checkpoints.save(self.step, self.state())
+        self.log.close()
+        return results
+
+    def _run_epoch(self) -> bool:
+        """Train through the rest of the current epoch; False if stopped by max_steps."""
+        self._set_epoch(self.epoch)
+        for batch in self._aligned(iter(self.train_loader)):
+            self._train_step(batch)
+            if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+                self.checkpoints.save(self.step, self.state())
+            if self._done():
+                return False
+        return True
+
+    def _train_step(self, batch) -> None:
+        self.model.train()
+        out = self._forward(batch)
+        self.dense.zero_grad()
+        out.loss.backward()  # the tables' optimizer runs inside backward
+        norm = clip(self.model, self.optim)
+        self.dense.step()
+        self.schedule.step()
+        self.step += 1
+        self._update(self.train_metrics, out, batch)
+        values = {"loss": out.loss.item(), "lr": self.schedule.get_last_lr()[0]}
+        if norm is not None:
+            values["grad_norm"] = float(norm)
+        self.log.record(self.step, "step", values)
+        self.log.progress(self.step, values)
+
+    def _end_epoch(self) -> dict[str, float]:
+        results = {f"train_{k}": v for k, v in self.train_metrics.compute().items()}
+        self.train_metrics.reset()
+        if self.valid_loader is not None:
+            valid = self.evaluate(self.valid_loader)
+            results.update({f"valid_{k}": v for k, v in valid.items()})
+            if "train_auc" in results:
+                # GPSD's overfitting signal: how far training AUC runs ahead of validation.
+                results["gap_auc"] = results["train_auc"] - results["valid_auc"]
+        self.epoch += 1
+        self.log.record(self.step, "epoch", {"epoch": self.epoch, **results})
+        return results
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict[str, float]:
+        """Metrics of ``loader``'s data under the current weights, over all ranks."""
+        self.model.eval()
+        metrics = CTRMetrics() if self.config.task == "ctr" else PretrainMetrics()
+        for batch in self._aligned(iter(loader)):
+            self._update(metrics, self._forward(batch), batch)
+        return metrics.compute()
+
+    def _forward(self, batch):
+        if self.config.task == "ctr":
+            return self.model(batch.features, batch.labels)
+        return self.model(batch.features)
+
+    def _update(self, metrics, out, batch) -> None:
+        if self.config.task == "ctr":
+            metrics.update(out.logits, batch.labels, batch.user_ids)
+        else:
+            metrics.update(out.loss, out.hits, out.targets)
+
+    def _aligned(self, batches: Iterator) -> Iterator:
+        """Batches while every rank still has one (collectives need all ranks each step)."""
+        while True:
+            batch = next(batches, None)
+            if dist.is_initialized():
+                has = torch.tensor([batch is not None], dtype=torch.int32)
+                dist.all_reduce(has, op=dist.ReduceOp.MIN)
+                if not has.item():
+                    return
+            elif batch is None:
+                return
+            yield batch
+
+    def _set_epoch(self, epoch: int) -> None:
+        dataset = getattr(self.train_loader, "dataset", None)
+        if hasattr(dataset, "set_epoch") and dataset.epoch != epoch:
+            dataset.set_epoch(epoch)
+
+    def _done(self) -> bool:
+        return self.config.max_steps is not None and self.step >= self.config.max_steps

@@ -1,0 +1,100 @@
+"""A run stopped half-way and resumed from its checkpoint ends exactly like an uninterrupted
+run, on 2 ranks: weights, optimizer states and metrics, bitwise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ShardingEnv
+
+from recsys.checkpoint.manager import export
+from recsys.data.protocol import write_split
+from recsys.data.stream import ParquetStream, StreamConfig
+from recsys.data.synth import SynthConfig, make
+from recsys.distributed.env import distributed
+from recsys.distributed.launch import run_on_ranks
+from recsys.distributed.planning import manual_plan
+from recsys.models.ctr import CTRConfig, CTRModel
+from recsys.models.tower import TowerConfig
+from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
+from recsys.train.trainer import TrainConfig, Trainer
+
+pytestmark = pytest.mark.dist
+
+OPTIM = OptimConfig(lr=3e-3, warmup_steps=2, total_steps=8, sparse_lr=0.05)
+
+
+def run(data: str, run_dir: str, max_steps: int, epochs: int) -> dict:
+    with distributed("cpu") as env:
+        torch.manual_seed(0)
+        model = CTRModel(
+            CTRConfig(TowerConfig.from_name("L1H16A2", max_len=64), 60, {"category": 6}),
+            sparse_device=torch.device("meta"),
+        )
+        attach_sparse_optimizer(model, OPTIM)
+        plan = manual_plan(
+            model, {"item": "row_wise", "category": "table_wise"}, world_size=env.world_size
+        )
+        sharded = DistributedModelParallel(
+            model,
+            env=ShardingEnv.from_process_group(dist.group.WORLD),
+            device=env.device,
+            plan=plan,
+        )
+        dense, schedule = dense_optimizer(sharded, OPTIM)
+        stream = ParquetStream(f"{data}/ctr_train", StreamConfig(batch_size=16, max_len=40))
+        valid = ParquetStream(f"{data}/ctr_test", StreamConfig(batch_size=32, shuffle=False))
+        trainer = Trainer(
+            sharded,
+            dense,
+            schedule,
+            StatefulDataLoader(stream, batch_size=None),
+            TrainConfig(run_dir, epochs=epochs, max_steps=max_steps),
+            OPTIM,
+            valid_loader=StatefulDataLoader(valid, batch_size=None),
+        )
+        return {"results": trainer.train(), "step": trainer.step}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("data") / "synth"
+    result, source = make(SynthConfig(users=150, items=60, categories=6, seed=2))
+    write_split(out, result, source, row_group_rows=20)
+    return str(out)
+
+
+def test_resumed_run_equals_uninterrupted_run(data: str, tmp_path: Path) -> None:
+    whole = run_on_ranks(run, data, str(tmp_path / "whole"), 8, 2, world_size=2)
+    # The same run, stopped after 3 steps (mid-epoch), then resumed to the end.
+    run_on_ranks(run, data, str(tmp_path / "split"), 3, 2, world_size=2)
+    resumed = run_on_ranks(run, data, str(tmp_path / "split"), 8, 2, world_size=2)
+    assert whole[0]["step"] == resumed[0]["step"] == 8
+    assert resumed[0]["results"] == whole[0]["results"]  # AUC, logloss, gAUC, gap: equal
+    a = torch.load(export(tmp_path / "whole/checkpoint/step-00000008", tmp_path / "a.pt"))
+    b = torch.load(export(tmp_path / "split/checkpoint/step-00000008", tmp_path / "b.pt"))
+    for part in ("model", "fused", "dense"):
+        flat_a, flat_b = _flatten(a[part]), _flatten(b[part])
+        assert flat_a.keys() == flat_b.keys()
+        for key, value in flat_a.items():
+            assert torch.equal(value, flat_b[key]), f"{part}: {key}"
+    log = [json.loads(line) for line in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["split"] == "step"] == list(range(1, 9))
+    epochs = [r for r in log if r["split"] == "epoch"]
+    assert epochs and {"train_auc", "valid_auc", "valid_gauc", "gap_auc"} <= set(epochs[-1])
+
+
+def _flatten(tree, prefix: str = "") -> dict[str, torch.Tensor]:
+    flat = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}/{key}"))
+    elif torch.is_tensor(tree):
+        flat[prefix] = tree
+    return flat

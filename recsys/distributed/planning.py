@@ -115,3 +115,52 @@ def manual_plan(
             for path, per_table in generators.items()
         }
     )
+
+
+def planned(
+    model: nn.Module,
+    *,
+    world_size: int,
+    local_world_size: int | None = None,
+    device_type: str = "cpu",
+    sharding_types: Mapping[str, list[str]] | None = None,
+    batch_size: int | None = None,
+) -> ShardingPlan:
+    """A plan from TorchRec's planner for ``model``'s tables.
+
+    ``sharding_types`` constrains tables by name (e.g. ``{"item": ["row_wise"]}``); tables
+    not named may take any of :data:`SHARDING_TYPES`. Every table uses the fused kernel (on
+    CPU the only one EmbeddingCollection shards with). Run by every rank, it gives the same
+    plan everywhere (``plan`` is deterministic for a model and topology).
+    """
+    from torchrec.distributed.planner import (
+        EmbeddingShardingPlanner,
+        ParameterConstraints,
+        Topology,
+    )
+
+    modules = embedding_modules(model)
+    tables = [name for m in modules.values() for name in _tables(m)]
+    chosen = dict(sharding_types or {})
+    unknown = sorted(set(chosen) - set(tables))
+    if unknown:
+        raise ValueError(
+            f"sharding_types names tables the model does not have: {unknown}; "
+            f"the model's tables are {sorted(tables)}"
+        )
+    constraints = {
+        name: ParameterConstraints(
+            sharding_types=list(chosen.get(name, SHARDING_TYPES)), compute_kernels=["fused"]
+        )
+        for name in tables
+    }
+    topology = Topology(
+        world_size=world_size,
+        compute_device=device_type,
+        local_world_size=local_world_size or world_size,
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology, constraints=constraints, batch_size=batch_size, debug=False
+    )
+    sharders = [s for s in get_module_to_default_sharders().values()]
+    return planner.plan(model, sharders)

@@ -1,5 +1,6 @@
 """A run stopped half-way and resumed from its checkpoint ends exactly like an uninterrupted
-run, on 2 ranks: weights, optimizer states and metrics, bitwise."""
+run, on 2 ranks sharded by TorchRec's planner: weights, optimizer states and metrics,
+bitwise."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from recsys.data.stream import ParquetStream, StreamConfig
 from recsys.data.synth import SynthConfig, make
 from recsys.distributed.env import distributed
 from recsys.distributed.launch import run_on_ranks
-from recsys.distributed.planning import manual_plan
+from recsys.distributed.planning import planned
 from recsys.models.ctr import CTRConfig, CTRModel
 from recsys.models.tower import TowerConfig
 from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
@@ -38,9 +39,8 @@ def run(data: str, run_dir: str, max_steps: int, epochs: int) -> dict:
             sparse_device=torch.device("meta"),
         )
         attach_sparse_optimizer(model, OPTIM)
-        plan = manual_plan(
-            model, {"item": "row_wise", "category": "table_wise"}, world_size=env.world_size
-        )
+        # The plan from TorchRec's planner, with the item table kept row-wise.
+        plan = planned(model, world_size=env.world_size, sharding_types={"item": ["row_wise"]})
         sharded = DistributedModelParallel(
             model,
             env=ShardingEnv.from_process_group(dist.group.WORLD),

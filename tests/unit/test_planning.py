@@ -132,3 +132,17 @@ def test_meta_model_holds_no_table_memory() -> None:
 def test_plan_errors_name_the_table(sharding: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         manual_plan(Model(), sharding, world_size=2)
+
+
+def test_torchrec_planner_follows_constraints() -> None:
+    from recsys.distributed.planning import planned
+
+    plan = planned(
+        Model(), world_size=4, sharding_types={"item": ["row_wise"], "category": ["table_wise"]}
+    )
+    item = plan.plan["sequence"]["item"]
+    assert (item.sharding_type, item.compute_kernel) == ("row_wise", "fused")
+    assert plan.plan["sequence"]["category"].sharding_type == "table_wise"
+    assert plan.plan["pooled"]["user"].compute_kernel == "fused"
+    with pytest.raises(ValueError, match=r"tables the model does not have: \['price'\]"):
+        planned(Model(), world_size=2, sharding_types={"price": ["row_wise"]})

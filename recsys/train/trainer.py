@@ -48,6 +48,8 @@ class TrainConfig:
     resume: bool = True
     """Continue from the latest checkpoint of ``run_dir`` when there is one."""
     seed: int = 0
+    bf16: bool = True
+    """bf16 autocast of the forward pass on CUDA (ignored on CPU)."""
 
     def __post_init__(self) -> None:
         if self.task not in ("ctr", "pretrain"):
@@ -78,6 +80,8 @@ class Trainer:
         self.train_loader, self.valid_loader = train_loader, valid_loader
         self.config, self.optim = config, optim
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        dense = next(iter(self.dense.params.values()), None)
+        self.device = dense.device if dense is not None else torch.device("cpu")
         self.step = self.epoch = 0
         self.train_metrics = CTRMetrics() if config.task == "ctr" else PretrainMetrics()
         self.checkpoints = CheckpointManager(f"{config.run_dir}/checkpoint", keep=config.keep)
@@ -208,9 +212,13 @@ class Trainer:
         return metrics.compute()
 
     def _forward(self, batch):
-        if self.config.task == "ctr":
-            return self.model(batch.features, batch.labels)
-        return self.model(batch.features)
+        device = self.device
+        batch = batch.to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                            enabled=self.config.bf16 and device.type == "cuda"):
+            if self.config.task == "ctr":
+                return self.model(batch.features, batch.labels)
+            return self.model(batch.features)
 
     def _update(self, metrics, out, batch) -> None:
         if self.config.task == "ctr":

@@ -158,7 +158,7 @@ def main() -> None:
         ("ctr", args.ctr_batch, "samples"),
         ("pretrain", args.seq_batch, "sequences"),
     ):
-        rates = {"reference: GPSD public code, ML-100K, 1 process": REFERENCE[task]}
+        rates = {"reference: GPSD public code, ML-100K, end to end": REFERENCE[task]}
         for name, data in datasets.items():
             out = run_on_ranks(
                 train,

@@ -96,14 +96,12 @@ def unsharded(setting: Setting) -> float:
 
 def sharded_worker(setting: Setting) -> float:
     """Seconds per step on this rank; the job's step ends with its slowest rank."""
-    import torch.distributed as dist
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.types import ShardingEnv
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
     from recsys.distributed.env import distributed
     from recsys.distributed.planning import manual_plan
+    from recsys.distributed.wrap import shard
     from recsys.models.ctr import CTRModel
 
     with distributed("cpu") as env:
@@ -112,12 +110,7 @@ def sharded_worker(setting: Setting) -> float:
         plan = manual_plan(
             model, {"item": "row_wise", "category": "table_wise"}, world_size=env.world_size
         )
-        sharded = DistributedModelParallel(
-            model,
-            env=ShardingEnv.from_process_group(dist.group.WORLD),
-            device=env.device,
-            plan=plan,
-        )
+        sharded = shard(model, plan, env)
         dense = [p for n, p in sharded.named_parameters() if "sparse." not in n]
         optimizer = torch.optim.AdamW(dense, lr=1e-3)
         local = setting.batch // env.world_size

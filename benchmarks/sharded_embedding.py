@@ -66,15 +66,13 @@ class _Lookup(nn.Module):
 
 def torchrec_worker(setting: Setting) -> float:
     """Seconds per step on this rank of a row-wise sharded EmbeddingCollection."""
-    import torch.distributed as dist
     from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.types import ShardingEnv
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
     from recsys.distributed.env import distributed
     from recsys.distributed.planning import manual_plan
+    from recsys.distributed.wrap import shard
 
     with distributed("cpu") as env:
         config = EmbeddingConfig(
@@ -86,12 +84,7 @@ def torchrec_worker(setting: Setting) -> float:
         model = _Lookup(EmbeddingCollection(tables=[config], device=torch.device("meta")))
         apply_optimizer_in_backward(RowWiseAdagrad, model.parameters(), {"lr": 0.01})
         plan = manual_plan(model, {"item": "row_wise"}, world_size=env.world_size)
-        sharded = DistributedModelParallel(
-            model,
-            env=ShardingEnv.from_process_group(dist.group.WORLD),
-            device=env.device,
-            plan=plan,
-        )
+        sharded = shard(model, plan, env)
         local_batch = setting.batch // env.world_size
         lengths = torch.full((local_batch,), setting.seq_len)
 

@@ -73,13 +73,12 @@ def train(task: str, data: str, run_dir: str, epochs: int, batch: int, negatives
     import torch
     import torch.distributed as dist
     from torchdata.stateful_dataloader import StatefulDataLoader
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.types import ShardingEnv
 
     from recsys.data.files import open_dataset
     from recsys.data.stream import ParquetStream, StreamConfig
     from recsys.distributed.env import distributed
     from recsys.distributed.planning import planned
+    from recsys.distributed.wrap import shard
     from recsys.models.ctr import CTRConfig, CTRModel
     from recsys.models.generative import GenerativeConfig, GenerativeModel
     from recsys.models.tower import TowerConfig
@@ -105,12 +104,7 @@ def train(task: str, data: str, run_dir: str, epochs: int, batch: int, negatives
         optim = OptimConfig(warmup_steps=min(60, steps // 4), total_steps=steps)
         attach_sparse_optimizer(model, optim)
         plan = planned(model, world_size=env.world_size, sharding_types={"item": ["row_wise"]})
-        sharded = DistributedModelParallel(
-            model,
-            env=ShardingEnv.from_process_group(dist.group.WORLD),
-            device=env.device,
-            plan=plan,
-        )
+        sharded = shard(model, plan, env)
         dense, schedule = dense_optimizer(sharded, optim)
         # History capped at 50 events, as GPSD's code does on MovieLens.
         stream = ParquetStream(source, StreamConfig(batch_size=batch, max_len=50))

@@ -16,13 +16,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
-from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from recsys.distributed.env import DistEnv, distributed
 from recsys.distributed.planning import manual_plan
 from recsys.distributed.shards import load_full_tables, local_shards
+from recsys.distributed.wrap import shard
 
 LEARNING_RATE = 0.5
 TABLES = (
@@ -107,12 +106,7 @@ def _check(env: DistEnv, sharding_type: str) -> CheckResult:
         local_world_size=env.local_world_size,
         device_type="cpu",
     )
-    sharded = DistributedModelParallel(
-        model,
-        env=ShardingEnv.from_process_group(dist.group.WORLD),
-        device=env.device,
-        plan=plan,
-    )
+    sharded = shard(model, plan, env)
     full = {t.name: reference.embeddings.embeddings[t.name].weight.detach().clone() for t in TABLES}
     load_full_tables(sharded, full)
 

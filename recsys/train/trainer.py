@@ -214,8 +214,11 @@ class Trainer:
     def _forward(self, batch):
         device = self.device
         batch = batch.to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                            enabled=self.config.bf16 and device.type == "cuda"):
+        with torch.autocast(
+            device_type=device.type,
+            dtype=torch.bfloat16,
+            enabled=self.config.bf16 and device.type == "cuda",
+        ):
             if self.config.task == "ctr":
                 return self.model(batch.features, batch.labels)
             return self.model(batch.features)

@@ -7,16 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torchrec import KeyedJaggedTensor
-from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.types import ShardingEnv
 
 from recsys.checkpoint.manager import CheckpointError, CheckpointManager, export
 from recsys.distributed.env import distributed
 from recsys.distributed.launch import RankFailedError, run_on_ranks
 from recsys.distributed.planning import manual_plan
 from recsys.distributed.shards import local_shards
+from recsys.distributed.wrap import shard
 from recsys.models.ctr import CTRConfig, CTRModel
 from recsys.models.tower import TowerConfig
 from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
@@ -32,9 +30,7 @@ def build(sharding: str, env):
     model = CTRModel(CONFIG, sparse_device=torch.device("meta"))
     attach_sparse_optimizer(model, OPTIM)
     plan = manual_plan(model, {"item": sharding, "category": sharding}, world_size=env.world_size)
-    sharded = DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=env.device, plan=plan
-    )
+    sharded = shard(model, plan, env)
     dense, schedule = dense_optimizer(sharded, OPTIM)
     return sharded, dense, schedule
 

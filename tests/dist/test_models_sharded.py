@@ -17,6 +17,7 @@ from recsys.distributed.env import distributed
 from recsys.distributed.launch import run_on_ranks
 from recsys.distributed.planning import SHARDING_TYPES, manual_plan
 from recsys.distributed.shards import load_full_tables, local_shards
+from recsys.distributed.wrap import shard
 from recsys.models.baselines import DIN, BaselineConfig, DeepFM
 from recsys.models.ctr import CTRConfig, CTRModel
 from recsys.models.generative import GenerativeConfig, GenerativeModel
@@ -60,8 +61,7 @@ def _shard(model: torch.nn.Module, reference: torch.nn.Module, sharding_type: st
     apply_optimizer_in_backward(torch.optim.SGD, trainable, {"lr": LR})
     plan = manual_plan(model, {"item": sharding_type, "category": sharding_type},
                        world_size=env.world_size)
-    sharded = DistributedModelParallel(model, env=ShardingEnv.from_process_group(
-        dist.group.WORLD), device=env.device, plan=plan)
+    sharded = shard(model, plan, env)
     tables = {name: w.detach().clone() for name, w in _full_tables(reference).items()}
     load_full_tables(sharded, tables)
     return sharded
@@ -166,8 +166,7 @@ def baseline_check(env) -> dict:
     reference, model = Pooled(pooled), Pooled(pooled, torch.device("meta"))
     apply_optimizer_in_backward(torch.optim.SGD, list(model.sparse.parameters()), {"lr": LR})
     plan = manual_plan(model, {"user": "row_wise"}, world_size=env.world_size)
-    sharded = DistributedModelParallel(model, env=ShardingEnv.from_process_group(
-        dist.group.WORLD), device=env.device, plan=plan)
+    sharded = shard(model, plan, env)
     load_full_tables(sharded, {"user": reference.sparse.pooled.embedding_bags["user"].weight
                                .detach().clone()})
     users = KeyedJaggedTensor.from_lengths_sync(
@@ -193,8 +192,7 @@ def optimizer_state_check(env) -> dict:
     apply_optimizer_in_backward(RowWiseAdagrad, trainable, {"lr": 0.1})
     plan = manual_plan(model, {"item": "row_wise", "category": "row_wise"},
                        world_size=env.world_size)
-    sharded = DistributedModelParallel(model, env=ShardingEnv.from_process_group(
-        dist.group.WORLD), device=env.device, plan=plan)
+    sharded = shard(model, plan, env)
     state = sharded.fused_optimizer.state_dict()["state"]
     return {name.split(".")[-2]: sorted(entries) for name, entries in state.items()}
 

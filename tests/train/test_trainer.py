@@ -9,10 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.types import ShardingEnv
 
 from recsys.checkpoint.manager import export
 from recsys.data.protocol import write_split
@@ -21,6 +18,7 @@ from recsys.data.synth import SynthConfig, make
 from recsys.distributed.env import distributed
 from recsys.distributed.launch import run_on_ranks
 from recsys.distributed.planning import planned
+from recsys.distributed.wrap import shard
 from recsys.models.ctr import CTRConfig, CTRModel
 from recsys.models.tower import TowerConfig
 from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
@@ -41,12 +39,7 @@ def run(data: str, run_dir: str, max_steps: int, epochs: int) -> dict:
         attach_sparse_optimizer(model, OPTIM)
         # The plan from TorchRec's planner, with the item table kept row-wise.
         plan = planned(model, world_size=env.world_size, sharding_types={"item": ["row_wise"]})
-        sharded = DistributedModelParallel(
-            model,
-            env=ShardingEnv.from_process_group(dist.group.WORLD),
-            device=env.device,
-            plan=plan,
-        )
+        sharded = shard(model, plan, env)
         dense, schedule = dense_optimizer(sharded, OPTIM)
         stream = ParquetStream(f"{data}/ctr_train", StreamConfig(batch_size=16, max_len=40))
         valid = ParquetStream(f"{data}/ctr_test", StreamConfig(batch_size=32, shuffle=False))

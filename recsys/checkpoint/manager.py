@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
@@ -41,9 +42,31 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
+
+
+def _all_ok(ok: bool) -> bool:
+    """True only if every rank says True (so that all ranks take the same branch)."""
+    if not _distributed():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if not _distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class CheckpointManager:
@@ -78,13 +101,19 @@ class CheckpointManager:
         _barrier()
         dcp.save(state, checkpoint_id=str(tmp))
         _barrier()  # every rank's shards are written
+        error = None
         if _rank() == 0:
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            for old in self.complete()[: -self.keep]:
-                shutil.rmtree(old)
-        _barrier()
+            try:
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp.rename(final)
+                for old in self.complete()[: -self.keep]:
+                    shutil.rmtree(old)
+            except OSError as err:
+                error = f"{final}: cannot complete the checkpoint: {err}"
+        error = _from_rank0(error)  # every rank learns of rank 0's failure, none waits
+        if error:
+            raise CheckpointError(error)
         log.info("checkpoint saved: %s", final)
         return final
 
@@ -94,30 +123,50 @@ class CheckpointManager:
         ``path`` None means the latest complete checkpoint, falling back to older ones when
         it cannot be read; an explicit path that cannot be read is an error.
         """
+        # Rank 0's view of the directory decides, and a candidate is used only if every rank
+        # could read it: ranks must never load different checkpoints.
         if path is not None:
             candidates = [Path(path)]
         else:
-            candidates = list(reversed(self.complete()))
+            candidates = _from_rank0(list(reversed(self.complete())))
             if not candidates:
                 raise CheckpointError(f"{self.directory}: no complete checkpoint to resume from")
         errors = []
         for candidate in candidates:
+            error = None
             try:
-                self._load_one(state, candidate)
+                verify(candidate)  # each rank checks the files it can see
             except CheckpointError as err:
-                if path is not None:
-                    raise
-                errors.append(str(err))
-                log.warning("%s; trying the previous checkpoint", err)
-                continue
-            if errors:
-                log.warning("resumed from %s instead of the newest checkpoint", candidate)
-            return candidate
+                error = str(err)
+            if _all_ok(error is None):
+                try:
+                    self._read(state, candidate)  # collective: fails on every rank or none
+                except CheckpointError as err:
+                    error = str(err)
+                else:
+                    if errors:
+                        log.warning("resumed from %s instead of the newest checkpoint", candidate)
+                        self._set_aside([c for c in candidates if c.name > candidate.name])
+                    return candidate
+            error = error or f"{candidate}: another rank could not read it"
+            if path is not None:
+                raise CheckpointError(error)
+            errors.append(error)
+            log.warning("%s; trying the previous checkpoint", error)
         raise CheckpointError("no checkpoint could be read:\n" + "\n".join(errors))
 
+    def _set_aside(self, broken: list[Path]) -> None:
+        """Rename unreadable checkpoints newer than the one resumed from, so that they are
+        neither "latest" again nor kept in place of good ones by pruning."""
+        if _rank() == 0:
+            for path in broken:
+                if path.exists():
+                    path.rename(path.with_name(f".{path.name}.broken"))
+                    log.warning("set aside unreadable checkpoint %s", path)
+        _barrier()
+
     @staticmethod
-    def _load_one(state: dict[str, Any], path: Path) -> None:
-        verify(path)
+    def _read(state: dict[str, Any], path: Path) -> None:
         try:
             dcp.load(state, checkpoint_id=str(path))
         # DCP reports reader failures as CheckpointException, a BaseException; the storage

@@ -121,6 +121,7 @@ def test_two_rank_row_wise_loads_bitwise_on_one_rank_table_wise(
         assert torch.equal(value, model[name]), name
     # Optimizer states came back too: the tables' row-wise Adagrad and the dense AdamW.
     saved_fused = plain["fused"]["state"]
+    assert loaded["fused"] and all(loaded["fused"].values())  # states exist and came back
     for key, entries in loaded["fused"].items():
         for name, value in entries.items():
             assert torch.equal(value.flatten(), saved_fused[key][name].flatten()), name
@@ -141,6 +142,10 @@ def test_broken_newest_checkpoint_falls_back(saved: Path, tmp_path: Path) -> Non
     data_file.write_bytes(data_file.read_bytes()[:40])  # truncated
     (loaded,) = run_on_ranks(load_elsewhere, str(copy), world_size=1)
     assert loaded["path"] == "step-00000002"
+    # The unreadable newer checkpoint is set aside: no longer "latest", never pruned for.
+    assert (copy / ".step-00000003.broken").is_dir() and not newest.exists()
+    newest = copy / ".step-00000003.broken"
+    data_file = newest / data_file.name
     with pytest.raises(
         RankFailedError,
         match=rf"CheckpointError: {data_file}: truncated \(40 "
@@ -159,6 +164,6 @@ def run_explicit(path: Path) -> None:
 def test_incomplete_checkpoint_is_named(tmp_path: Path) -> None:
     (tmp_path / "step-00000001").mkdir()
     with pytest.raises(CheckpointError, match=r"step-00000001: not a complete checkpoint"):
-        CheckpointManager(tmp_path)._load_one({}, tmp_path / "step-00000001")
+        CheckpointManager(tmp_path).load({}, tmp_path / "step-00000001")
     with pytest.raises(CheckpointError, match="no complete checkpoint to resume from"):
         CheckpointManager(tmp_path / "nothing").load({})

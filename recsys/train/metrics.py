@@ -1,11 +1,12 @@
-"""Ranking metrics on torchmetrics, synced across ranks: AUC, logloss, gAUC, hit rate.
+"""Ranking metrics over all ranks: AUC, logloss, gAUC, hit rate.
 
-This module owns what is measured and how it is combined over ranks: every metric keeps
-torchmetrics states (gathered from all ranks when computed), so a job on N ranks reports
-exactly what one process would on the same samples. States are persistent, so a checkpoint
-taken mid-epoch resumes the epoch's metrics.
+This module owns what is measured and how it is combined over ranks: CTR metrics keep each
+rank's logits, labels and users and gather them when computed (a rank may have none), and
+pretraining metrics are torchmetrics sums, so a job on N ranks reports exactly what one
+process would on the same samples. States are checkpointed, so a run resumed mid-epoch
+reports the epoch's metrics as if it had not stopped.
 
-- AUC: exact, tie-aware (``BinaryAUROC`` without thresholds).
+- AUC: exact, tie-aware (torchmetrics' ``binary_auroc`` without thresholds).
 - logloss: mean binary cross-entropy of the predicted probabilities.
 - gAUC: the AUC of each user's samples, averaged over users weighted by their number of
   samples; users whose samples all share one label have no AUC and are left out (the usual
@@ -17,11 +18,10 @@ taken mid-epoch resumes the epoch's metrics.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torchmetrics import Metric
 from torchmetrics.aggregation import MeanMetric, SumMetric
-from torchmetrics.classification import BinaryAUROC
-from torchmetrics.utilities.data import dim_zero_cat
+from torchmetrics.functional.classification import binary_auroc
 
 
 def grouped_auc(
@@ -63,93 +63,64 @@ def grouped_auc(
     return auc[both], size[both]
 
 
-class GroupAUC(Metric):
-    """gAUC: per-user AUC averaged with the users' sample counts as weights."""
-
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        for name in ("scores", "labels", "groups"):
-            self.add_state(name, default=[], dist_reduce_fx="cat", persistent=True)
-
-    def update(self, scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> None:
-        self.scores.append(scores.detach().flatten().float())
-        self.labels.append(labels.detach().flatten().float())
-        self.groups.append(groups.detach().flatten().long())
-
-    def compute(self) -> torch.Tensor:
-        auc, weight = grouped_auc(
-            dim_zero_cat(self.scores), dim_zero_cat(self.labels), dim_zero_cat(self.groups)
-        )
-        if len(auc) == 0:
-            return torch.tensor(float("nan"))
-        return ((auc * weight).sum() / weight.sum()).float()
-
-
-class LogLoss(Metric):
-    """Mean binary cross-entropy of logits against 0/1 labels."""
-
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state(
-            "total",
-            default=torch.tensor(0.0, dtype=torch.float64),
-            dist_reduce_fx="sum",
-            persistent=True,
-        )
-        self.add_state(
-            "count",
-            default=torch.tensor(0, dtype=torch.long),
-            dist_reduce_fx="sum",
-            persistent=True,
-        )
-
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        losses = F.binary_cross_entropy_with_logits(
-            logits.detach().double(), labels.detach().double(), reduction="sum"
-        )
-        self.total += losses
-        self.count += labels.numel()
-
-    def compute(self) -> torch.Tensor:
-        return (self.total / self.count).float()
-
-
 class CTRMetrics:
-    """AUC, logloss and gAUC of one split (train or validation)."""
+    """AUC, logloss and gAUC of one split (train or validation), over every rank's samples.
+
+    Each rank keeps its own logits, labels and users; ``compute`` gathers them (any rank may
+    have none) and scores the whole split with torchmetrics' exact, tie-aware AUC.
+    """
 
     def __init__(self) -> None:
-        self.auc = BinaryAUROC()
-        self.auc.persistent(True)
-        self.logloss = LogLoss()
-        self.gauc = GroupAUC()
+        self.reset()
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, users: torch.Tensor) -> None:
-        probabilities = torch.sigmoid(logits.detach().float())
-        self.auc.update(probabilities, labels.long())
-        self.logloss.update(logits, labels)
-        self.gauc.update(probabilities, labels, users)
+        self.logits.append(logits.detach().float().flatten().cpu())
+        self.labels.append(labels.detach().float().flatten().cpu())
+        self.users.append(users.detach().long().flatten().cpu())
 
     def compute(self) -> dict[str, float]:
+        """The metrics over every rank's samples (NaN when no rank has any)."""
+        logits, labels = _gathered(self.logits), _gathered(self.labels)
+        users = _gathered(self.users, torch.long)
+        if len(labels) == 0:
+            return {"auc": float("nan"), "logloss": float("nan"), "gauc": float("nan")}
+        probabilities = torch.sigmoid(logits)
+        auc, weight = grouped_auc(probabilities, labels, users)
         return {
-            "auc": float(self.auc.compute()),
-            "logloss": float(self.logloss.compute()),
-            "gauc": float(self.gauc.compute()),
+            "auc": float(binary_auroc(probabilities, labels.long(), validate_args=False)),
+            "logloss": float(F.binary_cross_entropy_with_logits(logits.double(), labels.double())),
+            "gauc": float((auc * weight).sum() / weight.sum()) if len(auc) else float("nan"),
         }
 
     def reset(self) -> None:
-        for metric in (self.auc, self.logloss, self.gauc):
-            metric.reset()
+        self.logits: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.users: list[torch.Tensor] = []
 
     def state_dict(self) -> dict:
-        return {name: getattr(self, name).state_dict() for name in ("auc", "logloss", "gauc")}
+        return {
+            "logits": _cat(self.logits),
+            "labels": _cat(self.labels),
+            "users": _cat(self.users, torch.long),
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        for name, value in state.items():
-            getattr(self, name).load_state_dict(value)
+        self.logits, self.labels = [state["logits"]], [state["labels"]]
+        self.users = [state["users"]]
+
+
+def _cat(parts: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+
+
+def _gathered(parts: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Every rank's values, in rank order (a rank may have none)."""
+    local = _cat(parts, dtype)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local)
+    return torch.cat([t.to(dtype) for t in everyone])
 
 
 class PretrainMetrics:

@@ -115,7 +115,7 @@ class Trainer:
             "epoch": self.epoch,
             "schedule": self.schedule.state_dict(),
             "loader": self.train_loader.state_dict(),
-            "metrics": self.train_metrics.state_dict() if self.config.task == "ctr" else {},
+            "metrics": self.train_metrics.state_dict(),
             "rng": {
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
@@ -158,7 +158,9 @@ class Trainer:
             if not self._run_epoch():
                 break  # max_steps reached inside the epoch: it is not over
             results = self._end_epoch()
-        self.checkpoints.save(self.step, self.state())
+        latest = self.checkpoints.latest()
+        if latest is None or latest.name != f"step-{self.step:08d}":  # not saved just now
+            self.checkpoints.save(self.step, self.state())
         self.log.close()
         return results
 
@@ -179,11 +181,12 @@ class Trainer:
         self.dense.zero_grad()
         out.loss.backward()  # the tables' optimizer runs inside backward
         norm = clip(self.model, self.optim)
+        lr = self.schedule.get_last_lr()[0]  # the rate this step used
         self.dense.step()
         self.schedule.step()
         self.step += 1
         self._update(self.train_metrics, out, batch)
-        values = {"loss": out.loss.item(), "lr": self.schedule.get_last_lr()[0]}
+        values = {"loss": out.loss.item(), "lr": lr}
         if norm is not None:
             values["grad_norm"] = float(norm)
         self.log.record(self.step, "step", values)

@@ -85,12 +85,18 @@ def test_pretrain_hit_rate() -> None:
     assert result["loss"] == pytest.approx((2.0 * 10 + 1.0 * 30) / 40)
 
 
-def _half_on_each_rank() -> dict[str, float]:
+def _split_over_ranks() -> list[dict[str, float]]:
     with distributed("cpu") as env:
-        rows = slice(0, 7) if env.rank == 0 else slice(7, 12)
-        metrics = CTRMetrics()
-        metrics.update(logits(SCORES[rows]), LABELS[rows], USERS[rows])
-        return metrics.compute()
+        results = []
+        # Row 5 splits user 8 across the ranks; then one rank has no samples at all; then
+        # neither has any.
+        for cut in (5, 12, 0):
+            rows = slice(0, cut) if env.rank == 0 else slice(cut, 12 if cut else 0)
+            metrics = CTRMetrics()
+            if rows.stop > rows.start:
+                metrics.update(logits(SCORES[rows]), LABELS[rows], USERS[rows])
+            results.append(metrics.compute())
+        return results
 
 
 @pytest.mark.dist
@@ -98,5 +104,7 @@ def test_two_ranks_report_what_one_process_does() -> None:
     single = CTRMetrics()
     single.update(logits(SCORES), LABELS, USERS)
     expected = single.compute()
-    for result in run_on_ranks(_half_on_each_rank, world_size=2):
-        assert result == pytest.approx(expected, rel=1e-6)
+    for split, one_empty, empty in run_on_ranks(_split_over_ranks, world_size=2):
+        assert split == pytest.approx(expected, rel=1e-6)
+        assert one_empty == pytest.approx(expected, rel=1e-6)
+        assert all(math.isnan(v) for v in empty.values())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +118,17 @@ class CheckpointManager:
         log.info("checkpoint saved: %s", final)
         return final
 
-    def load(self, state: dict[str, Any], path: str | Path | None = None) -> Path:
+    def load(
+        self,
+        state: dict[str, Any] | Callable[[Path], dict[str, Any]],
+        path: str | Path | None = None,
+    ) -> Path:
         """Load a checkpoint into ``state`` in place (resharding as needed).
 
-        ``path`` None means the latest complete checkpoint, falling back to older ones when
-        it cannot be read; an explicit path that cannot be read is an error.
+        ``state`` may be a function of the checkpoint's path that returns the state to load
+        into (for callers whose layout depends on what the checkpoint holds). ``path`` None
+        means the latest complete checkpoint, falling back to older ones when it cannot be
+        read; an explicit path that cannot be read is an error.
         """
         # Rank 0's view of the directory decides, and a candidate is used only if every rank
         # could read it: ranks must never load different checkpoints.
@@ -140,7 +147,8 @@ class CheckpointManager:
                 error = str(err)
             if _all_ok(error is None):
                 try:
-                    self._read(state, candidate)  # collective: fails on every rank or none
+                    target = state(candidate) if callable(state) else state
+                    self._read(target, candidate)  # collective: fails on every rank or none
                 except CheckpointError as err:
                     error = str(err)
                 else:
@@ -176,6 +184,12 @@ class CheckpointManager:
             raise CheckpointError(
                 f"{broken}: cannot be read ({type(err).__name__}: {_first_line(err)})"
             ) from err
+
+
+def keys(path: str | Path) -> set[str]:
+    """The top-level keys a checkpoint holds (``model``, ``dense``, ``rank0``, ...)."""
+    metadata = FileSystemReader(str(path)).read_metadata()
+    return {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
 
 
 def verify(path: str | Path) -> None:

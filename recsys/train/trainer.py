@@ -14,6 +14,7 @@ size): the epoch ends for every rank when the first runs out, so collectives sta
 from __future__ import annotations
 
 import io
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -24,10 +25,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from recsys.checkpoint.manager import CheckpointManager
+from recsys.checkpoint.manager import CheckpointManager, keys
 from recsys.train.log import RunLog
 from recsys.train.metrics import CTRMetrics, PretrainMetrics
 from recsys.train.optim import OptimConfig, clip
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,17 @@ class TrainConfig:
             raise ValueError("epochs must be >= 1 and checkpoint_every >= 0")
 
 
+def _blob(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _unblob(blob: bytes) -> Any:
+    # The run's own checkpoint: trusted, and it holds Python objects (RNG states).
+    return torch.load(io.BytesIO(blob), weights_only=False)
+
+
 def seed_everything(seed: int, rank: int) -> None:
     """Python, NumPy and torch generators, distinct per rank (negatives are drawn per rank)."""
     random.seed(seed + rank)
@@ -80,6 +94,7 @@ class Trainer:
         self.train_loader, self.valid_loader = train_loader, valid_loader
         self.config, self.optim = config, optim
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         dense = next(iter(self.dense.params.values()), None)
         self.device = dense.device if dense is not None else torch.device("cpu")
         self.step = self.epoch = 0
@@ -92,61 +107,80 @@ class Trainer:
             config={"train": asdict(config), "optim": asdict(optim)},
         )
 
-    def state(self) -> dict[str, Any]:
+    def state(self, with_rank_state: bool = True) -> dict[str, Any]:
         """What a checkpoint holds. Tensors (model, optimizer states) go through DCP, which
-        reshards them. Everything else — step, epoch, schedule, data cursor, metric states,
-        RNGs — goes per rank under a key of its own as one serialized blob: DCP keeps a
+        reshards them. The rest is plain Python state, saved as serialized blobs: the step,
+        epoch and schedule under ``trainer`` (the same on every rank, so DCP keeps one copy),
+        and each rank's data cursor, metric states and RNGs under ``rank<r>`` (DCP keeps a
         single copy of a value every rank saves under the same key, and its key matching
-        rejects plain-Python state whose layout changes once a loader has started."""
-        return {
+        rejects plain-Python state whose layout changes once a loader has started)."""
+        state = {
             "model": self.model,
             "fused": self.model.fused_optimizer,
             "dense": self.dense,
-            self._rank_key: self._rank_state(),
+            "trainer": _blob(
+                {
+                    "step": self.step,
+                    "epoch": self.epoch,
+                    "schedule": self.schedule.state_dict(),
+                    "world_size": self.world_size,
+                }
+            ),
         }
+        if with_rank_state:
+            state[self._rank_key] = _blob(
+                {
+                    "loader": self.train_loader.state_dict(),
+                    "metrics": self.train_metrics.state_dict(),
+                    "rng": {
+                        "python": random.getstate(),
+                        "numpy": np.random.get_state(),
+                        "torch": torch.get_rng_state(),
+                    },
+                }
+            )
+        return state
 
     @property
     def _rank_key(self) -> str:
         return f"rank{self.rank}"
 
-    def _rank_state(self) -> bytes:
-        mine = {
-            "step": self.step,
-            "epoch": self.epoch,
-            "schedule": self.schedule.state_dict(),
-            "loader": self.train_loader.state_dict(),
-            "metrics": self.train_metrics.state_dict(),
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-            },
-        }
-        buffer = io.BytesIO()
-        torch.save(mine, buffer)
-        return buffer.getvalue()
+    def _resume(self) -> None:
+        self.dense.init_state()  # AdamW's state is lazy: make room for the saved one
+        loaded: dict[str, Any] = {}
 
-    def _load_rank_state(self, blob: bytes) -> None:
-        # The run's own checkpoint: trusted, and it holds Python objects (RNG states).
-        mine = torch.load(io.BytesIO(blob), weights_only=False)
-        self.step, self.epoch = int(mine["step"]), int(mine["epoch"])
-        self.schedule.load_state_dict(mine["schedule"])
+        def state_for(path) -> dict[str, Any]:
+            saved_ranks = {k for k in keys(path) if k.startswith("rank")}
+            same_world = len(saved_ranks) == self.world_size
+            loaded.clear()
+            loaded.update(self.state(with_rank_state=same_world))
+            return loaded
+
+        path = self.checkpoints.load(state_for)
+        shared = _unblob(loaded["trainer"])
+        self.step, self.epoch = int(shared["step"]), int(shared["epoch"])
+        self.schedule.load_state_dict(shared["schedule"])
         # The optimizer's current learning rate is plain Python state too: set it from the
         # schedule, or the first resumed step would run at the schedule's starting rate.
         for group, lr in zip(self.dense.param_groups, self.schedule.get_last_lr(), strict=True):
             group["lr"] = lr
+        if self._rank_key not in loaded:
+            log.warning(
+                "%s was saved by %d ranks and is resumed on %d: weights, optimizers and "
+                "step carry over; the data cursors cannot, so epoch %d restarts from "
+                "its first batch",
+                path,
+                shared["world_size"],
+                self.world_size,
+                self.epoch,
+            )
+            return
+        mine = _unblob(loaded[self._rank_key])
         self.train_loader.load_state_dict(mine["loader"])
-        if mine["metrics"]:
-            self.train_metrics.load_state_dict(mine["metrics"])
+        self.train_metrics.load_state_dict(mine["metrics"])
         random.setstate(mine["rng"]["python"])
         np.random.set_state(mine["rng"]["numpy"])
         torch.set_rng_state(mine["rng"]["torch"])
-
-    def _resume(self) -> None:
-        self.dense.init_state()  # AdamW's state is lazy: make room for the saved one
-        state = self.state()
-        self.checkpoints.load(state)
-        self._load_rank_state(state[self._rank_key])
 
     def train(self) -> dict[str, float]:
         """Run to the end; return the last epoch's metrics."""

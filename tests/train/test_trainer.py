@@ -91,3 +91,17 @@ def _flatten(tree, prefix: str = "") -> dict[str, torch.Tensor]:
     elif torch.is_tensor(tree):
         flat[prefix] = tree
     return flat
+
+
+def test_resume_on_another_world_size(data: str, tmp_path: Path) -> None:
+    # Saved by 2 ranks, resumed by 1: weights, optimizers and step carry over (DCP
+    # reshards); the data cursors cannot, so the epoch restarts (and the log says so).
+    run_on_ranks(run, data, str(tmp_path / "run"), 3, 2, world_size=2)
+    (resumed,) = run_on_ranks(run, data, str(tmp_path / "run"), 5, 2, world_size=1)
+    assert resumed["step"] == 5
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["split"] == "step"
+    ]
+    assert steps == [1, 2, 3, 4, 5]

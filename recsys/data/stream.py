@@ -208,6 +208,19 @@ class ParquetStream(IterableDataset):
             units = [units[i] for i in order]
         return units
 
+    def batches_in_epoch(self, epoch: int, num_workers: int = 0) -> int:
+        """How many batches this rank yields in ``epoch`` through a loader with
+        ``num_workers`` workers (0: the stream itself), from the footers alone."""
+        workers = max(1, num_workers)
+        readers = self.world_size * workers
+        units = self._units(epoch, readers)
+        total = 0
+        for worker in range(workers):
+            rows = sum(u.rows for u in units[self.rank * workers + worker :: readers])
+            full, rest = divmod(rows, self.config.batch_size)
+            total += full + (1 if rest and not self.config.drop_last else 0)
+        return total
+
     def _reader_id(self) -> tuple[int, int]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)

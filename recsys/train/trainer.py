@@ -97,7 +97,7 @@ class Trainer:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         dense = next(iter(self.dense.params.values()), None)
         self.device = dense.device if dense is not None else torch.device("cpu")
-        self.step = self.epoch = 0
+        self.step = self.epoch = self.epoch_step = 0
         self.train_metrics = CTRMetrics() if config.task == "ctr" else PretrainMetrics()
         self.checkpoints = CheckpointManager(f"{config.run_dir}/checkpoint", keep=config.keep)
         self.log = RunLog(
@@ -122,6 +122,7 @@ class Trainer:
                 {
                     "step": self.step,
                     "epoch": self.epoch,
+                    "epoch_step": self.epoch_step,
                     "schedule": self.schedule.state_dict(),
                     "world_size": self.world_size,
                 }
@@ -159,6 +160,7 @@ class Trainer:
         path = self.checkpoints.load(state_for)
         shared = _unblob(loaded["trainer"])
         self.step, self.epoch = int(shared["step"]), int(shared["epoch"])
+        self.epoch_step = int(shared["epoch_step"])
         self.schedule.load_state_dict(shared["schedule"])
         # The optimizer's current learning rate is plain Python state too: set it from the
         # schedule, or the first resumed step would run at the schedule's starting rate.
@@ -174,6 +176,7 @@ class Trainer:
                 self.world_size,
                 self.epoch,
             )
+            self.epoch_step = 0
             return
         mine = _unblob(loaded[self._rank_key])
         self.train_loader.load_state_dict(mine["loader"])
@@ -199,15 +202,31 @@ class Trainer:
         return results
 
     def _run_epoch(self) -> bool:
-        """Train through the rest of the current epoch; False if stopped by max_steps."""
+        """Train through the rest of the current epoch; False if max_steps stopped it first."""
         self._set_epoch(self.epoch)
+        length = self._epoch_length()
         for batch in self._aligned(iter(self.train_loader)):
             self._train_step(batch)
+            self.epoch_step += 1
             if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                 self.checkpoints.save(self.step, self.state())
+            if length is not None and self.epoch_step >= length:
+                return True  # every rank's share is done (the longest ranks' extras skipped)
             if self._done():
                 return False
         return True
+
+    def _epoch_length(self) -> int | None:
+        """Steps in this epoch, the same on every rank: the fewest batches any rank has (known
+        from the footers, so an epoch that ends exactly at max_steps still counts as ended)."""
+        dataset = getattr(self.train_loader, "dataset", None)
+        if not hasattr(dataset, "batches_in_epoch"):
+            return None
+        workers = getattr(self.train_loader, "num_workers", 0)
+        length = torch.tensor([dataset.batches_in_epoch(self.epoch, workers)])
+        if dist.is_initialized():
+            dist.all_reduce(length, op=dist.ReduceOp.MIN)
+        return int(length)
 
     def _train_step(self, batch) -> None:
         self.model.train()
@@ -236,6 +255,7 @@ class Trainer:
                 # GPSD's overfitting signal: how far training AUC runs ahead of validation.
                 results["gap_auc"] = results["train_auc"] - results["valid_auc"]
         self.epoch += 1
+        self.epoch_step = 0
         self.log.record(self.step, "epoch", {"epoch": self.epoch, **results})
         return results
 

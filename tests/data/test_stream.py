@@ -208,3 +208,14 @@ def test_batches_cross_processes_intact(synth_dir: Path) -> None:
     for name in ("user_ids", "row_ids", "labels", "timestamps"):
         assert torch.equal(getattr(copy, name), getattr(batch, name)), name
     assert copy.labels.dtype == torch.float32
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_count_is_known_from_the_footers(synth_dir: Path, workers: int) -> None:
+    for rank in (0, 1):
+        stream = ParquetStream(
+            str(synth_dir / "ctr_train"), StreamConfig(batch_size=7), rank=rank, world_size=2
+        )
+        stream.set_epoch(3)
+        expected = stream.batches_in_epoch(3, workers)
+        assert len(list(loader(stream, workers))) == expected

@@ -105,3 +105,23 @@ def test_resume_on_another_world_size(data: str, tmp_path: Path) -> None:
         if json.loads(line)["split"] == "step"
     ]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_max_steps_on_an_epoch_boundary_still_ends_the_epoch(data: str, tmp_path: Path) -> None:
+    # Each epoch lasts as long as the shortest rank's share (known from the footers); stop
+    # exactly at the end of the second epoch.
+    streams = [
+        ParquetStream(f"{data}/ctr_train", StreamConfig(batch_size=16), rank=r, world_size=2)
+        for r in (0, 1)
+    ]
+    lengths = [min(s.batches_in_epoch(epoch) for s in streams) for epoch in (0, 1)]
+    (out,) = run_on_ranks(run, data, str(tmp_path / "run"), sum(lengths), 3, world_size=2)[:1]
+    assert out["step"] == sum(lengths)
+    epochs = [
+        json.loads(line)
+        for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["split"] == "epoch"
+    ]
+    assert [e["epoch"] for e in epochs] == [1, 2]  # the second epoch was evaluated too
+    assert [e["step"] for e in epochs] == [lengths[0], sum(lengths)]
+    assert out["results"]["valid_auc"] == epochs[-1]["valid_auc"]

@@ -83,13 +83,19 @@ class CTRMetrics:
         logits, labels = _gathered(self.logits), _gathered(self.labels)
         users = _gathered(self.users, torch.long)
         if len(labels) == 0:
-            return {"auc": float("nan"), "logloss": float("nan"), "gauc": float("nan")}
+            return {
+                "auc": float("nan"),
+                "logloss": float("nan"),
+                "gauc": float("nan"),
+                "samples": 0.0,
+            }
         probabilities = torch.sigmoid(logits)
         auc, weight = grouped_auc(probabilities, labels, users)
         return {
             "auc": float(binary_auroc(probabilities, labels.long(), validate_args=False)),
             "logloss": float(F.binary_cross_entropy_with_logits(logits.double(), labels.double())),
             "gauc": float((auc * weight).sum() / weight.sum()) if len(auc) else float("nan"),
+            "samples": float(len(labels)),
         }
 
     def reset(self) -> None:

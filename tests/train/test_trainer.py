@@ -124,4 +124,7 @@ def test_max_steps_on_an_epoch_boundary_still_ends_the_epoch(data: str, tmp_path
     ]
     assert [e["epoch"] for e in epochs] == [1, 2]  # the second epoch was evaluated too
     assert [e["step"] for e in epochs] == [lengths[0], sum(lengths)]
+    # Validation scores every sample once, whatever the ranks' shares.
+    valid_rows = sum(len(b) for b in ParquetStream(f"{data}/ctr_test", StreamConfig()))
+    assert all(e["valid_samples"] == valid_rows for e in epochs)
     assert out["results"]["valid_auc"] == epochs[-1]["valid_auc"]

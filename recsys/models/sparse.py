@@ -119,6 +119,7 @@ class SparseArch(nn.Module):
                             embedding_dim=t.dim,
                             feature_names=list(t.features),
                             pooling=PoolingType[t.pooling.upper()],
+                            **_init(t),
                         )
                         for t in specs
                     ],
@@ -132,6 +133,7 @@ class SparseArch(nn.Module):
                             num_embeddings=t.rows,
                             embedding_dim=t.dim,
                             feature_names=list(t.features),
+                            **_init(t),
                         )
                         for t in specs
                     ],

@@ -84,3 +84,19 @@ def test_padded_keeps_jagged_order() -> None:
     dense, valid = padded(jagged)
     assert dense.squeeze(-1).tolist() == [[0, 1, 0, 0], [0, 0, 0, 0], [2, 3, 4, 5]]
     assert valid.tolist() == [[True, True, False, False], [False] * 4, [True] * 4]
+
+
+def test_every_table_starts_at_the_same_scale() -> None:
+    torch.manual_seed(0)
+    arch = SparseArch(
+        SparseConfig(
+            (
+                TableSpec("item", 100_000, 16, ("history_item",)),
+                TableSpec("category", 50, 16, ("history_category",)),
+            )
+        )
+    )
+    for name in ("item", "category"):
+        weight = arch.sequence.embeddings[name].weight
+        assert weight.std().item() == pytest.approx(0.02, rel=0.1), name
+        assert weight.abs().max().item() <= 0.02 * 3**0.5 + 1e-6

@@ -79,21 +79,26 @@ class Batch:
 
     def __reduce__(self):
         # Crossing from a loader worker, every tensor would get its own shared-memory segment
-        # (a few system calls each). One packed int64 array per batch, pickled by value
-        # through the worker's pipe, is cheaper (labels are 0/1: exact as int64).
-        parts = [self.features.values(), self.features.lengths(), self.user_ids, self.row_ids]
+        # (a few system calls each). Packed arrays pickled by value through the worker's pipe
+        # are cheaper; the ids, the bulk of a batch, travel as int32 when they fit (half the
+        # bytes through the pipe), everything else as one int64 array (labels are 0/1).
+        ids = self.features.values()
+        if ids.numel() and int(ids.max()) < 2**31 and int(ids.min()) >= 0:
+            ids = ids.to(torch.int32)
+        parts = [self.features.lengths(), self.user_ids, self.row_ids]
         if self.labels is not None:
             parts += [self.labels.to(torch.int64), self.timestamps]
         sizes = [len(p) for p in parts]
-        return _unpack, (self.features.keys(), torch.cat(parts).numpy(), sizes)
+        return _unpack, (self.features.keys(), ids.numpy(), torch.cat(parts).numpy(), sizes)
 
 
-def _unpack(keys: list[str], packed: np.ndarray, sizes: list[int]) -> Batch:
+def _unpack(keys: list[str], ids: np.ndarray, packed: np.ndarray, sizes: list[int]) -> Batch:
     parts = torch.split(torch.from_numpy(packed), sizes)
-    features = KeyedJaggedTensor(keys=keys, values=parts[0], lengths=parts[1])
-    batch = Batch(features, parts[2], parts[3])
-    if len(parts) > 4:
-        batch.labels, batch.timestamps = parts[4].to(torch.float32), parts[5]
+    values = torch.from_numpy(ids).to(torch.int64)
+    features = KeyedJaggedTensor(keys=keys, values=values, lengths=parts[0])
+    batch = Batch(features, parts[1], parts[2])
+    if len(parts) > 3:
+        batch.labels, batch.timestamps = parts[3].to(torch.float32), parts[4]
     return batch
 
 
@@ -252,49 +257,66 @@ def gather(columns: Columns, rows: np.ndarray, max_len: int | None) -> Columns:
     return Columns(lists, {k: v[rows] for k, v in columns.scalars.items()})
 
 
-def concat(parts: list[Columns]) -> Columns:
-    """Rows of several :class:`Columns` one after the other."""
-    if len(parts) == 1:
-        return parts[0]
-    lengths = np.concatenate([np.diff(p.lists.offsets) for p in parts])
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    keys = parts[0].lists.values
-    lists = Lists(offsets, {k: np.concatenate([p.lists.values[k] for p in parts]) for k in keys})
-    scalars = {k: np.concatenate([p.scalars[k] for p in parts]) for k in parts[0].scalars}
-    return Columns(lists, scalars)
+def assemble(
+    pieces: list[tuple[Columns, np.ndarray]], meta: DatasetMeta, max_len: int | None
+) -> Batch:
+    """The :class:`Batch` of the given rows of decoded chunks, in that order, with lists cut
+    to their last ``max_len`` values.
 
-
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    # Views of Arrow buffers are read-only, and torch wants writable memory: copy those.
-    return torch.from_numpy(array if array.flags.writeable else array.copy())
-
-
-def to_batch(columns: Columns, meta: DatasetMeta) -> Batch:
-    """The :class:`Batch` of ``columns``."""
-    n = len(columns)
-    lengths = np.diff(columns.lists.offsets)
-    keys, values, key_lengths = [], [], []
-    for column, vocab in list_columns(meta).items():
-        if not vocab:
-            continue  # timestamps are not an embedding feature
-        keys.append(vocab if meta.kind == "seq" else f"history_{vocab}")
-        values.append(columns.lists.values[column])
-        key_lengths.append(lengths)
-    if meta.kind == "ctr":
-        for column, vocab in scalar_columns(meta).items():
-            if vocab:
-                keys.append(f"candidate_{vocab}")
-                values.append(columns.scalars[column])
-                key_lengths.append(np.ones(n, dtype=np.int64))
+    ``pieces`` are ``(chunk, rows)`` pairs, rows ascending. Every id is copied exactly once,
+    straight into the batch's single ``KeyedJaggedTensor`` values buffer: the rows of a piece
+    whose values lie end to end as one block copy, other rows through one index shared by all
+    list columns.
+    """
+    list_keys = [c for c, vocab in list_columns(meta).items() if vocab]
+    scalar_keys = [c for c, vocab in scalar_columns(meta).items() if vocab and meta.kind == "ctr"]
+    extra = ["user_id", ROW_ID] + (["label", "timestamp"] if meta.kind == "ctr" else [])
+    plans, piece_lengths = [], []
+    for chunk, rows in pieces:
+        offsets = chunk.lists.offsets
+        starts, ends = offsets[rows], offsets[rows + 1]
+        if max_len is not None:
+            starts = np.maximum(starts, ends - max_len)
+        lengths = ends - starts
+        run = bool((starts[1:] == ends[:-1]).all())  # the rows' values lie end to end
+        plans.append((chunk, rows, starts, lengths, run))
+        piece_lengths.append(lengths)
+    lengths = np.concatenate(piece_lengths)
+    n, total = len(lengths), int(lengths.sum())
+    values = np.empty(total * len(list_keys) + n * len(scalar_keys), dtype=np.int64)
+    dense = np.empty(n * len(extra), dtype=np.int64)
+    at_value, at_row = 0, 0
+    for chunk, rows, starts, piece, run in plans:
+        m, k = int(piece.sum()), len(rows)
+        if run:
+            lo = int(starts[0])
+            for i, key in enumerate(list_keys):
+                base = i * total + at_value
+                values[base : base + m] = chunk.lists.values[key][lo : lo + m]
+        else:
+            firsts = np.zeros(k, dtype=np.int64)
+            np.cumsum(piece[:-1], out=firsts[1:])
+            index = np.repeat(starts - firsts, piece) + np.arange(m)
+            for i, key in enumerate(list_keys):
+                base = i * total + at_value
+                np.take(chunk.lists.values[key], index, out=values[base : base + m])
+        for i, key in enumerate(scalar_keys):
+            base = len(list_keys) * total + i * n + at_row
+            np.take(chunk.scalars[key], rows, out=values[base : base + k])
+        for i, key in enumerate(extra):
+            np.take(chunk.scalars[key], rows, out=dense[i * n + at_row : i * n + at_row + k])
+        at_value, at_row = at_value + m, at_row + k
+    key_lengths = np.ones(n * (len(list_keys) + len(scalar_keys)), dtype=np.int64)
+    for i in range(len(list_keys)):
+        key_lengths[i * n : (i + 1) * n] = lengths
+    names = [list_columns(meta)[c] for c in list_keys]
+    keys = names if meta.kind == "seq" else [f"history_{v}" for v in names]
+    keys += [f"candidate_{scalar_columns(meta)[c]}" for c in scalar_keys]
     features = KeyedJaggedTensor(
-        keys=keys,
-        values=torch.from_numpy(np.concatenate(values)),
-        lengths=torch.from_numpy(np.concatenate(key_lengths)),
+        keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(key_lengths)
     )
-    s = columns.scalars
-    batch = Batch(features, _tensor(s["user_id"]), _tensor(s[ROW_ID]))
+    parts = torch.from_numpy(dense).split(n)
+    batch = Batch(features, parts[0], parts[1])
     if meta.kind == "ctr":
-        batch.labels = _tensor(s["label"]).to(torch.float32)
-        batch.timestamps = _tensor(s["timestamp"])
+        batch.labels, batch.timestamps = parts[2].to(torch.float32), parts[3]
     return batch

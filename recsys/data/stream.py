@@ -37,13 +37,13 @@ import pyarrow as pa
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from recsys.data.batch import Batch, Columns, concat, decode, gather, to_batch
+from recsys.data.batch import Batch, Columns, assemble, decode, gather
 from recsys.data.files import Dataset, open_dataset
 from recsys.data.schema import DataError, DatasetMeta, describe, list_columns, scalar_columns
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 65_536
+CHUNK_ROWS = 32_768
 """Rows decoded at a time inside a row group."""
 
 
@@ -244,7 +244,7 @@ class ParquetStream(IterableDataset):
             )
         size = self.config.buffer_row_groups
         buffers = [units[i : i + size] for i in range(0, len(units), size)]
-        pending: list[Columns] = []
+        pending: list[tuple[Columns, np.ndarray]] = []
         pending_rows = 0
         files: dict[int, Any] = {}
         for b, buffer in enumerate(buffers):
@@ -252,22 +252,25 @@ class ParquetStream(IterableDataset):
             if skip >= rows:
                 skip -= rows
                 continue
-            chunks = [chunk for u in buffer for chunk in self._decode(u, files)]
-            starts = np.cumsum([0] + [len(c) for c in chunks])
-            order = (
-                np.random.default_rng([self.config.seed, epoch, reader[0], b]).permutation(rows)
-                if self.config.shuffle
-                else np.arange(rows)
-            )
-            order, skip = order[skip:], 0
-            while len(order):
-                take = order[: self.config.batch_size - pending_rows]
-                order = order[len(take) :]
-                pending += self._take(chunks, starts, take, self.config.max_len)
-                pending_rows += len(take)
-                if pending_rows == self.config.batch_size:
-                    yield self._emit(pending)
-                    pending, pending_rows = [], 0
+            if self.config.shuffle:  # the whole buffer decoded, its rows permuted
+                chunks = [chunk for u in buffer for chunk in self._decode(u, files)]
+                rng = np.random.default_rng([self.config.seed, epoch, reader[0], b])
+                groups: Iterator[tuple[list[Columns], np.ndarray]] = iter(
+                    [(chunks, rng.permutation(rows)[skip:])]
+                )
+            else:  # in file order: one decoded chunk held at a time
+                groups = self._in_order(buffer, files, skip)
+            skip = 0
+            for chunks, order in groups:
+                starts = np.cumsum([0] + [len(c) for c in chunks])
+                while len(order):
+                    take = order[: self.config.batch_size - pending_rows]
+                    order = order[len(take) :]
+                    pending += self._take(chunks, starts, take)
+                    pending_rows += len(take)
+                    if pending_rows == self.config.batch_size:
+                        yield self._emit(pending)
+                        pending, pending_rows = [], 0
         if pending and not self.config.drop_last:
             yield self._emit(pending)
         # The epoch is done: the cursor stays on it with every row counted (dropped ones too).
@@ -275,52 +278,67 @@ class ParquetStream(IterableDataset):
 
     @staticmethod
     def _take(
-        chunks: list[Columns], starts: np.ndarray, rows: np.ndarray, max_len: int | None
-    ) -> list[Columns]:
-        """The given rows of a buffer, in buffer order, each piece gathered from its own chunk
-        (the buffer is never concatenated)."""
+        chunks: list[Columns], starts: np.ndarray, rows: np.ndarray
+    ) -> list[tuple[Columns, np.ndarray]]:
+        """The given rows of a buffer as ``(chunk, rows in it)`` pieces, in buffer order (the
+        buffer is never concatenated)."""
         rows = np.sort(rows)
         pieces = np.split(rows, np.searchsorted(rows, starts[1:-1]))
         return [
-            gather(chunk, piece - start, max_len)
+            (chunk, piece - start)
             for chunk, piece, start in zip(chunks, pieces, starts[:-1], strict=True)
             if len(piece)
         ]
 
-    def _emit(self, pending: list[Columns]) -> Batch:
-        columns = concat(pending)
-        self._rows_done += len(columns)
-        return to_batch(columns, self.meta)
+    def _emit(self, pending: list[tuple[Columns, np.ndarray]]) -> Batch:
+        batch = assemble(pending, self.meta, self.config.max_len)
+        self._rows_done += len(batch)
+        return batch
 
-    def _decode(self, unit: _Unit, files: dict[int, Any]) -> list[Columns]:
-        """A row group, validated, as chunks of ``CHUNK_ROWS`` rows (decoding into small
-        buffers is faster than one large table, and no chunk is ever concatenated)."""
+    def _in_order(
+        self, buffer: list[_Unit], files: dict[int, Any], skip: int
+    ) -> Iterator[tuple[list[Columns], np.ndarray]]:
+        """The buffer's rows in file order, one chunk at a time, after the first ``skip``."""
+        seen = 0
+        for unit in buffer:
+            for chunk in self._decode(unit, files):
+                first, seen = max(skip - seen, 0), seen + len(chunk)
+                if first < len(chunk):
+                    yield [chunk], np.arange(first, len(chunk))
+
+    def _decode(self, unit: _Unit, files: dict[int, Any]) -> Iterator[Columns]:
+        """The unit's rows, validated, in chunks of at most ``CHUNK_ROWS`` rows (decoding into
+        small buffers is faster than one large table, and no chunk is ever concatenated)."""
         part = self.dataset.parts[unit.part]
         if unit.part not in files:
             files[unit.part] = self.dataset.open_file(part)
-        chunks, offset = [], 0
-        try:
-            for batch in files[unit.part].iter_batches(
-                batch_size=CHUNK_ROWS,
-                row_groups=[unit.row_group],
-                columns=self._columns,
-                use_threads=get_worker_info() is None,
-            ):
+        batches = files[unit.part].iter_batches(
+            batch_size=CHUNK_ROWS,
+            row_groups=[unit.row_group],
+            columns=self._columns,
+            use_threads=get_worker_info() is None,
+        )
+        offset = 0
+        while offset < unit.stop:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (OSError, pa.ArrowException) as err:
+                raise DataError(
+                    f"{describe(part.path, row_group=unit.row_group)}: cannot be read "
+                    f"(corrupt data?): {err}"
+                ) from None
+            first, offset = offset, offset + batch.num_rows
+            if offset <= unit.start:
+                continue  # before the unit's row range
 
-                def locate(row: int, column: str, offset: int = offset) -> str:
-                    return describe(
-                        part.path, row_group=unit.row_group, row=offset + row, column=column
-                    )
+            def locate(row: int, column: str, first: int = first) -> str:
+                return describe(part.path, row_group=unit.row_group, row=first + row, column=column)
 
-                chunks.append(decode(batch, self.meta, unit.group_first_row_id + offset, locate))
-                offset += batch.num_rows
-        except (OSError, pa.ArrowException) as err:
-            raise DataError(
-                f"{describe(part.path, row_group=unit.row_group)}: cannot be read "
-                f"(corrupt data?): {err}"
-            ) from None
-        if unit.rows == offset:
-            return chunks
-        # A row range of the group: keep its rows (views of the decoded chunks).
-        starts = np.cumsum([0] + [len(c) for c in chunks])
-        return self._take(chunks, starts, np.arange(unit.start, unit.stop), max_len=None)
+            chunk = decode(batch, self.meta, unit.group_first_row_id + first, locate)
+            if unit.start <= first and offset <= unit.stop:
+                yield chunk
+            else:  # a row range of the group: views of the rows inside it
+                lo, hi = max(unit.start - first, 0), min(unit.stop, offset) - first
+                yield gather(chunk, np.arange(lo, hi), max_len=None)

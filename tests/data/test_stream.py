@@ -219,3 +219,17 @@ def test_batch_count_is_known_from_the_footers(synth_dir: Path, workers: int) ->
         stream.set_epoch(3)
         expected = stream.batches_in_epoch(3, workers)
         assert len(list(loader(stream, workers))) == expected
+
+
+def test_batches_with_ids_beyond_int32_cross_processes_intact() -> None:
+    from torchrec import KeyedJaggedTensor
+
+    from recsys.data.batch import Batch
+
+    values = torch.tensor([5, 2**31, 2**40 + 3, 7])  # ids of a hashed 2^41-row table
+    features = KeyedJaggedTensor(keys=["item"], values=values, lengths=torch.tensor([3, 1]))
+    batch = Batch(features, torch.tensor([10, 11]), torch.tensor([0, 1]))
+    copy = pickle.loads(pickle.dumps(batch))
+    assert copy.features.values().dtype == torch.int64
+    assert copy.features.values().tolist() == values.tolist()
+    assert copy.labels is None

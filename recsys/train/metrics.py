@@ -154,3 +154,14 @@ class PretrainMetrics:
     def reset(self) -> None:
         for metric in (self.loss, self.hits, self.targets):
             metric.reset()
+
+    def state_dict(self) -> dict:
+        """This rank's running sums (not synced: each rank restores its own)."""
+        return {
+            name: {k: v.clone() for k, v in getattr(self, name).state_dict().items()}
+            for name in ("loss", "hits", "targets")
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("loss", "hits", "targets"):
+            getattr(self, name).load_state_dict(state[name])

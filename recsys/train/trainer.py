@@ -79,6 +79,30 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
+def every_batch(batches: Iterator) -> Iterator:
+    """Every batch of every rank, with whether to score it: a rank that has run out repeats
+    its last batch unscored while others finish (each forward of a sharded model is
+    collective)."""
+    last = None
+    while True:
+        batch = next(batches, None)
+        last = batch if batch is not None else last
+        if not dist.is_initialized():
+            if batch is None:
+                return
+            yield batch, True
+            continue
+        flags = torch.tensor([int(batch is not None), int(last is None)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if not flags[0]:
+            return  # every rank is done
+        if flags[1]:
+            # A rank has had no batch at all, so it cannot take part: stop every rank.
+            log.warning("a rank has no evaluation data; evaluation stops at the shortest")
+            return
+        yield last, batch is not None
+
+
 class Trainer:
     def __init__(
         self,
@@ -264,33 +288,11 @@ class Trainer:
         """Metrics of ``loader``'s data under the current weights, over all ranks."""
         self.model.eval()
         metrics = CTRMetrics() if self.config.task == "ctr" else PretrainMetrics()
-        for batch, scored in self._every_batch(iter(loader)):
+        for batch, scored in every_batch(iter(loader)):
             out = self._forward(batch)
             if scored:
                 self._update(metrics, out, batch)
         return metrics.compute()
-
-    def _every_batch(self, batches: Iterator) -> Iterator:
-        """Every batch of every rank, with whether to score it: a rank that has run out
-        repeats its last batch unscored while others finish (each forward is collective)."""
-        last = None
-        while True:
-            batch = next(batches, None)
-            last = batch if batch is not None else last
-            if not dist.is_initialized():
-                if batch is None:
-                    return
-                yield batch, True
-                continue
-            flags = torch.tensor([int(batch is not None), int(last is None)])
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            if not flags[0]:
-                return  # every rank is done
-            if flags[1]:
-                # A rank has had no batch at all, so it cannot take part: stop every rank.
-                log.warning("a rank has no evaluation data; evaluation stops at the shortest")
-                return
-            yield last, batch is not None
 
     def _forward(self, batch):
         device = self.device

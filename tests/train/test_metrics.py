@@ -109,3 +109,21 @@ def test_two_ranks_report_what_one_process_does() -> None:
         assert one_empty == pytest.approx(expected, rel=1e-6)
         assert empty["samples"] == 0
         assert all(math.isnan(v) for k, v in empty.items() if k != "samples")
+
+
+def test_pretrain_metrics_resume_their_running_sums() -> None:
+    from recsys.train.metrics import PretrainMetrics
+
+    whole, first = PretrainMetrics(), PretrainMetrics()
+    parts = [
+        (torch.tensor(2.0), torch.tensor(3), torch.tensor(10)),
+        (torch.tensor(1.0), torch.tensor(1), torch.tensor(30)),
+    ]
+    for part in parts:
+        whole.update(*part)
+    first.update(*parts[0])
+    resumed = PretrainMetrics()
+    resumed.load_state_dict(first.state_dict())
+    resumed.update(*parts[1])
+    assert resumed.compute() == whole.compute()
+    assert whole.compute() == {"loss": 1.25, "hit_rate": 0.1}

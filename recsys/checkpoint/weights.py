@@ -1,0 +1,125 @@
+"""Model weights under stable names, saved and loaded through DCP: what one stage hands on.
+
+Names do not depend on how a model is wrapped or sharded, nor on which collection holds a
+table (frozen tables live in their own collection):
+
+- ``table/<name>``: each embedding table (a ``ShardedTensor`` on a sharded model);
+- ``dense/<path>``: every other state-dict entry (``tower.blocks.0.ffn.w1.weight``, ...).
+
+Because the files are DCP checkpoints, weights saved by N ranks under one plan load into M
+ranks under another. This module also owns a table's digest: a 64-bit sum over every element
+of its bits times an odd multiplier of the element's position in the full table, so each rank
+adds up its own shards and the digest is the same for any sharding plan and world size, and
+any change to any element changes it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from recsys.checkpoint.manager import CheckpointError
+from recsys.distributed.shards import local_shards
+
+TABLE_KEY = re.compile(r"(?:^|\.)sparse\.\w+\.embedding(?:_bag)?s\.(\w+)\.weight$")
+
+
+def named_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{stable name: tensor}`` aliasing the model's own weights."""
+    out = {}
+    for key, value in model.state_dict().items():
+        match = TABLE_KEY.search(key)
+        out[f"table/{match[1]}" if match else f"dense/{key}"] = value
+    return out
+
+
+def saved_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The names and full shapes of the weights saved at ``path``."""
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: not a readable weights checkpoint: {err}") from None
+    return {
+        name: tuple(entry.size)
+        for name, entry in metadata.state_dict_metadata.items()
+        if hasattr(entry, "size")
+    }
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    """Every weight of ``model`` to ``path`` (every rank calls it)."""
+    dcp.save(named_weights(model), checkpoint_id=str(path))
+
+
+def load_weights(model: nn.Module, path: str | Path, names: Iterable[str]) -> list[str]:
+    """Load the weights ``names`` saved at ``path`` into ``model`` (resharding as needed).
+
+    Every name must exist on both sides with the same shape; otherwise a CheckpointError
+    lists each one that is missing or differs. Returns the names loaded."""
+    names = sorted(names)
+    mine = named_weights(model)
+    saved = saved_shapes(path)
+    problems = []
+    for name in names:
+        if name not in mine:
+            problems.append(f"{name}: not in the model being loaded")
+        elif name not in saved:
+            problems.append(f"{name}: not saved in {path}")
+        elif tuple(mine[name].shape) != saved[name]:
+            problems.append(
+                f"{name}: saved with shape {list(saved[name])}, the model has "
+                f"{list(mine[name].shape)}"
+            )
+    if problems:
+        raise CheckpointError(f"{path}: cannot load these weights:\n  " + "\n  ".join(problems))
+    if names:
+        dcp.load({n: mine[n] for n in names}, checkpoint_id=str(path))
+    return names
+
+
+MASK = (1 << 64) - 1
+
+
+@torch.no_grad()
+def _partial(tensor: torch.Tensor, rows: slice, cols: slice, width: int) -> int:
+    bits = tensor.detach().contiguous().view(torch.int32).to(torch.int64)
+    r = torch.arange(rows.start, rows.stop, dtype=torch.int64)[:, None]
+    c = torch.arange(cols.start, cols.stop, dtype=torch.int64)[None, :]
+    position = r * width + c
+    # 2·position + 1 is odd, so invertible modulo 2^64: changing one element always changes
+    # the sum. int64 arithmetic wraps around, which is exactly arithmetic modulo 2^64.
+    return int((bits * (position * 2 + 1)).sum()) & MASK
+
+
+def table_digests(model: nn.Module, tables: Iterable[str]) -> dict[str, str]:
+    """A digest per named table, the same for any plan or world size (collective)."""
+    wanted = set(tables)
+    widths = {
+        match[1]: tuple(value.shape)[1]
+        for key, value in model.state_dict().items()
+        if (match := TABLE_KEY.search(key)) and match[1] in wanted
+    }
+    missing = sorted(wanted - set(widths))
+    if missing:
+        raise ValueError(f"tables {missing} are not in the model")
+    names = sorted(wanted)
+    sums = [0] * len(names)
+    for shard in local_shards(model):
+        if shard.table in wanted:
+            i = names.index(shard.table)
+            part = _partial(shard.tensor, shard.rows, shard.cols, widths[shard.table])
+            sums[i] = (sums[i] + part) & MASK
+    # Sum over ranks modulo 2^64, in two 32-bit halves (exact in int64 under gloo and nccl).
+    parts = torch.tensor([[s & 0xFFFFFFFF, s >> 32] for s in sums], dtype=torch.int64)
+    if dist.is_initialized() and parts.numel():
+        dist.all_reduce(parts)
+    out = {}
+    for name, (low, high) in zip(names, parts.tolist(), strict=True):
+        out[name] = f"{((high << 32) + low) & MASK:016x}"
+    return out

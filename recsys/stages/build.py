@@ -1,0 +1,126 @@
+"""Building what a stage trains: models for a dataset, placed on the job's ranks, and loaders.
+
+This module owns turning config sections into objects: the tower from ``model``, the tables
+from the dataset's vocabularies, the sharding plan from ``plan`` (TorchRec's planner), the
+optimizers from ``optim`` (with the schedule's length filled in from the data when the config
+leaves it out), and a stateful loader from ``data``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from recsys.data.files import open_dataset
+from recsys.data.schema import DatasetMeta
+from recsys.data.stream import ParquetStream, StreamConfig
+from recsys.distributed.env import DistEnv
+from recsys.distributed.planning import planned
+from recsys.distributed.wrap import shard
+from recsys.models.ctr import CTRConfig, CTRModel
+from recsys.models.generative import GenerativeConfig, GenerativeModel
+from recsys.models.tower import TowerConfig
+from recsys.stages.common import StageError
+from recsys.stages.config import DataSection, ModelSection, PlanSection, StageConfig
+from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
+
+META = torch.device("meta")
+
+
+def dataset_meta(path: str, kind: str, key: str) -> DatasetMeta:
+    """The metadata of the dataset ``path`` (config key ``key``), which must be of ``kind``."""
+    if not path:
+        raise StageError(f"{key} is not set: give the {kind} dataset to read")
+    meta = open_dataset(path).meta
+    if meta.kind != kind:
+        raise StageError(f"{key}={path} is a {meta.kind!r} dataset; this stage needs {kind!r}")
+    return meta
+
+
+def tower(model: ModelSection) -> TowerConfig:
+    # One more position than the history: the CTR model appends the candidate token.
+    return TowerConfig.from_name(
+        model.size, max_len=model.max_len + 1, causal=model.causal, dropout=model.dropout
+    )
+
+
+def side_features(meta: DatasetMeta) -> dict[str, int]:
+    return {name: meta.vocab[name] for name in meta.side_features}
+
+
+def generative_model(model: ModelSection, meta: DatasetMeta) -> GenerativeModel:
+    config = GenerativeConfig(
+        tower(model), meta.vocab["item"], side_features(meta), negatives=model.negatives
+    )
+    return GenerativeModel(config, sparse_device=META)
+
+
+def ctr_model(model: ModelSection, meta: DatasetMeta, frozen: tuple[str, ...] = ()) -> CTRModel:
+    config = CTRConfig(tower(model), meta.vocab["item"], side_features(meta), frozen=frozen)
+    return CTRModel(config, sparse_device=META)
+
+
+def place(model: nn.Module, plan: PlanSection, env: DistEnv, optim: OptimConfig | None = None):
+    """``model`` sharded over the job under TorchRec's plan; with ``optim``, the table
+    optimizer fused into backward (trainable tables only)."""
+    if optim is not None:
+        attach_sparse_optimizer(model, optim)
+    tables = {t.name for t in model.sparse.config.tables}
+    types = {t: v for t, v in plan.sharding_types.items() if t in tables}
+    chosen = planned(
+        model,
+        world_size=env.world_size,
+        local_world_size=env.local_world_size,
+        device_type=env.device.type,
+        sharding_types=types,
+    )
+    return shard(model, chosen, env)
+
+
+def loader(
+    path: str, data: DataSection, model: ModelSection, seed: int, *, train: bool
+) -> StatefulDataLoader:
+    stream = ParquetStream(
+        path,
+        StreamConfig(
+            batch_size=data.batch_size,
+            max_len=model.max_len,
+            shuffle=data.shuffle and train,
+            seed=seed,
+        ),
+    )
+    return StatefulDataLoader(stream, batch_size=None, num_workers=data.workers)
+
+
+def steps_per_epoch(train_loader: StatefulDataLoader) -> int:
+    """Training steps in an epoch: the fewest batches any rank has (the trainer's rule)."""
+    batches = torch.tensor([train_loader.dataset.batches_in_epoch(0, train_loader.num_workers)])
+    if dist.is_initialized():
+        dist.all_reduce(batches, op=dist.ReduceOp.MIN)
+    return int(batches)
+
+
+def optim_config(config: StageConfig, steps_per_epoch: int) -> OptimConfig:
+    """The ``optim`` section, its schedule fitted to the run unless the config set it:
+    cosine decay over every step, warm-up over the first 10% (at most 100 steps)."""
+    total = config.run.epochs * steps_per_epoch
+    if config.run.max_steps is not None:
+        total = min(total, config.run.max_steps)
+    total = max(1, total)
+    changes = {}
+    if "optim.total_steps" not in config.given:
+        changes["total_steps"] = total
+    if "optim.warmup_steps" not in config.given:
+        changes["warmup_steps"] = min(100, total // 10)
+    return dataclasses.replace(config.optim, **changes)
+
+
+def trained(model: nn.Module, optim: OptimConfig, plan: PlanSection, env: DistEnv):
+    """The sharded model with its fused table optimizer, AdamW and its schedule."""
+    sharded = place(model, plan, env, optim)
+    dense, schedule = dense_optimizer(sharded, optim)
+    return sharded, dense, schedule

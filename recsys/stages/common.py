@@ -1,0 +1,168 @@
+"""What every stage shares: its command line and its directory.
+
+A stage runs as ``python -m recsys.stages.<name> --config FILE --out DIR [options]
+[section.key=value ...]`` on every rank of a job. It writes into its own directory::
+
+    DIR/checkpoint/    trainer checkpoints (stages that train), resumed after a crash
+    DIR/weights/       the model's weights under stable names (DCP), what the next stage reads
+    DIR/stage.json     inputs, their fingerprints, the resolved config, results, timings
+    DIR/DONE           written last: the stage finished
+
+A finished stage (``DONE``) is never overwritten unless ``--force`` is given. A stage's
+*fingerprint* hashes its name, options, resolved config and its inputs' fingerprints (a
+dataset's ``dataset.json``, a stage's own fingerprint): a pipeline skips a stage whose DONE
+directory holds the fingerprint it would produce.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from recsys.stages.config import ConfigError, StageConfig, load
+
+log = logging.getLogger(__name__)
+
+
+class StageError(RuntimeError):
+    """A stage cannot run or its result is wrong; the message says which and why."""
+
+
+def parser(name: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python -m recsys.stages.{name}",
+        description=description,
+        epilog="Overrides: section.key=value, e.g. optim.lr=3e-4 run.epochs=2 (values are YAML).",
+    )
+    p.add_argument("--config", help="YAML stage config (default: built-in defaults)")
+    p.add_argument("--out", required=True, help="this stage's directory")
+    p.add_argument("--force", action="store_true", help="run again over a finished stage")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p
+
+
+def arguments(
+    p: argparse.ArgumentParser, argv: list[str] | None = None
+) -> tuple[argparse.Namespace, StageConfig]:
+    args = p.parse_args(argv)
+    try:
+        config = load(args.config, args.overrides)
+    except ConfigError as err:
+        p.error(str(err))
+    return args, config
+
+
+def _sha(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def input_fingerprint(path: str | Path) -> str:
+    """A dataset's (its dataset.json) or a finished stage's fingerprint."""
+    path = Path(path)
+    if (path / "stage.json").exists():
+        return read_stage(path)["fingerprint"]
+    meta = path / "dataset.json"
+    if meta.exists():
+        return hashlib.sha256(meta.read_bytes()).hexdigest()[:16]
+    raise StageError(f"{path}: neither a dataset (dataset.json) nor a finished stage")
+
+
+def fingerprint(
+    stage: str, options: dict[str, Any], config: StageConfig, inputs: dict[str, str]
+) -> str:
+    """What a stage's result depends on (see the module docstring)."""
+    prints = {name: input_fingerprint(path) for name, path in inputs.items() if path}
+    return _sha([stage, options, config.to_dict(), prints])
+
+
+def read_stage(path: str | Path) -> dict[str, Any]:
+    """The record of a finished stage; a StageError if it has not finished."""
+    path = Path(path)
+    if not (path / "DONE").exists():
+        raise StageError(f"{path}: not a finished stage (no DONE): run that stage first")
+    return json.loads((path / "stage.json").read_text())
+
+
+def _main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class StageDir:
+    """One stage's directory: refuse to redo a finished stage, record the result last."""
+
+    def __init__(self, path: str | Path, stage: str, force: bool = False) -> None:
+        self.path, self.stage, self.force = Path(path), stage, force
+        self.started = time.time()
+
+    @property
+    def weights(self) -> Path:
+        return self.path / "weights"
+
+    def begin(self) -> None:
+        """Check the directory (every rank calls it)."""
+        if (self.path / "DONE").exists():
+            if not self.force:
+                raise StageError(
+                    f"{self.path}: stage {self.stage} has finished already (DONE); "
+                    "pass --force to run it again"
+                )
+            _barrier()
+            if _main():
+                shutil.rmtree(self.path)
+        _barrier()
+        if _main():
+            self.path.mkdir(parents=True, exist_ok=True)
+        _barrier()
+
+    def finish(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Write stage.json, then DONE (rank 0, after every rank got here)."""
+        _barrier()
+        record = {
+            "stage": self.stage,
+            **record,
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "seconds": round(time.time() - self.started, 3),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if _main():
+            tmp = self.path / "stage.json.tmp"
+            tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+            os.replace(tmp, self.path / "stage.json")
+            (self.path / "DONE.tmp").write_text(record["fingerprint"] + "\n")
+            os.replace(self.path / "DONE.tmp", self.path / "DONE")
+        _barrier()
+        return record
+
+
+def run_stage(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m recsys.stages.X``: logs to stderr, errors as one message."""
+    logging.basicConfig(
+        level=os.environ.get("RECSYS_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from recsys.checkpoint.manager import CheckpointError
+    from recsys.data.schema import DataError
+
+    try:
+        main(argv)
+    except (StageError, ConfigError, DataError, CheckpointError) as err:
+        rank = os.environ.get("RANK", "0")
+        print(f"error (rank {rank}): {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,115 @@
+"""Stage ``evaluate``: score a ``ctr`` dataset with a finetuned model, on any world size.
+
+    python -m recsys.stages.evaluate --model runs/demo/finetune-st_sf --data data/ml100k/ctr_test \
+        --out runs/demo/evaluate-st_sf
+
+Rebuilds the model of a finished ``finetune`` stage (its recorded ``model`` section and frozen
+tables), loads its weights on this job's world size and plan, scores every sample of
+``--data`` once, and writes ``predictions/part-<rank>.parquet`` (user_id, candidate_item,
+label, score = click probability), ``metrics.json`` (AUC, logloss, gAUC, samples),
+``stage.json`` and ``DONE``. ``--config`` may set ``data.batch_size`` and ``plan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from recsys.checkpoint.weights import load_weights, named_weights
+from recsys.distributed.env import distributed
+from recsys.stages import build
+from recsys.stages.common import (
+    StageDir,
+    StageError,
+    arguments,
+    fingerprint,
+    parser,
+    read_stage,
+    run_stage,
+)
+from recsys.stages.config import ModelSection
+from recsys.train.metrics import CTRMetrics
+from recsys.train.trainer import every_batch
+
+NAME = "evaluate"
+
+
+@torch.no_grad()
+def score(model, loader, device) -> tuple[dict[str, float], pa.Table]:
+    """Metrics over every rank and this rank's predictions."""
+    model.eval()
+    metrics = CTRMetrics()
+    columns: dict[str, list[torch.Tensor]] = {"user_id": [], "candidate_item": [], "label": []}
+    scores = []
+    for batch, scored in every_batch(iter(loader)):
+        out = model(batch.features.to(device))
+        if not scored:
+            continue
+        metrics.update(out.logits, batch.labels, batch.user_ids)
+        columns["user_id"].append(batch.user_ids)
+        columns["candidate_item"].append(batch.features["candidate_item"].values())
+        columns["label"].append(batch.labels.to(torch.int64))
+        scores.append(torch.sigmoid(out.logits.float()).cpu())
+    arrays = {k: torch.cat(v).numpy() if v else [] for k, v in columns.items()}
+    arrays["score"] = torch.cat(scores).numpy() if scores else []
+    schema = pa.schema(
+        [
+            ("user_id", pa.int64()),
+            ("candidate_item", pa.int64()),
+            ("label", pa.int64()),
+            ("score", pa.float32()),
+        ]
+    )
+    return metrics.compute(), pa.table(arrays, schema=schema)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = parser(NAME, __doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="finished finetune stage")
+    p.add_argument("--data", required=True, help="ctr dataset to score")
+    args, config = arguments(p, argv)
+    with distributed() as env:
+        source = read_stage(args.model)
+        if source["stage"] != "finetune":
+            raise StageError(f"--model {args.model} is a {source['stage']} stage, not finetune")
+        meta = build.dataset_meta(args.data, "ctr", "--data")
+        model_section = ModelSection(**source["config"]["model"])
+        config = dataclasses.replace(config, model=model_section)
+        inputs = {"model": args.model, "data": args.data}
+        print_ = fingerprint(NAME, {}, config, inputs)
+        stage = StageDir(args.out, NAME, args.force)
+        stage.begin()
+        trained_meta = build.dataset_meta(source["config"]["data"]["train"], "ctr", "data.train")
+        if trained_meta.vocab != meta.vocab:
+            raise StageError(
+                f"--data {args.data} has vocabularies {meta.vocab}, but the model was trained "
+                f"with {trained_meta.vocab}: ids would mean other items"
+            )
+        model = build.ctr_model(model_section, meta, tuple(source["frozen"]))
+        sharded = build.place(model, config.plan, env)
+        load_weights(sharded, f"{args.model}/weights", named_weights(sharded))
+        data = dataclasses.replace(config.data, workers=0)
+        loader = build.loader(args.data, data, model_section, config.run.seed, train=False)
+        metrics, predictions = score(sharded, loader, env.device)
+        out = stage.path / "predictions"
+        out.mkdir(exist_ok=True)
+        pq.write_table(predictions, out / f"part-{env.rank:05d}.parquet")
+        if env.is_main:
+            (stage.path / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        return stage.finish(
+            {
+                "fingerprint": print_,
+                "inputs": inputs,
+                "config": config.to_dict(),
+                "strategy": source["strategy"],
+                "results": metrics,
+            }
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage(main))

@@ -1,0 +1,74 @@
+"""Stage ``freeze``: fix the transferred embedding tables for finetuning (GPSD's "SF").
+
+    python -m recsys.stages.freeze --sparse --init runs/demo/transfer-st \
+        --config configs/ml100k/demo.yaml --out runs/demo/freeze-st data.train=data/ml100k/ctr_train
+
+Rebuilds the CTR model of a finished ``transfer`` stage with the chosen tables frozen
+(``--sparse``: every table; ``--tables item,category``: those), so that they get no gradient
+and no optimizer state in finetuning, loads every weight, and records a digest per frozen
+table (the same for any world size and sharding plan). ``finetune`` checks the digests at its
+end. Writes ``weights/``, ``stage.json`` (strategy ``ST&SF`` / ``FT&SF``, frozen tables,
+digests) and ``DONE``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recsys.checkpoint.weights import load_weights, named_weights, save_weights, table_digests
+from recsys.distributed.env import distributed
+from recsys.stages import build
+from recsys.stages.common import (
+    StageDir,
+    StageError,
+    arguments,
+    fingerprint,
+    parser,
+    read_stage,
+    run_stage,
+)
+
+NAME = "freeze"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = parser(NAME, __doc__.splitlines()[0])
+    p.add_argument("--init", required=True, help="finished transfer stage")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--sparse", action="store_true", help="freeze every embedding table")
+    which.add_argument("--tables", help="comma-separated tables to freeze")
+    args, config = arguments(p, argv)
+    with distributed() as env:
+        source = read_stage(args.init)
+        if source["stage"] != "transfer":
+            raise StageError(f"--init {args.init} is a {source['stage']} stage, not transfer")
+        meta = build.dataset_meta(config.data.train, "ctr", "data.train")
+        tables = ["item", *build.side_features(meta)]
+        frozen = sorted(tables if args.sparse else args.tables.split(","))
+        unknown = sorted(set(frozen) - set(tables))
+        if unknown:
+            raise StageError(f"--tables: no table {unknown}; the CTR model has {sorted(tables)}")
+        inputs = {"train": config.data.train, "init": args.init}
+        print_ = fingerprint(NAME, {"frozen": frozen}, config, inputs)
+        stage = StageDir(args.out, NAME, args.force)
+        stage.begin()
+        torch.manual_seed(config.run.seed)
+        model = build.place(build.ctr_model(config.model, meta, tuple(frozen)), config.plan, env)
+        load_weights(model, f"{args.init}/weights", named_weights(model))
+        digests = table_digests(model, frozen)
+        save_weights(model, stage.weights)
+        return stage.finish(
+            {
+                "fingerprint": print_,
+                "inputs": inputs,
+                "config": config.to_dict(),
+                "strategy": f"{source['strategy']}&SF",
+                "transferred": source["transferred"],
+                "frozen": frozen,
+                "digests": digests,
+            }
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage(main))

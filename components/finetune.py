@@ -1,0 +1,60 @@
+"""TorchX component: finetune the CTR model and report AUC, logloss and gAUC every epoch.
+
+    torchx run -s local_cwd components/finetune.py:finetune --init runs/tiny/freeze-st \
+        --config configs/tiny.yaml --out runs/tiny/finetune-st_sf \
+        data.train=data/tiny/ctr_train data.valid=data/tiny/ctr_test
+"""
+
+# TorchX reads the signature to build `--help` and parse arguments: it needs typing's
+# Optional/Dict spelled out and real (not postponed) annotations.
+from typing import Dict, Optional
+
+import torchx.specs as specs
+
+from recsys.stages.appdef import options, stage_app
+
+
+def finetune(
+    *overrides: str,
+    init: str = "runs/freeze",
+    config: Optional[str] = None,
+    out: str = "runs/finetune",
+    force: bool = False,
+    j: str = "1x2",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    image: str = "",
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+) -> specs.AppDef:
+    """Finetune the CTR model from a transfer or freeze stage.
+
+    Args:
+        overrides: config overrides section.key=value, e.g. data.valid=data/x/ctr_test
+        init: finished transfer or freeze stage directory
+        config: YAML stage config
+        out: the stage's directory (checkpoint/, weights/, stage.json, DONE)
+        force: run again over a finished stage
+        j: NNODESxNPROC, hosts × processes per host (e.g. 1x2, 4x8)
+        h: TorchX named resource of one host (e.g. aws_p4d.24xlarge); overrides cpu/gpu/memMB
+        cpu: CPUs per host
+        gpu: GPUs per host
+        memMB: memory per host in MB
+        image: container image holding the project (kubernetes); empty: the working tree
+        env: extra environment variables, e.g. OMP_NUM_THREADS=4
+        max_retries: restarts of a failed job (it resumes from its last checkpoint)
+    """
+    return stage_app(
+        "finetune",
+        [*options(init=init, config=config, out=out, force=force), *overrides],
+        j=j,
+        h=h,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        image=image,
+        env=env,
+        max_retries=max_retries,
+    )

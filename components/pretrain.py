@@ -1,0 +1,58 @@
+"""TorchX component: GPSD pretraining (``recsys.stages.pretrain``) as a distributed job.
+
+    torchx run -s local_cwd components/pretrain.py:pretrain --config configs/tiny.yaml \
+        --out runs/tiny/pretrain data.train=data/tiny/seq
+    torchx run -s local_cwd components/pretrain.py:pretrain --help
+"""
+
+# TorchX reads the signature to build `--help` and parse arguments: it needs typing's
+# Optional/Dict spelled out and real (not postponed) annotations.
+from typing import Dict, Optional
+
+import torchx.specs as specs
+
+from recsys.stages.appdef import options, stage_app
+
+
+def pretrain(
+    *overrides: str,
+    config: Optional[str] = None,
+    out: str = "runs/pretrain",
+    force: bool = False,
+    j: str = "1x2",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    image: str = "",
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+) -> specs.AppDef:
+    """Pretrain the generative model (next-item prediction) on a seq dataset.
+
+    Args:
+        overrides: config overrides section.key=value, e.g. data.train=data/x/seq run.epochs=2
+        config: YAML stage config
+        out: the stage's directory (checkpoint/, weights/, stage.json, DONE)
+        force: run again over a finished stage
+        j: NNODESxNPROC, hosts × processes per host (e.g. 1x2, 4x8)
+        h: TorchX named resource of one host (e.g. aws_p4d.24xlarge); overrides cpu/gpu/memMB
+        cpu: CPUs per host
+        gpu: GPUs per host
+        memMB: memory per host in MB
+        image: container image holding the project (kubernetes); empty: the working tree
+        env: extra environment variables, e.g. OMP_NUM_THREADS=4
+        max_retries: restarts of a failed job (it resumes from its last checkpoint)
+    """
+    return stage_app(
+        "pretrain",
+        [*options(config=config, out=out, force=force), *overrides],
+        j=j,
+        h=h,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        image=image,
+        env=env,
+        max_retries=max_retries,
+    )

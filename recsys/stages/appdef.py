@@ -1,0 +1,67 @@
+"""The TorchX ``AppDef`` of a stage: ``torchrun -m recsys.stages.<stage>`` on NNODES×NPROC.
+
+This module owns what every component in ``components/`` shares, so that each component file
+stays a typed signature with a docstring. It builds on ``torchx.components.dist.ddp``. When no
+image is given (local_cwd and Slurm run the working tree) and TorchX itself runs from a
+virtual environment, the job's ``torchrun`` is that environment's, so that
+``.venv/bin/torchx run -s local_cwd ...`` works without activating anything.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torchx.specs as specs
+from torchx.components.dist import ddp
+
+STAGES = ("pretrain", "transfer", "freeze", "finetune", "evaluate")
+
+
+def stage_app(
+    stage: str,
+    stage_args: list[str],
+    *,
+    j: str,
+    h: str | None,
+    cpu: int,
+    gpu: int,
+    memMB: int,  # noqa: N803 (TorchX's spelling)
+    image: str,
+    env: dict[str, str] | None,
+    max_retries: int,
+) -> specs.AppDef:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    app = ddp(
+        *stage_args,
+        m=f"recsys.stages.{stage}",
+        image=image or "recsys",
+        name=f"recsys-{stage}",
+        h=h,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        j=j,
+        env={"RECSYS_LOG_LEVEL": "INFO", **(env or {})},
+        max_retries=max_retries,
+    )
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not image and sys.prefix != sys.base_prefix and torchrun.exists():
+        for role in app.roles:  # ddp runs `bash -c "torchrun ..."`
+            role.args = [
+                f"{torchrun}{a[len('torchrun') :]}" if a.startswith("torchrun ") else a
+                for a in role.args
+            ]
+    return app
+
+
+def options(**values: object) -> list[str]:
+    """``--name value`` for each option that is set (``True`` flags as ``--name``)."""
+    out = []
+    for name, value in values.items():
+        if value is None or value is False or value == "":
+            continue
+        flag = "--" + name.replace("_", "-")
+        out += [flag] if value is True else [flag, str(value)]
+    return out

@@ -19,6 +19,41 @@ def _doctor(args: argparse.Namespace) -> int:
     return doctor.main(as_json=args.json, timeout=args.timeout)
 
 
+def _pipeline(args: argparse.Namespace) -> int:
+    from pipelines.gpsd import STRATEGIES, PipelineError, Study, run
+    from pipelines.profiles import ProfileError
+    from recsys import report
+
+    strategies = STRATEGIES if args.strategies == "all" else tuple(args.strategies.split(","))
+    try:
+        study = Study(
+            experiment=args.experiment,
+            data=args.data,
+            config=args.config,
+            strategies=strategies,
+            sizes=tuple(s for s in (args.sizes or "").split(",") if s),
+            overrides=tuple(args.overrides),
+        )
+        steps = run(study, args.profile, args.profiles)
+    except (PipelineError, ProfileError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    skipped = sum(s.skipped for s in steps)
+    print(f"{len(steps)} stages, {skipped} skipped (done with the same inputs and config)")
+    table, _ = report.write(args.experiment)
+    print(table)
+    print(f"report: {args.experiment}/report.md, report.json, curves.png")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from recsys import report
+
+    table, rows = report.write(args.experiment)
+    print(table)
+    return 0 if rows else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every sub-command."""
     parser = argparse.ArgumentParser(
@@ -45,6 +80,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="limit for the 2-rank job (default: %(default)s)",
     )
     doctor.set_defaults(run=_doctor)
+
+    pipeline = commands.add_parser(
+        "pipeline",
+        help="run the GPSD stages as TorchX jobs (pretrain → transfer → freeze → finetune)",
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    run = pipeline.add_parser(
+        "run",
+        help="run a study: every strategy and size, skipping finished stages",
+        description="Chain pretrain, transfer, freeze and finetune through the TorchX runner on "
+        "a scheduler profile of torchx.yaml; a rerun skips stages DONE with the same inputs "
+        "and config and resumes an interrupted one. Writes EXPERIMENT/report.md.",
+    )
+    run.add_argument("--data", required=True, help="directory with seq/, ctr_train/, ctr_test/")
+    run.add_argument("--experiment", required=True, help="directory of the stages and report")
+    run.add_argument("--config", help="stage config (YAML) for every stage")
+    run.add_argument(
+        "--strategies", default="ST&SF", help="comma-separated NT,FT,ST,FT&SF,ST&SF, or all"
+    )
+    run.add_argument("--sizes", help="comma-separated model sizes, e.g. L4H32A4,L4H64A4")
+    run.add_argument("--profile", default="local_cwd", help="profile of torchx.yaml")
+    run.add_argument("--profiles", default="torchx.yaml", help="the profiles file")
+    run.add_argument("overrides", nargs="*", metavar="section.key=value")
+    run.set_defaults(run=_pipeline)
+
+    report = commands.add_parser(
+        "report", help="write the report of an experiment's finished finetune stages"
+    )
+    report.add_argument("experiment")
+    report.set_defaults(run=_report)
 
     from recsys.data.cli import add_commands as add_data_commands
 

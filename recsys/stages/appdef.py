@@ -26,7 +26,7 @@ def stage_app(
     h: str | None,
     cpu: int,
     gpu: int,
-    memMB: int,  # noqa: N803 (TorchX's spelling)
+    memMB: int,
     image: str,
     env: dict[str, str] | None,
     max_retries: int,

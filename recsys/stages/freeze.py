@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
         if unknown:
             raise StageError(f"--tables: no table {unknown}; the CTR model has {sorted(tables)}")
         inputs = {"train": config.data.train, "init": args.init}
-        print_ = fingerprint(NAME, {"frozen": frozen}, config, inputs)
+        print_ = fingerprint(NAME, {"tables": args.tables or "all"}, config, inputs)
         stage = StageDir(args.out, NAME, args.force)
         stage.begin()
         torch.manual_seed(config.run.seed)

@@ -1,0 +1,255 @@
+"""The GPSD pipeline: pretrain → transfer → freeze → finetune, as TorchX jobs on any scheduler.
+
+    recsys pipeline run --data data/ml100k --config configs/ml100k/demo.yaml \
+        --experiment runs/demo --strategies all --sizes L4H64A4
+
+This module owns the order of the stages of a study and whether each must run. Every stage is
+submitted through the TorchX runner API (``run_component``, then ``wait``) on a profile of
+``torchx.yaml``; the log of each job's first replica streams to the console and to
+``EXPERIMENT/logs/<stage>.log``. A stage whose directory is DONE with the fingerprint this
+run would give it (same config, options and inputs) is skipped; a DONE stage with another
+fingerprint runs again; an interrupted one resumes from its own checkpoint. A failed job stops
+the pipeline with a :class:`PipelineError` naming the stage, the job and its log.
+
+Layout: ``EXPERIMENT/<size>/{pretrain, transfer-<nt|st|ft>, freeze-<st|ft>,
+finetune-<strategy>}`` and the report (``recsys.report``) in ``EXPERIMENT/report*``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from pipelines.profiles import Profile, load_profile
+from recsys.stages.common import StageError, fingerprint, read_stage
+from recsys.stages.config import load
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("NT", "FT", "ST", "FT&SF", "ST&SF")
+"""GPSD §2.3: no transfer, full transfer, sparse transfer, and both with sparse freezing."""
+
+
+class PipelineError(RuntimeError):
+    """A stage failed or cannot start; the message names it."""
+
+
+@dataclass(frozen=True)
+class Study:
+    """What one pipeline run covers."""
+
+    experiment: str
+    """Directory of every stage and the report."""
+    data: str
+    """Directory holding ``seq/``, ``ctr_train/`` and ``ctr_test/`` (``recsys data ...``)."""
+    config: str | None = None
+    """Stage config (YAML) every stage reads; ``model.size`` is set per size."""
+    strategies: tuple[str, ...] = ("ST&SF",)
+    sizes: tuple[str, ...] = ()
+    """Model sizes (``L4H64A4``, ...); empty: the config's ``model.size``."""
+    overrides: tuple[str, ...] = ()
+    """``section.key=value`` given to every stage."""
+    pretrain_overrides: tuple[str, ...] = ()
+    finetune_overrides: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown or not self.strategies:
+            raise PipelineError(f"strategies {unknown}: choose among {', '.join(STRATEGIES)}")
+
+
+def slug(strategy: str) -> str:
+    """``ST&SF`` → ``st_sf`` (directory names)."""
+    return strategy.lower().replace("&", "_")
+
+
+@dataclass
+class Step:
+    """One stage to run: its component, options and config overrides."""
+
+    stage: str
+    out: Path
+    options: dict[str, Any]
+    """Stage options as the stage records them in its fingerprint."""
+    arguments: list[str]
+    """Component arguments besides overrides and job shape."""
+    overrides: list[str]
+    inputs: Callable[[], dict[str, str | None]]
+    """The stage's inputs, as the stage names them (read when the step runs)."""
+    size: str = ""
+    strategy: str = ""
+    config: str | None = None
+    skipped: bool = field(default=False)
+
+
+def plan(study: Study) -> list[Step]:
+    """The steps of ``study`` in the order they run."""
+    data = Path(study.data)
+    seq, train, test = str(data / "seq"), str(data / "ctr_train"), str(data / "ctr_test")
+    sizes = study.sizes or (load(study.config, study.overrides).model.size,)
+    steps: list[Step] = []
+    for size in sizes:
+        root = Path(study.experiment) / size
+        common = [*study.overrides, f"model.size={size}"]
+        pretrain = root / "pretrain"
+        if any(s != "NT" for s in study.strategies):
+            steps.append(
+                Step(
+                    "pretrain",
+                    pretrain,
+                    {},
+                    [],
+                    [*common, *study.pretrain_overrides, f"data.train={seq}"],
+                    lambda: {"train": seq, "valid": None},
+                    size,
+                )
+            )
+        ctr = [*common, f"data.train={train}"]
+        transfers = {s.split("&")[0] for s in study.strategies}
+        for kind in [k for k in ("NT", "FT", "ST") if k in transfers]:
+            pretrained = None if kind == "NT" else str(pretrain)
+            steps.append(
+                Step(
+                    "transfer",
+                    root / f"transfer-{slug(kind)}",
+                    {"strategy": kind},
+                    ["--strategy", kind] + (["--pretrained", pretrained] if pretrained else []),
+                    ctr,
+                    lambda p=pretrained: {"train": train, "pretrained": p},
+                    size,
+                    kind,
+                )
+            )
+        for kind in [k for k in ("FT", "ST") if f"{k}&SF" in study.strategies]:
+            source = str(root / f"transfer-{slug(kind)}")
+            steps.append(
+                Step(
+                    "freeze",
+                    root / f"freeze-{slug(kind)}",
+                    {"tables": "all"},
+                    ["--init", source],
+                    ctr,
+                    lambda s=source: {"train": train, "init": s},
+                    size,
+                    f"{kind}&SF",
+                )
+            )
+        for strategy in study.strategies:
+            kind, frozen = strategy.split("&")[0], strategy.endswith("&SF")
+            init = str(root / f"{'freeze' if frozen else 'transfer'}-{slug(kind)}")
+            steps.append(
+                Step(
+                    "finetune",
+                    root / f"finetune-{slug(strategy)}",
+                    {},
+                    ["--init", init],
+                    [*ctr, *study.finetune_overrides, f"data.valid={test}"],
+                    lambda i=init: {"train": train, "valid": test, "init": i},
+                    size,
+                    strategy,
+                )
+            )
+    return [replace(s, config=study.config) for s in steps]
+
+
+def expected_fingerprint(step: Step) -> str:
+    return fingerprint(step.stage, step.options, load(step.config, step.overrides), step.inputs())
+
+
+def is_done(step: Step) -> bool:
+    """DONE with the fingerprint this run would give the stage."""
+    if not (step.out / "DONE").exists():
+        return False
+    try:
+        return read_stage(step.out)["fingerprint"] == expected_fingerprint(step)
+    except (OSError, ValueError, KeyError, StageError):  # unreadable: run the stage again
+        return False
+
+
+def component_args(step: Step, profile: Profile, force: bool) -> list[str]:
+    args = ["-j", profile.j, "--max_retries", str(profile.max_restarts)]
+    if profile.resource:
+        args += ["--h", profile.resource]
+    if profile.image and profile.scheduler not in ("local_cwd", "local_docker", "slurm"):
+        args += ["--image", profile.image]
+    if profile.env:
+        args += ["--env", ",".join(f"{k}={v}" for k, v in profile.env.items())]
+    if step.config:
+        args += ["--config", step.config]
+    args += ["--out", str(step.out), *step.arguments]
+    if force:
+        args += ["--force", "True"]
+    return [*args, *step.overrides]
+
+
+def _stream(runner, handle: str, role: str, path: Path, console: TextIO | None) -> None:
+    with path.open("a") as out:
+        try:
+            for line in runner.log_lines(handle, role, k=0, should_tail=True):
+                out.write(line if line.endswith("\n") else line + "\n")
+                out.flush()
+                if console is not None:
+                    console.write(line if line.endswith("\n") else line + "\n")
+        except (OSError, RuntimeError, ValueError) as err:  # logs never fail the pipeline
+            out.write(f"[pipeline] log streaming stopped: {err}\n")
+
+
+def run_step(step: Step, profile: Profile, runner, console: TextIO | None = sys.stdout) -> str:
+    """Submit one stage, stream its log, wait; the job handle. PipelineError if it fails."""
+    from torchx.specs import AppState
+
+    force = (step.out / "DONE").exists()  # finished with other inputs or config: redo
+    args = component_args(step, profile, force)
+    logs = step.out.parent.parent / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    name = f"{step.size}-{step.out.name}"
+    log_path = logs / f"{name}.log"
+    handle = runner.run_component(
+        f"components/{step.stage}.py:{step.stage}",
+        args,
+        profile.scheduler,
+        cfg=dict(profile.scheduler_args),
+    )
+    log.info("%s: submitted %s", name, handle)
+    streamer = threading.Thread(
+        target=_stream, args=(runner, handle, step.stage, log_path, console), daemon=True
+    )
+    streamer.start()
+    status = runner.wait(handle, wait_interval=1)
+    streamer.join(timeout=30)
+    if status is None or status.state != AppState.SUCCEEDED:
+        state = status.state.name if status is not None else "UNKNOWN"
+        tail = log_path.read_text().splitlines()[-15:] if log_path.exists() else []
+        raise PipelineError(
+            f"stage {step.stage} ({name}) failed: job {handle} ended {state}; log: {log_path}\n"
+            + "\n".join(tail)
+        )
+    return handle
+
+
+def run(
+    study: Study,
+    profile: str | Profile = "local_cwd",
+    profiles_path: str | Path = "torchx.yaml",
+    console: TextIO | None = sys.stdout,
+) -> list[Step]:
+    """Run every step of ``study`` that is not DONE; the steps, with ``skipped`` set."""
+    from torchx.runner import get_runner
+
+    chosen = profile if isinstance(profile, Profile) else load_profile(profile, profiles_path)
+    steps = plan(study)
+    with get_runner() as runner:
+        for step in steps:
+            if is_done(step):
+                step.skipped = True
+                log.info(
+                    "%s/%s: done with the same inputs and config, skipped", step.size, step.out.name
+                )
+                continue
+            run_step(step, chosen, runner, console)
+    return steps

@@ -224,10 +224,12 @@ def run_step(step: Step, profile: Profile, runner, console: TextIO | None = sys.
     streamer.join(timeout=30)
     if status is None or status.state != AppState.SUCCEEDED:
         state = status.state.name if status is not None else "UNKNOWN"
-        tail = log_path.read_text().splitlines()[-15:] if log_path.exists() else []
+        lines = log_path.read_text().splitlines() if log_path.exists() else []
+        # A stage states its error in one line; otherwise show the end of the log.
+        reasons = list(dict.fromkeys(line for line in lines if "error (rank" in line))
         raise PipelineError(
             f"stage {step.stage} ({name}) failed: job {handle} ended {state}; log: {log_path}\n"
-            + "\n".join(tail)
+            + "\n".join(reasons[:3] or lines[-15:])
         )
     return handle
 

@@ -112,6 +112,11 @@ def _check(value: Any, kind: Any, where: str) -> Any:
         raise ConfigError(errors[0])
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if kind in (int, float, str, bool):
         if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
             return value

@@ -1,0 +1,49 @@
+"""Stage configs: YAML + overrides → typed sections, with errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recsys.stages.build import optim_config
+from recsys.stages.config import ConfigError, load
+
+
+def test_file_and_overrides_resolve_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {size: L2H32A4}\noptim: {lr: 0.01, betas: [0.9, 0.95]}\n")
+    config = load(
+        path, ["optim.lr=3e-4", "run.max_steps=null", "plan.sharding_types={item: [table_wise]}"]
+    )
+    assert config.model.size == "L2H32A4"
+    assert config.optim.lr == 3e-4 and config.optim.betas == (0.9, 0.95)
+    assert config.run.max_steps is None
+    assert config.plan.sharding_types == {"item": ["table_wise"]}
+    assert {"optim.lr", "model.size", "run.max_steps"} <= config.given
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.lr=fast"], "optim.lr: expected float, got 'fast'"),
+        (["model.layers=4"], "model: unknown keys ['layers']"),
+        (["trainer.epochs=2"], "unknown config sections ['trainer']"),
+        (["epochs=2"], "is not of the form section.key=value"),
+        (["run.epochs=true"], "run.epochs: expected int, got True"),
+        (["optim.sparse=sgd"], "optim: sparse optimizer must be one of"),
+    ],
+)
+def test_bad_configs_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=None) as err:
+        load(None, overrides)
+    assert message in str(err.value)
+
+
+def test_schedule_fits_the_run_unless_the_config_sets_it() -> None:
+    fitted = optim_config(load(None, ["run.epochs=3"]), steps_per_epoch=50)
+    assert (fitted.total_steps, fitted.warmup_steps) == (150, 15)
+    capped = optim_config(load(None, ["run.epochs=3", "run.max_steps=40"]), steps_per_epoch=50)
+    assert capped.total_steps == 40
+    given = optim_config(load(None, ["optim.total_steps=7", "optim.warmup_steps=2"]), 50)
+    assert (given.total_steps, given.warmup_steps) == (7, 2)

@@ -158,7 +158,8 @@ def plan(study: Study) -> list[Step]:
 
 
 def expected_fingerprint(step: Step) -> str:
-    return fingerprint(step.stage, step.options, load(step.config, step.overrides), step.inputs())
+    config = load(step.config, step.overrides, step.stage)
+    return fingerprint(step.stage, step.options, config, step.inputs())
 
 
 def is_done(step: Step) -> bool:

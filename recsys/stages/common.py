@@ -56,8 +56,9 @@ def arguments(
     p: argparse.ArgumentParser, argv: list[str] | None = None
 ) -> tuple[argparse.Namespace, StageConfig]:
     args = p.parse_args(argv)
+    stage = p.prog.rsplit(".", 1)[-1]
     try:
-        config = load(args.config, args.overrides)
+        config = load(args.config, args.overrides, stage)
     except ConfigError as err:
         p.error(str(err))
     return args, config

@@ -11,9 +11,10 @@ run:   {epochs: 1, checkpoint_every: 0, seed: 0}        # RunSection
 plan:  {sharding_types: {item: [row_wise]}}             # PlanSection
 ```
 
-Unknown sections or keys, and values of the wrong type, are errors naming them. Values of
-overrides are parsed as YAML (``optim.lr=3e-4``, ``run.max_steps=null``,
-``plan.sharding_types={item: [table_wise]}``).
+plus optionally ``stages: {pretrain: {run: {epochs: 20}}, finetune: {...}}``: sections that
+apply to one stage only, over the shared ones. Unknown sections or keys, and values of the
+wrong type, are errors naming them. Values of overrides are parsed as YAML
+(``optim.lr=3e-4``, ``run.max_steps=null``, ``plan.sharding_types={item: [table_wise]}``).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class RunSection:
     """Steps between checkpoints (0: only at the end)."""
     keep: int = 2
     """Checkpoints kept."""
+    resume: bool = True
+    """Continue from the stage's latest checkpoint when there is one (False: start over)."""
     seed: int = 0
 
 
@@ -170,10 +173,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+STAGE_NAMES = ("pretrain", "transfer", "freeze", "finetune", "evaluate")
+
+
 def load(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    stage: str | None = None,
 ) -> StageConfig:
-    """The config of ``path`` (None: all defaults) with ``overrides`` applied in order."""
+    """The config of ``path`` (None: all defaults) for ``stage``, with ``overrides`` applied
+    in order. A file may hold a ``stages`` section whose ``stages.<stage>`` sections are
+    merged over the shared ones (e.g. more epochs for pretraining than for finetuning)."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -184,7 +194,15 @@ def load(
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top")
+    per_stage = raw.pop("stages", None) or {}
+    unknown = sorted(set(per_stage) - set(STAGE_NAMES))
+    if unknown:
+        raise ConfigError(f"stages: unknown stages {unknown}; stages: {list(STAGE_NAMES)}")
     raw = {k: dict(v or {}) for k, v in raw.items()}
+    for section, values in (per_stage.get(stage) or {}).items() if stage else ():
+        if not isinstance(values, dict):
+            raise ConfigError(f"stages.{stage}.{section}: expected a mapping of keys")
+        raw.setdefault(section, {}).update(values)
     for text in overrides:
         keys, value = parse_override(text)
         if len(keys) != 2:

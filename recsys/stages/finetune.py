@@ -86,12 +86,13 @@ def main(argv: list[str] | None = None) -> dict:
                 max_steps=config.run.max_steps,
                 checkpoint_every=config.run.checkpoint_every,
                 keep=config.run.keep,
+                resume=config.run.resume,
                 seed=seed,
             ),
             optim,
             valid,
         )
-        if trainer.checkpoints.latest() is None:  # a fresh start, not a resumed one
+        if not (config.run.resume and trainer.checkpoints.latest()):  # not a resumed run
             load_weights(sharded, f"{args.init}/weights", named_weights(sharded))
         results = trainer.train()
         digests = table_digests(sharded, frozen)

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
                 max_steps=config.run.max_steps,
                 checkpoint_every=config.run.checkpoint_every,
                 keep=config.run.keep,
+                resume=config.run.resume,
                 seed=seed,
             ),
             optim,

@@ -79,6 +79,15 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
+def _iterate(loader) -> Iterator:
+    """An iterator of ``loader`` that leaves the global random generator alone: a torch
+    DataLoader draws a seed from it when an iterator starts, and a resumed run starts its
+    iterator at another step than the uninterrupted run did (the models draw negatives from
+    that generator)."""
+    with torch.random.fork_rng(devices=[]):
+        return iter(loader)
+
+
 def every_batch(batches: Iterator) -> Iterator:
     """Every batch of every rank, with whether to score it: a rank that has run out repeats
     its last batch unscored while others finish (each forward of a sharded model is
@@ -229,7 +238,7 @@ class Trainer:
         """Train through the rest of the current epoch; False if max_steps stopped it first."""
         self._set_epoch(self.epoch)
         length = self._epoch_length()
-        for batch in self._aligned(iter(self.train_loader)):
+        for batch in self._aligned(_iterate(self.train_loader)):
             self._train_step(batch)
             self.epoch_step += 1
             if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
@@ -288,7 +297,7 @@ class Trainer:
         """Metrics of ``loader``'s data under the current weights, over all ranks."""
         self.model.eval()
         metrics = CTRMetrics() if self.config.task == "ctr" else PretrainMetrics()
-        for batch, scored in every_batch(iter(loader)):
+        for batch, scored in every_batch(_iterate(loader)):
             out = self._forward(batch)
             if scored:
                 self._update(metrics, out, batch)

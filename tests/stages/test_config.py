@@ -47,3 +47,14 @@ def test_schedule_fits_the_run_unless_the_config_sets_it() -> None:
     assert capped.total_steps == 40
     given = optim_config(load(None, ["optim.total_steps=7", "optim.warmup_steps=2"]), 50)
     assert (given.total_steps, given.warmup_steps) == (7, 2)
+
+
+def test_stage_sections_apply_to_their_stage_only(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("run: {epochs: 2}\nstages:\n  pretrain: {run: {epochs: 20}}\n")
+    assert load(path, stage="pretrain").run.epochs == 20
+    assert load(path, stage="finetune").run.epochs == 2
+    assert load(path, ["run.epochs=30"], stage="pretrain").run.epochs == 30  # overrides win
+    path.write_text("stages:\n  pretrian: {run: {epochs: 20}}\n")
+    with pytest.raises(ConfigError, match=r"unknown stages \['pretrian'\]"):
+        load(path, stage="pretrain")

@@ -110,7 +110,8 @@ def write(experiment: str | Path) -> tuple[str, list[dict[str, Any]]]:
     rows = collect(experiment)
     table = markdown(rows)
     (experiment / "report.md").write_text(
-        f"# {experiment.name}: AUC on the validation data\n\n{table}\n"
+        f"# {experiment.name}: AUC on the evaluation data (the stages' data.valid)\n\n"
+        f"{table}\n"
         "Imp: relative AUC improvement over NT at the same size. gap: train − valid AUC of the "
         "last epoch (overfitting).\n"
     )

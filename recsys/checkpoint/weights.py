@@ -101,7 +101,7 @@ def table_digests(model: nn.Module, tables: Iterable[str]) -> dict[str, str]:
     """A digest per named table, the same for any plan or world size (collective)."""
     wanted = set(tables)
     widths = {
-        match[1]: tuple(value.shape)[1]
+        match[1]: int(value.metadata().size[1]) if hasattr(value, "metadata") else value.shape[1]
         for key, value in model.state_dict().items()
         if (match := TABLE_KEY.search(key)) and match[1] in wanted
     }

@@ -76,7 +76,7 @@ DEMO_CONFIG ?= configs/ml100k/2026-11-23-demo.yaml
 
 demo: setup $(DEMO_DATA)/ctr_test/dataset.json
 	$(VENV)/bin/recsys pipeline run --data $(DEMO_DATA) --config $(DEMO_CONFIG) \
-	  --experiment $(DEMO_DIR) --strategies all
+	  --experiment $(DEMO_DIR) --strategies all --baselines deepfm,din
 
 $(DEMO_DATA)/ctr_test/dataset.json: | $(STAMP)
 	mkdir -p data/wheels

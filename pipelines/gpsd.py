@@ -35,6 +35,10 @@ STRATEGIES = ("NT", "FT", "ST", "FT&SF", "ST&SF")
 """GPSD §2.3: no transfer, full transfer, sparse transfer, and both with sparse freezing."""
 
 
+BASELINES = ("deepfm", "din")
+"""Baseline CTR models the pipeline can run beside GPSD's ranker (NT and ST&SF)."""
+
+
 class PipelineError(RuntimeError):
     """A stage failed or cannot start; the message names it."""
 
@@ -56,11 +60,16 @@ class Study:
     """``section.key=value`` given to every stage."""
     pretrain_overrides: tuple[str, ...] = ()
     finetune_overrides: tuple[str, ...] = ()
+    baselines: tuple[str, ...] = ()
+    """Baseline CTR models (``deepfm``, ``din``) also run, each with NT and ST&SF."""
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown or not self.strategies:
             raise PipelineError(f"strategies {unknown}: choose among {', '.join(STRATEGIES)}")
+        wrong = [b for b in self.baselines if b not in BASELINES]
+        if wrong:
+            raise PipelineError(f"baselines {wrong}: choose among {', '.join(BASELINES)}")
 
 
 def slug(strategy: str) -> str:
@@ -97,7 +106,7 @@ def plan(study: Study) -> list[Step]:
         root = Path(study.experiment) / size
         common = [*study.overrides, f"model.size={size}"]
         pretrain = root / "pretrain"
-        if any(s != "NT" for s in study.strategies):
+        if study.baselines or any(s != "NT" for s in study.strategies):
             steps.append(
                 Step(
                     "pretrain",
@@ -109,52 +118,74 @@ def plan(study: Study) -> list[Step]:
                     size,
                 )
             )
-        ctr = [*common, f"data.train={train}"]
-        transfers = {s.split("&")[0] for s in study.strategies}
-        for kind in [k for k in ("NT", "FT", "ST") if k in transfers]:
-            pretrained = None if kind == "NT" else str(pretrain)
-            steps.append(
-                Step(
-                    "transfer",
-                    root / f"transfer-{slug(kind)}",
-                    {"strategy": kind},
-                    ["--strategy", kind] + (["--pretrained", pretrained] if pretrained else []),
-                    ctr,
-                    lambda p=pretrained: {"train": train, "pretrained": p},
-                    size,
-                    kind,
-                )
-            )
-        for kind in [k for k in ("FT", "ST") if f"{k}&SF" in study.strategies]:
-            source = str(root / f"transfer-{slug(kind)}")
-            steps.append(
-                Step(
-                    "freeze",
-                    root / f"freeze-{slug(kind)}",
-                    {"tables": "all"},
-                    ["--init", source],
-                    ctr,
-                    lambda s=source: {"train": train, "init": s},
-                    size,
-                    f"{kind}&SF",
-                )
-            )
-        for strategy in study.strategies:
-            kind, frozen = strategy.split("&")[0], strategy.endswith("&SF")
-            init = str(root / f"{'freeze' if frozen else 'transfer'}-{slug(kind)}")
-            steps.append(
-                Step(
-                    "finetune",
-                    root / f"finetune-{slug(strategy)}",
-                    {},
-                    ["--init", init],
-                    [*ctr, *study.finetune_overrides, f"data.valid={test}"],
-                    lambda i=init: {"train": train, "valid": test, "init": i},
-                    size,
-                    strategy,
-                )
-            )
+        models = [("gpsd", study.strategies)]
+        models += [(arch, ("NT", "ST&SF")) for arch in study.baselines]
+        for arch, strategies in models:
+            steps += _ctr_steps(root, size, arch, strategies, study, str(pretrain), train, test)
     return [replace(s, config=study.config) for s in steps]
+
+
+def _ctr_steps(
+    root: Path,
+    size: str,
+    arch: str,
+    strategies: tuple[str, ...],
+    study: Study,
+    pretrain: str,
+    train: str,
+    test: str,
+) -> list[Step]:
+    """Transfer, freeze and finetune steps of one CTR model at one size."""
+    prefix = "" if arch == "gpsd" else f"{arch}-"
+    ctr = [*study.overrides, f"model.size={size}", f"data.train={train}"]
+    if arch != "gpsd":
+        ctr.append(f"model.arch={arch}")
+    steps = []
+    transfers = {s.split("&")[0] for s in strategies}
+    for kind in [k for k in ("NT", "FT", "ST") if k in transfers]:
+        pretrained = None if kind == "NT" else pretrain
+        steps.append(
+            Step(
+                "transfer",
+                root / f"transfer-{prefix}{slug(kind)}",
+                {"strategy": kind},
+                ["--strategy", kind] + (["--pretrained", pretrained] if pretrained else []),
+                ctr,
+                lambda p=pretrained: {"train": train, "pretrained": p},
+                size,
+                kind,
+            )
+        )
+    for kind in [k for k in ("FT", "ST") if f"{k}&SF" in strategies]:
+        source = str(root / f"transfer-{prefix}{slug(kind)}")
+        steps.append(
+            Step(
+                "freeze",
+                root / f"freeze-{prefix}{slug(kind)}",
+                {"tables": "all"},
+                ["--init", source],
+                ctr,
+                lambda s=source: {"train": train, "init": s},
+                size,
+                f"{kind}&SF",
+            )
+        )
+    for strategy in strategies:
+        kind, frozen = strategy.split("&")[0], strategy.endswith("&SF")
+        init = str(root / f"{'freeze' if frozen else 'transfer'}-{prefix}{slug(kind)}")
+        steps.append(
+            Step(
+                "finetune",
+                root / f"finetune-{prefix}{slug(strategy)}",
+                {},
+                ["--init", init],
+                [*ctr, *study.finetune_overrides, f"data.valid={test}"],
+                lambda i=init: {"train": train, "valid": test, "init": i},
+                size,
+                strategy,
+            )
+        )
+    return steps
 
 
 def expected_fingerprint(step: Step) -> str:

@@ -33,6 +33,7 @@ def _pipeline(args: argparse.Namespace) -> int:
             strategies=strategies,
             sizes=tuple(s for s in (args.sizes or "").split(",") if s),
             overrides=tuple(args.overrides),
+            baselines=tuple(b for b in (args.baselines or "").split(",") if b),
         )
         steps = run(study, args.profile, args.profiles)
     except (PipelineError, ProfileError, ValueError) as err:
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategies", default="ST&SF", help="comma-separated NT,FT,ST,FT&SF,ST&SF, or all"
     )
     run.add_argument("--sizes", help="comma-separated model sizes, e.g. L4H32A4,L4H64A4")
+    run.add_argument(
+        "--baselines", help="also run these CTR baselines with NT and ST&SF: deepfm,din"
+    )
     run.add_argument("--profile", default="local_cwd", help="profile of torchx.yaml")
     run.add_argument("--profiles", default="torchx.yaml", help="the profiles file")
     run.add_argument("overrides", nargs="*", metavar="section.key=value")

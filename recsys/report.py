@@ -3,9 +3,9 @@
 This module owns reading the finished ``finetune`` stages under an experiment directory
 (``EXPERIMENT/<size>/finetune-<strategy>/stage.json``) and writing:
 
-- ``report.md``: AUC per size × strategy on the validation data, with each strategy's relative
-  improvement over NT at the same size (``AUC / AUC_NT − 1``, the paper's "Imp"), the
-  train − valid AUC gap of the last epoch, and gAUC;
+- ``report.md``: AUC per size × model × strategy on the evaluation data, with each strategy's
+  relative improvement over NT of the same model and size (``AUC / AUC_NT − 1``, the paper's
+  "Imp"), the train − valid AUC gap of the last epoch, and gAUC;
 - ``report.json``: the same rows plus every epoch's metrics;
 - ``curves.png``: train and valid AUC per epoch for each strategy (one panel per size).
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 ORDER = ("NT", "FT", "ST", "FT&SF", "ST&SF")
+MODELS = {"gpsd": "Transformer", "deepfm": "DeepFM", "din": "DIN"}
 
 
 def collect(experiment: str | Path) -> list[dict[str, Any]]:
@@ -28,6 +29,7 @@ def collect(experiment: str | Path) -> list[dict[str, Any]]:
         rows.append(
             {
                 "size": record["config"]["model"]["size"],
+                "model": MODELS.get(record["config"]["model"].get("arch", "gpsd"), "?"),
                 "strategy": record["strategy"],
                 "auc": results.get("valid_auc"),
                 "gauc": results.get("valid_gauc"),
@@ -41,10 +43,13 @@ def collect(experiment: str | Path) -> list[dict[str, Any]]:
             }
         )
     rank = {s: i for i, s in enumerate(ORDER)}
-    rows.sort(key=lambda r: (_params(r["size"]), rank.get(r["strategy"], 99)))
-    baseline = {r["size"]: r["auc"] for r in rows if r["strategy"] == "NT"}
+    models = list(MODELS.values())
+    rows.sort(
+        key=lambda r: (_params(r["size"]), models.index(r["model"]), rank.get(r["strategy"], 99))
+    )
+    baseline = {(r["size"], r["model"]): r["auc"] for r in rows if r["strategy"] == "NT"}
     for row in rows:
-        base = baseline.get(row["size"])
+        base = baseline.get((row["size"], row["model"]))
         row["imp"] = row["auc"] / base - 1 if base and row["auc"] is not None else None
     return rows
 
@@ -62,13 +67,14 @@ def _fmt(value: float | None, pattern: str) -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| size | strategy | AUC | Imp | gAUC | logloss | train AUC | gap | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| size | model | strategy | AUC | Imp | gAUC | logloss | train AUC | gap | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         imp = "–" if r["strategy"] == "NT" else _fmt(r["imp"] and 100 * r["imp"], "{:+.2f}%")
         lines.append(
-            f"| {r['size']} | {r['strategy']} | {_fmt(r['auc'], '{:.4f}')} | {imp} | "
+            f"| {r['size']} | {r['model']} | {r['strategy']} | {_fmt(r['auc'], '{:.4f}')} | "
+            f"{imp} | "
             f"{_fmt(r['gauc'], '{:.4f}')} | {_fmt(r['logloss'], '{:.4f}')} | "
             f"{_fmt(r['train_auc'], '{:.4f}')} | {_fmt(r['gap_auc'], '{:+.4f}')} | "
             f"{_fmt(r['seconds'], '{:.0f}')} |"
@@ -85,7 +91,7 @@ def curves(rows: list[dict[str, Any]], path: Path) -> None:
     sizes = list(dict.fromkeys(r["size"] for r in rows))
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
     for ax, size in zip(axes[0], sizes, strict=True):
-        for r in (r for r in rows if r["size"] == size):
+        for r in (r for r in rows if r["size"] == size and r["model"] == "Transformer"):
             epochs = [e["epoch"] for e in r["epochs"]]
             (line,) = ax.plot(epochs, [e.get("valid_auc") for e in r["epochs"]], marker="o")
             ax.plot(

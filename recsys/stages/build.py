@@ -21,6 +21,7 @@ from recsys.data.stream import ParquetStream, StreamConfig
 from recsys.distributed.env import DistEnv
 from recsys.distributed.planning import planned
 from recsys.distributed.wrap import shard
+from recsys.models.baselines import DIN, BaselineConfig, DeepFM
 from recsys.models.ctr import CTRConfig, CTRModel
 from recsys.models.generative import GenerativeConfig, GenerativeModel
 from recsys.models.tower import TowerConfig
@@ -59,9 +60,14 @@ def generative_model(model: ModelSection, meta: DatasetMeta) -> GenerativeModel:
     return GenerativeModel(config, sparse_device=META)
 
 
-def ctr_model(model: ModelSection, meta: DatasetMeta, frozen: tuple[str, ...] = ()) -> CTRModel:
-    config = CTRConfig(tower(model), meta.vocab["item"], side_features(meta), frozen=frozen)
-    return CTRModel(config, sparse_device=META)
+def ctr_model(model: ModelSection, meta: DatasetMeta, frozen: tuple[str, ...] = ()) -> nn.Module:
+    """The CTR model ``model.arch`` names, its tables sized by the dataset's vocabularies."""
+    if model.arch == "gpsd":
+        config = CTRConfig(tower(model), meta.vocab["item"], side_features(meta), frozen=frozen)
+        return CTRModel(config, sparse_device=META)
+    width = tower(model).hidden
+    baseline = BaselineConfig(meta.vocab["item"], side_features(meta), dim=width, frozen=frozen)
+    return {"deepfm": DeepFM, "din": DIN}[model.arch](baseline, sparse_device=META)
 
 
 def place(model: nn.Module, plan: PlanSection, env: DistEnv, optim: OptimConfig | None = None):

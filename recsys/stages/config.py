@@ -30,6 +30,8 @@ import yaml
 
 from recsys.train.optim import OptimConfig
 
+ARCHS = ("gpsd", "deepfm", "din")
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
@@ -46,6 +48,13 @@ class ModelSection:
     causal: bool = True
     """Causal attention; False for bidirectional."""
     dropout: float = 0.0
+    arch: str = "gpsd"
+    """The CTR model: ``gpsd`` (the Transformer ranker), or the baselines ``deepfm`` and
+    ``din`` (their tables as wide as the size's width, so pretrained tables transfer)."""
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
 
 
 @dataclass(frozen=True)

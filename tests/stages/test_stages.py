@@ -93,3 +93,47 @@ def test_finetune_fails_loudly_when_a_frozen_table_changed(
     (frozen / "stage.json").write_text(json.dumps(stage))
     with pytest.raises(StageError, match=r"frozen tables \['category'\] changed"):
         finetune.main(["--init", str(frozen), "--out", str(tmp_path / "bad"), *ctr])
+
+
+@pytest.mark.parametrize("arch", ["deepfm", "din"])
+def test_baselines_take_pretrained_tables_and_keep_them_frozen(
+    arch: str, data: Path, pretrained: Path, tmp_path: Path
+) -> None:
+    ctr = [*TINY, f"data.train={data / 'ctr_train'}", "run.max_steps=2", f"model.arch={arch}"]
+    st, frozen, tuned = tmp_path / "st", tmp_path / "frozen", tmp_path / "tuned"
+    transfer.main(["--strategy", "ST", "--pretrained", str(pretrained), "--out", str(st), *ctr])
+    freeze.main(["--sparse", "--init", str(st), "--out", str(frozen), *ctr])
+    record = finetune.main(["--init", str(frozen), "--out", str(tuned), *ctr])
+    assert record["strategy"] == "ST&SF" and record["config"]["model"]["arch"] == arch
+    for name in ("table/item", "table/category"):
+        assert torch.equal(
+            table(tuned, name, tmp_path / "a"), table(pretrained, name, tmp_path / "b")
+        )
+
+
+def test_the_pipeline_plans_baselines_beside_the_ranker(tmp_path: Path) -> None:
+    from pipelines.gpsd import Study, plan
+
+    study = Study(
+        experiment=str(tmp_path),
+        data="d",
+        strategies=("NT", "ST&SF"),
+        baselines=("din",),
+        sizes=("L1H16A2",),
+    )
+    names = [s.out.name for s in plan(study)]
+    assert names == [
+        "pretrain",
+        "transfer-nt",
+        "transfer-st",
+        "freeze-st",
+        "finetune-nt",
+        "finetune-st_sf",
+        "transfer-din-nt",
+        "transfer-din-st",
+        "freeze-din-st",
+        "finetune-din-nt",
+        "finetune-din-st_sf",
+    ]
+    din = [s for s in plan(study) if "din" in s.out.name]
+    assert all("model.arch=din" in s.overrides for s in din)

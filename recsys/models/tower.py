@@ -84,12 +84,13 @@ def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tens
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (even, odd) of the last dimension of x [B, heads, T, head_dim]."""
-    t = x.shape[-2]
-    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
-    c, s = cos[:t], sin[:t]
-    rotated = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate pairs (even, odd) of the last dimension of x [B, T, ..., head_dim] by position t
+    (dimension 1): each pair is a complex number e + i·o multiplied by cos + i·sin, one kernel
+    instead of a dozen strided ones, with the same result."""
+    t = x.shape[1]
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    angle = torch.complex(cos[:t], sin[:t]).view(1, t, *([1] * (x.dim() - 3)), -1)
+    return torch.view_as_real(pairs * angle).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -104,13 +105,14 @@ class Attention(nn.Module):
         self, x: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv(x).view(b, t, 3, self.heads, d // self.heads)
+        qk = apply_rotary(qkv[:, :, :2], cos, sin)  # queries and keys in one rotation
+        q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
         # mask None: causal over right-padded rows, which lets SDPA pick its fused kernels.
         y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
             attn_mask=mask,
             is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0,
@@ -128,7 +130,9 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.ffn, config.hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # W1 and W3 in one GEMM (twice as wide runs faster than two), then split.
+        gate, up = F.linear(x, torch.cat((self.w1.weight, self.w3.weight))).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):

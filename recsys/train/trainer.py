@@ -131,6 +131,8 @@ class Trainer:
         dense = next(iter(self.dense.params.values()), None)
         self.device = dense.device if dense is not None else torch.device("cpu")
         self.step = self.epoch = self.epoch_step = 0
+        self.samples = 0
+        """Rows this rank trained on since this process started (throughput; not saved)."""
         self.train_metrics = CTRMetrics() if config.task == "ctr" else PretrainMetrics()
         self.checkpoints = CheckpointManager(f"{config.run_dir}/checkpoint", keep=config.keep)
         self.log = RunLog(
@@ -271,6 +273,7 @@ class Trainer:
         self.dense.step()
         self.schedule.step()
         self.step += 1
+        self.samples += len(batch)
         self._update(self.train_metrics, out, batch)
         values = {"loss": out.loss.item(), "lr": lr}
         if norm is not None:

@@ -277,6 +277,8 @@ def run(
 
     chosen = profile if isinstance(profile, Profile) else load_profile(profile, profiles_path)
     steps = plan(study)
+    for step in steps:  # the profile's stage arguments come first, the study's win
+        step.overrides = [*chosen.stage_args, *step.overrides]
     with get_runner() as runner:
         for step in steps:
             if is_done(step):

@@ -42,6 +42,9 @@ class Profile:
     """Environment variables of every process."""
     max_restarts: int = 0
     """How often torchrun restarts all workers after one fails."""
+    stage_args: tuple[str, ...] = ()
+    """Config overrides (``section.key=value``) given to every stage run on this profile,
+    before the pipeline's own (e.g. ``data.workers=4`` on hosts with cores to spare)."""
 
     @property
     def j(self) -> str:
@@ -90,8 +93,23 @@ def _profile(path: Path, name: str, body: Any) -> Profile:
     env = body.get("env") or {}
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise ProfileError(f'{where}: env must map names to strings (quote numbers: "1")')
+    stage_args = body.get("stage_args") or []
+    if not isinstance(stage_args, list) or not all(isinstance(a, str) for a in stage_args):
+        raise ProfileError(f"{where}: stage_args must be a list of 'section.key=value' strings")
+    from recsys.stages.config import ConfigError, load
+
+    try:
+        load(None, stage_args)
+    except ConfigError as err:
+        raise ProfileError(f"{where}: stage_args: {err}") from None
     profile = Profile(
-        name=name, **{**body, "env": env, "scheduler_args": body.get("scheduler_args") or {}}
+        name=name,
+        **{
+            **body,
+            "env": env,
+            "scheduler_args": body.get("scheduler_args") or {},
+            "stage_args": tuple(stage_args),
+        },
     )
     _check_against_torchx(where, profile)
     return profile

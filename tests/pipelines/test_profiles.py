@@ -19,6 +19,7 @@ def test_repository_profiles_load() -> None:
     assert (k8s.scheduler, k8s.resource, k8s.j) == ("kubernetes", "aws_p4d.24xlarge", "2x8")
     assert k8s.scheduler_args["queue"] == "default"
     assert profiles["slurm"].scheduler_args["partition"] == "debug"
+    assert k8s.stage_args == ("data.workers=4",)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -44,6 +45,11 @@ def write(tmp_path: Path, text: str) -> Path:
         ("scheduler: local_cwd\nenv: {OMP_NUM_THREADS: 1}", r"env must map names to strings"),
         ("scheduler: local_cwd\ngpus: 8", r"unknown keys \['gpus'\]"),
         ("nnodes: 2", r"'scheduler' is required"),
+        (
+            "scheduler: local_cwd\nstage_args: [data.wokers=4]",
+            r"stage_args: data: unknown keys \['wokers'\]",
+        ),
+        ("scheduler: local_cwd\nstage_args: data.workers=4", r"stage_args must be a list"),
     ],
 )
 def test_bad_profile_is_named(tmp_path: Path, body: str, message: str) -> None:

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 from pipelines.profiles import Profile, load_profile
 from recsys.stages.common import StageError, fingerprint, read_stage
-from recsys.stages.config import load
+from recsys.stages.config import StageConfig, load
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ class Step:
     arguments: list[str]
     """Component arguments besides overrides and job shape."""
     overrides: list[str]
-    inputs: Callable[[], dict[str, str | None]]
-    """The stage's inputs, as the stage names them (read when the step runs)."""
+    inputs: Callable[[StageConfig], dict[str, str | None]]
+    """The stage's inputs as the stage names them, from its resolved config."""
     size: str = ""
     strategy: str = ""
     config: str | None = None
@@ -114,7 +114,7 @@ def plan(study: Study) -> list[Step]:
                     {},
                     [],
                     [*common, *study.pretrain_overrides, f"data.train={seq}"],
-                    lambda: {"train": seq, "valid": None},
+                    lambda c: {"train": seq, "valid": c.data.valid},
                     size,
                 )
             )
@@ -151,7 +151,7 @@ def _ctr_steps(
                 {"strategy": kind},
                 ["--strategy", kind] + (["--pretrained", pretrained] if pretrained else []),
                 ctr,
-                lambda p=pretrained: {"train": train, "pretrained": p},
+                lambda c, p=pretrained: {"train": train, "pretrained": p},
                 size,
                 kind,
             )
@@ -165,7 +165,7 @@ def _ctr_steps(
                 {"tables": "all"},
                 ["--init", source],
                 ctr,
-                lambda s=source: {"train": train, "init": s},
+                lambda c, s=source: {"train": train, "init": s},
                 size,
                 f"{kind}&SF",
             )
@@ -180,7 +180,7 @@ def _ctr_steps(
                 {},
                 ["--init", init],
                 [*ctr, *study.finetune_overrides, f"data.valid={test}"],
-                lambda i=init: {"train": train, "valid": test, "init": i},
+                lambda c, i=init: {"train": train, "valid": test, "init": i},
                 size,
                 strategy,
             )
@@ -190,7 +190,7 @@ def _ctr_steps(
 
 def expected_fingerprint(step: Step) -> str:
     config = load(step.config, step.overrides, step.stage)
-    return fingerprint(step.stage, step.options, config, step.inputs())
+    return fingerprint(step.stage, step.options, config, step.inputs(config))
 
 
 def is_done(step: Step) -> bool:

@@ -115,8 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(run=_report)
 
     from recsys.data.cli import add_commands as add_data_commands
+    from recsys.plan.cli import add_command as add_plan_command
 
     add_data_commands(commands)
+    add_plan_command(commands)
     return parser
 
 

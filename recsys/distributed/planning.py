@@ -1,8 +1,10 @@
 """Sharding plans for the TorchRec embedding modules of a model, addressed by table name.
 
 This module owns turning "table → sharding type" into a TorchRec ``ShardingPlan`` for every
-``EmbeddingCollection`` / ``EmbeddingBagCollection`` inside a model. It does not apply the plan
-(``DistributedModelParallel`` does) and does not run TorchRec's planner.
+``EmbeddingCollection`` / ``EmbeddingBagCollection`` inside a model, by hand
+(:func:`manual_plan`) or with TorchRec's planner under per-table constraints
+(:func:`planned`, :func:`run_planner`). It does not apply the plan
+(``DistributedModelParallel`` does) nor read or write plan files (``recsys.plan``).
 
 On CPU, an ``EmbeddingCollection`` shards only with the fused compute kernel (the dense
 kernel crashes), so ``fused`` is the default kernel here for every sharding type.
@@ -33,7 +35,8 @@ def embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {path: m for path, m in model.named_modules() if isinstance(m, shardable)}
 
 
-def _tables(module: nn.Module) -> dict[str, nn.Parameter]:
+def table_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The tables of one TorchRec embedding module, by table name."""
     sharder = get_module_to_default_sharders()[type(module)]
     return dict(sharder.shardable_parameters(module))
 
@@ -70,7 +73,7 @@ def manual_plan(
     tables: dict[str, str] = {}
     dims: dict[str, int] = {}
     for path, module in modules.items():
-        for name, weight in _tables(module).items():
+        for name, weight in table_parameters(module).items():
             if name in tables:
                 raise ValueError(
                     f"table {name!r} is in both {tables[name]!r} and {path!r}; "
@@ -117,6 +120,52 @@ def manual_plan(
     )
 
 
+def constraints_for(
+    model: nn.Module,
+    sharding_types: Mapping[str, list[str]] | None = None,
+    compute_kernels: tuple[str, ...] = ("fused",),
+) -> dict:
+    """TorchRec ``ParameterConstraints`` for every table of ``model``: the sharding types
+    ``sharding_types`` allows it (all of :data:`SHARDING_TYPES` when it names none), the
+    given compute kernels."""
+    from torchrec.distributed.planner import ParameterConstraints
+
+    modules = embedding_modules(model)
+    tables = [name for m in modules.values() for name in table_parameters(m)]
+    chosen = dict(sharding_types or {})
+    unknown = sorted(set(chosen) - set(tables))
+    if unknown:
+        raise ValueError(
+            f"sharding_types names tables the model does not have: {unknown}; "
+            f"the model's tables are {sorted(tables)}"
+        )
+    bad = {n: t for n, types in chosen.items() for t in types if t not in SHARDING_TYPES}
+    if bad:
+        raise ValueError(f"unknown sharding types {bad}; expected one of {SHARDING_TYPES}")
+    return {
+        name: ParameterConstraints(
+            sharding_types=list(chosen.get(name, SHARDING_TYPES)),
+            compute_kernels=list(compute_kernels),
+        )
+        for name in tables
+    }
+
+
+def run_planner(model: nn.Module, topology, constraints: dict, batch_size: int | None = None):
+    """TorchRec's planner on ``model`` (which may live on the meta device) for ``topology``:
+    the ``ShardingPlan`` and the chosen ``ShardingOption`` of every table (its shards with
+    ranks, sizes and the planner's storage estimates). Raises TorchRec's ``PlannerError``
+    when no plan fits."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+
+    planner = EmbeddingShardingPlanner(
+        topology=topology, constraints=constraints, batch_size=batch_size, debug=False
+    )
+    sharders = list(get_module_to_default_sharders().values())
+    plan = planner.plan(model, sharders)
+    return plan, planner.get_selected_options()
+
+
 def planned(
     model: nn.Module,
     *,
@@ -126,41 +175,19 @@ def planned(
     sharding_types: Mapping[str, list[str]] | None = None,
     batch_size: int | None = None,
 ) -> ShardingPlan:
-    """A plan from TorchRec's planner for ``model``'s tables.
+    """A plan from TorchRec's planner for ``model``'s tables on this job's ranks.
 
     ``sharding_types`` constrains tables by name (e.g. ``{"item": ["row_wise"]}``); tables
     not named may take any of :data:`SHARDING_TYPES`. Every table uses the fused kernel (on
     CPU the only one EmbeddingCollection shards with). Run by every rank, it gives the same
     plan everywhere (``plan`` is deterministic for a model and topology).
     """
-    from torchrec.distributed.planner import (
-        EmbeddingShardingPlanner,
-        ParameterConstraints,
-        Topology,
-    )
+    from torchrec.distributed.planner import Topology
 
-    modules = embedding_modules(model)
-    tables = [name for m in modules.values() for name in _tables(m)]
-    chosen = dict(sharding_types or {})
-    unknown = sorted(set(chosen) - set(tables))
-    if unknown:
-        raise ValueError(
-            f"sharding_types names tables the model does not have: {unknown}; "
-            f"the model's tables are {sorted(tables)}"
-        )
-    constraints = {
-        name: ParameterConstraints(
-            sharding_types=list(chosen.get(name, SHARDING_TYPES)), compute_kernels=["fused"]
-        )
-        for name in tables
-    }
     topology = Topology(
         world_size=world_size,
         compute_device=device_type,
         local_world_size=local_world_size or world_size,
     )
-    planner = EmbeddingShardingPlanner(
-        topology=topology, constraints=constraints, batch_size=batch_size, debug=False
-    )
-    sharders = [s for s in get_module_to_default_sharders().values()]
-    return planner.plan(model, sharders)
+    plan, _ = run_planner(model, topology, constraints_for(model, sharding_types), batch_size)
+    return plan

@@ -25,6 +25,7 @@ from recsys.models.baselines import DIN, BaselineConfig, DeepFM
 from recsys.models.ctr import CTRConfig, CTRModel
 from recsys.models.generative import GenerativeConfig, GenerativeModel
 from recsys.models.tower import TowerConfig
+from recsys.plan import planfile
 from recsys.stages.common import StageError
 from recsys.stages.config import DataSection, ModelSection, PlanSection, StageConfig
 from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
@@ -71,20 +72,37 @@ def ctr_model(model: ModelSection, meta: DatasetMeta, frozen: tuple[str, ...] = 
 
 
 def place(model: nn.Module, plan: PlanSection, env: DistEnv, optim: OptimConfig | None = None):
-    """``model`` sharded over the job under TorchRec's plan; with ``optim``, the table
-    optimizer fused into backward (trainable tables only)."""
+    """``model`` sharded over the job under TorchRec's plan (or the plan file
+    ``plan.file``, checked against the model and job); with ``optim``, the table optimizer
+    fused into backward (trainable tables only)."""
     if optim is not None:
         attach_sparse_optimizer(model, optim)
-    tables = {t.name for t in model.sparse.config.tables}
-    types = {t: v for t, v in plan.sharding_types.items() if t in tables}
-    chosen = planned(
-        model,
-        world_size=env.world_size,
-        local_world_size=env.local_world_size,
-        device_type=env.device.type,
-        sharding_types=types,
-    )
+    if plan.file:
+        chosen = planfile.sharding_plan(planfile.read(plan.file), model, env, plan.file)
+    else:
+        tables = {t.name for t in model.sparse.config.tables}
+        types = {t: v for t, v in plan.sharding_types.items() if t in tables}
+        chosen = planned(
+            model,
+            world_size=env.world_size,
+            local_world_size=env.local_world_size,
+            device_type=env.device.type,
+            sharding_types=types,
+        )
     return shard(model, chosen, env)
+
+
+def sharding(sharded: nn.Module) -> dict[str, dict]:
+    """How the sharded model's tables are placed, by table name (for ``stage.json``)."""
+    return {
+        table: {
+            "sharding_type": p.sharding_type,
+            "compute_kernel": p.compute_kernel,
+            "ranks": list(p.ranks or []),
+        }
+        for module in sharded.plan.plan.values()
+        for table, p in sorted(module.items())
+    }
 
 
 def loader(

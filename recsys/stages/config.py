@@ -88,6 +88,10 @@ class RunSection:
 class PlanSection:
     sharding_types: dict[str, list[str]] = field(default_factory=lambda: {"item": ["row_wise"]})
     """Allowed sharding types per table name, handed to TorchRec's planner."""
+    file: str | None = None
+    """A plan written by ``recsys plan --out`` (docs/plan.md): used as it is instead of
+    planning; it must match the model's tables and the job's world size and device.
+    ``plan=PATH`` on the command line is short for ``plan.file=PATH``."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,8 @@ def _section(cls: type, values: dict[str, Any], name: str) -> Any:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=value`` → (["a", "b"], YAML-parsed value)."""
     key, sep, raw = text.partition("=")
+    if key == "plan" and sep:  # plan=plan.json, the plan file's short form
+        key = "plan.file"
     if not sep or not key or "." not in key:
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     try:

@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "frozen": list(frozen),
                 "digests": digests,
                 "steps": trainer.step,
+                "sharding": build.sharding(sharded),
                 "results": results,
                 "epochs": epoch_history(stage.path) if env.is_main else [],
             }

@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "config": config.to_dict(),
                 "tables": [t.name for t in model.sparse.config.tables],
                 "steps": trainer.step,
+                "sharding": build.sharding(sharded),
                 "results": results,
             }
         )

@@ -1,0 +1,278 @@
+"""The plan document: TorchRec's placement of every table, in a stable JSON format.
+
+This module owns the plan file that ``recsys plan --out`` writes and training stages read
+(``plan.file=plan.json``), so that the plan a user inspected is the plan that runs. The
+format (``"format": "recsys-plan"``, ``"version": 1``; documented in docs/plan.md) holds:
+
+- ``cluster``: host preset, device, world size, ranks per host, memory per rank;
+- ``model``: the stage, architecture, size, per-rank batch, sparse optimizer, constraints;
+- ``tables``: per table (sorted by name) its rows, width, dtype, whether frozen, sharding
+  type, compute kernel, ranks and shards (rank, offsets, sizes, and the planner's HBM/DDR
+  estimate, weights and optimizer state in bytes);
+- ``ranks``: per rank the HBM/DDR used, of which weights, optimizer state, and other
+  (input/output buffers, caches);
+- ``planner``: the TorchRec version and the seconds planning took.
+
+:func:`sharding_plan` turns a document back into a TorchRec ``ShardingPlan`` for a model and
+a job, after checking that they match it (table names, shapes, world size, device).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from recsys.plan.hosts import Cluster
+
+log = logging.getLogger(__name__)
+
+FORMAT = "recsys-plan"
+VERSION = 1
+
+
+class PlanFileError(ValueError):
+    """A plan file that cannot be read or does not match the model or job."""
+
+
+def _optimizer_name(tensor: Any) -> str | None:
+    classes = getattr(tensor, "_optimizer_classes", None)
+    return classes[0].__name__ if classes else None
+
+
+def document(
+    options: list, model: nn.Module, cluster: Cluster, about: dict[str, Any], seconds: float
+) -> dict[str, Any]:
+    """The plan document of the planner's chosen ``options`` for ``model`` on ``cluster``."""
+    import torchrec
+
+    from recsys.plan.make import optimizer_bytes
+
+    frozen = set(model.sparse.config.frozen)
+    optimizer = about["sparse_optimizer"]
+    tables, ranks = [], defaultdict(lambda: defaultdict(int))
+    for option in sorted(options, key=lambda o: o.name):
+        rows, dim = (int(x) for x in option.tensor.shape)
+        element = option.tensor.element_size()
+        trainable = _optimizer_name(option.tensor) is not None
+        shards = []
+        for shard in option.shards:
+            size = [int(x) for x in shard.size]
+            weights = math.prod(size) * element
+            state = optimizer_bytes(size[0], size[1], element, optimizer) if trainable else 0
+            hbm, ddr = int(shard.storage.hbm), int(shard.storage.ddr)
+            shards.append(
+                {
+                    "rank": int(shard.rank),
+                    "offsets": [int(x) for x in shard.offset],
+                    "sizes": size,
+                    "hbm_bytes": hbm,
+                    "ddr_bytes": ddr,
+                    "weight_bytes": weights,
+                    "optimizer_bytes": state,
+                }
+            )
+            used = ranks[int(shard.rank)]
+            used["hbm_bytes"] += hbm
+            used["ddr_bytes"] += ddr
+            used["weight_bytes"] += weights
+            used["optimizer_bytes"] += state
+        tables.append(
+            {
+                "name": option.name,
+                "module": option.path,
+                "rows": rows,
+                "dim": dim,
+                "dtype": str(option.tensor.dtype).removeprefix("torch."),
+                "frozen": option.name in frozen,
+                "sharding_type": option.sharding_type,
+                "compute_kernel": option.compute_kernel,
+                "ranks": sorted({s["rank"] for s in shards}),
+                "shards": shards,
+                # What the optimizer state of a frozen table would have taken.
+                "optimizer_bytes_saved": (
+                    optimizer_bytes(rows, dim, element, optimizer) if option.name in frozen else 0
+                ),
+            }
+        )
+    per_rank = []
+    for rank in range(cluster.world_size):
+        used = dict(ranks.get(rank, {}))
+        row = {k: int(used.get(k, 0)) for k in ("hbm_bytes", "ddr_bytes")}
+        row |= {k: int(used.get(k, 0)) for k in ("weight_bytes", "optimizer_bytes")}
+        row["other_bytes"] = (
+            row["hbm_bytes"] + row["ddr_bytes"] - row["weight_bytes"] - row["optimizer_bytes"]
+        )
+        per_rank.append({"rank": rank, **row})
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "cluster": {
+            "host": cluster.host.name,
+            "device": cluster.host.device,
+            "world_size": cluster.world_size,
+            "local_world_size": cluster.local_world_size,
+            "hbm_bytes_per_rank": cluster.hbm_bytes,
+            "ddr_bytes_per_rank": cluster.ddr_bytes,
+        },
+        "model": about,
+        "tables": tables,
+        "ranks": per_rank,
+        "planner": {"torchrec": torchrec.__version__, "seconds": round(seconds, 3)},
+    }
+
+
+def write(doc: dict[str, Any], path: str | Path) -> Path:
+    """Write ``doc`` to ``path`` atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """The plan document in ``path``, checked for its format and version."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise PlanFileError(f"{path}: cannot be read: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise PlanFileError(f"{path}: not a plan file (invalid JSON: {err})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise PlanFileError(f'{path}: not a plan file (no "format": "{FORMAT}")')
+    if doc.get("version") != VERSION:
+        raise PlanFileError(
+            f"{path}: plan format version {doc.get('version')!r}; this recsys reads {VERSION}"
+        )
+    for key in ("cluster", "tables", "ranks"):
+        if key not in doc:
+            raise PlanFileError(f"{path}: plan file without {key!r}")
+    return doc
+
+
+def _model_tables(model: nn.Module) -> dict[str, tuple[str, tuple[int, int]]]:
+    from recsys.distributed.planning import embedding_modules, table_parameters
+
+    out = {}
+    for path, module in embedding_modules(model).items():
+        for name, weight in table_parameters(module).items():
+            out[name] = (path, (int(weight.shape[0]), int(weight.shape[1])))
+    return out
+
+
+def check(doc: dict[str, Any], model: nn.Module, world_size: int, device: str, where: str) -> None:
+    """Raise :class:`PlanFileError` naming every difference between the plan and the model or
+    job: tables missing on either side, shapes, world size, device, shards that do not tile
+    their table."""
+    problems = []
+    cluster = doc["cluster"]
+    if cluster["world_size"] != world_size:
+        problems.append(
+            f"it was made for {cluster['world_size']} ranks, this job has {world_size} "
+            f"(plan again with --world-size {world_size})"
+        )
+    if cluster["device"] != device:
+        problems.append(f"it was made for {cluster['device']} ranks, this job runs on {device}")
+    tables = {t["name"]: t for t in doc["tables"]}
+    ours = _model_tables(model)
+    missing = sorted(set(ours) - set(tables))
+    extra = sorted(set(tables) - set(ours))
+    if missing:
+        problems.append(f"it places no table {', '.join(missing)} (the model has it)")
+    if extra:
+        problems.append(f"it places tables the model does not have: {', '.join(extra)}")
+    for name in sorted(set(ours) & set(tables)):
+        planned = (tables[name]["rows"], tables[name]["dim"])
+        if planned != ours[name][1]:
+            problems.append(
+                f"table {name!r} is {planned[0]:,} × {planned[1]} in the plan but "
+                f"{ours[name][1][0]:,} × {ours[name][1][1]} in the model"
+            )
+            continue
+        cells = sum(math.prod(s["sizes"]) for s in tables[name]["shards"])
+        if cells != planned[0] * planned[1]:
+            problems.append(f"the shards of table {name!r} do not cover it exactly")
+        outside = sorted({s["rank"] for s in tables[name]["shards"]} - set(range(world_size)))
+        if outside and cluster["world_size"] == world_size:
+            problems.append(f"table {name!r} has shards on ranks {outside}")
+    if problems:
+        raise PlanFileError(f"{where} does not match this model and job: " + "; ".join(problems))
+
+
+def sharding_plan(doc: dict[str, Any], model: nn.Module, env, where: str = "the plan file"):
+    """The TorchRec ``ShardingPlan`` of ``doc`` for ``model`` on this job (``env``: a
+    ``DistEnv``), exactly the shards the document lists; the model's own module paths are
+    used, so a table frozen since planning (moved to the frozen collection) still places."""
+    from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+    from torchrec.distributed.sharding_plan import placement
+    from torchrec.distributed.types import (
+        EmbeddingModuleShardingPlan,
+        ParameterSharding,
+        ShardingPlan,
+    )
+
+    device = env.device.type
+    check(doc, model, env.world_size, device, where)
+    if doc["cluster"]["local_world_size"] != env.local_world_size:
+        log.warning(
+            "%s was planned for %d ranks per host; this job has %d per host (placements are "
+            "kept, the planner's communication estimates assumed the other shape)",
+            where,
+            doc["cluster"]["local_world_size"],
+            env.local_world_size,
+        )
+    frozen = set(model.sparse.config.frozen)
+    for table in doc["tables"]:
+        if table["frozen"] != (table["name"] in frozen):
+            state = "frozen" if table["frozen"] else "trainable"
+            log.warning(
+                "%s planned table %r as %s; here it is not (its optimizer state was %s)",
+                where,
+                table["name"],
+                state,
+                "not counted" if table["frozen"] else "counted",
+            )
+    paths = {name: path for name, (path, _) in _model_tables(model).items()}
+    plan: dict[str, EmbeddingModuleShardingPlan] = {}
+    for table in doc["tables"]:
+        shards = table["shards"]
+        spec = EnumerableShardingSpec(
+            [
+                ShardMetadata(
+                    shard_offsets=list(s["offsets"]),
+                    shard_sizes=list(s["sizes"]),
+                    placement=placement(device, s["rank"], env.local_world_size),
+                )
+                for s in shards
+            ]
+        )
+        module_plan = plan.setdefault(paths[table["name"]], EmbeddingModuleShardingPlan())
+        module_plan[table["name"]] = ParameterSharding(
+            sharding_type=table["sharding_type"],
+            compute_kernel=table["compute_kernel"],
+            ranks=[s["rank"] for s in shards],
+            sharding_spec=spec,
+        )
+    return ShardingPlan(plan)

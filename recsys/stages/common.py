@@ -159,10 +159,11 @@ def run_stage(main: Callable[[list[str] | None], Any], argv: list[str] | None = 
     )
     from recsys.checkpoint.manager import CheckpointError
     from recsys.data.schema import DataError
+    from recsys.plan.planfile import PlanFileError
 
     try:
         main(argv)
-    except (StageError, ConfigError, DataError, CheckpointError) as err:
+    except (StageError, ConfigError, DataError, CheckpointError, PlanFileError) as err:
         rank = os.environ.get("RANK", "0")
         print(f"error (rank {rank}): {err}", file=sys.stderr)
         return 2

@@ -210,3 +210,17 @@ def test_a_two_rank_training_run_uses_the_plan_file(data: Path, tmp_path: Path) 
         _pretrain_with_plan, str(data / "seq"), str(tmp_path / "run"), str(path), quiet=True
     )
     assert records == [expected, expected]
+
+
+def test_a_stage_given_a_plan_for_another_job_stops_with_the_difference(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from recsys.stages import pretrain
+    from recsys.stages.common import run_stage
+
+    path, _ = cpu_plan(tmp_path, data)  # 2 ranks; this process is a world of one
+    args = ["--out", str(tmp_path / "p"), *TINY, f"data.train={data / 'seq'}", f"plan={path}"]
+    assert run_stage(pretrain.main, args) == 2
+    err = capsys.readouterr().err
+    assert f"{path} does not match this model and job: it was made for 2 ranks" in err
+    assert not (tmp_path / "p" / "DONE").exists()

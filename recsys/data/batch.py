@@ -43,13 +43,45 @@ class Lists:
 
 @dataclass
 class Columns:
-    """Decoded, validated rows: aligned list columns and scalar columns, all NumPy int64."""
+    """Decoded, validated rows: aligned list columns and a table of the scalar columns, all
+    NumPy int64."""
 
     lists: Lists
-    scalars: dict[str, np.ndarray]
+    table: np.ndarray
+    """int64 [scalar columns, rows]: one row per name of :attr:`Layout.scalars`, in order."""
 
     def __len__(self) -> int:
         return len(self.lists.offsets) - 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the columns of a dataset go in a :class:`Batch` (worked out once per stream)."""
+
+    lists: tuple[str, ...]
+    """Every list column, item list first (offsets shared)."""
+    list_keys: tuple[str, ...]
+    """The list columns whose ids go to the ``KeyedJaggedTensor``, in key order."""
+    scalars: tuple[str, ...]
+    """Rows of :attr:`Columns.table`: candidate id columns (``ctr``), then ``user_id``,
+    :data:`ROW_ID`, and ``label``, ``timestamp`` (``ctr``)."""
+    candidates: int
+    """How many leading rows of the table are candidate ids (one per row each)."""
+    keys: tuple[str, ...]
+    """Feature keys of the ``KeyedJaggedTensor``."""
+    ctr: bool
+
+    @classmethod
+    def of(cls, meta: DatasetMeta) -> Layout:
+        lists, scalars = list_columns(meta), scalar_columns(meta)
+        ctr = meta.kind == "ctr"
+        list_keys = tuple(c for c, vocab in lists.items() if vocab)
+        candidates = tuple(c for c, vocab in scalars.items() if vocab and ctr)
+        extra = ("user_id", ROW_ID) + (("label", "timestamp") if ctr else ())
+        names = [lists[c] for c in list_keys]
+        keys = names if not ctr else [f"history_{v}" for v in names]
+        keys += [f"candidate_{scalars[c]}" for c in candidates]
+        return cls(tuple(lists), list_keys, candidates + extra, len(candidates), tuple(keys), ctr)
 
 
 @dataclass
@@ -186,10 +218,11 @@ def _array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
 def decode(
     table: pa.Table | pa.RecordBatch, meta: DatasetMeta, first_row_id: int, locate: Locate
 ) -> Columns:
-    """Validate rows of a row group and view them as NumPy columns (no copy where the Arrow
-    buffers are already int64)."""
+    """Validate rows of a row group and view them as NumPy columns: list values without a
+    copy where the Arrow buffers are already int64, scalars copied into one table."""
     n = table.num_rows
     lists = list_columns(meta)
+    layout = Layout.of(meta)
     offsets: np.ndarray | None = None
     values: dict[str, np.ndarray] = {}
     for column, vocab in lists.items():
@@ -199,7 +232,7 @@ def decode(
             raise DataError(f"{locate(i, column)}: null list; use an empty list instead")
         raw = np.asarray(array.offsets, dtype=np.int64)
         flat = array.values.slice(raw[0], raw[-1] - raw[0])
-        own = raw - raw[0]
+        own = raw - raw[0] if raw[0] else raw
         if offsets is None:
             offsets = own
         elif not np.array_equal(own, offsets):
@@ -217,21 +250,25 @@ def decode(
 
         ids = _int64(flat, column, locate, row_of, raw=bool(vocab) and meta.id_mode == "hash")
         values[column] = _check_ids(ids, vocab, meta, column, row_of, locate)
-    scalars: dict[str, np.ndarray] = {}
+    scalars = np.empty((len(layout.scalars), n), dtype=np.int64)
+    where = {name: i for i, name in enumerate(layout.scalars)}
     for column, vocab in scalar_columns(meta).items():
         raw = bool(vocab) and meta.id_mode == "hash"
         ids = _int64(_array(table.column(column)), column, locate, int, raw=raw)
         if column == "user_id" and meta.id_mode == "remap" and "user" in meta.vocab:
             _check_ids(ids, "user", meta, column, int, locate)  # checked, never hashed
-        if column == "label":
-            bad = (ids != 0) & (ids != 1)
-            if bad.any():
-                i = _first(bad)
-                raise DataError(f"{locate(i, column)}: label {ids[i]}; labels must be 0 or 1")
-        scalars[column] = _check_ids(ids, vocab, meta, column, int, locate)
-    scalars[ROW_ID] = np.arange(first_row_id, first_row_id + n, dtype=np.int64)
+        # One pass each for min and max; the offending row is searched only on failure.
+        if column == "label" and n and (ids.min() < 0 or ids.max() > 1):
+            i = _first((ids != 0) & (ids != 1))
+            raise DataError(f"{locate(i, column)}: label {ids[i]}; labels must be 0 or 1")
+        scalars[where[column]] = _check_ids(ids, vocab, meta, column, int, locate)
+    scalars[where[ROW_ID]] = np.arange(first_row_id, first_row_id + n, dtype=np.int64)
     assert offsets is not None
     return Columns(Lists(offsets, values), scalars)
+
+
+Rows = slice | np.ndarray
+"""Rows of a chunk: a run ``slice(start, stop)``, or ascending row indices."""
 
 
 def gather(columns: Columns, rows: np.ndarray, max_len: int | None) -> Columns:
@@ -245,7 +282,7 @@ def gather(columns: Columns, rows: np.ndarray, max_len: int | None) -> Columns:
         if max_len is None or not (np.diff(run) > max_len).any():
             lo, hi = run[0], run[-1]
             lists = Lists(run - lo, {k: v[lo:hi] for k, v in columns.lists.values.items()})
-            return Columns(lists, {k: v[start:stop] for k, v in columns.scalars.items()})
+            return Columns(lists, columns.table[:, start:stop])
     starts, ends = offsets[rows], offsets[rows + 1]
     if max_len is not None:
         starts = np.maximum(starts, ends - max_len)
@@ -254,69 +291,76 @@ def gather(columns: Columns, rows: np.ndarray, max_len: int | None) -> Columns:
     np.cumsum(lengths, out=new_offsets[1:])
     index = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
     lists = Lists(new_offsets, {k: v[index] for k, v in columns.lists.values.items()})
-    return Columns(lists, {k: v[rows] for k, v in columns.scalars.items()})
+    return Columns(lists, columns.table[:, rows])
 
 
-def assemble(
-    pieces: list[tuple[Columns, np.ndarray]], meta: DatasetMeta, max_len: int | None
-) -> Batch:
+def _spans(chunk: Columns, rows: Rows, max_len: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Where the kept values of each row start, how many there are, and the first value of
+    the block they form when they lie end to end (-1 when they do not)."""
+    offsets = chunk.lists.offsets
+    if isinstance(rows, slice):
+        bounds = offsets[rows.start : rows.stop + 1]
+        starts, lengths = bounds[:-1], np.diff(bounds)
+        if max_len is None or not len(lengths) or lengths.max() <= max_len:
+            return starts, lengths, int(bounds[0])  # a run, nothing cut: one block
+        ends = bounds[1:]
+    else:
+        starts, ends = offsets[rows], offsets[rows + 1]
+    if max_len is not None:
+        starts = np.maximum(starts, ends - max_len)
+    lengths = ends - starts
+    block = len(starts) > 0 and bool((starts[1:] == ends[:-1]).all())
+    return starts, lengths, int(starts[0]) if block else -1
+
+
+def assemble(pieces: list[tuple[Columns, Rows]], layout: Layout, max_len: int | None) -> Batch:
     """The :class:`Batch` of the given rows of decoded chunks, in that order, with lists cut
     to their last ``max_len`` values.
 
-    ``pieces`` are ``(chunk, rows)`` pairs, rows ascending. Every id is copied exactly once,
-    straight into the batch's single ``KeyedJaggedTensor`` values buffer: the rows of a piece
-    whose values lie end to end as one block copy, other rows through one index shared by all
-    list columns.
+    ``pieces`` are ``(chunk, rows)`` pairs. Every id is copied exactly once, straight into
+    the batch's single ``KeyedJaggedTensor`` values buffer: the rows of a piece whose values
+    lie end to end as one block copy, other rows through one index shared by all list
+    columns; the scalars of a piece in one copy of its table's columns.
     """
-    list_keys = [c for c, vocab in list_columns(meta).items() if vocab]
-    scalar_keys = [c for c, vocab in scalar_columns(meta).items() if vocab and meta.kind == "ctr"]
-    extra = ["user_id", ROW_ID] + (["label", "timestamp"] if meta.kind == "ctr" else [])
-    plans, piece_lengths = [], []
-    for chunk, rows in pieces:
-        offsets = chunk.lists.offsets
-        starts, ends = offsets[rows], offsets[rows + 1]
-        if max_len is not None:
-            starts = np.maximum(starts, ends - max_len)
-        lengths = ends - starts
-        run = bool((starts[1:] == ends[:-1]).all())  # the rows' values lie end to end
-        plans.append((chunk, rows, starts, lengths, run))
-        piece_lengths.append(lengths)
-    lengths = np.concatenate(piece_lengths)
+    spans = [_spans(chunk, rows, max_len) for chunk, rows in pieces]
+    lengths = spans[0][1] if len(spans) == 1 else np.concatenate([s[1] for s in spans])
     n, total = len(lengths), int(lengths.sum())
-    values = np.empty(total * len(list_keys) + n * len(scalar_keys), dtype=np.int64)
-    dense = np.empty(n * len(extra), dtype=np.int64)
+    lists, c = len(layout.list_keys), layout.candidates
+    values = np.empty(total * lists + n * c, dtype=np.int64)
+    run = len(pieces) == 1 and isinstance(pieces[0][1], slice)
+    if run:  # one run of rows: its scalars are a view of the chunk's table
+        table = pieces[0][0].table[:, pieces[0][1]]
+    else:
+        table = np.empty((len(layout.scalars), n), dtype=np.int64)
     at_value, at_row = 0, 0
-    for chunk, rows, starts, piece, run in plans:
-        m, k = int(piece.sum()), len(rows)
-        if run:
-            lo = int(starts[0])
-            for i, key in enumerate(list_keys):
+    for (chunk, rows), (starts, piece, block) in zip(pieces, spans, strict=True):
+        m, k = int(piece.sum()) if len(spans) > 1 else total, len(piece)
+        if block >= 0:
+            for i, key in enumerate(layout.list_keys):
                 base = i * total + at_value
-                values[base : base + m] = chunk.lists.values[key][lo : lo + m]
+                values[base : base + m] = chunk.lists.values[key][block : block + m]
         else:
             firsts = np.zeros(k, dtype=np.int64)
             np.cumsum(piece[:-1], out=firsts[1:])
             index = np.repeat(starts - firsts, piece) + np.arange(m)
-            for i, key in enumerate(list_keys):
+            for i, key in enumerate(layout.list_keys):
                 base = i * total + at_value
                 np.take(chunk.lists.values[key], index, out=values[base : base + m])
-        for i, key in enumerate(scalar_keys):
-            base = len(list_keys) * total + i * n + at_row
-            np.take(chunk.scalars[key], rows, out=values[base : base + k])
-        for i, key in enumerate(extra):
-            np.take(chunk.scalars[key], rows, out=dense[i * n + at_row : i * n + at_row + k])
+        if not run:
+            table[:, at_row : at_row + k] = chunk.table[:, rows]
         at_value, at_row = at_value + m, at_row + k
-    key_lengths = np.ones(n * (len(list_keys) + len(scalar_keys)), dtype=np.int64)
-    for i in range(len(list_keys)):
+    if c:
+        values[total * lists :].reshape(c, n)[:] = table[:c]
+    key_lengths = np.ones(n * (lists + c), dtype=np.int64)
+    for i in range(lists):
         key_lengths[i * n : (i + 1) * n] = lengths
-    names = [list_columns(meta)[c] for c in list_keys]
-    keys = names if meta.kind == "seq" else [f"history_{v}" for v in names]
-    keys += [f"candidate_{scalar_columns(meta)[c]}" for c in scalar_keys]
     features = KeyedJaggedTensor(
-        keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(key_lengths)
+        keys=list(layout.keys),
+        values=torch.from_numpy(values),
+        lengths=torch.from_numpy(key_lengths),
     )
-    parts = torch.from_numpy(dense).split(n)
-    batch = Batch(features, parts[0], parts[1])
-    if meta.kind == "ctr":
-        batch.labels, batch.timestamps = parts[2].to(torch.float32), parts[3]
+    batch = Batch(features, torch.from_numpy(table[c]), torch.from_numpy(table[c + 1]))
+    if layout.ctr:
+        batch.labels = torch.from_numpy(table[c + 2].astype(np.float32))
+        batch.timestamps = torch.from_numpy(table[c + 3])
     return batch

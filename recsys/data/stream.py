@@ -37,14 +37,17 @@ import pyarrow as pa
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from recsys.data.batch import Batch, Columns, assemble, decode, gather
+from recsys.data.batch import Batch, Columns, Layout, Rows, assemble, decode, gather
 from recsys.data.files import Dataset, open_dataset
 from recsys.data.schema import DataError, DatasetMeta, describe, list_columns, scalar_columns
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 32_768
-"""Rows decoded at a time inside a row group."""
+IN_ORDER_ROWS = 2048
+"""Rows decoded at a time in file order (rounded to whole batches): pyarrow decodes small
+batches into memory that is still in cache, about 1.3x faster than a large chunk."""
+SHUFFLE_CHUNK_ROWS = 16_384
+"""Rows decoded at a time into a shuffle buffer (which holds all of its chunks)."""
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,9 @@ class ParquetStream(IterableDataset):
             )
         size = self.config.buffer_row_groups
         buffers = [units[i : i + size] for i in range(0, len(units), size)]
-        pending: list[tuple[Columns, np.ndarray]] = []
+        layout, batch_size = Layout.of(self.meta), self.config.batch_size
+        in_order_rows = batch_size * max(1, IN_ORDER_ROWS // batch_size)
+        pending: list[tuple[Columns, Rows]] = []
         pending_rows = 0
         files: dict[int, Any] = {}
         for b, buffer in enumerate(buffers):
@@ -253,67 +258,76 @@ class ParquetStream(IterableDataset):
                 skip -= rows
                 continue
             if self.config.shuffle:  # the whole buffer decoded, its rows permuted
-                chunks = [chunk for u in buffer for chunk in self._decode(u, files)]
+                chunks = [c for u in buffer for c in self._decode(u, files, SHUFFLE_CHUNK_ROWS)]
                 rng = np.random.default_rng([self.config.seed, epoch, reader[0], b])
-                groups: Iterator[tuple[list[Columns], np.ndarray]] = iter(
-                    [(chunks, rng.permutation(rows)[skip:])]
-                )
-            else:  # in file order: one decoded chunk held at a time
-                groups = self._in_order(buffer, files, skip)
-            skip = 0
-            for chunks, order in groups:
+                order = rng.permutation(rows)[skip:]
                 starts = np.cumsum([0] + [len(c) for c in chunks])
-                while len(order):
-                    take = order[: self.config.batch_size - pending_rows]
-                    order = order[len(take) :]
+                at = 0
+                while at < len(order):
+                    take = order[at : at + batch_size - pending_rows]
+                    at += len(take)
                     pending += self._take(chunks, starts, take)
                     pending_rows += len(take)
-                    if pending_rows == self.config.batch_size:
-                        yield self._emit(pending)
+                    if pending_rows == batch_size:
+                        yield self._emit(pending, layout)
                         pending, pending_rows = [], 0
+            else:  # in file order, one small decoded chunk held at a time, runs of its rows
+                for chunk, at in self._in_order(buffer, files, skip, in_order_rows):
+                    while at < len(chunk):
+                        take = min(batch_size - pending_rows, len(chunk) - at)
+                        pending.append((chunk, slice(at, at + take)))
+                        at += take
+                        pending_rows += take
+                        if pending_rows == batch_size:
+                            yield self._emit(pending, layout)
+                            pending, pending_rows = [], 0
+            skip = 0
         if pending and not self.config.drop_last:
-            yield self._emit(pending)
+            yield self._emit(pending, layout)
         # The epoch is done: the cursor stays on it with every row counted (dropped ones too).
         self._rows_done, self._finished = sum(u.rows for u in units), True
 
     @staticmethod
     def _take(
         chunks: list[Columns], starts: np.ndarray, rows: np.ndarray
-    ) -> list[tuple[Columns, np.ndarray]]:
+    ) -> list[tuple[Columns, Rows]]:
         """The given rows of a buffer as ``(chunk, rows in it)`` pieces, in buffer order (the
         buffer is never concatenated)."""
         rows = np.sort(rows)
-        pieces = np.split(rows, np.searchsorted(rows, starts[1:-1]))
+        if len(chunks) == 1:
+            return [(chunks[0], rows)]
+        bounds, firsts = np.searchsorted(rows, starts).tolist(), starts[:-1].tolist()
         return [
-            (chunk, piece - start)
-            for chunk, piece, start in zip(chunks, pieces, starts[:-1], strict=True)
-            if len(piece)
+            (chunk, rows[lo:hi] - start)
+            for chunk, lo, hi, start in zip(chunks, bounds[:-1], bounds[1:], firsts, strict=True)
+            if hi > lo
         ]
 
-    def _emit(self, pending: list[tuple[Columns, np.ndarray]]) -> Batch:
-        batch = assemble(pending, self.meta, self.config.max_len)
+    def _emit(self, pending: list[tuple[Columns, Rows]], layout: Layout) -> Batch:
+        batch = assemble(pending, layout, self.config.max_len)
         self._rows_done += len(batch)
         return batch
 
     def _in_order(
-        self, buffer: list[_Unit], files: dict[int, Any], skip: int
-    ) -> Iterator[tuple[list[Columns], np.ndarray]]:
-        """The buffer's rows in file order, one chunk at a time, after the first ``skip``."""
+        self, buffer: list[_Unit], files: dict[int, Any], skip: int, chunk_rows: int
+    ) -> Iterator[tuple[Columns, int]]:
+        """The buffer's chunks in file order, each with its first row past the first ``skip``
+        rows of the buffer."""
         seen = 0
         for unit in buffer:
-            for chunk in self._decode(unit, files):
+            for chunk in self._decode(unit, files, chunk_rows):
                 first, seen = max(skip - seen, 0), seen + len(chunk)
                 if first < len(chunk):
-                    yield [chunk], np.arange(first, len(chunk))
+                    yield chunk, first
 
-    def _decode(self, unit: _Unit, files: dict[int, Any]) -> Iterator[Columns]:
-        """The unit's rows, validated, in chunks of at most ``CHUNK_ROWS`` rows (decoding into
+    def _decode(self, unit: _Unit, files: dict[int, Any], chunk_rows: int) -> Iterator[Columns]:
+        """The unit's rows, validated, in chunks of at most ``chunk_rows`` rows (decoding into
         small buffers is faster than one large table, and no chunk is ever concatenated)."""
         part = self.dataset.parts[unit.part]
         if unit.part not in files:
             files[unit.part] = self.dataset.open_file(part)
         batches = files[unit.part].iter_batches(
-            batch_size=CHUNK_ROWS,
+            batch_size=chunk_rows,
             row_groups=[unit.row_group],
             columns=self._columns,
             use_threads=get_worker_info() is None,

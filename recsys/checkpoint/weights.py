@@ -25,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from recsys.checkpoint.manager import CheckpointError
+from recsys.distributed.env import collective_device
 from recsys.distributed.shards import local_shards
 
 TABLE_KEY = re.compile(r"(?:^|\.)sparse\.\w+\.embedding(?:_bag)?s\.(\w+)\.weight$")
@@ -116,7 +117,9 @@ def table_digests(model: nn.Module, tables: Iterable[str]) -> dict[str, str]:
             part = _partial(shard.tensor, shard.rows, shard.cols, widths[shard.table])
             sums[i] = (sums[i] + part) & MASK
     # Sum over ranks modulo 2^64, in two 32-bit halves (exact in int64 under gloo and nccl).
-    parts = torch.tensor([[s & 0xFFFFFFFF, s >> 32] for s in sums], dtype=torch.int64)
+    parts = torch.tensor(
+        [[s & 0xFFFFFFFF, s >> 32] for s in sums], dtype=torch.int64, device=collective_device()
+    )
     if dist.is_initialized() and parts.numel():
         dist.all_reduce(parts)
     out = {}

@@ -18,7 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from recsys.data.files import open_dataset
 from recsys.data.schema import DatasetMeta
 from recsys.data.stream import ParquetStream, StreamConfig
-from recsys.distributed.env import DistEnv
+from recsys.distributed.env import DistEnv, collective_device
 from recsys.distributed.planning import planned
 from recsys.distributed.wrap import shard
 from recsys.models.baselines import DIN, BaselineConfig, DeepFM
@@ -122,7 +122,10 @@ def loader(
 
 def steps_per_epoch(train_loader: StatefulDataLoader) -> int:
     """Training steps in an epoch: the fewest batches any rank has (the trainer's rule)."""
-    batches = torch.tensor([train_loader.dataset.batches_in_epoch(0, train_loader.num_workers)])
+    batches = torch.tensor(
+        [train_loader.dataset.batches_in_epoch(0, train_loader.num_workers)],
+        device=collective_device(),
+    )
     if dist.is_initialized():
         dist.all_reduce(batches, op=dist.ReduceOp.MIN)
     return int(batches)

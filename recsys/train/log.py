@@ -3,7 +3,8 @@
 This module owns where a run's numbers go. Every record is one JSON line in
 ``RUN/metrics.jsonl`` (``{"step": ..., "split": ..., name: value}``) and the same scalars in
 TensorBoard event files under ``RUN/tensorboard``; the resolved config is written once to
-``RUN/config.json``. Other ranks log nothing.
+``RUN/config.json``. Other ranks log nothing. A resumed run first drops what the interrupted
+run logged after the checkpoint it resumes from, so every step is logged once.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ class RunLog:
         main: bool,
         total_steps: int | None = None,
         config: dict[str, Any] | None = None,
+        resumed_at: int | None = None,
+        keep_bytes: int | None = None,
     ) -> None:
+        """``resumed_at``: the step a resumed run continues from. Records the interrupted
+        run wrote after that checkpoint are dropped, as the resumed run writes them again:
+        ``metrics.jsonl`` is cut back to ``keep_bytes`` (its size when the checkpoint was
+        saved) or, when that is unknown, to the records of steps up to ``resumed_at``; and
+        TensorBoard hides events after ``resumed_at`` (its ``purge_step``)."""
         self.main = main
         self.run_dir = Path(run_dir)
         self._writer = None
@@ -37,8 +45,12 @@ class RunLog:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if config is not None:
             (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        self._file = (self.run_dir / "metrics.jsonl").open("a")
-        self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        path = self.run_dir / "metrics.jsonl"
+        if resumed_at is not None and path.exists():
+            _rewind(path, resumed_at, keep_bytes)
+        self._file = path.open("a")
+        purge = resumed_at + 1 if resumed_at is not None else None
+        self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
         self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
 
     def record(self, step: int, split: str, values: dict[str, float]) -> None:
@@ -50,6 +62,10 @@ class RunLog:
         for name, value in values.items():
             self._writer.add_scalar(f"{split}/{name}", value, step)
 
+    def size(self) -> int | None:
+        """Bytes written to ``metrics.jsonl`` so far (None off rank 0)."""
+        return self._file.tell() if self.main else None
+
     def progress(self, step: int, values: dict[str, float]) -> None:
         if self.main:
             self._bar.n = step
@@ -60,3 +76,25 @@ class RunLog:
             self._bar.close()
             self._writer.close()
             self._file.close()
+
+
+def _rewind(path: Path, step: int, keep_bytes: int | None) -> None:
+    """Cut ``path`` back to its first ``keep_bytes`` bytes, or to its records of steps up to
+    ``step``; the file is replaced atomically."""
+    data = path.read_bytes()
+    if keep_bytes is not None and keep_bytes <= len(data):
+        kept = data[:keep_bytes]
+    else:
+        lines = [line for line in data.splitlines(keepends=True) if line.strip()]
+        kept = b"".join(line for line in lines if _step(line) <= step)
+    if kept != data:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(kept)
+        tmp.replace(path)
+
+
+def _step(line: bytes) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a torn last line of a killed run

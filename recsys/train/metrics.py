@@ -132,10 +132,12 @@ def _gathered(parts: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> 
 class PretrainMetrics:
     """Mean loss and next-item hit rate (target above every sampled negative)."""
 
-    def __init__(self) -> None:
-        self.loss = MeanMetric()
-        self.hits = SumMetric()
-        self.targets = SumMetric()
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        # States on the device the model computes on: updates stay there, and the sync's
+        # collectives get tensors the backend takes (nccl takes no CPU tensors).
+        self.loss = MeanMetric().to(device)
+        self.hits = SumMetric().to(device)
+        self.targets = SumMetric().to(device)
         for metric in (self.loss, self.hits, self.targets):
             metric.persistent(True)
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from recsys.checkpoint.manager import CheckpointManager, keys
+from recsys.distributed.env import collective_device
 from recsys.train.log import RunLog
 from recsys.train.metrics import CTRMetrics, PretrainMetrics
 from recsys.train.optim import OptimConfig, clip
@@ -101,7 +102,9 @@ def every_batch(batches: Iterator) -> Iterator:
                 return
             yield batch, True
             continue
-        flags = torch.tensor([int(batch is not None), int(last is None)])
+        flags = torch.tensor(
+            [int(batch is not None), int(last is None)], device=collective_device()
+        )
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if not flags[0]:
             return  # every rank is done
@@ -133,14 +136,9 @@ class Trainer:
         self.step = self.epoch = self.epoch_step = 0
         self.samples = 0
         """Rows this rank trained on since this process started (throughput; not saved)."""
-        self.train_metrics = CTRMetrics() if config.task == "ctr" else PretrainMetrics()
+        self.train_metrics = self._metrics()
         self.checkpoints = CheckpointManager(f"{config.run_dir}/checkpoint", keep=config.keep)
-        self.log = RunLog(
-            config.run_dir,
-            main=self.rank == 0,
-            total_steps=config.max_steps,
-            config={"train": asdict(config), "optim": asdict(optim)},
-        )
+        self.log: RunLog | None = None  # opened by train(), once it knows where it resumes
 
     def state(self, with_rank_state: bool = True) -> dict[str, Any]:
         """What a checkpoint holds. Tensors (model, optimizer states) go through DCP, which
@@ -172,7 +170,14 @@ class Trainer:
                         "python": random.getstate(),
                         "numpy": np.random.get_state(),
                         "torch": torch.get_rng_state(),
+                        "cuda": (
+                            torch.cuda.get_rng_state(self.device)
+                            if self.device.type == "cuda"
+                            else None
+                        ),
                     },
+                    # How much of metrics.jsonl this checkpoint has seen (rank 0 writes it).
+                    "log_bytes": self.log.size() if self.log is not None else None,
                 }
             )
         return state
@@ -181,7 +186,12 @@ class Trainer:
     def _rank_key(self) -> str:
         return f"rank{self.rank}"
 
-    def _resume(self) -> None:
+    def _metrics(self):
+        return CTRMetrics() if self.config.task == "ctr" else PretrainMetrics(self.device)
+
+    def _resume(self) -> int | None:
+        """Load the latest usable checkpoint; the size of metrics.jsonl it saw (rank 0's,
+        None when unknown)."""
         self.dense.init_state()  # AdamW's state is lazy: make room for the saved one
         loaded: dict[str, Any] = {}
 
@@ -212,19 +222,34 @@ class Trainer:
                 self.epoch,
             )
             self.epoch_step = 0
-            return
+            return None
         mine = _unblob(loaded[self._rank_key])
         self.train_loader.load_state_dict(mine["loader"])
         self.train_metrics.load_state_dict(mine["metrics"])
         random.setstate(mine["rng"]["python"])
         np.random.set_state(mine["rng"]["numpy"])
         torch.set_rng_state(mine["rng"]["torch"])
+        if mine["rng"].get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["rng"]["cuda"], self.device)
+        return mine.get("log_bytes")
 
     def train(self) -> dict[str, float]:
         """Run to the end; return the last epoch's metrics."""
         seed_everything(self.config.seed, self.rank)
+        resumed, log_bytes = None, None
         if self.config.resume and self.checkpoints.latest() is not None:
-            self._resume()
+            log_bytes = self._resume()
+            resumed = self.step
+        # Steps run after the checkpoint by the interrupted run are logged again by this one:
+        # the log forgets the earlier copies.
+        self.log = RunLog(
+            self.config.run_dir,
+            main=self.rank == 0,
+            total_steps=self.config.max_steps,
+            config={"train": asdict(self.config), "optim": asdict(self.optim)},
+            resumed_at=resumed,
+            keep_bytes=log_bytes,
+        )
         results: dict[str, float] = {}
         while self.epoch < self.config.epochs and not self._done():
             if not self._run_epoch():
@@ -258,7 +283,9 @@ class Trainer:
         if not hasattr(dataset, "batches_in_epoch"):
             return None
         workers = getattr(self.train_loader, "num_workers", 0)
-        length = torch.tensor([dataset.batches_in_epoch(self.epoch, workers)])
+        length = torch.tensor(
+            [dataset.batches_in_epoch(self.epoch, workers)], device=collective_device()
+        )
         if dist.is_initialized():
             dist.all_reduce(length, op=dist.ReduceOp.MIN)
         return int(length)
@@ -299,7 +326,7 @@ class Trainer:
     def evaluate(self, loader) -> dict[str, float]:
         """Metrics of ``loader``'s data under the current weights, over all ranks."""
         self.model.eval()
-        metrics = CTRMetrics() if self.config.task == "ctr" else PretrainMetrics()
+        metrics = self._metrics()
         for batch, scored in every_batch(_iterate(loader)):
             out = self._forward(batch)
             if scored:
@@ -329,7 +356,9 @@ class Trainer:
         while True:
             batch = next(batches, None)
             if dist.is_initialized():
-                has = torch.tensor([batch is not None], dtype=torch.int32)
+                has = torch.tensor(
+                    [batch is not None], dtype=torch.int32, device=collective_device()
+                )
                 dist.all_reduce(has, op=dist.ReduceOp.MIN)
                 if not has.item():
                     return

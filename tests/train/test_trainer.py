@@ -5,6 +5,7 @@ bitwise."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.dist
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=2, total_steps=8, sparse_lr=0.05)
 
 
-def run(data: str, run_dir: str, max_steps: int, epochs: int) -> dict:
+def run(data: str, run_dir: str, max_steps: int, epochs: int, checkpoint_every: int = 0) -> dict:
     with distributed("cpu") as env:
         torch.manual_seed(0)
         model = CTRModel(
@@ -48,7 +49,9 @@ def run(data: str, run_dir: str, max_steps: int, epochs: int) -> dict:
             dense,
             schedule,
             StatefulDataLoader(stream, batch_size=None),
-            TrainConfig(run_dir, epochs=epochs, max_steps=max_steps),
+            TrainConfig(
+                run_dir, epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every
+            ),
             OPTIM,
             valid_loader=StatefulDataLoader(valid, batch_size=None),
         )
@@ -65,8 +68,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_resumed_run_equals_uninterrupted_run(data: str, tmp_path: Path) -> None:
     whole = run_on_ranks(run, data, str(tmp_path / "whole"), 8, 2, world_size=2)
-    # The same run, stopped after 3 steps (mid-epoch), then resumed to the end.
-    run_on_ranks(run, data, str(tmp_path / "split"), 3, 2, world_size=2)
+    # The same run, killed after step 3 (mid-epoch) before it could save step 3: its last
+    # checkpoint is step 2 and its log already holds step 3. Resumed, it runs to the end.
+    run_on_ranks(run, data, str(tmp_path / "split"), 3, 2, 2, world_size=2)
+    shutil.rmtree(tmp_path / "split/checkpoint/step-00000003")
     resumed = run_on_ranks(run, data, str(tmp_path / "split"), 8, 2, world_size=2)
     assert whole[0]["step"] == resumed[0]["step"] == 8
     assert resumed[0]["results"] == whole[0]["results"]  # AUC, logloss, gAUC, gap: equal
@@ -78,7 +83,12 @@ def test_resumed_run_equals_uninterrupted_run(data: str, tmp_path: Path) -> None
         for key, value in flat_a.items():
             assert torch.equal(value, flat_b[key]), f"{part}: {key}"
     log = [json.loads(line) for line in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
+    # Every step logged once: the resumed run dropped the killed run's record of step 3.
     assert [r["step"] for r in log if r["split"] == "step"] == list(range(1, 9))
+    whole_log = [json.loads(x) for x in (tmp_path / "whole/metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in whole_log if r["split"] == "step"] == [
+        r["loss"] for r in log if r["split"] == "step"
+    ]
     epochs = [r for r in log if r["split"] == "epoch"]
     assert epochs and {"train_auc", "valid_auc", "valid_gauc", "gap_auc"} <= set(epochs[-1])
 

@@ -114,11 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("experiment")
     report.set_defaults(run=_report)
 
+    from recsys.checkpoint.cli import add_command as add_checkpoint_command
     from recsys.data.cli import add_commands as add_data_commands
     from recsys.plan.cli import add_command as add_plan_command
 
     add_data_commands(commands)
     add_plan_command(commands)
+    add_checkpoint_command(commands)
     return parser
 
 

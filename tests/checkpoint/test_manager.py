@@ -167,3 +167,21 @@ def test_incomplete_checkpoint_is_named(tmp_path: Path) -> None:
         CheckpointManager(tmp_path).load({}, tmp_path / "step-00000001")
     with pytest.raises(CheckpointError, match="no complete checkpoint to resume from"):
         CheckpointManager(tmp_path / "nothing").load({})
+
+
+def test_the_checkpoint_command_lists_and_exports_full_tables(
+    saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from recsys.cli import main
+
+    # The run's checkpoint directory stands for its latest checkpoint.
+    assert main(["checkpoint", "ls", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(str(saved / "step-00000003"))
+    # A row-wise table saved by 2 ranks is listed whole: 40 rows × 16.
+    assert "model.sparse.sequence.embeddings.item.weight" in out and "40×16  float32" in out
+    assert main(["checkpoint", "export", str(saved), str(tmp_path / "one.pt")]) == 0
+    plain = torch.load(tmp_path / "one.pt", weights_only=False)
+    assert plain["model"]["sparse.sequence.embeddings.item.weight"].shape == (40, 16)
+    assert main(["checkpoint", "ls", str(tmp_path / "nothing")]) == 1
+    assert "nothing: no such file or directory" in capsys.readouterr().err

@@ -1,0 +1,105 @@
+"""``recsys checkpoint``: look inside DCP checkpoints offline, and export them to one file.
+
+This module owns the command line of checkpoint inspection: ``ls`` lists what a checkpoint
+holds (every tensor with its full shape and dtype, whatever plan saved it) and ``export``
+writes it as one plain ``torch.save`` file. Both need no process group and accept a
+checkpoint directory, a stage's ``weights/``, a stage directory or a run's ``checkpoint/``
+directory (its latest complete checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def resolve(path: str | Path) -> Path:
+    """The checkpoint ``path`` names (see the module doc), verified."""
+    from recsys.checkpoint.manager import CheckpointError, CheckpointManager, verify
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not (path / ".metadata").exists():
+        if (path / "weights" / ".metadata").exists():
+            path = path / "weights"
+        else:
+            run = path / "checkpoint" if (path / "checkpoint").is_dir() else path
+            latest = CheckpointManager(run).latest()
+            if latest is None:
+                raise CheckpointError(
+                    f"{path}: neither a checkpoint (.metadata) nor a stage or run directory "
+                    "holding one"
+                )
+            path = latest
+    verify(path)
+    return path
+
+
+def listing(path: Path) -> list[tuple[str, str, str]]:
+    """``(key, shape, dtype)`` of every tensor in the checkpoint, and the other entries."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(path)).read_metadata()
+    rows = []
+    for key, info in sorted(metadata.state_dict_metadata.items()):
+        if isinstance(info, TensorStorageMetadata):
+            shape = "×".join(str(x) for x in info.size) or "scalar"
+            rows.append((key, shape, str(info.properties.dtype).removeprefix("torch.")))
+        else:
+            rows.append((key, "–", "object"))
+    return rows
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "checkpoint", help="list or export DCP checkpoints (any plan, no process group)"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = p.add_parser(
+        "ls",
+        help="every tensor of a checkpoint with its full shape and dtype",
+        description="PATH: a checkpoint, a stage's weights/, a stage or run directory "
+        "(its latest checkpoint).",
+    )
+    ls.add_argument("path")
+    ls.set_defaults(run=_ls)
+    export = p.add_parser(
+        "export",
+        help="write a checkpoint as one plain torch.save file (full tables)",
+        description="PATH: a checkpoint, a stage's weights/, a stage or run directory "
+        "(its latest checkpoint). The file loads with torch.load(OUT, weights_only=False).",
+    )
+    export.add_argument("path")
+    export.add_argument("out")
+    export.set_defaults(run=_export)
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from recsys.checkpoint.manager import CheckpointError
+
+    try:
+        path = resolve(args.path)
+    except CheckpointError as err:
+        print(f"recsys checkpoint: {err}", file=sys.stderr)
+        return 1
+    rows = listing(path)
+    width = max((len(k) for k, _, _ in rows), default=0)
+    print(path)
+    for key, shape, dtype in rows:
+        print(f"  {key:<{width}}  {shape:>16}  {dtype}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from recsys.checkpoint.manager import CheckpointError, export
+
+    try:
+        path = resolve(args.path)
+    except CheckpointError as err:
+        print(f"recsys checkpoint: {err}", file=sys.stderr)
+        return 1
+    out = export(path, args.out)
+    print(f"{path} → {out} ({out.stat().st_size:,} bytes)")
+    return 0

@@ -37,7 +37,18 @@ import pyarrow as pa
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from recsys.data.batch import Batch, Columns, Layout, Rows, assemble, decode, gather
+from recsys.data.batch import (
+    Batch,
+    Columns,
+    Groups,
+    Layout,
+    Rows,
+    assemble,
+    assemble_groups,
+    decode,
+    gather,
+    group,
+)
 from recsys.data.files import Dataset, open_dataset
 from recsys.data.schema import DataError, DatasetMeta, describe, list_columns, scalar_columns
 
@@ -46,8 +57,9 @@ log = logging.getLogger(__name__)
 IN_ORDER_ROWS = 2048
 """Rows decoded at a time in file order (rounded to whole batches): pyarrow decodes small
 batches into memory that is still in cache, about 1.3x faster than a large chunk."""
-SHUFFLE_CHUNK_ROWS = 16_384
-"""Rows decoded at a time into a shuffle buffer (which holds all of its chunks)."""
+SHUFFLE_CHUNK_ROWS = 4096
+"""Rows decoded at a time into a shuffle buffer: each chunk's rows are regrouped by the batch
+they go to right after decoding, while the chunk is in cache."""
 
 
 @dataclass(frozen=True)
@@ -247,9 +259,14 @@ class ParquetStream(IterableDataset):
             )
         size = self.config.buffer_row_groups
         buffers = [units[i : i + size] for i in range(0, len(units), size)]
-        layout, batch_size = Layout.of(self.meta), self.config.batch_size
+        layout, batch_size, max_len = (
+            Layout.of(self.meta),
+            self.config.batch_size,
+            self.config.max_len,
+        )
         in_order_rows = batch_size * max(1, IN_ORDER_ROWS // batch_size)
-        pending: list[tuple[Columns, Rows]] = []
+        pending: list[tuple[Columns, Rows]] = []  # rows of the next batch, in file order
+        shuffled: list[tuple[Groups, int]] = []  # or shuffled
         pending_rows = 0
         files: dict[int, Any] = {}
         for b, buffer in enumerate(buffers):
@@ -258,19 +275,25 @@ class ParquetStream(IterableDataset):
                 skip -= rows
                 continue
             if self.config.shuffle:  # the whole buffer decoded, its rows permuted
-                chunks = [c for u in buffer for c in self._decode(u, files, SHUFFLE_CHUNK_ROWS)]
+                groups: list[Groups] = []  # the last buffer's rows freed before decoding
                 rng = np.random.default_rng([self.config.seed, epoch, reader[0], b])
                 order = rng.permutation(rows)[skip:]
-                starts = np.cumsum([0] + [len(c) for c in chunks])
+                end = pending_rows + len(order)  # the pending batch is completed first
+                batches = -(-end // batch_size)
+                batch_of = np.full(rows, -1, dtype=np.int64)
+                batch_of[order] = np.arange(pending_rows, end) // batch_size
                 at = 0
-                while at < len(order):
-                    take = order[at : at + batch_size - pending_rows]
-                    at += len(take)
-                    pending += self._take(chunks, starts, take)
-                    pending_rows += len(take)
+                for unit in buffer:
+                    for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS):
+                        part = batch_of[at : at + len(chunk)]
+                        groups.append(group(chunk, part, batches, self.config.max_len))
+                        at += len(chunk)
+                for k in range(batches):
+                    shuffled += [(g, k) for g in groups if g.rows[k + 1] > g.rows[k]]
+                    pending_rows = min(end - k * batch_size, batch_size)
                     if pending_rows == batch_size:
-                        yield self._emit(pending, layout)
-                        pending, pending_rows = [], 0
+                        yield self._count(assemble_groups(shuffled, layout))
+                        shuffled, pending_rows = [], 0
             else:  # in file order, one small decoded chunk held at a time, runs of its rows
                 for chunk, at in self._in_order(buffer, files, skip, in_order_rows):
                     while at < len(chunk):
@@ -279,32 +302,18 @@ class ParquetStream(IterableDataset):
                         at += take
                         pending_rows += take
                         if pending_rows == batch_size:
-                            yield self._emit(pending, layout)
+                            yield self._count(assemble(pending, layout, max_len))
                             pending, pending_rows = [], 0
             skip = 0
-        if pending and not self.config.drop_last:
-            yield self._emit(pending, layout)
+        if pending_rows and not self.config.drop_last:
+            if shuffled:
+                yield self._count(assemble_groups(shuffled, layout))
+            else:
+                yield self._count(assemble(pending, layout, max_len))
         # The epoch is done: the cursor stays on it with every row counted (dropped ones too).
         self._rows_done, self._finished = sum(u.rows for u in units), True
 
-    @staticmethod
-    def _take(
-        chunks: list[Columns], starts: np.ndarray, rows: np.ndarray
-    ) -> list[tuple[Columns, Rows]]:
-        """The given rows of a buffer as ``(chunk, rows in it)`` pieces, in buffer order (the
-        buffer is never concatenated)."""
-        rows = np.sort(rows)
-        if len(chunks) == 1:
-            return [(chunks[0], rows)]
-        bounds, firsts = np.searchsorted(rows, starts).tolist(), starts[:-1].tolist()
-        return [
-            (chunk, rows[lo:hi] - start)
-            for chunk, lo, hi, start in zip(chunks, bounds[:-1], bounds[1:], firsts, strict=True)
-            if hi > lo
-        ]
-
-    def _emit(self, pending: list[tuple[Columns, Rows]], layout: Layout) -> Batch:
-        batch = assemble(pending, layout, self.config.max_len)
+    def _count(self, batch: Batch) -> Batch:
         self._rows_done += len(batch)
         return batch
 

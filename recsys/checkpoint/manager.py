@@ -75,11 +75,13 @@ def _from_rank0(value: Any) -> Any:
 class CheckpointManager:
     """Saves and loads the checkpoints of one run directory."""
 
-    def __init__(self, directory: str | Path, keep: int = 3) -> None:
+    def __init__(self, directory: str | Path, keep: int = 3, faults: Any = None) -> None:
+        """``faults``: a ``recsys.train.faults.Faults`` whose ``save`` faults fire in saves."""
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = Path(directory)
         self.keep = keep
+        self.faults = faults
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -103,6 +105,8 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
         _barrier()
         dcp.save(state, checkpoint_id=str(tmp))
+        if self.faults is not None:
+            self.faults.in_save(step)
         _barrier()  # every rank's shards are written
         error = None
         if _rank() == 0:

@@ -4,7 +4,10 @@ This module owns what every component in ``components/`` shares, so that each co
 stays a typed signature with a docstring. It builds on ``torchx.components.dist.ddp``. When no
 image is given (local_cwd and Slurm run the working tree) and TorchX itself runs from a
 virtual environment, the job's ``torchrun`` is that environment's, so that
-``.venv/bin/torchx run -s local_cwd ...`` works without activating anything.
+``.venv/bin/torchx run -s local_cwd ...`` works without activating anything. ``max_retries``
+also goes to torchrun as ``--max_restarts``: after a worker dies, torchrun restarts all of
+the job's workers, which resume from the last checkpoint (local schedulers ignore TorchX's
+own retries).
 """
 
 from __future__ import annotations
@@ -46,13 +49,19 @@ def stage_app(
         env={"RECSYS_LOG_LEVEL": "INFO", **(env or {})},
         max_retries=max_retries,
     )
-    torchrun = Path(sys.executable).parent / "torchrun"
-    if not image and sys.prefix != sys.base_prefix and torchrun.exists():
-        for role in app.roles:  # ddp runs `bash -c "torchrun ..."`
-            role.args = [
-                f"{torchrun}{a[len('torchrun') :]}" if a.startswith("torchrun ") else a
-                for a in role.args
-            ]
+    # torchrun restarts every worker of the job after one fails (they resume from the last
+    # checkpoint): local schedulers ignore TorchX's max_retries, so torchrun is told too.
+    torchrun = "torchrun"
+    venv_torchrun = Path(sys.executable).parent / "torchrun"
+    if not image and sys.prefix != sys.base_prefix and venv_torchrun.exists():
+        torchrun = str(venv_torchrun)  # the venv's, so nothing needs activating
+    for role in app.roles:  # ddp runs `bash -c "torchrun ..."`
+        role.args = [
+            f"{torchrun} --max_restarts {max_retries}{a[len('torchrun') :]}"
+            if a.startswith("torchrun ")
+            else a
+            for a in role.args
+        ]
     return app
 
 

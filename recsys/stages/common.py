@@ -156,15 +156,24 @@ def run_stage(main: Callable[[list[str] | None], Any], argv: list[str] | None = 
     logging.basicConfig(
         level=os.environ.get("RECSYS_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,  # importing torchrec installs a root handler at WARNING first
     )
     from recsys.checkpoint.manager import CheckpointError
     from recsys.data.schema import DataError
     from recsys.plan.planfile import PlanFileError
+    from recsys.train.trainer import Preempted
 
+    rank = os.environ.get("RANK", "0")
     try:
         main(argv)
+    except Preempted as stop:
+        print(f"stopped (rank {rank}): {stop}", file=sys.stderr)
+        return PREEMPTED
     except (StageError, ConfigError, DataError, CheckpointError, PlanFileError) as err:
-        rank = os.environ.get("RANK", "0")
         print(f"error (rank {rank}): {err}", file=sys.stderr)
         return 2
     return 0
+
+
+PREEMPTED = 143
+"""Exit code of a stage stopped by SIGTERM after saving its checkpoint (128 + SIGTERM)."""

@@ -82,6 +82,8 @@ class RunSection:
     resume: bool = True
     """Continue from the stage's latest checkpoint when there is one (False: start over)."""
     seed: int = 0
+    record_samples: bool = False
+    """Audit: write each training step's dataset row ids to ``DIR/samples/rank<r>.jsonl``."""
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
                 keep=config.run.keep,
                 resume=config.run.resume,
                 seed=seed,
+                record_samples=config.run.record_samples,
             ),
             optim,
             valid,

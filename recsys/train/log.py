@@ -78,6 +78,26 @@ class RunLog:
             self._file.close()
 
 
+class SampleLog:
+    """The dataset row ids each training step of this rank used, one JSON line per step in
+    ``RUN/samples/rank<r>.jsonl`` (an audit of exactly-once reading; off by default). A
+    resumed run first drops the steps after the one it resumes from."""
+
+    def __init__(self, run_dir: str | Path, rank: int, resumed_at: int | None = None) -> None:
+        path = Path(run_dir) / "samples" / f"rank{rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resumed_at is not None and path.exists():
+            _rewind(path, resumed_at, None)
+        self._file = path.open("a")
+
+    def record(self, step: int, epoch: int, rows: list[int]) -> None:
+        self._file.write(json.dumps({"step": step, "epoch": epoch, "rows": rows}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def _rewind(path: Path, step: int, keep_bytes: int | None) -> None:
     """Cut ``path`` back to its first ``keep_bytes`` bytes, or to its records of steps up to
     ``step``; the file is replaced atomically."""

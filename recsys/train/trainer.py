@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,7 +28,8 @@ from torch import nn
 
 from recsys.checkpoint.manager import CheckpointManager, keys
 from recsys.distributed.env import collective_device
-from recsys.train.log import RunLog
+from recsys.train.faults import Faults
+from recsys.train.log import RunLog, SampleLog
 from recsys.train.metrics import CTRMetrics, PretrainMetrics
 from recsys.train.optim import OptimConfig, clip
 
@@ -54,6 +56,8 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True
     """bf16 autocast of the forward pass on CUDA (ignored on CPU)."""
+    record_samples: bool = False
+    """Write the row ids of every trained batch to ``RUN/samples/rank<r>.jsonl``."""
 
     def __post_init__(self) -> None:
         if self.task not in ("ctr", "pretrain"):
@@ -115,6 +119,16 @@ def every_batch(batches: Iterator) -> Iterator:
         yield last, batch is not None
 
 
+class Preempted(RuntimeError):
+    """The run stopped on SIGTERM after saving a checkpoint; run it again to resume."""
+
+    def __init__(self, step: int, path) -> None:
+        super().__init__(
+            f"preempted (SIGTERM) after step {step}: saved {path}; run again to resume"
+        )
+        self.step, self.path = step, path
+
+
 class Trainer:
     def __init__(
         self,
@@ -137,7 +151,13 @@ class Trainer:
         self.samples = 0
         """Rows this rank trained on since this process started (throughput; not saved)."""
         self.train_metrics = self._metrics()
-        self.checkpoints = CheckpointManager(f"{config.run_dir}/checkpoint", keep=config.keep)
+        self.faults = Faults(config.run_dir, self.rank)
+        self.checkpoints = CheckpointManager(
+            f"{config.run_dir}/checkpoint", keep=config.keep, faults=self.faults
+        )
+        self._sigterm = False  # set by the SIGTERM handler while train() runs
+        self._fetched = 0  # training batches this process has taken from the loader
+        self.samples_log: SampleLog | None = None
         self.log: RunLog | None = None  # opened by train(), once it knows where it resumes
 
     def state(self, with_rank_state: bool = True) -> dict[str, Any]:
@@ -234,7 +254,28 @@ class Trainer:
         return mine.get("log_bytes")
 
     def train(self) -> dict[str, float]:
-        """Run to the end; return the last epoch's metrics."""
+        """Run to the end; return the last epoch's metrics.
+
+        On SIGTERM (preemption) every rank finishes its step, the job saves a checkpoint and
+        :class:`Preempted` is raised; the next run resumes from it."""
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            return self._train()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        self._sigterm = True
+
+    def _preempted(self) -> bool:
+        """Whether any rank got SIGTERM (all ranks agree, so they save together)."""
+        flag = torch.tensor([int(self._sigterm)], device=collective_device())
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _train(self) -> dict[str, float]:
         seed_everything(self.config.seed, self.rank)
         resumed, log_bytes = None, None
         if self.config.resume and self.checkpoints.latest() is not None:
@@ -250,6 +291,11 @@ class Trainer:
             resumed_at=resumed,
             keep_bytes=log_bytes,
         )
+        self.samples_log = (
+            SampleLog(self.config.run_dir, self.rank, resumed)
+            if self.config.record_samples
+            else None
+        )
         results: dict[str, float] = {}
         while self.epoch < self.config.epochs and not self._done():
             if not self._run_epoch():
@@ -258,16 +304,26 @@ class Trainer:
         latest = self.checkpoints.latest()
         if latest is None or latest.name != f"step-{self.step:08d}":  # not saved just now
             self.checkpoints.save(self.step, self.state())
-        self.log.close()
+        self._close_logs()
         return results
+
+    def _close_logs(self) -> None:
+        self.log.close()
+        if self.samples_log is not None:
+            self.samples_log.close()
 
     def _run_epoch(self) -> bool:
         """Train through the rest of the current epoch; False if max_steps stopped it first."""
         self._set_epoch(self.epoch)
         length = self._epoch_length()
-        for batch in self._aligned(_iterate(self.train_loader)):
+        for batch in self._aligned(self._batches()):
             self._train_step(batch)
             self.epoch_step += 1
+            self.faults.after_step(self.step)
+            if self._preempted():
+                path = self.checkpoints.save(self.step, self.state())
+                self._close_logs()
+                raise Preempted(self.step, path)
             if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                 self.checkpoints.save(self.step, self.state())
             if length is not None and self.epoch_step >= length:
@@ -275,6 +331,13 @@ class Trainer:
             if self._done():
                 return False
         return True
+
+    def _batches(self) -> Iterator:
+        """This epoch's training batches; a ``loader`` fault fires at its batch."""
+        for batch in _iterate(self.train_loader):
+            self._fetched += 1
+            self.faults.on_batch(self._fetched)
+            yield batch
 
     def _epoch_length(self) -> int | None:
         """Steps in this epoch, the same on every rank: the fewest batches any rank has (known
@@ -306,6 +369,8 @@ class Trainer:
         if norm is not None:
             values["grad_norm"] = float(norm)
         self.log.record(self.step, "step", values)
+        if self.samples_log is not None:
+            self.samples_log.record(self.step, self.epoch, batch.row_ids.tolist())
         self.log.progress(self.step, values)
 
     def _end_epoch(self) -> dict[str, float]:

@@ -4,8 +4,10 @@
         --experiment runs/demo --strategies all --sizes L4H64A4
 
 This module owns the order of the stages of a study and whether each must run. Every stage is
-submitted through the TorchX runner API (``run_component``, then ``wait``) on a profile of
-``torchx.yaml``; the log of each job's first replica streams to the console and to
+submitted through the TorchX runner API (the component's ``AppDef``, ``run``, then ``wait``)
+on a profile of ``torchx.yaml``; Slurm jobs are followed by ``pipelines.slurm`` instead
+(bounded waits, states TorchX 0.7.0 misreads), with a pre-check that some node can hold a
+replica; the log of each job's first replica streams to the console and to
 ``EXPERIMENT/logs/<stage>.log``. A stage whose directory is DONE with the fingerprint this
 run would give it (same config, options and inputs) is skipped; a DONE stage with another
 fingerprint runs again; an interrupted one resumes from its own checkpoint. A failed job stops
@@ -18,6 +20,7 @@ finetune-<strategy>}`` and the report (``recsys.report``) in ``EXPERIMENT/report
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from pipelines import slurm
 from pipelines.profiles import Profile, load_profile
 from recsys.stages.common import StageError, fingerprint, read_stage
 from recsys.stages.config import StageConfig, load
@@ -207,10 +211,16 @@ def component_args(step: Step, profile: Profile, force: bool) -> list[str]:
     args = ["-j", profile.j, "--max_retries", str(profile.max_restarts)]
     if profile.resource:
         args += ["--h", profile.resource]
+    for key in ("cpu", "gpu", "memMB"):
+        if getattr(profile, key) is not None:
+            args += [f"--{key}", str(getattr(profile, key))]
     if profile.image and profile.scheduler not in ("local_cwd", "local_docker", "slurm"):
         args += ["--image", profile.image]
-    if profile.env:
-        args += ["--env", ",".join(f"{k}={v}" for k, v in profile.env.items())]
+    env = profile.job_env()
+    if any("," in v for v in env.values()):
+        raise PipelineError(f"profile {profile.name!r}: job environment values cannot hold ','")
+    if env:
+        args += ["--env", ",".join(f"{k}={v}" for k, v in env.items())]
     if step.config:
         args += ["--config", step.config]
     args += ["--out", str(step.out), *step.arguments]
@@ -231,31 +241,90 @@ def _stream(runner, handle: str, role: str, path: Path, console: TextIO | None) 
             out.write(f"[pipeline] log streaming stopped: {err}\n")
 
 
+def _writer(out: TextIO, console: TextIO | None) -> Callable[[str], None]:
+    def write(line: str) -> None:
+        out.write(line)
+        out.flush()
+        if console is not None:
+            console.write(line)
+
+    return write
+
+
+def _wait_slurm(handle: str, step: Step, profile: Profile, log_path: Path, console) -> str:
+    """Follow a Slurm job's first replica's stderr into ``log_path`` until the bounded wait
+    (pipelines.slurm) ends; the final state's name."""
+    done = threading.Event()
+    with log_path.open("a") as out:
+        path = slurm.log_path(handle, step.stage)
+        follower = threading.Thread(
+            target=slurm.follow, args=(path, done, _writer(out, console)), daemon=True
+        )
+        follower.start()
+        try:
+            state = slurm.wait(
+                handle,
+                max_pending_s=profile.max_pending_s,
+                partition=profile.scheduler_args.get("partition"),
+            )
+        except slurm.SlurmError as err:
+            raise PipelineError(
+                f"stage {step.stage} ({step.size}-{step.out.name}): {err}"
+            ) from None
+        except BaseException:  # interrupted: a job left behind would write into the study
+            slurm.cancel(handle)
+            raise
+        finally:
+            done.set()
+            follower.join(timeout=30)
+    return state.name
+
+
+def _app(step: Step, args: list[str]):
+    """The stage's AppDef from its component file, as ``torchx run`` would build it."""
+    from torchx.specs.builders import materialize_appdef
+    from torchx.specs.finder import get_component
+
+    component = get_component(f"components/{step.stage}.py:{step.stage}")
+    return materialize_appdef(component.fn, args)
+
+
 def run_step(step: Step, profile: Profile, runner, console: TextIO | None = sys.stdout) -> str:
     """Submit one stage, stream its log, wait; the job handle. PipelineError if it fails."""
     from torchx.specs import AppState
 
     force = (step.out / "DONE").exists()  # finished with other inputs or config: redo
-    args = component_args(step, profile, force)
+    app = _app(step, component_args(step, profile, force))
     logs = step.out.parent.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     name = f"{step.size}-{step.out.name}"
     log_path = logs / f"{name}.log"
-    handle = runner.run_component(
-        f"components/{step.stage}.py:{step.stage}",
-        args,
-        profile.scheduler,
-        cfg=dict(profile.scheduler_args),
-    )
+    if profile.scheduler == "slurm":  # one that no node can hold would pend forever
+        resource = app.roles[0].resource
+        try:
+            slurm.check_fits(
+                resource.cpu, resource.memMB, resource.gpu, profile.scheduler_args.get("partition")
+            )
+        except slurm.SlurmError as err:
+            raise PipelineError(f"stage {step.stage} ({name}) not submitted: {err}") from None
+    try:
+        handle = runner.run(app, profile.scheduler, cfg=dict(profile.scheduler_args))
+    except subprocess.CalledProcessError as err:  # sbatch & co. print their reason on stderr
+        raise PipelineError(
+            f"stage {step.stage} ({name}): {profile.scheduler} refused the job: {err}"
+        ) from None
     log.info("%s: submitted %s", name, handle)
-    streamer = threading.Thread(
-        target=_stream, args=(runner, handle, step.stage, log_path, console), daemon=True
-    )
-    streamer.start()
-    status = runner.wait(handle, wait_interval=1)
-    streamer.join(timeout=30)
-    if status is None or status.state != AppState.SUCCEEDED:
+    if profile.scheduler == "slurm":  # TorchX 0.7.0 cannot follow cancelled Slurm jobs
+        state = _wait_slurm(handle, step, profile, log_path, console)
+    else:
+        streamer = threading.Thread(
+            target=_stream, args=(runner, handle, step.stage, log_path, console), daemon=True
+        )
+        streamer.start()
+        status = runner.wait(handle, wait_interval=1)
+        streamer.join(timeout=30)
         state = status.state.name if status is not None else "UNKNOWN"
+    if state != AppState.SUCCEEDED.name:
         lines = log_path.read_text().splitlines() if log_path.exists() else []
         # A stage states its error in one line; otherwise show the end of the log.
         reasons = list(dict.fromkeys(line for line in lines if "error (rank" in line))

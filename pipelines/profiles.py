@@ -2,11 +2,14 @@
 
 This module owns reading and validating the ``profiles`` section of ``torchx.yaml`` against
 TorchX itself (known scheduler, that scheduler's run options and their types, named
-resources), so that a typo fails before any job is submitted. It does not submit jobs.
+resources), so that a typo fails before any job is submitted, and the environment a profile
+gives its jobs (``venv``: the project's virtual environment activated on the nodes). It does
+not submit jobs.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,9 @@ from typing import Any
 import yaml
 
 DEFAULT_PATH = Path("torchx.yaml")
+
+CONTAINER_SCHEDULERS = ("kubernetes", "kubernetes_mcad", "local_docker", "aws_batch", "gcp_batch")
+"""Schedulers that run a container image, not the working tree: a profile must name one."""
 
 
 class ProfileError(ValueError):
@@ -36,6 +42,12 @@ class Profile:
     """Processes (ranks) per host."""
     resource: str | None = None
     """A TorchX named resource describing one host, such as ``aws_p4d.24xlarge``."""
+    cpu: int | None = None
+    """CPUs per host when no ``resource`` is named (None: the component's default)."""
+    gpu: int | None = None
+    """GPUs per host when no ``resource`` is named."""
+    memMB: int | None = None  # TorchX's spelling, as in the components
+    """Memory per host in MB when no ``resource`` is named."""
     image: str | None = None
     """Container image for container schedulers; local schedulers use the working tree."""
     env: dict[str, str] = field(default_factory=dict)
@@ -45,11 +57,31 @@ class Profile:
     stage_args: tuple[str, ...] = ()
     """Config overrides (``section.key=value``) given to every stage run on this profile,
     before the pipeline's own (e.g. ``data.workers=4`` on hosts with cores to spare)."""
+    venv: str | None = None
+    """The project's virtual environment as the nodes see it (a shared filesystem), made
+    absolute against torchx.yaml's directory: jobs get its ``bin`` first on PATH, VIRTUAL_ENV,
+    and PYTHONPATH set to the repository (the directory of torchx.yaml)."""
+    max_pending_s: int = 600
+    """Slurm: a job pending longer than this is cancelled (one that can never start at once)."""
+    repo: str | None = None
+    """The directory of the torchx.yaml this profile came from (set by the loader)."""
 
     @property
     def j(self) -> str:
         """The job shape as TorchX's ``-j`` argument, ``NNODESxNPROC``."""
         return f"{self.nnodes}x{self.nproc_per_node}"
+
+    def job_env(self, path: str | None = None) -> dict[str, str]:
+        """``env`` plus what ``venv`` sets up, with ``path`` (default: this PATH) after it."""
+        env = dict(self.env)
+        if self.venv:
+            venv = Path(self.venv)
+            tail = os.environ.get("PATH", "") if path is None else path
+            env["PATH"] = f"{venv / 'bin'}:{tail}" if tail else str(venv / "bin")
+            env["VIRTUAL_ENV"] = str(venv)
+            if self.repo is not None:
+                env["PYTHONPATH"] = self.repo
+        return env
 
 
 def load_profiles(path: str | Path = DEFAULT_PATH) -> dict[str, Profile]:
@@ -79,17 +111,28 @@ def _profile(path: Path, name: str, body: Any) -> Profile:
     where = f"{path}: profile {name!r}"
     if not isinstance(body, dict):
         raise ProfileError(f"{where}: expected a mapping of settings")
-    known = {f.name for f in fields(Profile)} - {"name"}
+    known = {f.name for f in fields(Profile)} - {"name", "repo"}
     unknown = sorted(set(body) - known)
     if unknown:
         raise ProfileError(f"{where}: unknown keys {unknown}; allowed: {sorted(known)}")
     if "scheduler" not in body:
         raise ProfileError(f"{where}: 'scheduler' is required")
-    for key in ("nnodes", "nproc_per_node", "max_restarts"):
-        value = body.get(key, 0 if key == "max_restarts" else 1)
-        low = 0 if key == "max_restarts" else 1
+    lows = {"nnodes": 1, "nproc_per_node": 1, "max_restarts": 0, "cpu": 1, "gpu": 0,
+            "memMB": 1, "max_pending_s": 1}  # fmt: skip
+    for key, low in lows.items():
+        value = body.get(key, low)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ProfileError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
+    if body.get("resource") and any(k in body for k in ("cpu", "gpu", "memMB")):
+        raise ProfileError(f"{where}: give either resource or cpu/gpu/memMB, not both")
+    if body.get("scheduler") in CONTAINER_SCHEDULERS and not body.get("image"):
+        raise ProfileError(
+            f"{where}: the {body['scheduler']} scheduler runs a container image: set 'image' "
+            "to one holding the project (Dockerfile and docs/clusters.md say how to build it)"
+        )
+    venv = body.get("venv")
+    if venv is not None and (not isinstance(venv, str) or not venv):
+        raise ProfileError(f"{where}: venv must be a path to a virtual environment")
     env = body.get("env") or {}
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise ProfileError(f'{where}: env must map names to strings (quote numbers: "1")')
@@ -109,6 +152,8 @@ def _profile(path: Path, name: str, body: Any) -> Profile:
             "env": env,
             "scheduler_args": body.get("scheduler_args") or {},
             "stage_args": tuple(stage_args),
+            "venv": str((path.parent / venv).absolute()) if venv else None,
+            "repo": str(path.parent.absolute()),
         },
     )
     _check_against_torchx(where, profile)

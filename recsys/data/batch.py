@@ -165,7 +165,11 @@ def _check_ids(
     size = meta.vocab[vocab]
     if meta.id_mode == "hash":
         return hash_ids(values, size)
-    if values.min() < 0:  # one pass each; the offending row is searched only on failure
+    # One pass for both bounds (negative ids read as unsigned are >= 2^63); the offending
+    # row is searched only on failure.
+    if values.view(np.uint64).max() < size:
+        return values
+    if values.min() < 0:
         i = _first(values < 0)
         raise DataError(
             f"{locate(row_of(i), column)}: id {values[i]} is negative; ids must lie in [0, {size})"
@@ -394,7 +398,9 @@ def group(columns: Columns, batch_of: np.ndarray, batches: int, max_len: int | N
     runs into each batch, is several times faster than gathering each batch's rows from a
     whole decoded buffer.
     """
-    order = np.argsort(batch_of, kind="stable")
+    # A stable sort of small integers is a radix sort: several times faster than of int64.
+    narrow = np.int16 if batches < 2**15 else np.int32 if batches < 2**31 else np.int64
+    order = np.argsort(batch_of.astype(narrow), kind="stable")
     counts = np.bincount(batch_of[batch_of >= 0], minlength=batches)
     rows = np.zeros(batches + 1, dtype=np.int64)
     np.cumsum(counts, out=rows[1:])

@@ -233,3 +233,38 @@ def test_batches_with_ids_beyond_int32_cross_processes_intact() -> None:
     assert copy.features.values().dtype == torch.int64
     assert copy.features.values().tolist() == values.tolist()
     assert copy.labels is None
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_decoding_in_small_chunks_changes_nothing(
+    synth_dir: Path, shuffle: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row groups are decoded in chunks (runs of a chunk in file order; shuffled, each
+    chunk's rows regrouped by batch): batches that span chunks and row groups, cut lists and
+    a resumed pass are the same whatever the chunk size."""
+    import recsys.data.stream as stream_module
+
+    source = str(synth_dir / "ctr_train")
+    config = StreamConfig(batch_size=10, max_len=6, shuffle=shuffle, buffer_row_groups=2)
+
+    def batches(state=None) -> list[tuple[list[int], ...]]:
+        stream = ParquetStream(source, config)
+        if state is not None:
+            stream.load_state_dict(state)
+        out = []
+        for b in stream:
+            f = b.features
+            out.append(
+                (b.row_ids.tolist(), f.values().tolist(), f.lengths().tolist(), b.labels.tolist())
+            )
+        return out
+
+    whole = batches()  # row groups of 23 rows: each decoded in one chunk
+    monkeypatch.setattr(stream_module, "IN_ORDER_ROWS", 4)  # 10-row chunks in file order
+    monkeypatch.setattr(stream_module, "SHUFFLE_CHUNK_ROWS", 7)
+    assert batches() == whole
+    stream = ParquetStream(source, config)
+    it = iter(stream)
+    for _ in range(5):
+        next(it)
+    assert batches(stream.state_dict()) == whole[5:]

@@ -216,7 +216,8 @@ def component_args(step: Step, profile: Profile, force: bool) -> list[str]:
             args += [f"--{key}", str(getattr(profile, key))]
     if profile.image and profile.scheduler not in ("local_cwd", "local_docker", "slurm"):
         args += ["--image", profile.image]
-    env = profile.job_env()
+    # Slurm jobs get the venv's environment from sbatch's own (see pipelines.slurm).
+    env = profile.env if profile.scheduler == "slurm" else profile.job_env()
     if any("," in v for v in env.values()):
         raise PipelineError(f"profile {profile.name!r}: job environment values cannot hold ','")
     if env:
@@ -308,7 +309,8 @@ def run_step(step: Step, profile: Profile, runner, console: TextIO | None = sys.
         except slurm.SlurmError as err:
             raise PipelineError(f"stage {step.stage} ({name}) not submitted: {err}") from None
     try:
-        handle = runner.run(app, profile.scheduler, cfg=dict(profile.scheduler_args))
+        with slurm.submit_environment(profile.venv_env() if profile.scheduler == "slurm" else {}):
+            handle = runner.run(app, profile.scheduler, cfg=dict(profile.scheduler_args))
     except subprocess.CalledProcessError as err:  # sbatch & co. print their reason on stderr
         raise PipelineError(
             f"stage {step.stage} ({name}): {profile.scheduler} refused the job: {err}"

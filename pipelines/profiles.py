@@ -71,17 +71,22 @@ class Profile:
         """The job shape as TorchX's ``-j`` argument, ``NNODESxNPROC``."""
         return f"{self.nnodes}x{self.nproc_per_node}"
 
-    def job_env(self, path: str | None = None) -> dict[str, str]:
-        """``env`` plus what ``venv`` sets up, with ``path`` (default: this PATH) after it."""
-        env = dict(self.env)
-        if self.venv:
-            venv = Path(self.venv)
-            tail = os.environ.get("PATH", "") if path is None else path
-            env["PATH"] = f"{venv / 'bin'}:{tail}" if tail else str(venv / "bin")
-            env["VIRTUAL_ENV"] = str(venv)
-            if self.repo is not None:
-                env["PYTHONPATH"] = self.repo
+    def venv_env(self, path: str | None = None) -> dict[str, str]:
+        """What ``venv`` sets up: its bin first on PATH (before ``path``, default this
+        process's PATH), VIRTUAL_ENV, PYTHONPATH=the repository; empty without a venv."""
+        if not self.venv:
+            return {}
+        venv = Path(self.venv)
+        tail = os.environ.get("PATH", "") if path is None else path
+        env = {"PATH": f"{venv / 'bin'}:{tail}" if tail else str(venv / "bin")}
+        env["VIRTUAL_ENV"] = str(venv)
+        if self.repo is not None:
+            env["PYTHONPATH"] = self.repo
         return env
+
+    def job_env(self, path: str | None = None) -> dict[str, str]:
+        """Every process's environment: ``env`` and what ``venv`` sets up."""
+        return {**self.env, **self.venv_env(path)}
 
 
 def load_profiles(path: str | Path = DEFAULT_PATH) -> dict[str, Profile]:

@@ -21,7 +21,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,11 +171,13 @@ def wait(
     poll_s: float = 1.0,
     max_pending_s: float = 600.0,
     max_unknown_s: float = 60.0,
+    timeout_s: float | None = None,
     partition: str | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> AppState:
     """Wait until the job ends; its final state. A job that can never start, or pends longer
-    than ``max_pending_s``, or that ``sacct`` never lists, is cancelled with a SlurmError."""
+    than ``max_pending_s``, or has not ended after ``timeout_s`` (None: no bound besides the
+    job's own time limit), or that ``sacct`` never lists, is cancelled with a SlurmError."""
     started = clock()
     pending_since: float | None = None
     while True:
@@ -182,6 +185,9 @@ def wait(
         current = state(handle)
         if current in (AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED):
             return current
+        if timeout_s is not None and now - started > timeout_s:
+            cancel(handle)
+            raise SlurmError(f"{handle} cancelled: still {current.name} after {timeout_s:.0f} s")
         if current == AppState.UNKNOWN and now - started > max_unknown_s:
             raise SlurmError(f"{handle}: sacct has not listed the job after {max_unknown_s:.0f} s")
         if current == AppState.PENDING:
@@ -226,6 +232,23 @@ def _request(handle: str, partition: str | None) -> str:
     except (SlurmError, ValueError):
         largest = "the partition's nodes could not be listed"
     return f"each replica asks for {', '.join(asked)}; {largest}"
+
+
+@contextmanager
+def submit_environment(env: dict[str, str]) -> Iterator[None]:
+    """Set ``env`` in this process while a job is submitted. A Slurm job inherits the
+    environment of ``sbatch`` (``--export=ALL``); PATH must come this way, as ``srun
+    --export=ALL,PATH=...`` (how TorchX passes a role's env) leaves PATH as it was."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def log_path(handle: str, role: str, replica: int = 0, stream: str = "err") -> Path:

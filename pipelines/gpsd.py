@@ -281,7 +281,7 @@ def _wait_slurm(handle: str, step: Step, profile: Profile, log_path: Path, conso
     return state.name
 
 
-def _app(step: Step, args: list[str]):
+def appdef(step: Step, args: list[str]):
     """The stage's AppDef from its component file, as ``torchx run`` would build it."""
     from torchx.specs.builders import materialize_appdef
     from torchx.specs.finder import get_component
@@ -295,7 +295,7 @@ def run_step(step: Step, profile: Profile, runner, console: TextIO | None = sys.
     from torchx.specs import AppState
 
     force = (step.out / "DONE").exists()  # finished with other inputs or config: redo
-    app = _app(step, component_args(step, profile, force))
+    app = appdef(step, component_args(step, profile, force))
     logs = step.out.parent.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     name = f"{step.size}-{step.out.name}"

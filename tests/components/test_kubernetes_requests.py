@@ -114,7 +114,7 @@ def test_explicit_gpu_limits_without_a_named_resource() -> None:
     assert "--nnodes 1 --nproc_per_node 4" in container(task)["command"][2]
 
 
-@pytest.mark.filterwarnings("ignore:.*Volcano.*does NOT support retries")  # the profile's 3
+@pytest.mark.filterwarnings("ignore::UserWarning:torchx.schedulers.kubernetes_scheduler")
 def test_the_pipelines_kubernetes_jobs_validate() -> None:
     from torchx.runner import get_runner
 

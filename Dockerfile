@@ -1,0 +1,38 @@
+# The project with the CUDA build of its stack (torch 2.13.0, fbgemm-gpu 1.8.0, torchrec 1.9.2),
+# for the kubernetes profile of torchx.yaml (docs/clusters.md):
+#
+#   docker build -t REGISTRY/recsys:$(git rev-parse --short HEAD) .
+#   docker push REGISTRY/recsys:$(git rev-parse --short HEAD)
+#
+# PyPI's torch wheels for Linux carry their CUDA libraries (nvidia-* wheels), so a plain
+# Python base image is enough; the host needs only the NVIDIA driver (the GPU operator or the
+# device plugin of the cluster provides it). `make setup ACCEL=cuda` is the same recipe as on
+# a GPU host, so the image holds exactly the tested stack.
+FROM python:3.11-slim-bookworm
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends make \
+ && rm -rf /var/lib/apt/lists/*
+
+ENV VENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONPATH=/workspace/recsys
+WORKDIR /workspace/recsys
+
+# What the installation reads first (a code change does not reinstall the stack) ...
+COPY pyproject.toml Makefile README.md ./
+COPY scripts/requirements.py scripts/
+COPY recsys/__init__.py recsys/
+RUN make setup ACCEL=cuda VENV=$VENV PYTHON=python3 \
+ && rm -rf /root/.cache/pip
+
+# ... then the code (installed in editable mode above, so these are the modules that run).
+COPY recsys/ recsys/
+COPY pipelines/ pipelines/
+COPY components/ components/
+COPY configs/ configs/
+COPY torchx.yaml .torchxconfig ./
+
+# Jobs run `torchrun -m recsys.stages.<stage>` (components/); this checks the stack imports.
+RUN python -c "import torch, torchrec, fbgemm_gpu, recsys; print(torch.__version__, torch.version.cuda)"

@@ -7,6 +7,8 @@ import them.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,3 +20,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def synth_split():
+    """A function writing ``out``/seq, ctr_train, ctr_test of a synthetic log: tiny datasets
+    of module fixtures (``synth_split(out, row_group_rows, **SynthConfig fields)``)."""
+    return _synth_split
+
+
+def _synth_split(out: Path, row_group_rows: int, **config: int) -> Path:
+    from recsys.data.protocol import write_split
+    from recsys.data.synth import SynthConfig, make
+
+    result, source = make(SynthConfig(**config))
+    write_split(out, result, source, row_group_rows=row_group_rows)
+    return out

@@ -64,7 +64,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "(its latest checkpoint).",
     )
     ls.add_argument("path")
-    ls.set_defaults(run=_ls)
+    ls.set_defaults(run=_run(_ls))
     export = p.add_parser(
         "export",
         help="write a checkpoint as one plain torch.save file (full tables)",
@@ -73,33 +73,36 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     export.add_argument("path")
     export.add_argument("out")
-    export.set_defaults(run=_export)
+    export.set_defaults(run=_run(_export))
 
 
-def _ls(args: argparse.Namespace) -> int:
-    from recsys.checkpoint.manager import CheckpointError
+def _run(action):
+    """``action(path)`` on the checkpoint ``args.path`` names; its problems as one message."""
 
-    try:
-        path = resolve(args.path)
-    except CheckpointError as err:
-        print(f"recsys checkpoint: {err}", file=sys.stderr)
-        return 1
+    def command(args: argparse.Namespace) -> int:
+        from recsys.checkpoint.manager import CheckpointError
+
+        try:
+            path = resolve(args.path)
+        except CheckpointError as err:
+            print(f"recsys checkpoint: {err}", file=sys.stderr)
+            return 1
+        action(path, args)
+        return 0
+
+    return command
+
+
+def _ls(path: Path, args: argparse.Namespace) -> None:
     rows = listing(path)
     width = max((len(k) for k, _, _ in rows), default=0)
     print(path)
     for key, shape, dtype in rows:
         print(f"  {key:<{width}}  {shape:>16}  {dtype}")
-    return 0
 
 
-def _export(args: argparse.Namespace) -> int:
-    from recsys.checkpoint.manager import CheckpointError, export
+def _export(path: Path, args: argparse.Namespace) -> None:
+    from recsys.checkpoint.manager import export
 
-    try:
-        path = resolve(args.path)
-    except CheckpointError as err:
-        print(f"recsys checkpoint: {err}", file=sys.stderr)
-        return 1
     out = export(path, args.out)
     print(f"{path} → {out} ({out.stat().st_size:,} bytes)")
-    return 0

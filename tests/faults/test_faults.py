@@ -16,8 +16,6 @@ import pytest
 import torch
 
 from recsys.checkpoint.manager import export
-from recsys.data.protocol import write_split
-from recsys.data.synth import SynthConfig, make
 from recsys.train.faults import Fault, parse
 
 pytestmark = pytest.mark.dist
@@ -27,13 +25,10 @@ RUN = ["run.epochs=2", "run.checkpoint_every=2", "run.record_samples=true", "opt
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data(tmp_path_factory: pytest.TempPathFactory, synth_split) -> Path:
     out = tmp_path_factory.mktemp("faults") / "data"
-    result, source = make(
-        SynthConfig(users=100, items=48, categories=3, min_events=6, max_events=16, seed=4)
-    )
-    write_split(out, result, source, row_group_rows=12)
-    return out
+    config = {"items": 48, "categories": 3, "min_events": 6, "max_events": 16, "seed": 4}
+    return synth_split(out, row_group_rows=12, users=100, **config)
 
 
 def pretrain(
@@ -158,4 +153,14 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(
     again = pretrain(data, out, faults="sigterm:step=3:rank=0")  # fired already: runs clean
     assert again.returncode == 0, again.stderr[-3000:]
     assert time.monotonic() - start < 300
+    assert_same_run(out, reference, tmp_path, rows(data))
+
+
+def test_a_data_loader_error_restarts_the_job_which_resumes(
+    data: Path, reference: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "pretrain"
+    run = pretrain(data, out, faults="loader:batch=4:rank=0", restarts=1)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "injected data-loader fault at batch 4 (rank 0)" in run.stderr
     assert_same_run(out, reference, tmp_path, rows(data))

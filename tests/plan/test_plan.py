@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 
 from recsys.cli import main as cli
-from recsys.data.protocol import write_split
-from recsys.data.synth import SynthConfig, make
 from recsys.distributed.env import DistEnv
 from recsys.plan import planfile, show
 from recsys.plan.hosts import cluster
@@ -111,13 +109,10 @@ def cli_table(text: str):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data(tmp_path_factory: pytest.TempPathFactory, synth_split) -> Path:
     out = tmp_path_factory.mktemp("plan") / "data"
-    result, source = make(
-        SynthConfig(users=120, items=60, categories=3, min_events=6, max_events=20, seed=2)
-    )
-    write_split(out, result, source, row_group_rows=16)
-    return out
+    config = {"items": 60, "categories": 3, "min_events": 6, "max_events": 20, "seed": 2}
+    return synth_split(out, row_group_rows=16, users=120, **config)
 
 
 def cpu_plan(tmp_path: Path, data: Path, *extra: str) -> tuple[Path, dict]:

@@ -290,8 +290,18 @@ Rows = slice | np.ndarray
 """Rows of a chunk: a run ``slice(start, stop)``, or ascending row indices."""
 
 
-def gather(columns: Columns, rows: np.ndarray, max_len: int | None) -> Columns:
-    """The given rows, in that order, with lists cut to their last ``max_len`` values.
+def _fresh(n: int) -> np.ndarray:
+    return np.empty(n, dtype=np.int64)
+
+
+def gather(
+    columns: Columns,
+    rows: np.ndarray,
+    max_len: int | None,
+    empty: Callable[[int], np.ndarray] = _fresh,
+) -> Columns:
+    """The given rows, in that order, with lists cut to their last ``max_len`` values, in
+    memory from ``empty(n)`` (n int64s).
 
     A run of consecutive rows whose lists need no cutting is returned as views (no copy)."""
     offsets = columns.lists.offsets
@@ -305,12 +315,17 @@ def gather(columns: Columns, rows: np.ndarray, max_len: int | None) -> Columns:
     starts, ends = offsets[rows], offsets[rows + 1]
     if max_len is not None:
         starts = np.maximum(starts, ends - max_len)
-    lengths = ends - starts
-    new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=new_offsets[1:])
-    index = _index(starts, ends, new_offsets[:-1], int(new_offsets[-1]))
-    lists = Lists(new_offsets, {k: v[index] for k, v in columns.lists.values.items()})
-    return Columns(lists, columns.table[:, rows])
+    new_offsets = empty(len(rows) + 1)
+    new_offsets[0] = 0
+    np.cumsum(ends - starts, out=new_offsets[1:])
+    total = int(new_offsets[-1])
+    index = _index(starts, ends, new_offsets[:-1], total)
+    values = {
+        k: np.take(v, index, out=empty(total), mode="clip") for k, v in columns.lists.values.items()
+    }
+    table = empty(len(columns.table) * len(rows)).reshape(len(columns.table), len(rows))
+    np.take(columns.table, rows, axis=1, out=table, mode="clip")
+    return Columns(Lists(new_offsets, values), table)
 
 
 def _spans(chunk: Columns, rows: Rows, max_len: int | None) -> tuple[np.ndarray, np.ndarray, int]:
@@ -405,9 +420,43 @@ class Groups:
     values: list[int]
 
 
-def group(columns: Columns, batch_of: np.ndarray, batches: int, max_len: int | None) -> Groups:
+class Arena:
+    """Memory handed out in slices and reused from one shuffle buffer to the next.
+
+    The regrouped rows of a buffer (tens of MB) in fresh arrays would cost a page fault per
+    4 KiB each time: a quarter of the shuffled stream's time."""
+
+    BLOCK = 1 << 22
+    """int64s per block (32 MiB)."""
+
+    def __init__(self) -> None:
+        self._blocks: list[np.ndarray] = []
+        self._block = self._at = 0
+
+    def reset(self) -> None:
+        """Make everything handed out so far free again (its users must be gone)."""
+        self._block = self._at = 0
+
+    def empty(self, n: int) -> np.ndarray:
+        """``n`` uninitialised int64s."""
+        while True:
+            if self._block == len(self._blocks):
+                self._blocks.append(np.empty(max(n, self.BLOCK), dtype=np.int64))
+            block = self._blocks[self._block]
+            if self._at + n <= len(block):
+                self._at += n
+                return block[self._at - n : self._at]
+            if self._at == 0:  # a block too small for n alone
+                self._blocks[self._block] = np.empty(n, dtype=np.int64)
+                continue
+            self._block, self._at = self._block + 1, 0
+
+
+def group(
+    columns: Columns, batch_of: np.ndarray, batches: int, max_len: int | None, arena: Arena
+) -> Groups:
     """Regroup a chunk's rows by ``batch_of[row]`` (in ``[0, batches)``, or -1: not read),
-    keeping row order within a batch.
+    keeping row order within a batch, in memory of ``arena``.
 
     Gathering a chunk right after decoding it, while it is still in cache, then copying whole
     runs into each batch, is several times faster than gathering each batch's rows from a
@@ -419,9 +468,21 @@ def group(columns: Columns, batch_of: np.ndarray, batches: int, max_len: int | N
     counts = np.bincount(batch_of[batch_of >= 0], minlength=batches)
     rows = np.zeros(batches + 1, dtype=np.int64)
     np.cumsum(counts, out=rows[1:])
-    grouped = gather(columns, order[len(order) - int(rows[-1]) :], max_len)
+    grouped = gather(columns, order[len(order) - int(rows[-1]) :], max_len, arena.empty)
     offsets = grouped.lists.offsets
-    return Groups(grouped, np.diff(offsets), rows.tolist(), offsets[rows].tolist())
+    lengths = np.subtract(offsets[1:], offsets[:-1], out=arena.empty(len(offsets) - 1))
+    return Groups(grouped, lengths, rows.tolist(), offsets[rows].tolist())
+
+
+def detach(groups: Groups, k: int) -> Groups:
+    """Batch ``k``'s rows of ``groups`` as their own groups (batch 0), copied out of their
+    arena."""
+    a, b, lo, hi = groups.rows[k], groups.rows[k + 1], groups.values[k], groups.values[k + 1]
+    columns = groups.columns
+    values = {key: v[lo:hi].copy() for key, v in columns.lists.values.items()}
+    lists = Lists(columns.lists.offsets[a : b + 1] - lo, values)
+    detached = Columns(lists, columns.table[:, a:b].copy())
+    return Groups(detached, groups.lengths[a:b].copy(), [0, b - a], [0, hi - lo])
 
 
 def assemble_groups(parts: list[tuple[Groups, int]], layout: Layout) -> Batch:

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from recsys.data.batch import (
+    Arena,
     Batch,
     Columns,
     Groups,
@@ -46,6 +47,7 @@ from recsys.data.batch import (
     assemble,
     assemble_groups,
     decode,
+    detach,
     gather,
     group,
 )
@@ -269,13 +271,18 @@ class ParquetStream(IterableDataset):
         shuffled: list[tuple[Groups, int]] = []  # or shuffled
         pending_rows = 0
         files: dict[int, Any] = {}
+        arena = Arena()
         for b, buffer in enumerate(buffers):
             rows = sum(u.rows for u in buffer)
             if skip >= rows:
                 skip -= rows
                 continue
             if self.config.shuffle:  # the whole buffer decoded, its rows permuted
-                groups: list[Groups] = []  # the last buffer's rows freed before decoding
+                # The last buffer's rows are dropped before this one is decoded into their
+                # memory (but for the rows of a batch not complete yet, copied out).
+                groups: list[Groups] = []
+                shuffled = [(detach(g, k), 0) for g, k in shuffled]
+                arena.reset()
                 rng = np.random.default_rng([self.config.seed, epoch, reader[0], b])
                 order = rng.permutation(rows)[skip:]
                 end = pending_rows + len(order)  # the pending batch is completed first
@@ -286,7 +293,7 @@ class ParquetStream(IterableDataset):
                 for unit in buffer:
                     for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS):
                         part = batch_of[at : at + len(chunk)]
-                        groups.append(group(chunk, part, batches, self.config.max_len))
+                        groups.append(group(chunk, part, batches, max_len, arena))
                         at += len(chunk)
                 for k in range(batches):
                     shuffled += [(g, k) for g in groups if g.rows[k + 1] > g.rows[k]]

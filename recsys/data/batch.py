@@ -356,6 +356,15 @@ def assemble(pieces: list[tuple[Columns, Rows]], layout: Layout, max_len: int | 
     lie end to end as one block copy, other rows through one index shared by all list
     columns; the scalars of a piece in one copy of its table's columns.
     """
+    if len(pieces) == 1 and isinstance(pieces[0][1], slice):  # the common case, in file order
+        chunk, rows = pieces[0]
+        bounds = chunk.lists.offsets[rows.start : rows.stop + 1]
+        lengths = bounds[1:] - bounds[:-1]
+        if max_len is None or not len(lengths) or lengths.max() <= max_len:
+            lo, hi, table = int(bounds[0]), int(bounds[-1]), chunk.table[:, rows]
+            blocks = [chunk.lists.values[key][lo:hi] for key in layout.list_keys]
+            values = np.concatenate([*blocks, table[: layout.candidates].reshape(-1)])
+            return _batch(values, lengths, table, layout)
     spans = [_spans(chunk, rows, max_len) for chunk, rows in pieces]
     lengths = spans[0][1] if len(spans) == 1 else np.concatenate([s[1] for s in spans])
     n, total = len(lengths), int(lengths.sum())

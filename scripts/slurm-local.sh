@@ -45,11 +45,12 @@ install_packages() {
   [ ${#missing[@]} -eq 0 ] && return 0
   command -v apt-get >/dev/null || { say "apt-get not found: cannot install ${missing[*]}"; exit 2; }
   say "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
   if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >"$STATE/log/apt.log" 2>&1; then
-    apt-get update -qq >>"$STATE/log/apt.log" 2>&1 \
+    apt-get update -qq --error-on=any >>"$STATE/log/apt.log" 2>&1 \
       || { say "apt-get update failed (no package registry?): see $STATE/log/apt.log"; exit 2; }
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
-      >>"$STATE/log/apt.log" 2>&1 || { say "apt-get install failed: see $STATE/log/apt.log"; exit 2; }
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+      >>"$STATE/log/apt.log" 2>&1 || die "apt-get install ${missing[*]} failed: see $STATE/log/apt.log"
   fi
 }
 

@@ -89,7 +89,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     instead of a dozen strided ones, with the same result."""
     t = x.shape[1]
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    angle = torch.complex(cos[:t], sin[:t]).view(1, t, *([1] * (x.dim() - 3)), -1)
+    if cos.dim() == 3:  # per-row positions: [B, T, head_dim / 2]
+        angle = torch.complex(cos, sin).view(x.shape[0], t, *([1] * (x.dim() - 3)), -1)
+    else:
+        angle = torch.complex(cos[:t], sin[:t]).view(1, t, *([1] * (x.dim() - 3)), -1)
     return torch.view_as_real(pairs * angle).flatten(-2).type_as(x)
 
 
@@ -175,13 +178,32 @@ class Tower(nn.Module):
             mask = mask & torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()
         return mask | torch.eye(t, dtype=torch.bool, device=valid.device)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] > self.config.max_len:
+    def forward(
+        self,
+        x: torch.Tensor,
+        valid: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``mask`` [B, 1, T, T] (True: may attend) replaces the mask made from ``valid``
+        (packed rows, group queries); ``positions`` [B, T] are the rotary positions of each
+        token (default 0, 1, 2, ...)."""
+        if positions is None and x.shape[1] > self.config.max_len:
             raise ValueError(
                 f"sequence of {x.shape[1]} positions exceeds the tower's max_len "
                 f"{self.config.max_len}"
             )
-        mask = self.attention_mask(valid)
+        if mask is None:
+            mask = self.attention_mask(valid)
+        cos, sin = self.cos, self.sin
+        if positions is not None:
+            if positions.numel() and int(positions.max()) >= self.config.max_len:
+                raise ValueError(
+                    f"position {int(positions.max())} exceeds the tower's max_len "
+                    f"{self.config.max_len}"
+                )
+            cos, sin = cos[positions], sin[positions]
         for block in self.blocks:
-            x = block(x, mask, self.cos, self.sin)
+            x = block(x, mask, cos, sin)
         return self.norm(x)

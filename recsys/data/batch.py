@@ -4,7 +4,10 @@ This module owns the value-level contract of a dataset (no nulls, ids in range, 
 side-feature lists aligned with item lists), the ``hash`` id mode, truncation of sequences to
 their most recent ``max_len`` events, and the :class:`Batch` handed to models: a
 ``KeyedJaggedTensor`` of sparse features plus dense tensors. Every step works on whole Arrow
-offset and value buffers with vectorised NumPy.
+offset and value buffers with vectorised NumPy: :func:`decode` validates a decoded chunk,
+:func:`assemble` makes a batch of runs or gathered rows of chunks (file order), and for
+shuffled reading :func:`group` regroups a chunk's rows by the batch they go to (into an
+:class:`Arena`) so that :func:`assemble_groups` makes a batch of block copies.
 
 Feature keys of the ``KeyedJaggedTensor``:
 - ``seq``: ``item`` and one key per side feature (``category``, ...), one list per sequence.
@@ -114,23 +117,28 @@ class Batch:
         # (a few system calls each). Packed arrays pickled by value through the worker's pipe
         # are cheaper; the ids, the bulk of a batch, travel as int32 when they fit (half the
         # bytes through the pipe), everything else as one int64 array (labels are 0/1).
-        ids = self.features.values()
-        if ids.numel() and int(ids.max()) < 2**31 and int(ids.min()) >= 0:
-            ids = ids.to(torch.int32)
+        # NumPy, not torch: its reductions and casts are several times faster on one core.
+        ids = self.features.values().numpy()
+        # One pass for both bounds: read as unsigned, only ids in [0, 2^31) are below 2^31.
+        if ids.dtype == np.int64 and ids.size and ids.view(np.uint64).max() < 2**31:
+            ids = ids.astype(np.int32)
         parts = [self.features.lengths(), self.user_ids, self.row_ids]
         if self.labels is not None:
-            parts += [self.labels.to(torch.int64), self.timestamps]
-        sizes = [len(p) for p in parts]
-        return _unpack, (self.features.keys(), ids.numpy(), torch.cat(parts).numpy(), sizes)
+            parts += [self.labels, self.timestamps]
+        packed = np.concatenate([p.numpy() for p in parts], dtype=np.int64, casting="unsafe")
+        sizes = [p.shape[0] for p in parts]
+        return _unpack, (self.features.keys(), ids, packed, sizes)
 
 
 def _unpack(keys: list[str], ids: np.ndarray, packed: np.ndarray, sizes: list[int]) -> Batch:
-    parts = torch.split(torch.from_numpy(packed), sizes)
-    values = torch.from_numpy(ids).to(torch.int64)
-    features = KeyedJaggedTensor(keys=keys, values=values, lengths=parts[0])
-    batch = Batch(features, parts[1], parts[2])
+    ends = np.cumsum(sizes).tolist()
+    parts = [packed[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    values = torch.from_numpy(ids.astype(np.int64, copy=False))
+    features = KeyedJaggedTensor(keys=keys, values=values, lengths=torch.from_numpy(parts[0]))
+    batch = Batch(features, torch.from_numpy(parts[1]), torch.from_numpy(parts[2]))
     if len(parts) > 3:
-        batch.labels, batch.timestamps = parts[3].to(torch.float32), parts[4]
+        batch.labels = torch.from_numpy(parts[3].astype(np.float32))
+        batch.timestamps = torch.from_numpy(parts[4])
     return batch
 
 

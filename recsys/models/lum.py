@@ -191,7 +191,12 @@ class LUM(nn.Module):
         x = tokens.new_zeros((*layout.shape, d))
         x[layout.rows, layout.columns] = tokens
         valid = layout.segments >= 0
-        out = self.tower(x, valid, mask=packed_mask(layout.segments), positions=layout.positions)
+        if pack_to:
+            out = self.tower(
+                x, valid, mask=packed_mask(layout.segments), positions=layout.positions
+            )
+        else:  # right-padded rows of one user: the tower's own (fused causal) attention
+            out = self.tower(x, valid)
         return out[layout.rows, layout.columns]
 
     def forward(self, features: KeyedJaggedTensor, pack_to: int | None = None) -> LUMOutput:

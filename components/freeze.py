@@ -45,7 +45,9 @@ def freeze(
         memMB: memory per host in MB
         image: container image holding the project (kubernetes); empty: the working tree
         env: extra environment variables, e.g. OMP_NUM_THREADS=4
-        max_retries: restarts of a failed job (it resumes from its last checkpoint)
+        max_retries: restarts after a failure, each resuming from the last checkpoint:
+            torchrun restarts all workers in place; schedulers that retry whole jobs
+            (Slurm requeue, Volcano) do so on top
     """
     return stage_app(
         "freeze",

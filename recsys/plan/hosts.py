@@ -125,9 +125,15 @@ def cluster(
         if device != preset.device:
             preset = replace(preset, device=device)
     if hbm_gb is not None:
+        if hbm_gb <= 0:
+            raise ValueError(f"--hbm-gb must be > 0, got {hbm_gb:g}")
         preset = replace(preset, hbm_gb=hbm_gb)
     if ddr_gb is not None:
+        if ddr_gb <= 0:
+            raise ValueError(f"--ddr-gb must be > 0, got {ddr_gb:g}")
         preset = replace(preset, ddr_gb=ddr_gb)
+    if world_size is not None and world_size < 1:
+        raise ValueError(f"--world-size must be >= 1, got {world_size}")
     if job is not None:
         if world_size is not None:
             raise ValueError("give the job shape (-j NNODESxNPROC) or --world-size, not both")

@@ -155,10 +155,22 @@ def make(config: StageConfig, request: Request, cluster: Cluster) -> dict:
         raise PlanError(
             f"--compute-kernels {','.join(bad)}: expected some of {', '.join(COMPUTE_KERNELS)}"
         )
+    if cluster.host.device == "cuda" and cluster.hbm_bytes <= 0:
+        raise PlanError(
+            f"cuda ranks of host {cluster.host.name} have no HBM: give --hbm-gb (or a GPU --host)"
+        )
+    if cluster.ddr_bytes <= 0 and cluster.host.device == "cpu":
+        raise PlanError("CPU ranks need host memory: give --ddr-gb > 0")
     model = meta_model(config, request)
     tables = [t.name for t in model.sparse.config.tables]
     if request.sharding_types:
         types = dict(request.sharding_types)
+        unknown = sorted(set(types) - {"*", *tables})
+        if unknown:
+            raise PlanError(
+                f"--sharding-types names tables the model does not have: {', '.join(unknown)}; "
+                f"its tables are {', '.join(tables)}"
+            )
         every = types.pop("*", None)
         if every:
             types = {t: types.get(t, every) for t in tables}
@@ -173,7 +185,8 @@ def make(config: StageConfig, request: Request, cluster: Cluster) -> dict:
     try:
         _, options = run_planner(model, cluster.topology(), constraints, batch)
     except PlannerError as err:
-        if err.error_type == PlannerErrorType.INSUFFICIENT_STORAGE:
+        placement = (PlannerErrorType.INSUFFICIENT_STORAGE, PlannerErrorType.STRICT_CONSTRAINTS)
+        if err.error_type in placement:
 
             def fits(ranks: Cluster) -> bool:
                 try:
@@ -230,21 +243,33 @@ def explain(
     usable = per_rank * (1 - RESERVE)
     name, (table, weights, state) = max(needs.items(), key=lambda kv: sum(kv[1][1:]))
     state_name = {"rowwise_adagrad": "row-wise Adagrad", "adam": "Adam"}[optimizer]
+    held = cluster.world_size * usable
     lines = [
-        f"the tables do not fit {cluster.describe()}.",
+        f"the tables do not fit {cluster.describe()}"
+        + ("." if total * 1.05 > held else " under these constraints (in all, memory suffices)."),
         f"Largest: table {name!r} ({table.rows:,} × {table.dim}, fp32) needs "
         f"{weights / GB:,.1f} GB of weights"
         + (f" + {state / GB:,.1f} GB of {state_name} state" if state else " (frozen)")
         + f"; all tables need {total / GB:,.1f} GB.",
         f"Each rank has {per_rank / GB:,.1f} GB {kind} ({usable / GB:,.1f} GB usable after "
         f"the planner's {RESERVE:.0%} reserve): {cluster.world_size} ranks hold "
-        f"{cluster.world_size * usable / GB:,.1f} GB in all.",
+        f"{held / GB:,.1f} GB in all.",
         "What would fit:",
     ]
     only_whole = [
         n for n, types in sharding_types.items() if "row_wise" not in types and n in needs
     ]
     too_big = [n for n in only_whole if sum(needs[n][1:]) > usable]
+    if too_big:
+        lines.append(
+            f"- row_wise for {', '.join(too_big)}: allowed only "
+            f"{'/'.join(sharding_types[too_big[0]])}, which keeps a table (or its columns) on "
+            f"few ranks, and no rank holds {too_big[0]!r} (--sharding-types {too_big[0]}=row_wise)"
+        )
+    if total * 1.05 <= held:  # memory suffices in all: only the placement constraints fail
+        if not too_big:
+            lines.append("- fewer constraints (--sharding-types): TorchRec could not meet these")
+        return "\n".join(lines)
     if too_big:  # no number of ranks holds these whole: plan them with the row-wise ones
         fits = None
     ranks = math.ceil(total * 1.05 / usable)  # 5% for input/output buffers
@@ -263,12 +288,6 @@ def explain(
         f"(-j {hosts}x{cluster.local_world_size})"
         + (" fit, as planned with these constraints" if checked else ", the large tables row_wise")
     )
-    if too_big:
-        lines.append(
-            f"- row_wise for {', '.join(too_big)}: allowed only "
-            f"{'/'.join(sharding_types[too_big[0]])}, which keeps a table (or its columns) on "
-            f"few ranks (--sharding-types {too_big[0]}=row_wise)"
-        )
     capacity = cluster.world_size * usable / 1.05
     width = table.dim
     while width > 4:
@@ -284,12 +303,12 @@ def explain(
             )
             break
     trainable = [n for n, (_, _, s) in needs.items() if s]
-    if trainable:
+    if trainable and request.stage == "finetune":
         saved = sum(needs[n][2] for n in trainable)
-        fits = " (enough on its own)" if total - saved <= capacity else ""
+        alone = " (enough on its own)" if total - saved <= capacity else ""
         lines.append(
             f"- freezing {', '.join(trainable)} (--frozen, GPSD's sparse freezing) drops "
-            f"{saved / GB:,.1f} GB of optimizer state{fits}"
+            f"{saved / GB:,.1f} GB of optimizer state{alone}"
         )
     if kind == "HBM" and "fused_uvm_caching" not in request.compute_kernels:
         ddr = cluster.world_size * cluster.ddr_bytes

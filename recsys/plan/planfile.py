@@ -68,6 +68,15 @@ def document(
             weights = math.prod(size) * element
             state = optimizer_bytes(size[0], size[1], element, optimizer) if trainable else 0
             hbm, ddr = int(shard.storage.hbm), int(shard.storage.ddr)
+            # TorchRec counts row-wise Adagrad state as one value per row of the whole table,
+            # spread over its shards by size; a column-wise shard keeps a value per row of its
+            # own: the difference is added where the shard's weights live.
+            counted = math.ceil(weights * (1 / dim if optimizer == "rowwise_adagrad" else 2))
+            extra = max(0, state - counted) if trainable else 0
+            if option.compute_kernel in ("fused_uvm", "fused_uvm_caching") or not hbm:
+                ddr += extra
+            else:
+                hbm += extra
             shards.append(
                 {
                     "rank": int(shard.rank),
@@ -107,8 +116,8 @@ def document(
         used = dict(ranks.get(rank, {}))
         row = {k: int(used.get(k, 0)) for k in ("hbm_bytes", "ddr_bytes")}
         row |= {k: int(used.get(k, 0)) for k in ("weight_bytes", "optimizer_bytes")}
-        row["other_bytes"] = (
-            row["hbm_bytes"] + row["ddr_bytes"] - row["weight_bytes"] - row["optimizer_bytes"]
+        row["other_bytes"] = max(  # buffers and caches (0 rather than rounding below it)
+            0, row["hbm_bytes"] + row["ddr_bytes"] - row["weight_bytes"] - row["optimizer_bytes"]
         )
         per_rank.append({"rank": rank, **row})
     return {
@@ -182,10 +191,33 @@ def _model_tables(model: nn.Module) -> dict[str, tuple[str, tuple[int, int]]]:
     return out
 
 
+TABLE_KEYS = ("name", "rows", "dim", "frozen", "sharding_type", "compute_kernel", "shards")
+SHARD_KEYS = ("rank", "offsets", "sizes")
+
+
+def _check_layout(doc: dict[str, Any], where: str) -> None:
+    """Every table and shard entry has the keys the plan needs."""
+    if not isinstance(doc["cluster"], dict) or not {"world_size", "device"} <= set(doc["cluster"]):
+        raise PlanFileError(f"{where}: 'cluster' needs world_size and device")
+    if not isinstance(doc["tables"], list):
+        raise PlanFileError(f"{where}: 'tables' must be a list")
+    for i, table in enumerate(doc["tables"]):
+        missing = [k for k in TABLE_KEYS if not isinstance(table, dict) or k not in table]
+        if missing:
+            raise PlanFileError(f"{where}: table entry {i} lacks {', '.join(missing)}")
+        for j, shard in enumerate(table["shards"]):
+            missing = [k for k in SHARD_KEYS if not isinstance(shard, dict) or k not in shard]
+            if missing:
+                raise PlanFileError(
+                    f"{where}: table {table['name']!r}, shard {j} lacks {', '.join(missing)}"
+                )
+
+
 def check(doc: dict[str, Any], model: nn.Module, world_size: int, device: str, where: str) -> None:
     """Raise :class:`PlanFileError` naming every difference between the plan and the model or
     job: tables missing on either side, shapes, world size, device, shards that do not tile
     their table."""
+    _check_layout(doc, where)
     problems = []
     cluster = doc["cluster"]
     if cluster["world_size"] != world_size:

@@ -190,6 +190,12 @@ def compare(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str] = ("a",
         sx, sy = shards_text(x["shards"]), shards_text(y["shards"])
         if sx != sy:
             lines.append(f"table {name} shards: {sx} ({na}) → {sy} ({nb})")
+        else:  # same shapes: are the same blocks on the same ranks?
+            px = sorted((s["rank"], tuple(s["offsets"])) for s in x["shards"])
+            py = sorted((s["rank"], tuple(s["offsets"])) for s in y["shards"])
+            moved = len(set(px) ^ set(py)) // 2
+            if moved:
+                lines.append(f"table {name}: {moved} shards placed on other ranks ({na} → {nb})")
     for key, label in (("hbm_bytes", "HBM"), ("ddr_bytes", "DDR")):
         ma = max((r[key] for r in a["ranks"]), default=0)
         mb = max((r[key] for r in b["ranks"]), default=0)

@@ -9,6 +9,7 @@ leaves it out), and a stateful loader from ``data``.
 from __future__ import annotations
 
 import dataclasses
+import signal
 
 import torch
 import torch.distributed as dist
@@ -117,7 +118,20 @@ def loader(
             seed=seed,
         ),
     )
-    return StatefulDataLoader(stream, batch_size=None, num_workers=data.workers)
+    return StatefulDataLoader(
+        stream,
+        batch_size=None,
+        num_workers=data.workers,
+        worker_init_fn=ignore_sigterm if data.workers else None,
+    )
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """In a loader worker: leave SIGTERM to the training process. A scheduler stopping a job
+    signals all of its processes; a worker that died of it would make the trainer's next
+    batch fail before the trainer could save its checkpoint (workers exit with their parent
+    anyway)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def steps_per_epoch(train_loader: StatefulDataLoader) -> int:

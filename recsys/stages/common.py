@@ -161,6 +161,7 @@ def run_stage(main: Callable[[list[str] | None], Any], argv: list[str] | None = 
     from recsys.checkpoint.manager import CheckpointError
     from recsys.data.schema import DataError
     from recsys.plan.planfile import PlanFileError
+    from recsys.train.faults import FaultSpecError
     from recsys.train.trainer import Preempted
 
     rank = os.environ.get("RANK", "0")
@@ -169,7 +170,14 @@ def run_stage(main: Callable[[list[str] | None], Any], argv: list[str] | None = 
     except Preempted as stop:
         print(f"stopped (rank {rank}): {stop}", file=sys.stderr)
         return PREEMPTED
-    except (StageError, ConfigError, DataError, CheckpointError, PlanFileError) as err:
+    except (
+        StageError,
+        ConfigError,
+        DataError,
+        CheckpointError,
+        PlanFileError,
+        FaultSpecError,
+    ) as err:
         print(f"error (rank {rank}): {err}", file=sys.stderr)
         return 2
     return 0

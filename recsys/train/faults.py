@@ -9,8 +9,11 @@ docs/reliability.md. Off by default; switched on by the environment variable
   training step S (as a lost host would: no clean-up, no checkpoint);
 - ``save:step=S[:rank=R]`` — rank R dies (SIGKILL) in the middle of saving the checkpoint of
   step S: its shards are written into the temporary directory, which is never renamed;
-- ``sigterm:step=S[:rank=R]`` — rank R receives SIGTERM after step S (a scheduler's
-  preemption): the job saves a checkpoint and exits with code 143;
+- ``sigterm:step=S[:rank=R]`` — rank R alone receives SIGTERM after step S: the job saves a
+  checkpoint and its ranks exit with code 143;
+- ``preempt:step=S[:rank=R]`` — after step S, rank R sends SIGTERM to its whole process group
+  (the launcher, every rank and their data-loader workers), as a scheduler preempting the job
+  does;
 - ``loader:batch=N[:rank=R]`` — the data loader of rank R raises when asked for its N-th
   batch (1-based) of the run.
 
@@ -29,12 +32,16 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ENV = "RECSYS_FAULTS"
-KINDS = {"kill": "step", "save": "step", "sigterm": "step", "loader": "batch"}
+KINDS = {"kill": "step", "save": "step", "sigterm": "step", "preempt": "step", "loader": "batch"}
 """Each kind and the counter it fires at."""
 
 
 class InjectedFault(RuntimeError):
     """The error a ``loader`` fault raises."""
+
+
+class FaultSpecError(ValueError):
+    """A ``RECSYS_FAULTS`` value that cannot be parsed."""
 
 
 @dataclass(frozen=True)
@@ -57,17 +64,19 @@ def parse(text: str) -> list[Fault]:
             continue
         kind, *pairs = spec.split(":")
         if kind not in KINDS:
-            raise ValueError(f"{ENV}: unknown fault {kind!r} in {spec!r}; kinds: {sorted(KINDS)}")
+            raise FaultSpecError(
+                f"{ENV}: unknown fault {kind!r} in {spec!r}; kinds: {sorted(KINDS)}"
+            )
         values: dict[str, int] = {}
         for pair in pairs:
             key, sep, value = pair.partition("=")
             if not sep or key not in (KINDS[kind], "rank") or not value.isdigit():
-                raise ValueError(
+                raise FaultSpecError(
                     f"{ENV}: {spec!r}: expected {kind}:{KINDS[kind]}=N[:rank=R], got {pair!r}"
                 )
             values[key] = int(value)
         if KINDS[kind] not in values:
-            raise ValueError(f"{ENV}: {spec!r} needs {KINDS[kind]}=N")
+            raise FaultSpecError(f"{ENV}: {spec!r} needs {KINDS[kind]}=N")
         faults.append(Fault(kind, values[KINDS[kind]], values.get("rank", 0)))
     return faults
 
@@ -104,6 +113,8 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if self._due("sigterm", step):
             os.kill(os.getpid(), signal.SIGTERM)
+        if self._due("preempt", step):
+            os.killpg(os.getpgrp(), signal.SIGTERM)
 
     def in_save(self, step: int) -> None:
         """Called by the checkpoint manager once this rank's shards of ``step`` are written."""

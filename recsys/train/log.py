@@ -31,7 +31,8 @@ class RunLog:
         """``resumed_at``: the step a resumed run continues from. Records the interrupted
         run wrote after that checkpoint are dropped, as the resumed run writes them again:
         ``metrics.jsonl`` is cut back to ``keep_bytes`` (its size when the checkpoint was
-        saved) or, when that is unknown, to the records of steps up to ``resumed_at``; and
+        saved) or, when that is unknown, to the records before ``resumed_at`` and that step's
+        own record; ``resumed_at=0`` (a run that starts over) keeps nothing; and
         TensorBoard hides events after ``resumed_at`` (its ``purge_step``)."""
         self.main = main
         self.run_dir = Path(run_dir)
@@ -104,17 +105,18 @@ def _rewind(path: Path, step: int, keep_bytes: int | None) -> None:
     data = path.read_bytes()
     if keep_bytes is not None and keep_bytes <= len(data):
         kept = data[:keep_bytes]
-    else:
+    else:  # a step's own record was written before its checkpoint; epoch records after it
         lines = [line for line in data.splitlines(keepends=True) if line.strip()]
-        kept = b"".join(line for line in lines if _step(line) <= step)
+        kept = b"".join(line for line in lines if _kept(line, step))
     if kept != data:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(kept)
         tmp.replace(path)
 
 
-def _step(line: bytes) -> float:
+def _kept(line: bytes, step: int) -> bool:
     try:
-        return json.loads(line)["step"]
+        record = json.loads(line)
+        return record["step"] < step or (record["step"] == step and record.get("split") == "step")
     except (ValueError, KeyError, TypeError):
-        return float("inf")  # a torn last line of a killed run
+        return False  # a torn last line of a killed run

@@ -135,6 +135,7 @@ class PretrainMetrics:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         # States on the device the model computes on: updates stay there, and the sync's
         # collectives get tensors the backend takes (nccl takes no CPU tensors).
+        self.device = torch.device(device)
         self.loss = MeanMetric().to(device)
         self.hits = SumMetric().to(device)
         self.targets = SumMetric().to(device)
@@ -165,5 +166,8 @@ class PretrainMetrics:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore running sums saved on any device onto this metric's device."""
         for name in ("loss", "hits", "targets"):
-            getattr(self, name).load_state_dict(state[name])
+            metric = getattr(self, name)
+            metric.load_state_dict(state[name])
+            metric.to(self.device)

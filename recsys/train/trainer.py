@@ -74,7 +74,7 @@ def _blob(value: Any) -> bytes:
 
 def _unblob(blob: bytes) -> Any:
     # The run's own checkpoint: trusted, and it holds Python objects (RNG states).
-    return torch.load(io.BytesIO(blob), weights_only=False)
+    return torch.load(io.BytesIO(blob), weights_only=False, map_location="cpu")
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -148,6 +148,8 @@ class Trainer:
         dense = next(iter(self.dense.params.values()), None)
         self.device = dense.device if dense is not None else torch.device("cpu")
         self.step = self.epoch = self.epoch_step = 0
+        self.results: dict[str, float] = {}
+        """The metrics of the last epoch that ended (what :meth:`train` returns)."""
         self.samples = 0
         """Rows this rank trained on since this process started (throughput; not saved)."""
         self.train_metrics = self._metrics()
@@ -178,6 +180,7 @@ class Trainer:
                     "epoch_step": self.epoch_step,
                     "schedule": self.schedule.state_dict(),
                     "world_size": self.world_size,
+                    "results": self.results,
                 }
             ),
         }
@@ -226,6 +229,7 @@ class Trainer:
         shared = _unblob(loaded["trainer"])
         self.step, self.epoch = int(shared["step"]), int(shared["epoch"])
         self.epoch_step = int(shared["epoch_step"])
+        self.results = dict(shared.get("results") or {})  # the last ended epoch's metrics
         self.schedule.load_state_dict(shared["schedule"])
         # The optimizer's current learning rate is plain Python state too: set it from the
         # schedule, or the first resumed step would run at the schedule's starting rate.
@@ -258,6 +262,7 @@ class Trainer:
 
         On SIGTERM (preemption) every rank finishes its step, the job saves a checkpoint and
         :class:`Preempted` is raised; the next run resumes from it."""
+        self._sigterm = False
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             return self._train()
@@ -277,7 +282,7 @@ class Trainer:
 
     def _train(self) -> dict[str, float]:
         seed_everything(self.config.seed, self.rank)
-        resumed, log_bytes = None, None
+        resumed, log_bytes = 0, None  # a run that starts over forgets earlier logs
         if self.config.resume and self.checkpoints.latest() is not None:
             log_bytes = self._resume()
             resumed = self.step
@@ -296,16 +301,28 @@ class Trainer:
             if self.config.record_samples
             else None
         )
-        results: dict[str, float] = {}
         while self.epoch < self.config.epochs and not self._done():
             if not self._run_epoch():
                 break  # max_steps reached inside the epoch: it is not over
-            results = self._end_epoch()
-        latest = self.checkpoints.latest()
-        if latest is None or latest.name != f"step-{self.step:08d}":  # not saved just now
+            self.results = self._end_epoch()
+            self._stop_if_preempted()
+        if not self._saved_now():
             self.checkpoints.save(self.step, self.state())
         self._close_logs()
-        return results
+        return self.results
+
+    def _saved_now(self) -> bool:
+        latest = self.checkpoints.latest()
+        return latest is not None and latest.name == f"step-{self.step:08d}"
+
+    def _stop_if_preempted(self) -> None:
+        """After a step or an epoch's end: if any rank got SIGTERM, save and stop."""
+        if self._preempted():
+            path = self.checkpoints.latest() if self._saved_now() else None
+            if path is None:
+                path = self.checkpoints.save(self.step, self.state())
+            self._close_logs()
+            raise Preempted(self.step, path)
 
     def _close_logs(self) -> None:
         self.log.close()
@@ -320,16 +337,13 @@ class Trainer:
             self._train_step(batch)
             self.epoch_step += 1
             self.faults.after_step(self.step)
-            if self._preempted():
-                path = self.checkpoints.save(self.step, self.state())
-                self._close_logs()
-                raise Preempted(self.step, path)
             if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                 self.checkpoints.save(self.step, self.state())
             if length is not None and self.epoch_step >= length:
-                return True  # every rank's share is done (the longest ranks' extras skipped)
+                return True  # every rank's share is done
             if self._done():
                 return False
+            self._stop_if_preempted()  # (at an epoch's end, after the epoch is ended)
         return True
 
     def _batches(self) -> Iterator:

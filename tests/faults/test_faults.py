@@ -32,9 +32,10 @@ def data(tmp_path_factory: pytest.TempPathFactory, synth_split) -> Path:
 
 
 def pretrain(
-    data: Path, out: Path, faults: str = "", restarts: int = 0
+    data: Path, out: Path, faults: str = "", restarts: int = 0, workers: int = 0
 ) -> subprocess.CompletedProcess:
-    """The pretrain stage as a 2-process torchrun job, as a component launches it."""
+    """The pretrain stage as a 2-process torchrun job, as a component launches it (in a
+    session of its own: a ``preempt`` fault signals the job's whole process group)."""
     env = {
         **os.environ,
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
@@ -48,8 +49,11 @@ def pretrain(
         *TINY,
         *RUN,
         f"data.train={data / 'seq'}",
+        f"data.workers={workers}",
     ]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=300, start_new_session=True
+    )
 
 
 def weights(stage: Path, tmp: Path) -> dict[str, torch.Tensor]:
@@ -163,4 +167,19 @@ def test_a_data_loader_error_restarts_the_job_which_resumes(
     run = pretrain(data, out, faults="loader:batch=4:rank=0", restarts=1)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "injected data-loader fault at batch 4 (rank 0)" in run.stderr
+    assert_same_run(out, reference, tmp_path, rows(data))
+
+
+def test_preemption_of_the_whole_job_with_loader_workers_saves_and_resumes(
+    data: Path, reference: Path, tmp_path: Path
+) -> None:
+    # SIGTERM reaches torchrun, both ranks and their loader workers at once, as when a
+    # scheduler preempts the job: the ranks still save step 3 together and stop.
+    out = tmp_path / "pretrain"
+    run = pretrain(data, out, faults="preempt:step=3:rank=0", workers=1)
+    assert run.returncode != 0
+    assert run.stderr.count("preempted (SIGTERM) after step 3") == 2, run.stderr[-3000:]
+    assert (out / "checkpoint" / "step-00000003").is_dir() and not (out / "DONE").exists()
+    again = pretrain(data, out, faults="preempt:step=3:rank=0", workers=1)
+    assert again.returncode == 0, again.stderr[-3000:]
     assert_same_run(out, reference, tmp_path, rows(data))

@@ -219,3 +219,58 @@ def test_a_stage_given_a_plan_for_another_job_stops_with_the_difference(
     err = capsys.readouterr().err
     assert f"{path} does not match this model and job: it was made for 2 ranks" in err
     assert not (tmp_path / "p" / "DONE").exists()
+
+
+def test_a_table_no_rank_holds_gets_row_wise_advice_when_memory_suffices(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    assert cli(["plan", *BIG, "-j", "8x8", "--sharding-types", "item=table_wise"]) == 1
+    err = capsys.readouterr().err
+    assert "under these constraints (in all, memory suffices)" in err
+    assert "row_wise for item: allowed only table_wise" in err
+    assert "more ranks" not in err  # more ranks would not help
+
+
+def test_column_wise_shards_count_their_own_row_wise_state(tmp_path: Path) -> None:
+    doc = plan_json(
+        tmp_path, "--table", "item=4e6", "-j", "2x4", "--sharding-types", "item=column_wise",
+        "model.size=L1H512A4",
+    )  # fmt: skip
+    item = {t["name"]: t for t in doc["tables"]}["item"]
+    assert item["sharding_type"] == "column_wise" and len(item["shards"]) > 1
+    # Each column block keeps one Adagrad value per row: rows × 4 bytes per shard ...
+    assert all(s["optimizer_bytes"] == 4_000_000 * 4 for s in item["shards"])
+    # ... and the rank's memory holds it (no negative remainder).
+    assert all(r["other_bytes"] >= 0 for r in doc["ranks"])
+    for r in doc["ranks"]:
+        assert r["hbm_bytes"] >= r["weight_bytes"] + r["optimizer_bytes"]
+
+
+def test_compare_sees_the_same_shards_on_other_ranks(tmp_path: Path) -> None:
+    doc = plan_json(tmp_path, *BIG, "-j", "4x8")
+    moved = json.loads(json.dumps(doc))
+    item = {t["name"]: t for t in moved["tables"]}["item"]
+    item["shards"][0]["rank"], item["shards"][1]["rank"] = 1, 0
+    assert show.compare(doc, moved) == ["table item: 2 shards placed on other ranks (a → b)"]
+
+
+def test_memory_and_devices_are_checked(capsys: pytest.CaptureFixture) -> None:
+    assert cli(["plan", "--table", "item=1000", "--hbm-gb", "-5"]) == 1
+    assert "--hbm-gb must be > 0" in capsys.readouterr().err
+    assert cli(["plan", "--table", "item=1000", "--host", "cpu", "--device", "cuda"]) == 1
+    assert "have no HBM: give --hbm-gb" in capsys.readouterr().err
+    args = ["--sharding-types", "row_wise", "--sharding-types", "itme=table_wise"]
+    assert cli(["plan", "--table", "item=1000", *args]) == 1
+    assert "names tables the model does not have: itme" in capsys.readouterr().err
+
+
+def test_a_plan_file_with_a_broken_entry_is_named(data: Path, tmp_path: Path) -> None:
+    path, doc = cpu_plan(tmp_path, data)
+    del doc["tables"][0]["shards"][0]["rank"]
+    path.write_text(json.dumps(doc))
+    config = load(None, [*TINY, f"data.train={data / 'seq'}"], "pretrain")
+    model = meta_model(config, Request(stage="pretrain"))
+    env = DistEnv(0, 2, 0, 2, "gloo", __import__("torch").device("cpu"))
+    name = doc["tables"][0]["name"]
+    with pytest.raises(planfile.PlanFileError, match=f"table '{name}', shard 0 lacks rank"):
+        planfile.sharding_plan(planfile.read(path), model, env, str(path))

@@ -4,8 +4,11 @@ This module owns the order in which rows are read and the cursor that lets a res
 continue where it stopped. The unit of work is a row group:
 
 1. every epoch, all row groups of the dataset are shuffled with ``(seed, epoch)`` (the same
-   order on every rank), then dealt round-robin to the ``world_size × num_workers`` readers,
-   so each row group — and so each row — is read by exactly one reader per epoch;
+   order on every rank), laid end to end and cut into one consecutive share of rows per
+   reader (``world_size × num_workers`` readers; a row group may be split between two), so
+   each row is read by exactly one reader per epoch; the shares are sized so that every
+   reader yields the same number of batches (:class:`Share`), so no rank runs out while
+   another still has rows — every row of an epoch is trained on;
 2. a reader takes its row groups ``buffer_row_groups`` at a time, shuffles the rows of that
    buffer with ``(seed, epoch, reader, buffer)``, and cuts the row stream into batches
    (a batch may span two buffers; within a batch, rows are in buffer order);
@@ -24,7 +27,6 @@ before each epoch when the loader has workers (as with ``DistributedSampler``).
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import os
 import posixpath
@@ -105,6 +107,53 @@ class _Unit:
     @property
     def rows(self) -> int:
         return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Share:
+    """How an epoch's rows are split over readers so that every reader yields the same
+    number of batches (collectives need every rank at every step).
+
+    With ``N`` rows, ``R`` readers and batches of ``B``: ``K = ⌈N / (R·B)⌉`` steps. When the
+    last step has at least one row per reader (``M = N − R·(K−1)·B ≥ R``), each reader gets
+    ``(K−1)·B`` rows and a share of the last step's ``M``. Otherwise each reader gets
+    ``(K−1)·B`` rows and ``M`` of them one more, which its last batch takes in (a batch of
+    ``B + 1``): no row is left out. With ``drop_last``, every reader yields the batches of
+    ``B`` rows that all readers can fill, and the rest is dropped."""
+
+    rows: list[int]
+    """Rows of each reader."""
+    batches: int
+    """Batches of every reader that has rows."""
+    batch_size: int
+    drop_last: bool
+
+    @classmethod
+    def of(cls, total: int, readers: int, config: StreamConfig) -> Share:
+        b = config.batch_size
+        if total == 0:
+            return cls([0] * readers, 0, b, config.drop_last)
+        steps = -(-total // (readers * b))
+        last = total - readers * (steps - 1) * b
+        if last >= readers:
+            rows = [
+                (steps - 1) * b + last // readers + (i < last % readers) for i in range(readers)
+            ]
+            batches = steps
+        else:
+            rows = [(steps - 1) * b + (i < last) for i in range(readers)]
+            batches = max(steps - 1, 1)
+        if config.drop_last:
+            batches = min(rows) // b
+        return cls(rows, batches, b, config.drop_last)
+
+    def size(self, reader: int, index: int) -> int:
+        """Rows of batch ``index`` of ``reader`` (0: past its last batch)."""
+        if index >= self.batches:
+            return 0
+        if index < self.batches - 1 or self.drop_last:
+            return self.batch_size
+        return self.rows[reader] - (self.batches - 1) * self.batch_size
 
 
 def _world() -> tuple[int, int]:
@@ -203,40 +252,48 @@ class ParquetStream(IterableDataset):
                 f"(saved, now): {changed}; resume with the same ones or start the epoch over"
             )
 
-    def _units(self, epoch: int, readers: int) -> list[_Unit]:
+    def _units(self, epoch: int) -> list[_Unit]:
+        """Every non-empty row group of the dataset, in this epoch's order."""
         units, first = [], 0
         for p, part in enumerate(self.dataset.parts):
             for g, rows in enumerate(part.row_groups):
                 if rows:
                     units.append(_Unit(p, g, 0, rows, first))
                 first += rows
-        if 0 < len(units) < readers:
-            # Fewer row groups than readers: cut each into row ranges, so that no rank is left
-            # without data (a rank with no batches would hang the job's collectives).
-            pieces = -(-readers // len(units))
-            units = [
-                _Unit(u.part, u.row_group, int(a), int(b), u.group_first_row_id)
-                for u in units
-                for a, b in itertools.pairwise(np.linspace(0, u.rows, pieces + 1).astype(int))
-                if b > a
-            ]
         if self.config.shuffle:
             order = np.random.default_rng([self.config.seed, epoch]).permutation(len(units))
             units = [units[i] for i in order]
         return units
 
+    def _shares(self, epoch: int, readers: int) -> tuple[list[list[_Unit]], Share]:
+        """Each reader's row ranges of ``epoch``: the epoch's row groups laid end to end and
+        cut into ``readers`` consecutive shares whose batch counts are equal."""
+        units = self._units(epoch)
+        share = Share.of(sum(u.rows for u in units), readers, self.config)
+        shares: list[list[_Unit]] = [[] for _ in range(readers)]
+        reader, room = 0, share.rows[0]
+        for u in units:
+            start = u.start
+            while start < u.stop:
+                while room == 0:
+                    reader += 1
+                    room = share.rows[reader]
+                take = min(room, u.stop - start)
+                shares[reader].append(
+                    _Unit(u.part, u.row_group, start, start + take, u.group_first_row_id)
+                )
+                start, room = start + take, room - take
+        return shares, share
+
     def batches_in_epoch(self, epoch: int, num_workers: int = 0) -> int:
         """How many batches this rank yields in ``epoch`` through a loader with
-        ``num_workers`` workers (0: the stream itself), from the footers alone."""
+        ``num_workers`` workers (0: the stream itself), from the footers alone: the same on
+        every rank (readers without rows, when the dataset has fewer rows than readers,
+        yield none)."""
         workers = max(1, num_workers)
-        readers = self.world_size * workers
-        units = self._units(epoch, readers)
-        total = 0
-        for worker in range(workers):
-            rows = sum(u.rows for u in units[self.rank * workers + worker :: readers])
-            full, rest = divmod(rows, self.config.batch_size)
-            total += full + (1 if rest and not self.config.drop_last else 0)
-        return total
+        _, share = self._shares(epoch, self.world_size * workers)
+        first = self.rank * workers
+        return sum(share.batches if share.rows[first + w] else 0 for w in range(workers))
 
     def _reader_id(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -254,7 +311,8 @@ class ParquetStream(IterableDataset):
             self._check_resume(resume, reader)
         self._reader, self._rows_done = reader, skip
         epoch = self.epoch
-        units = self._units(epoch, reader[1])[reader[0] :: reader[1]]
+        shares, share = self._shares(epoch, reader[1])
+        units = shares[reader[0]]
         if not units:
             log.warning(
                 "reader %d of %d has no rows: the dataset has fewer rows than readers", *reader
@@ -286,9 +344,18 @@ class ParquetStream(IterableDataset):
                 rng = np.random.default_rng([self.config.seed, epoch, reader[0], b])
                 order = rng.permutation(rows)[skip:]
                 end = pending_rows + len(order)  # the pending batch is completed first
-                batches = -(-end // batch_size)
+                base = self._rows_done // batch_size  # index of the pending batch
+                last = share.batches - 1 - base  # of this reader's last batch, from it
+                if last < 0:
+                    break  # every batch is out (drop_last leaves the rest)
+                within = np.arange(pending_rows, end) // batch_size
+                if self.config.drop_last:
+                    within[within > last] = -1
+                else:  # the last batch takes in the row that has no step of its own
+                    np.minimum(within, last, out=within)
+                batches = min(-(-end // batch_size), last + 1)
                 batch_of = np.full(rows, -1, dtype=np.int64)
-                batch_of[order] = np.arange(pending_rows, end) // batch_size
+                batch_of[order] = within
                 at = 0
                 for unit in buffer:
                     for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS):
@@ -297,18 +364,22 @@ class ParquetStream(IterableDataset):
                         at += len(chunk)
                 for k in range(batches):
                     shuffled += [(g, k) for g in groups if g.rows[k + 1] > g.rows[k]]
-                    pending_rows = min(end - k * batch_size, batch_size)
-                    if pending_rows == batch_size:
+                    target = share.size(reader[0], base + k)
+                    pending_rows = min(end - k * batch_size, target)
+                    if pending_rows == target:
                         yield self._count(assemble_groups(shuffled, layout))
                         shuffled, pending_rows = [], 0
             else:  # in file order, one small decoded chunk held at a time, runs of its rows
                 for chunk, at in self._in_order(buffer, files, skip, in_order_rows):
                     while at < len(chunk):
-                        take = min(batch_size - pending_rows, len(chunk) - at)
+                        target = share.size(reader[0], self._rows_done // batch_size)
+                        if not target:
+                            break  # every batch is out (drop_last leaves the rest)
+                        take = min(target - pending_rows, len(chunk) - at)
                         pending.append((chunk, slice(at, at + take)))
                         at += take
                         pending_rows += take
-                        if pending_rows == batch_size:
+                        if pending_rows == target:
                             yield self._count(assemble(pending, layout, max_len))
                             pending, pending_rows = [], 0
             skip = 0

@@ -117,6 +117,8 @@ def _rewind(path: Path, step: int, keep_bytes: int | None) -> None:
 def _kept(line: bytes, step: int) -> bool:
     try:
         record = json.loads(line)
-        return record["step"] < step or (record["step"] == step and record.get("split") == "step")
+        return record["step"] < step or (
+            record["step"] == step and record.get("split", "step") == "step"
+        )
     except (ValueError, KeyError, TypeError):
         return False  # a torn last line of a killed run

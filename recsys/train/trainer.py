@@ -7,8 +7,10 @@ model. Everything a restart needs is checkpointed through ``CheckpointManager``:
 schedule, and per rank the step, epoch, data cursor, metric states and random-number
 generators — so a resumed run continues bit for bit where it stopped.
 
-Ranks may hold a few more batches than others at the end of an epoch (row groups differ in
-size): the epoch ends for every rank when the first runs out, so collectives stay matched.
+Every rank has the same number of batches in an epoch (the stream sizes each reader's share
+so); the epoch's length is still taken as the fewest any rank has, so collectives stay
+matched whatever the loader. SIGTERM (preemption) makes every rank save at the next step or
+epoch end and stop; ``recsys.train.faults`` injects failures for the recovery tests.
 """
 
 from __future__ import annotations

@@ -268,3 +268,32 @@ def test_decoding_in_small_chunks_changes_nothing(
     for _ in range(5):
         next(it)
     assert batches(stream.state_dict()) == whole[5:]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_every_rank_gets_the_same_number_of_batches_and_no_row_is_left_out(
+    synth_dir: Path, shuffle: bool, drop_last: bool
+) -> None:
+    # 422 rows in row groups of 23 over 2 ranks × 2 workers (4 readers): with batch 40 the
+    # last step has rows for every reader; with batch 35 it has fewer (422 = 4 × 3 × 35 + 2),
+    # which two readers' last batches take in (36 rows) rather than a step others would skip.
+    source = str(synth_dir / "ctr_train")
+    total = open_dataset(source).rows
+    for batch_size in (40, 35, 1000):
+        counts, seen, sizes = [], [], []
+        for rank in (0, 1):
+            config = StreamConfig(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last)
+            stream = ParquetStream(source, config, rank=rank, world_size=2)
+            batches = list(loader(stream, 2))
+            counts.append(len(batches))
+            assert len(batches) == stream.batches_in_epoch(0, 2)
+            seen += row_ids(batches)
+            sizes += [len(b) for b in batches]
+        assert counts[0] == counts[1], (batch_size, counts)
+        assert len(set(seen)) == len(seen)
+        if drop_last:
+            assert set(sizes) == {batch_size} or not sizes
+        else:
+            assert sorted(seen) == list(range(total)), batch_size
+            assert max(sizes) == min(batch_size + (batch_size == 35), 106)

@@ -32,6 +32,7 @@ from pipelines import slurm
 from pipelines.profiles import Profile, load_profile
 from recsys.stages.common import StageError, fingerprint, read_stage
 from recsys.stages.config import StageConfig, load
+from recsys.train.faults import Faults
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +351,8 @@ def run(
     steps = plan(study)
     for step in steps:  # the profile's stage arguments come first, the study's win
         step.overrides = [*chosen.stage_args, *step.overrides]
+    faults = Faults(study.experiment, rank=0)  # `stage` faults stop the pipeline itself
+    finished = 0
     with get_runner() as runner:
         for step in steps:
             if is_done(step):
@@ -359,4 +362,6 @@ def run(
                 )
                 continue
             run_step(step, chosen, runner, console)
+            finished += 1
+            faults.after_stage(finished)
     return steps

@@ -15,7 +15,9 @@ docs/reliability.md. Off by default; switched on by the environment variable
   (the launcher, every rank and their data-loader workers), as a scheduler preempting the job
   does;
 - ``loader:batch=N[:rank=R]`` — the data loader of rank R raises when asked for its N-th
-  batch (1-based) of the run.
+  batch (1-based) of the run;
+- ``stage:after=N`` — the pipeline (``recsys pipeline run``) kills itself with SIGKILL once the
+  N-th stage it ran has finished, between two stages (its run directory: the experiment's).
 
 Each fault fires once per run directory: before firing, it is recorded in
 ``RUN/faults.fired``, so the restarted job, which sees the same environment, runs clean.
@@ -32,7 +34,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ENV = "RECSYS_FAULTS"
-KINDS = {"kill": "step", "save": "step", "sigterm": "step", "preempt": "step", "loader": "batch"}
+KINDS = {
+    "kill": "step",
+    "save": "step",
+    "sigterm": "step",
+    "preempt": "step",
+    "loader": "batch",
+    "stage": "after",
+}
 """Each kind and the counter it fires at."""
 
 
@@ -119,6 +128,11 @@ class Faults:
     def in_save(self, step: int) -> None:
         """Called by the checkpoint manager once this rank's shards of ``step`` are written."""
         if self._due("save", step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def after_stage(self, finished: int) -> None:
+        """Called by the pipeline after each stage it ran (``finished`` of them so far)."""
+        if self._due("stage", finished):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def on_batch(self, batch: int) -> None:

@@ -153,3 +153,47 @@ def test_evaluate_scores_every_test_sample_on_two_ranks(chain: dict) -> None:
     finetune = json.loads((chain["exp"] / "finetune-st_sf" / "stage.json").read_text())
     assert metrics["samples"] == len(test["label"])
     assert metrics["auc"] == pytest.approx(finetune["results"]["valid_auc"], abs=1e-6)
+
+
+def test_a_pipeline_interrupted_between_and_inside_stages_reruns_to_the_same_results(
+    chain: dict, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    exp = tmp_path / "exp"
+    command = [
+        *(sys.executable, "-m", "recsys.cli", "pipeline", "run", "--strategies", "ST&SF"),
+        *("--data", str(chain["root"] / "data"), "--experiment", str(exp)),
+        *("--config", chain["study"].config, "run.checkpoint_every=1"),
+    ]
+
+    def pipeline(faults: str = "") -> subprocess.CompletedProcess:
+        env = {**os.environ, "RECSYS_FAULTS": faults}
+        return subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
+
+    stages = exp / "L1H16A2"
+    # 1. The pipeline itself is killed between transfer and freeze.
+    first = pipeline("stage:after=2")
+    assert first.returncode == -9, first.stderr[-2000:]
+    assert (stages / "transfer-st" / "DONE").exists() and not (stages / "freeze-st").exists()
+    # 2. The rerun skips what is done; finetuning is killed mid-stage (rank 1, step 2).
+    second = pipeline("kill:step=2:rank=1")
+    assert second.returncode == 1
+    assert "stage finetune (L1H16A2-finetune-st_sf) failed" in second.stderr
+    assert (stages / "finetune-st_sf" / "checkpoint" / "step-00000001").is_dir()
+    # 3. The last rerun resumes finetuning from its checkpoint and finishes.
+    third = pipeline()
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "4 stages, 3 skipped" in third.stdout
+    ours = json.loads((stages / "finetune-st_sf" / "stage.json").read_text())
+    theirs = json.loads((chain["exp"] / "finetune-st_sf" / "stage.json").read_text())
+    assert ours["results"] == theirs["results"] and ours["steps"] == theirs["steps"]
+    mine = weights(stages / "finetune-st_sf", tmp_path)
+    reference = weights(chain["exp"] / "finetune-st_sf", tmp_path / "ref")
+    assert mine.keys() == reference.keys()
+    for key in mine:
+        assert torch.equal(mine[key], reference[key]), key

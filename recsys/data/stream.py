@@ -83,6 +83,9 @@ class StreamConfig:
     """Row groups per shuffle buffer of a reader (memory: this many row groups decoded)."""
     drop_last: bool = False
     """Drop each reader's last, smaller batch of an epoch."""
+    skip_bad_row_groups: bool = False
+    """Skip a row group that cannot be read or holds invalid values (logged, counted in the
+    cursor's ``skipped_rows``) instead of stopping with its error."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -107,6 +110,14 @@ class _Unit:
     @property
     def rows(self) -> int:
         return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Rows of a bad row group that are skipped (``skip_bad_row_groups``): they count as read
+    for the cursor and the batch layout, and bring no data."""
+
+    rows: int
 
 
 @dataclass(frozen=True)
@@ -184,6 +195,7 @@ class ParquetStream(IterableDataset):
         self.epoch = 0
         self._rows_done = 0
         self._finished = False  # the last pass read its epoch to the end
+        self._skipped = 0  # rows of bad row groups skipped in the current epoch
         self._resume: dict[str, Any] | None = None  # a loaded cursor the next pass starts at
         self._reader: tuple[int, int] | None = None  # (reader, readers) of the current pass
         self._columns = [*list_columns(self.meta), *scalar_columns(self.meta)]
@@ -224,6 +236,7 @@ class ParquetStream(IterableDataset):
             "rows_done": self._rows_done,
             "reader": self._reader,
             "settings": self._settings(),
+            "skipped_rows": self._skipped,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -235,6 +248,7 @@ class ParquetStream(IterableDataset):
             "rows_done": int(state["rows_done"]),
             "reader": tuple(reader) if reader is not None else None,
             "settings": state.get("settings"),
+            "skipped_rows": int(state.get("skipped_rows", 0)),
         }
 
     def _check_resume(self, resume: dict[str, Any], reader: tuple[int, int]) -> None:
@@ -310,6 +324,7 @@ class ParquetStream(IterableDataset):
         if skip:
             self._check_resume(resume, reader)
         self._reader, self._rows_done = reader, skip
+        self._skipped = resume.get("skipped_rows", 0) if resume else 0
         epoch = self.epoch
         shares, share = self._shares(epoch, reader[1])
         units = shares[reader[0]]
@@ -358,19 +373,44 @@ class ParquetStream(IterableDataset):
                 batch_of[order] = within
                 at = 0
                 for unit in buffer:
+                    unit_at = at
                     for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS):
+                        if isinstance(chunk, Skipped):
+                            if not skip:  # resumed inside this buffer: counted already
+                                self._skipped += chunk.rows
+                            break
                         part = batch_of[at : at + len(chunk)]
                         groups.append(group(chunk, part, batches, max_len, arena))
                         at += len(chunk)
+                    at = unit_at + unit.rows
                 for k in range(batches):
                     shuffled += [(g, k) for g in groups if g.rows[k + 1] > g.rows[k]]
                     target = share.size(reader[0], base + k)
                     pending_rows = min(end - k * batch_size, target)
                     if pending_rows == target:
-                        yield self._count(assemble_groups(shuffled, layout))
+                        if shuffled:
+                            yield self._count(assemble_groups(shuffled, layout), target)
+                        else:  # every row of this batch was in skipped row groups
+                            self._rows_done += target
                         shuffled, pending_rows = [], 0
             else:  # in file order, one small decoded chunk held at a time, runs of its rows
                 for chunk, at in self._in_order(buffer, files, skip, in_order_rows):
+                    if isinstance(chunk, Skipped):  # rows that fill batches with no data
+                        self._skipped += chunk.rows
+                        left = chunk.rows
+                        while left:
+                            target = share.size(reader[0], self._rows_done // batch_size)
+                            if not target:
+                                break
+                            take = min(target - pending_rows, left)
+                            left, pending_rows = left - take, pending_rows + take
+                            if pending_rows == target:
+                                if pending:
+                                    yield self._count(assemble(pending, layout, max_len), target)
+                                else:
+                                    self._rows_done += target
+                                pending, pending_rows = [], 0
+                        continue
                     while at < len(chunk):
                         target = share.size(reader[0], self._rows_done // batch_size)
                         if not target:
@@ -380,20 +420,27 @@ class ParquetStream(IterableDataset):
                         at += take
                         pending_rows += take
                         if pending_rows == target:
-                            yield self._count(assemble(pending, layout, max_len))
+                            yield self._count(assemble(pending, layout, max_len), target)
                             pending, pending_rows = [], 0
             skip = 0
         if pending_rows and not self.config.drop_last:
             if shuffled:
-                yield self._count(assemble_groups(shuffled, layout))
-            else:
-                yield self._count(assemble(pending, layout, max_len))
+                yield self._count(assemble_groups(shuffled, layout), pending_rows)
+            elif pending:
+                yield self._count(assemble(pending, layout, max_len), pending_rows)
         # The epoch is done: the cursor stays on it with every row counted (dropped ones too).
         self._rows_done, self._finished = sum(u.rows for u in units), True
 
-    def _count(self, batch: Batch) -> Batch:
-        self._rows_done += len(batch)
+    def _count(self, batch: Batch, rows: int) -> Batch:
+        """``batch``, after counting the ``rows`` of the reader's share it stands for (more
+        than it holds when some were in skipped row groups)."""
+        self._rows_done += rows
         return batch
+
+    @property
+    def skipped_rows(self) -> int:
+        """Rows of bad row groups skipped so far in this epoch (``skip_bad_row_groups``)."""
+        return self._skipped
 
     def _in_order(
         self, buffer: list[_Unit], files: dict[int, Any], skip: int, chunk_rows: int
@@ -403,11 +450,23 @@ class ParquetStream(IterableDataset):
         seen = 0
         for unit in buffer:
             for chunk in self._decode(unit, files, chunk_rows):
-                first, seen = max(skip - seen, 0), seen + len(chunk)
-                if first < len(chunk):
+                rows = chunk.rows if isinstance(chunk, Skipped) else len(chunk)
+                first, seen = max(skip - seen, 0), seen + rows
+                if first < rows and isinstance(chunk, Skipped):
+                    yield Skipped(rows - first), 0
+                elif first < rows:
                     yield chunk, first
 
-    def _decode(self, unit: _Unit, files: dict[int, Any], chunk_rows: int) -> Iterator[Columns]:
+    def _skip(self, unit: _Unit, done: int, error: DataError) -> Skipped:
+        """The rest of ``unit``'s rows, skipped after ``error`` (logged; counted where the
+        rows would have been used)."""
+        rows = unit.stop - done
+        log.warning("skipping %d rows (skip_bad_row_groups): %s", rows, error)
+        return Skipped(rows)
+
+    def _decode(
+        self, unit: _Unit, files: dict[int, Any], chunk_rows: int
+    ) -> Iterator[Columns | Skipped]:
         """The unit's rows, validated, in chunks of at most ``chunk_rows`` rows (decoding into
         small buffers is faster than one large table, and no chunk is ever concatenated)."""
         part = self.dataset.parts[unit.part]
@@ -421,17 +480,21 @@ class ParquetStream(IterableDataset):
             # handing each column to its pool costs ~15% (more on a busy host).
             use_threads=get_worker_info() is None and pa.cpu_count() > 1,
         )
-        offset = 0
+        offset, done = 0, unit.start  # rows of the group read, and yielded up to
         while offset < unit.stop:
             try:
                 batch = next(batches)
             except StopIteration:
                 break
             except (OSError, pa.ArrowException) as err:
-                raise DataError(
+                error = DataError(
                     f"{describe(part.path, row_group=unit.row_group)}: cannot be read "
                     f"(corrupt data?): {err}"
-                ) from None
+                )
+                if not self.config.skip_bad_row_groups:
+                    raise error from None
+                yield self._skip(unit, done, error)
+                return
             first, offset = offset, offset + batch.num_rows
             if offset <= unit.start:
                 continue  # before the unit's row range
@@ -439,7 +502,14 @@ class ParquetStream(IterableDataset):
             def locate(row: int, column: str, first: int = first) -> str:
                 return describe(part.path, row_group=unit.row_group, row=first + row, column=column)
 
-            chunk = decode(batch, self.meta, unit.group_first_row_id + first, locate)
+            try:
+                chunk = decode(batch, self.meta, unit.group_first_row_id + first, locate)
+            except DataError as error:
+                if not self.config.skip_bad_row_groups:
+                    raise
+                yield self._skip(unit, done, error)
+                return
+            done = min(offset, unit.stop)
             if unit.start <= first and offset <= unit.stop:
                 yield chunk
             else:  # a row range of the group: views of the rows inside it

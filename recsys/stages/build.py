@@ -116,6 +116,7 @@ def loader(
             max_len=model.max_len,
             shuffle=data.shuffle and train,
             seed=seed,
+            skip_bad_row_groups=data.skip_bad_row_groups,
         ),
     )
     return StatefulDataLoader(

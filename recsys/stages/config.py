@@ -68,6 +68,9 @@ class DataSection:
     workers: int = 0
     """Data-loader worker processes per rank."""
     shuffle: bool = True
+    skip_bad_row_groups: bool = False
+    """Skip row groups that cannot be read or hold invalid values, counting their rows
+    (``train_skipped_rows`` in each epoch's metrics), instead of stopping the job."""
 
 
 @dataclass(frozen=True)

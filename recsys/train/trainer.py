@@ -346,6 +346,14 @@ class Trainer:
             if self._done():
                 return False
             self._stop_if_preempted()  # (at an epoch's end, after the epoch is ended)
+        if length is not None and self.epoch_step < length:
+            log.warning(
+                "epoch %d ended after %d of %d steps: a rank's data ran out (rows of bad row "
+                "groups skipped); the other ranks' last batches of the epoch were not trained",
+                self.epoch,
+                self.epoch_step,
+                length,
+            )
         return True
 
     def _batches(self) -> Iterator:
@@ -389,9 +397,28 @@ class Trainer:
             self.samples_log.record(self.step, self.epoch, batch.row_ids.tolist())
         self.log.progress(self.step, values)
 
+    def _skipped_rows(self) -> int:
+        """Rows of bad row groups the ranks' training streams skipped this epoch (their
+        cursors count them; ``skip_bad_row_groups``)."""
+
+        def total(state: Any) -> int:
+            if isinstance(state, dict):
+                own = state.get("skipped_rows", 0) if "rows_done" in state else 0
+                return int(own) + sum(total(v) for k, v in state.items() if k != "skipped_rows")
+            return 0
+
+        count = torch.tensor([total(self.train_loader.state_dict())], device=collective_device())
+        if dist.is_initialized():
+            dist.all_reduce(count)
+        return int(count.item())
+
     def _end_epoch(self) -> dict[str, float]:
         results = {f"train_{k}": v for k, v in self.train_metrics.compute().items()}
         self.train_metrics.reset()
+        skipped = self._skipped_rows()
+        if skipped:
+            log.warning("epoch %d: %d rows of bad row groups skipped", self.epoch, skipped)
+            results["train_skipped_rows"] = skipped
         if self.valid_loader is not None:
             valid = self.evaluate(self.valid_loader)
             results.update({f"valid_{k}": v for k, v in valid.items()})

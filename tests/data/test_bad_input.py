@@ -253,3 +253,47 @@ def test_malformed_metadata(tmp_path: Path, text: str, message: str) -> None:
     (directory / "dataset.json").write_text(text)
     with pytest.raises(DataError, match=message):
         ParquetStream(str(directory))
+
+
+def dataset_with_a_bad_row_group(tmp_path: Path) -> Path:
+    """12 rows in 3 files of 2 row groups; row group 1 of b.parquet (rows 6, 7) holds an id
+    beyond the item vocabulary."""
+    bad = table(item_id=[4, 4, 99, 4])
+    return write(tmp_path / "d", {"a.parquet": table(), "b.parquet": bad, "c.parquet": table()})
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_bad_row_groups_are_skipped_and_counted_only_when_asked(
+    tmp_path: Path, shuffle: bool
+) -> None:
+    directory = dataset_with_a_bad_row_group(tmp_path)
+    with pytest.raises(DataError, match=r"b.parquet, row group 1, row 0, column 'item_id'"):
+        list(ParquetStream(str(directory), StreamConfig(batch_size=3, shuffle=shuffle)))
+    config = StreamConfig(batch_size=3, shuffle=shuffle, skip_bad_row_groups=True)
+    seen, skipped, counts = [], 0, []
+    for rank in (0, 1):
+        stream = ParquetStream(str(directory), config, rank=rank, world_size=2)
+        batches = list(stream)
+        counts.append(len(batches))
+        seen += [i for b in batches for i in b.row_ids.tolist()]
+        skipped += stream.skipped_rows
+        assert stream.state_dict()["skipped_rows"] == stream.skipped_rows
+    assert sorted(seen) == [0, 1, 2, 3, 4, 5, 8, 9, 10, 11]
+    assert skipped == 2
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_stream_that_skips_resumes_exactly(tmp_path: Path, shuffle: bool) -> None:
+    directory = dataset_with_a_bad_row_group(tmp_path)
+    config = StreamConfig(batch_size=2, shuffle=shuffle, skip_bad_row_groups=True)
+    whole = [b.row_ids.tolist() for b in ParquetStream(str(directory), config)]
+    for stop in range(1, len(whole)):
+        first = ParquetStream(str(directory), config)
+        it = iter(first)
+        head = [next(it).row_ids.tolist() for _ in range(stop)]
+        state = first.state_dict()
+        second = ParquetStream(str(directory), config)
+        second.load_state_dict(state)
+        rest = [b.row_ids.tolist() for b in second]
+        assert head + rest == whole, stop
+        assert second.skipped_rows == 2, stop

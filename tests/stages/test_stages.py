@@ -137,3 +137,30 @@ def test_the_pipeline_plans_baselines_beside_the_ranker(tmp_path: Path) -> None:
     ]
     din = [s for s in plan(study) if "din" in s.out.name]
     assert all("model.arch=din" in s.overrides for s in din)
+
+
+def test_a_corrupt_row_group_stops_the_stage_unless_skipping_is_asked_for(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from recsys.stages.common import run_stage
+
+    seq = tmp_path / "seq"
+    shutil.copytree(data / "seq", seq)
+    part = next(seq.glob("*.parquet"))
+    meta = pq.ParquetFile(part).metadata
+    rows = meta.row_group(2).num_rows
+    start = meta.row_group(2).column(1).data_page_offset
+    raw = bytearray(part.read_bytes())
+    raw[start : start + 40] = b"\xff" * 40  # the footer stays intact, the pages do not
+    part.write_bytes(bytes(raw))
+    args = ["--out", str(tmp_path / "p"), *TINY, f"data.train={seq}", "run.epochs=1"]
+    assert run_stage(pretrain.main, args) == 2
+    assert f"{part.name}, row group 2: cannot be read" in capsys.readouterr().err
+    record = pretrain.main(
+        [*args[:1], str(tmp_path / "q"), *args[2:], "data.skip_bad_row_groups=true"]
+    )
+    assert record["results"]["train_skipped_rows"] == rows

@@ -396,7 +396,8 @@ class ParquetStream(IterableDataset):
             else:  # in file order, one small decoded chunk held at a time, runs of its rows
                 for chunk, at in self._in_order(buffer, files, skip, in_order_rows):
                     if isinstance(chunk, Skipped):  # rows that fill batches with no data
-                        self._skipped += chunk.rows
+                        if not at:  # a resume inside this run counted all of it already
+                            self._skipped += chunk.rows
                         left = chunk.rows
                         while left:
                             target = share.size(reader[0], self._rows_done // batch_size)
@@ -453,7 +454,7 @@ class ParquetStream(IterableDataset):
                 rows = chunk.rows if isinstance(chunk, Skipped) else len(chunk)
                 first, seen = max(skip - seen, 0), seen + rows
                 if first < rows and isinstance(chunk, Skipped):
-                    yield Skipped(rows - first), 0
+                    yield Skipped(rows - first), first
                 elif first < rows:
                     yield chunk, first
 

@@ -297,3 +297,35 @@ def test_a_stream_that_skips_resumes_exactly(tmp_path: Path, shuffle: bool) -> N
         rest = [b.row_ids.tolist() for b in second]
         assert head + rest == whole, stop
         assert second.skipped_rows == 2, stop
+
+
+def test_a_resume_inside_a_skipped_row_group_counts_it_once(tmp_path: Path) -> None:
+    # Row groups of 3 rows, the middle one bad, batches of 2: batch [2] ends inside the
+    # skipped rows 3-5, so the cursor after it lies within them.
+    bad = pa.table(
+        {
+            "user_id": list(range(9)),
+            "history_item_ids": [[1, 2, 3]] * 9,
+            "history_category_ids": [[0, 1, 2]] * 9,
+            "item_id": [4, 4, 4, 99, 4, 4, 4, 4, 4],
+            "category_id": [1] * 9,
+            "label": [1, 0, 1, 0, 1, 0, 1, 0, 1],
+            "timestamp": [100] * 9,
+        }
+    )
+    directory = tmp_path / "d"
+    directory.mkdir()
+    pq.write_table(bad, directory / "a.parquet", row_group_size=3)
+    (directory / "dataset.json").write_text(META.to_json())
+    config = StreamConfig(batch_size=2, shuffle=False, skip_bad_row_groups=True)
+    whole = [b.row_ids.tolist() for b in ParquetStream(str(directory), config)]
+    assert whole == [[0, 1], [2], [6, 7], [8]]
+    for stop in range(1, len(whole)):
+        first = ParquetStream(str(directory), config)
+        it = iter(first)
+        for _ in range(stop):
+            next(it)
+        second = ParquetStream(str(directory), config)
+        second.load_state_dict(first.state_dict())
+        assert [b.row_ids.tolist() for b in second] == whole[stop:]
+        assert second.skipped_rows == 3, stop

@@ -154,15 +154,14 @@ class LUM(nn.Module):
     def _lookup(self, features: KeyedJaggedTensor, negatives: torch.Tensor | None):
         """Item tokens, condition tokens (jagged values [N, d]), the item-table embeddings of
         the items, and of the sampled negatives."""
-        device = features.values().device
-        extra = negatives if negatives is not None else torch.zeros(0, dtype=torch.long)
-        batch = features.stride()
-        lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        lengths[0] = len(extra)
-        sampled = KeyedJaggedTensor.from_lengths_sync(
-            keys=["negative_item"], values=extra.to(device), lengths=lengths
-        )
-        sequences, _ = self.sparse(KeyedJaggedTensor.concat([features, sampled]))
+        if negatives is not None:  # one list, on the first row, shared by the batch
+            lengths = torch.zeros(features.stride(), dtype=torch.long)
+            lengths[0] = len(negatives)
+            sampled = KeyedJaggedTensor.from_lengths_sync(
+                keys=["negative_item"], values=negatives, lengths=lengths.to(negatives.device)
+            )
+            features = KeyedJaggedTensor.concat([features, sampled])
+        sequences = self._table_lookup(features)  # no negatives: an empty list
         config = self.config
         items = sequences["item"].values()
         item_tokens = self.item_proj(

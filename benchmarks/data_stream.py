@@ -7,6 +7,7 @@ histories hold 10–100 events, then measures in the same run:
   decoding alone, nothing usable by a model yet);
 - stream, 1 process: ``ParquetStream`` with validation and ``KeyedJaggedTensor`` batches, one
   core, in file order and shuffled (row-group order and rows within buffers);
+- the same, shuffled, with NumPy's copies instead of the compiled helper (its fallback);
 - stream, 2 workers: shuffled, through ``StatefulDataLoader(num_workers=2)``.
 
     python benchmarks/data_stream.py
@@ -52,11 +53,16 @@ def raw_decode(directory: Path, batch_size: int, columns: list[str]) -> tuple[in
 
 
 def stream(
-    directory: Path, batch_size: int, workers: int, shuffle: bool = True
+    directory: Path, batch_size: int, workers: int, shuffle: bool = True, native: bool = True
 ) -> tuple[int, float]:
     from torchdata.stateful_dataloader import StatefulDataLoader
 
+    import recsys.data.segments as segments
     from recsys.data.stream import ParquetStream, StreamConfig
+
+    library = segments._LIBRARY
+    if not native:
+        segments._LIBRARY = None  # the NumPy fallback, for comparison
 
     dataset = ParquetStream(str(directory), StreamConfig(batch_size=batch_size, shuffle=shuffle))
     source = (
@@ -65,6 +71,7 @@ def stream(
     start, rows = time.perf_counter(), 0
     for batch in source:
         rows += len(batch)
+    segments._LIBRARY = library
     return rows, time.perf_counter() - start
 
 
@@ -77,12 +84,13 @@ def main() -> None:
         help="synthetic users; 70%% of them give 2 training rows each",
     )
     parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3, help="passes per set-up; best kept")
+    parser.add_argument("--repeats", type=int, default=5, help="passes per set-up; best kept")
     parser.add_argument("--data", type=Path, default=Path("runs/bench-data"))
     args = parser.parse_args()
 
     import torch
 
+    import recsys.data.segments as segments
     from recsys.data.files import open_dataset
     from recsys.data.schema import list_columns, scalar_columns
 
@@ -102,6 +110,9 @@ def main() -> None:
             directory, args.batch_size, 0, shuffle=False
         ),
         "stream → KJT batches, shuffled, 1 core": lambda: stream(directory, args.batch_size, 0),
+        "stream → KJT batches, shuffled, 1 core, NumPy copies": lambda: stream(
+            directory, args.batch_size, 0, native=False
+        ),
         "stream → KJT batches, shuffled, 2 loader workers": lambda: stream(
             directory, args.batch_size, 2
         ),
@@ -117,7 +128,8 @@ def main() -> None:
     print(
         f"{directory}: {len(sizes):,} rows, history lengths "
         f"{pa.compute.min(sizes).as_py()}–{pa.compute.max(sizes).as_py()}, "
-        f"batch {args.batch_size}"
+        f"batch {args.batch_size}, segmented copies: "
+        f"{'compiled helper' if segments.NATIVE else 'NumPy (RECSYS_NATIVE=0 or not built)'}"
     )
     counts = {rows for rows, _ in results.values()}
     assert len(counts) == 1, f"set-ups read different numbers of rows: {counts}"

@@ -26,6 +26,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from recsys.data.schema import DataError, DatasetMeta, list_columns, scalar_columns
+from recsys.data.segments import copy_segments
 
 ROW_ID = "__row_id"
 """Column added to every decoded row group: the row's index in the whole dataset."""
@@ -279,21 +280,6 @@ def decode(
     return Columns(Lists(offsets, values), scalars)
 
 
-def _index(starts: np.ndarray, ends: np.ndarray, firsts: np.ndarray, total: int) -> np.ndarray:
-    """The positions ``starts[r]:ends[r]`` of every row, end to end (row ``r`` from
-    ``firsts[r]`` on, ``total`` in all): one running sum of steps, 1 within a row and a jump
-    between rows (3x faster than repeat + arange)."""
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    full = ends > starts  # empty rows take no position
-    if not full.all():
-        starts, ends, firsts = starts[full], ends[full], firsts[full]
-    steps = np.ones(total, dtype=np.int64)
-    steps[0] = starts[0]
-    steps[firsts[1:]] = starts[1:] - ends[:-1] + 1
-    return np.cumsum(steps, out=steps)
-
-
 Rows = slice | np.ndarray
 """Rows of a chunk: a run ``slice(start, stop)``, or ascending row indices."""
 
@@ -323,13 +309,13 @@ def gather(
     starts, ends = offsets[rows], offsets[rows + 1]
     if max_len is not None:
         starts = np.maximum(starts, ends - max_len)
+    lengths = ends - starts
     new_offsets = empty(len(rows) + 1)
     new_offsets[0] = 0
-    np.cumsum(ends - starts, out=new_offsets[1:])
+    np.cumsum(lengths, out=new_offsets[1:])
     total = int(new_offsets[-1])
-    index = _index(starts, ends, new_offsets[:-1], total)
     values = {
-        k: np.take(v, index, out=empty(total), mode="clip") for k, v in columns.lists.values.items()
+        k: copy_segments(v, starts, lengths, empty(total)) for k, v in columns.lists.values.items()
     }
     table = empty(len(columns.table) * len(rows)).reshape(len(columns.table), len(rows))
     np.take(columns.table, rows, axis=1, out=table, mode="clip")
@@ -391,12 +377,9 @@ def assemble(pieces: list[tuple[Columns, Rows]], layout: Layout, max_len: int | 
                 base = i * total + at_value
                 values[base : base + m] = chunk.lists.values[key][block : block + m]
         else:
-            firsts = np.zeros(k, dtype=np.int64)
-            np.cumsum(piece[:-1], out=firsts[1:])
-            index = _index(starts, starts + piece, firsts, m)
             for i, key in enumerate(layout.list_keys):
                 base = i * total + at_value
-                np.take(chunk.lists.values[key], index, out=values[base : base + m], mode="clip")
+                copy_segments(chunk.lists.values[key], starts, piece, values[base : base + m])
         if not run:
             table[:, at_row : at_row + k] = chunk.table[:, rows]
         at_value, at_row = at_value + m, at_row + k

@@ -48,6 +48,21 @@ def _protocol_args(parser: argparse.ArgumentParser, min_events: int) -> None:
         help="most recent events kept as a CTR sample's history (default: %(default)s)",
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the negative candidates")
+    group.add_argument(
+        "--valid-users",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="hold out this fraction of training users (the latest by last event) as "
+        "validation users: ctr_valid/ and ctr_fit/ (the other training users) are written "
+        "too, for tuning without the test users (default: none)",
+    )
+    group.add_argument(
+        "--dense-train",
+        action="store_true",
+        help="also write ctr_train_dense/ (and ctr_fit_dense/): a positive and a negative "
+        "sample at every position of each training user's sequence, not only the last",
+    )
     parser.add_argument(
         "--out",
         required=True,
@@ -70,6 +85,8 @@ def _protocol(args: argparse.Namespace):
         test_quantile=args.test_quantile,
         max_history=args.max_history,
         seed=args.seed,
+        valid_users=args.valid_users,
+        dense_train=args.dense_train,
     )
 
 

@@ -15,6 +15,17 @@ This module owns the split every converter shares (GPSD, KDD'25, §4.1, and its 
 - pretraining sequences are every user's events except the last one, so no CTR target is
   ever pretrained on.
 
+Two options beyond the paper's protocol, off by default:
+
+- ``valid_users``: a fraction of the training users, those whose last event is latest (the
+  test split's rule again, inside the training users), become validation users: their pairs
+  go to ``ctr_valid`` and the others' to ``ctr_fit``, for tuning without the test users
+  (``ctr_train`` still holds every training user, for the final runs);
+- ``dense_train``: ``ctr_train_dense`` (and ``ctr_fit_dense``) hold one pair per position of
+  each training user's sequence instead of one per user: every event after the first, with
+  the events before it as history, and one uniformly drawn other item as its negative. The
+  test (and validation) samples are unchanged.
+
 It works on whole NumPy arrays; it reads and writes no files except through
 :func:`write_split`.
 """
@@ -47,8 +58,16 @@ class ProtocolConfig:
     """Most recent events kept as a CTR sample's history."""
     seed: int = 0
     """Seed of the negative candidates."""
+    valid_users: float = 0.0
+    """Fraction of training users (the latest by last event) held out as validation users:
+    ``ctr_valid`` and ``ctr_fit`` (0: none)."""
+    dense_train: bool = False
+    """Also write ``ctr_train_dense`` (and ``ctr_fit_dense``): a pair per position of each
+    training user's sequence."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.valid_users < 1.0:
+            raise ValueError(f"valid_users must lie in [0, 1), got {self.valid_users}")
         if self.min_events < 2:
             raise ValueError(f"min_events must be >= 2 (history + target), got {self.min_events}")
         if not 0.0 < self.test_quantile < 1.0:
@@ -78,6 +97,9 @@ class Split:
     vocab: dict[str, int]
     counts: dict[str, int]
     protocol: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, pa.Table] = field(default_factory=dict)
+    """Optional ``ctr`` datasets by name: ``ctr_valid``, ``ctr_fit``, ``ctr_train_dense``,
+    ``ctr_fit_dense`` (see the module docstring)."""
 
 
 def _dense(raw: np.ndarray) -> tuple[np.ndarray, int]:
@@ -142,28 +164,58 @@ def split(events: Events, config: ProtocolConfig | None = None) -> Split:
     item_category = np.zeros(n_items, dtype=np.int64)
     item_category[item] = category
 
-    def ctr(users: np.ndarray) -> pa.Table:
-        pair = np.repeat(users, 2)  # positive then negative sample of each user
-        is_pos = np.tile([True, False], len(users))
-        hist_start = np.maximum(starts[pair], last[pair] - config.max_history)
-        candidate = np.where(is_pos, item[last[pair]], negative[pair])
+    def ctr(users: np.ndarray, positions: np.ndarray | None = None) -> pa.Table:
+        """A positive and a negative sample per target event: each user's last event, or
+        the given events (``positions``, indices into the sorted events, one per entry of
+        ``users``)."""
+        target = last[users] if positions is None else positions
+        if positions is None:
+            negatives = negative[users]
+        else:  # fresh negatives for the dense positions, uniform over the other items
+            negatives = dense_rng.integers(0, n_items - 1, size=len(target))
+            negatives += negatives >= item[target]
+        pair = np.repeat(np.arange(len(target)), 2)  # positive then negative of each target
+        is_pos = np.tile([True, False], len(target))
+        at = target[pair]
+        hist_start = np.maximum(starts[users[pair]], at - config.max_history)
+        candidate = np.where(is_pos, item[at], negatives[pair])
         return pa.table(
             {
-                "user_id": pa.array(pair.astype(np.int64)),
-                "history_item_ids": _lists(hist_start, last[pair], item),
-                "history_category_ids": _lists(hist_start, last[pair], category),
+                "user_id": pa.array(users[pair].astype(np.int64)),
+                "history_item_ids": _lists(hist_start, at, item),
+                "history_category_ids": _lists(hist_start, at, category),
                 "item_id": pa.array(candidate.astype(np.int64)),
                 "category_id": pa.array(item_category[candidate]),
                 "label": pa.array(is_pos.astype(np.int64)),
-                "timestamp": pa.array(last_time[pair]),
+                "timestamp": pa.array(timestamp[at]),
             }
         )
 
+    def dense(users: np.ndarray) -> pa.Table:
+        """Every event after the first of each user as a target."""
+        counts = last[users] - starts[users]  # events after the first, the last included
+        owner = np.repeat(users, counts)
+        first = np.repeat(starts[users] + 1 - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        return ctr(owner, first + np.arange(counts.sum()))
+
+    dense_rng = np.random.default_rng([config.seed, 1])
     train_users, test_users = np.flatnonzero(~test), np.flatnonzero(test)
+    extra: dict[str, pa.Table] = {}
+    valid_users = np.zeros(0, dtype=np.int64)
+    if config.valid_users:
+        by_time = train_users[np.lexsort((train_users, last_time[train_users]))]
+        n_valid = max(1, int(round(config.valid_users * len(train_users))))
+        fit_users, valid_users = np.sort(by_time[:-n_valid]), np.sort(by_time[-n_valid:])
+        extra["ctr_valid"], extra["ctr_fit"] = ctr(valid_users), ctr(fit_users)
+    if config.dense_train:
+        extra["ctr_train_dense"] = dense(train_users)
+        if config.valid_users:
+            extra["ctr_fit_dense"] = dense(fit_users)
     result = Split(
         seq=seq,
         ctr_train=ctr(train_users),
         ctr_test=ctr(test_users),
+        extra=extra,
         vocab={"item": n_items, "category": n_categories, "user": n_users},
         counts={
             "events_in": n_in,
@@ -177,6 +229,8 @@ def split(events: Events, config: ProtocolConfig | None = None) -> Split:
             "train_samples": 2 * len(train_users),
             "test_samples": 2 * len(test_users),
             "sequences": n_users,
+            **({"valid_users": len(valid_users)} if config.valid_users else {}),
+            **{f"{name}_samples": table.num_rows for name, table in extra.items()},
         },
         protocol={
             "name": "gpsd-public",
@@ -184,6 +238,8 @@ def split(events: Events, config: ProtocolConfig | None = None) -> Split:
             "test_quantile": config.test_quantile,
             "max_history": config.max_history,
             "seed": config.seed,
+            "valid_users": config.valid_users,
+            "dense_train": config.dense_train,
         },
     )
     log.info("protocol: %s", ", ".join(f"{k} {v:,}" for k, v in result.counts.items()))
@@ -198,7 +254,8 @@ def write_split(
     overwrite: bool = False,
     row_group_rows: int = 65_536,
 ) -> dict[str, DatasetMeta]:
-    """Write ``out/seq``, ``out/ctr_train`` and ``out/ctr_test`` together, all or nothing."""
+    """Write ``out/seq``, ``out/ctr_train``, ``out/ctr_test`` and the optional ``ctr``
+    datasets of the split (``ctr_valid``, ...) together, all or nothing."""
     protocol = {**result.protocol, "counts": result.counts, **source}
     written = {}
     with atomic_directory(out, overwrite) as tmp:
@@ -206,6 +263,7 @@ def write_split(
             ("seq", result.seq, "seq"),
             ("ctr_train", result.ctr_train, "ctr"),
             ("ctr_test", result.ctr_test, "ctr"),
+            *((name, table, "ctr") for name, table in result.extra.items()),
         ):
             meta = DatasetMeta(
                 kind=kind,

@@ -67,6 +67,18 @@ class Study:
     finetune_overrides: tuple[str, ...] = ()
     baselines: tuple[str, ...] = ()
     """Baseline CTR models (``deepfm``, ``din``) also run, each with NT and ST&SF."""
+    seeds: tuple[int, ...] = ()
+    """Seeds (``run.seed``) of whole chains, pretraining included, each under
+    ``<size>/seed-<n>/``; empty: one chain with the config's seed, under ``<size>/``."""
+    train: str = "ctr_train"
+    """The CTR training set, a dataset under ``data`` (``ctr_train_dense``, ...)."""
+    test: str = "ctr_test"
+    """The CTR evaluation set under ``data`` (``ctr_valid`` when tuning)."""
+    tag: str = ""
+    """Prefix of the CTR stages' directories (``dense`` → ``dense-finetune-nt``), so that
+    studies on other training sets share the pretraining of the same size and seed."""
+    gpsd: bool = True
+    """Run GPSD's ranker (False: only the baselines)."""
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
@@ -99,19 +111,26 @@ class Step:
     strategy: str = ""
     config: str | None = None
     skipped: bool = field(default=False)
+    name: str = ""
+    """The stage's name in logs: ``<size>[-seed-<n>]-<directory>``."""
+    logs: Path = Path("logs")
+    """Directory of the stage logs (``EXPERIMENT/logs``)."""
 
 
 def plan(study: Study) -> list[Step]:
     """The steps of ``study`` in the order they run."""
     data = Path(study.data)
-    seq, train, test = str(data / "seq"), str(data / "ctr_train"), str(data / "ctr_test")
+    seq, train, test = str(data / "seq"), str(data / study.train), str(data / study.test)
     sizes = study.sizes or (load(study.config, study.overrides).model.size,)
     steps: list[Step] = []
-    for size in sizes:
+    chains = [(size, seed) for size in sizes for seed in (study.seeds or (None,))]
+    for size, seed in chains:
         root = Path(study.experiment) / size
         common = [*study.overrides, f"model.size={size}"]
+        if seed is not None:
+            root, common = root / f"seed-{seed}", [*common, f"run.seed={seed}"]
         pretrain = root / "pretrain"
-        if study.baselines or any(s != "NT" for s in study.strategies):
+        if study.baselines or any(s != "NT" for s in study.strategies if study.gpsd):
             steps.append(
                 Step(
                     "pretrain",
@@ -123,11 +142,22 @@ def plan(study: Study) -> list[Step]:
                     size,
                 )
             )
-        models = [("gpsd", study.strategies)]
+        models = [("gpsd", study.strategies)] if study.gpsd else []
         models += [(arch, ("NT", "ST&SF")) for arch in study.baselines]
         for arch, strategies in models:
-            steps += _ctr_steps(root, size, arch, strategies, study, str(pretrain), train, test)
-    return [replace(s, config=study.config) for s in steps]
+            steps += _ctr_steps(
+                root, size, arch, strategies, study, str(pretrain), train, test, common
+            )
+    experiment = Path(study.experiment)
+    return [
+        replace(
+            s,
+            config=study.config,
+            name="-".join(s.out.relative_to(experiment).parts),
+            logs=experiment / "logs",
+        )
+        for s in steps
+    ]
 
 
 def _ctr_steps(
@@ -139,10 +169,11 @@ def _ctr_steps(
     pretrain: str,
     train: str,
     test: str,
+    common: list[str],
 ) -> list[Step]:
-    """Transfer, freeze and finetune steps of one CTR model at one size."""
-    prefix = "" if arch == "gpsd" else f"{arch}-"
-    ctr = [*study.overrides, f"model.size={size}", f"data.train={train}"]
+    """Transfer, freeze and finetune steps of one CTR model at one size (and seed)."""
+    prefix = (f"{study.tag}-" if study.tag else "") + ("" if arch == "gpsd" else f"{arch}-")
+    ctr = [*common, f"data.train={train}"]
     if arch != "gpsd":
         ctr.append(f"model.arch={arch}")
     steps = []
@@ -297,9 +328,9 @@ def run_step(step: Step, profile: Profile, runner, console: TextIO | None = sys.
 
     force = (step.out / "DONE").exists()  # finished with other inputs or config: redo
     app = appdef(step, component_args(step, profile, force))
-    logs = step.out.parent.parent / "logs"
+    logs = step.logs
     logs.mkdir(parents=True, exist_ok=True)
-    name = f"{step.size}-{step.out.name}"
+    name = step.name or f"{step.size}-{step.out.name}"
     log_path = logs / f"{name}.log"
     if profile.scheduler == "slurm":  # one that no node can hold would pend forever
         resource = app.roles[0].resource
@@ -357,9 +388,7 @@ def run(
         for step in steps:
             if is_done(step):
                 step.skipped = True
-                log.info(
-                    "%s/%s: done with the same inputs and config, skipped", step.size, step.out.name
-                )
+                log.info("%s: done with the same inputs and config, skipped", step.name)
                 continue
             run_step(step, chosen, runner, console)
             finished += 1

@@ -19,11 +19,46 @@ def _doctor(args: argparse.Namespace) -> int:
     return doctor.main(as_json=args.json, timeout=args.timeout)
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from pipelines import experiment
+    from pipelines.gpsd import PipelineError
+    from pipelines.profiles import ProfileError
+    from recsys import report
+
+    try:
+        spec = experiment.load(args.experiment)
+        steps = experiment.run(spec, args.profile, args.profiles)
+    except (PipelineError, ProfileError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    skipped = sum(s.skipped for s in steps)
+    print(f"{len(steps)} stages, {skipped} skipped (done with the same inputs and config)")
+    table, _ = report.write(spec.out, spec.data, **spec.report)
+    print(table)
+    print(
+        f"report: {spec.out}/report.md"
+        + (f" and {spec.report['out']}" if "out" in spec.report else "")
+    )
+    return 0
+
+
 def _pipeline(args: argparse.Namespace) -> int:
     from pipelines.gpsd import STRATEGIES, PipelineError, Study, run
     from pipelines.profiles import ProfileError
     from recsys import report
 
+    if args.experiment.endswith((".yaml", ".yml")):
+        if args.data or args.config or args.sizes or args.baselines or args.overrides:
+            print(
+                "error: an experiment file gives data, config, sizes and arms itself; "
+                "--data, --config, --sizes, --baselines and overrides go with a directory",
+                file=sys.stderr,
+            )
+            return 1
+        return _experiment(args)
+    if not args.data:
+        print("error: --data is required with an experiment directory", file=sys.stderr)
+        return 1
     strategies = STRATEGIES if args.strategies == "all" else tuple(args.strategies.split(","))
     try:
         study = Study(
@@ -35,7 +70,7 @@ def _pipeline(args: argparse.Namespace) -> int:
             overrides=tuple(args.overrides),
             baselines=tuple(b for b in (args.baselines or "").split(",") if b),
         )
-        steps = run(study, args.profile, args.profiles)
+        steps = run(study, args.profile or "local_cwd", args.profiles)
     except (PipelineError, ProfileError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -93,8 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         "a scheduler profile of torchx.yaml; a rerun skips stages DONE with the same inputs "
         "and config and resumes an interrupted one. Writes EXPERIMENT/report.md.",
     )
-    run.add_argument("--data", required=True, help="directory with seq/, ctr_train/, ctr_test/")
-    run.add_argument("--experiment", required=True, help="directory of the stages and report")
+    run.add_argument("--data", help="directory with seq/, ctr_train/, ctr_test/")
+    run.add_argument(
+        "--experiment",
+        required=True,
+        help="directory of the stages and report, or an experiment file (.yaml: data, "
+        "config, arms, seeds and report in one file, see configs/README.md)",
+    )
     run.add_argument("--config", help="stage config (YAML) for every stage")
     run.add_argument(
         "--strategies", default="ST&SF", help="comma-separated NT,FT,ST,FT&SF,ST&SF, or all"
@@ -103,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--baselines", help="also run these CTR baselines with NT and ST&SF: deepfm,din"
     )
-    run.add_argument("--profile", default="local_cwd", help="profile of torchx.yaml")
+    run.add_argument("--profile", help="profile of torchx.yaml (default: local_cwd)")
     run.add_argument("--profiles", default="torchx.yaml", help="the profiles file")
     run.add_argument("overrides", nargs="*", metavar="section.key=value")
     run.set_defaults(run=_pipeline)

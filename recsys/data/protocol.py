@@ -204,7 +204,12 @@ def split(events: Events, config: ProtocolConfig | None = None) -> Split:
     valid_users = np.zeros(0, dtype=np.int64)
     if config.valid_users:
         by_time = train_users[np.lexsort((train_users, last_time[train_users]))]
-        n_valid = max(1, int(round(config.valid_users * len(train_users))))
+        n_valid = max(1, round(config.valid_users * len(train_users)))
+        if n_valid >= len(train_users):
+            raise DataError(
+                f"valid_users {config.valid_users} leaves no training user to fit on "
+                f"({len(train_users)} training users)"
+            )
         fit_users, valid_users = np.sort(by_time[:-n_valid]), np.sort(by_time[-n_valid:])
         extra["ctr_valid"], extra["ctr_fit"] = ctr(valid_users), ctr(fit_users)
     if config.dense_train:

@@ -33,7 +33,7 @@ def _experiment(args: argparse.Namespace) -> int:
         return 1
     skipped = sum(s.skipped for s in steps)
     print(f"{len(steps)} stages, {skipped} skipped (done with the same inputs and config)")
-    table, _ = report.write(spec.out, spec.data, **spec.report)
+    table, _ = report.write(spec.out, **spec.report)
     print(table)
     print(
         f"report: {spec.out}/report.md"
@@ -78,7 +78,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     print(f"{len(steps)} stages, {skipped} skipped (done with the same inputs and config)")
     table, _ = report.write(args.experiment)
     print(table)
-    print(f"report: {args.experiment}/report.md, report.json, curves.png")
+    print(f"report: {args.experiment}/report.md, report.json and figures")
     return 0
 
 

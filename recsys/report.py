@@ -1,36 +1,86 @@
-"""The report of a study: GPSD's Table 3 layout, overfitting curves, and every number as JSON.
+"""The report of a study: GPSD's Table 3 layout, error bars, overfitting, scaling, wall times.
 
-This module owns reading the finished ``finetune`` stages under an experiment directory
-(``EXPERIMENT/<size>/finetune-<strategy>/stage.json``) and writing:
+This module owns reading the finished ``finetune`` stages under an experiment directory (any
+depth: ``<size>/[seed-<n>/]<prefix>finetune-<strategy>/stage.json``) and writing:
 
-- ``report.md``: AUC per size × model × strategy on the evaluation data, with each strategy's
-  relative improvement over NT of the same model and size (``AUC / AUC_NT − 1``, the paper's
-  "Imp"), the train − valid AUC gap of the last epoch, and gAUC;
-- ``report.json``: the same rows plus every epoch's metrics;
-- ``curves.png``: train and valid AUC per epoch for each strategy (one panel per size).
+- ``report.md``: per training and evaluation set, AUC per size × model × strategy as the
+  mean ± standard deviation over seeds, each strategy's relative improvement over NT of the
+  same model and size (``AUC / AUC_NT − 1``, the paper's "Imp"), the popularity baseline, the
+  standard error of one AUC on the evaluation set, the train − valid AUC gap, the scaling law
+  fitted per strategy, wall times, and plain statements of where the numbers agree with the
+  paper's claims or not; then every run;
+- ``report.json``: the runs (with every epoch's metrics), the aggregated cells, the fits;
+- ``curves.png`` (train and valid AUC per epoch), ``gap.png`` (train − valid AUC per epoch
+  and strategy), ``scaling.png`` (AUC against dense parameters with the fitted laws).
+
+``write(..., out="docs/results.md")`` also writes the report there, figures beside it.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from recsys.analysis.stats import auc_standard_error, fit_power_law, mean_std
 
 ORDER = ("NT", "FT", "ST", "FT&SF", "ST&SF")
 MODELS = {"gpsd": "Transformer", "deepfm": "DeepFM", "din": "DIN"}
 
 
+def dense_parameters(size: str) -> int:
+    """Parameters of the Transformer tower of ``size`` (GPSD's "dense parameters": no
+    embedding table), counted on the meta device."""
+    import torch
+
+    from recsys.models.tower import Tower, TowerConfig
+
+    with torch.device("meta"):
+        tower = Tower(TowerConfig.from_name(size))
+    return sum(p.numel() for p in tower.parameters())
+
+
+def _size_key(size: str) -> tuple[int, ...]:
+    match = re.match(r"L(\d+)H(\d+)A(\d+)", size)
+    return tuple(int(g) for g in match.groups()) if match else (0,)
+
+
+def _seconds(stage: Path) -> float:
+    try:
+        return float(json.loads((stage / "stage.json").read_text()).get("seconds") or 0.0)
+    except (OSError, ValueError):
+        return 0.0
+
+
 def collect(experiment: str | Path) -> list[dict[str, Any]]:
-    """One row per finished finetune stage, ordered by size then strategy."""
+    """One row per finished finetune stage, ordered by sets, size, model, strategy, seed."""
     rows = []
-    for done in sorted(Path(experiment).glob("*/finetune-*/DONE")):
+    for done in sorted(Path(experiment).glob("**/finetune-*/DONE")):
         record = json.loads((done.parent / "stage.json").read_text())
-        results = record.get("results", {})
+        results, config = record.get("results", {}), record["config"]
+        inputs = record.get("inputs", {})
+        # The chain's stages: its init (freeze or transfer), a freeze's transfer, a
+        # transfer's pretraining.
+        chain = [done.parent]
+        init = inputs.get("init")
+        while init:
+            chain.append(Path(init))
+            try:
+                before = json.loads((Path(init) / "stage.json").read_text())["inputs"]
+                init = before.get("init") or before.get("pretrained")
+            except (OSError, ValueError, KeyError):
+                init = None
         rows.append(
             {
-                "size": record["config"]["model"]["size"],
-                "model": MODELS.get(record["config"]["model"].get("arch", "gpsd"), "?"),
+                "size": config["model"]["size"],
+                "model": MODELS.get(config["model"].get("arch", "gpsd"), "?"),
                 "strategy": record["strategy"],
+                "seed": config.get("run", {}).get("seed", 0),
+                "train": Path(inputs.get("train", "?")).name,
+                "eval": Path(inputs.get("valid", "?")).name,
+                "eval_path": inputs.get("valid"),
                 "auc": results.get("valid_auc"),
                 "gauc": results.get("valid_gauc"),
                 "logloss": results.get("valid_logloss"),
@@ -38,6 +88,7 @@ def collect(experiment: str | Path) -> list[dict[str, Any]]:
                 "gap_auc": results.get("gap_auc"),
                 "samples": results.get("valid_samples"),
                 "seconds": record.get("seconds"),
+                "chain_seconds": sum(_seconds(s) for s in chain),
                 "epochs": record.get("epochs", []),
                 "stage": str(done.parent),
             }
@@ -45,83 +96,425 @@ def collect(experiment: str | Path) -> list[dict[str, Any]]:
     rank = {s: i for i, s in enumerate(ORDER)}
     models = list(MODELS.values())
     rows.sort(
-        key=lambda r: (_params(r["size"]), models.index(r["model"]), rank.get(r["strategy"], 99))
+        key=lambda r: (
+            r["train"],
+            r["eval"],
+            _size_key(r["size"]),
+            models.index(r["model"]) if r["model"] in models else 99,
+            rank.get(r["strategy"], 99),
+            r["seed"],
+        )
     )
-    baseline = {(r["size"], r["model"]): r["auc"] for r in rows if r["strategy"] == "NT"}
+    nt = {
+        (r["train"], r["eval"], r["size"], r["model"], r["seed"]): r["auc"]
+        for r in rows
+        if r["strategy"] == "NT"
+    }
     for row in rows:
-        base = baseline.get((row["size"], row["model"]))
+        base = nt.get((row["train"], row["eval"], row["size"], row["model"], row["seed"]))
         row["imp"] = row["auc"] / base - 1 if base and row["auc"] is not None else None
     return rows
 
 
-def _params(size: str) -> tuple[int, ...]:
-    import re
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One cell per (train set, eval set, size, model, strategy): mean ± std over seeds of
+    AUC, gap and seconds; Imp from the means."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["auc"] is not None:
+            groups[(r["train"], r["eval"], r["size"], r["model"], r["strategy"])].append(r)
+    cells = []
+    for (train, evaluation, size, model, strategy), runs in groups.items():
+        auc, auc_std = mean_std([r["auc"] for r in runs])
+        gaps = [r["gap_auc"] for r in runs if r["gap_auc"] is not None]
+        cells.append(
+            {
+                "train": train,
+                "eval": evaluation,
+                "size": size,
+                "model": model,
+                "strategy": strategy,
+                "seeds": sorted(r["seed"] for r in runs),
+                "auc": auc,
+                "auc_std": auc_std,
+                "gap_auc": mean_std(gaps)[0] if gaps else None,
+                "seconds": mean_std([r["seconds"] or 0.0 for r in runs])[0],
+                "chain_seconds": mean_std([r["chain_seconds"] for r in runs])[0],
+                "epochs": _mean_epochs(runs),
+            }
+        )
+    base = {
+        (c["train"], c["eval"], c["size"], c["model"]): c["auc"]
+        for c in cells
+        if c["strategy"] == "NT"
+    }
+    for c in cells:
+        nt = base.get((c["train"], c["eval"], c["size"], c["model"]))
+        c["imp"] = c["auc"] / nt - 1 if nt else None
+    return cells
 
-    match = re.match(r"L(\d+)H(\d+)A(\d+)", size)
-    return tuple(int(g) for g in match.groups()) if match else (0,)
+
+def _mean_epochs(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Train and valid AUC per epoch, averaged over the runs that reached that epoch."""
+    by_epoch: dict[int, list[dict]] = defaultdict(list)
+    for r in runs:
+        for e in r["epochs"]:
+            by_epoch[e["epoch"]].append(e)
+    out = []
+    for epoch in sorted(by_epoch):
+        values = {"epoch": epoch}
+        for key in ("train_auc", "valid_auc"):
+            got = [e[key] for e in by_epoch[epoch] if e.get(key) is not None]
+            if got:
+                values[key] = sum(got) / len(got)
+        out.append(values)
+    return out
+
+
+def popularity(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The popularity baseline's AUC per evaluation set (the ``seq`` dataset beside it gives
+    the training events), with the test set's positives and negatives."""
+    from recsys.analysis.popularity import popularity_auc
+
+    out = {}
+    for r in rows:
+        path = r.get("eval_path")
+        if r["eval"] in out or not path:
+            continue
+        seq = Path(path).parent / "seq"
+        if (seq / "dataset.json").exists() and (Path(path) / "dataset.json").exists():
+            out[r["eval"]] = popularity_auc(seq, path)
+    return out
 
 
 def _fmt(value: float | None, pattern: str) -> str:
     return "–" if value is None else pattern.format(value)
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def _cell(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return "–"
+    text = f"{c['auc']:.4f}"
+    if len(c["seeds"]) > 1:
+        text += f" ± {c['auc_std']:.4f}"
+    if c["strategy"] != "NT" and c["imp"] is not None:
+        text += f" ({100 * c['imp']:+.1f}%)"
+    return text
+
+
+def table3(cells: list[dict[str, Any]], pop: dict[str, Any] | None) -> str:
+    """GPSD's Table 3 layout for one training/eval set: a row per size and model, a column
+    per strategy."""
+    strategies = [s for s in ORDER if any(c["strategy"] == s for c in cells)]
     lines = [
-        "| size | model | strategy | AUC | Imp | gAUC | logloss | train AUC | gap | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| size | model | seeds | " + " | ".join(strategies) + " |",
+        "|---|---|---|" + "---|" * len(strategies),
     ]
-    for r in rows:
-        imp = "–" if r["strategy"] == "NT" else _fmt(r["imp"] and 100 * r["imp"], "{:+.2f}%")
+    keys = list(dict.fromkeys((c["size"], c["model"]) for c in cells))
+    for size, model in keys:
+        row = {c["strategy"]: c for c in cells if (c["size"], c["model"]) == (size, model)}
+        seeds = max(len(c["seeds"]) for c in row.values())
         lines.append(
-            f"| {r['size']} | {r['model']} | {r['strategy']} | {_fmt(r['auc'], '{:.4f}')} | "
-            f"{imp} | "
-            f"{_fmt(r['gauc'], '{:.4f}')} | {_fmt(r['logloss'], '{:.4f}')} | "
-            f"{_fmt(r['train_auc'], '{:.4f}')} | {_fmt(r['gap_auc'], '{:+.4f}')} | "
-            f"{_fmt(r['seconds'], '{:.0f}')} |"
+            f"| {size} | {model} | {seeds} | "
+            + " | ".join(_cell(row.get(s)) for s in strategies)
+            + " |"
+        )
+    if pop:
+        se = auc_standard_error(pop["auc"], pop["positives"], pop["negatives"])
+        lines.append(
+            f"| – | popularity | – | {pop['auc']:.4f} ± {se:.4f} (SE) |"
+            + " |" * (len(strategies) - 1)
         )
     return "\n".join(lines) + "\n"
 
 
-def curves(rows: list[dict[str, Any]], path: Path) -> None:
+def runs_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| train | eval | size | model | strategy | seed | AUC | Imp | gAUC | logloss | "
+        "train AUC | gap | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        imp = "–" if r["strategy"] == "NT" else _fmt(r["imp"] and 100 * r["imp"], "{:+.2f}%")
+        lines.append(
+            f"| {r['train']} | {r['eval']} | {r['size']} | {r['model']} | {r['strategy']} | "
+            f"{r['seed']} | {_fmt(r['auc'], '{:.4f}')} | {imp} | {_fmt(r['gauc'], '{:.4f}')} | "
+            f"{_fmt(r['logloss'], '{:.4f}')} | {_fmt(r['train_auc'], '{:.4f}')} | "
+            f"{_fmt(r['gap_auc'], '{:+.4f}')} | {_fmt(r['seconds'], '{:.0f}')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def fits(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The power law of AUC over dense parameters per (sets, strategy) of the Transformer,
+    where at least 3 sizes ran."""
+    out = {}
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for c in cells:
+        if c["model"] == "Transformer":
+            groups[(c["train"], c["eval"], c["strategy"])].append(c)
+    for (train, evaluation, strategy), group in groups.items():
+        params = [dense_parameters(c["size"]) for c in group]
+        law = fit_power_law(params, [c["auc"] for c in group])
+        key = f"{train}/{evaluation}/{strategy}"
+        if len({c["size"] for c in group}) >= 3:
+            out[key] = {
+                "train": train,
+                "eval": evaluation,
+                "strategy": strategy,
+                "points": sorted(zip(params, [c["auc"] for c in group], strict=True)),
+                "law": None if law is None else vars(law),
+            }
+    return out
+
+
+def claims(cells: list[dict[str, Any]], pop: dict[str, Any] | None, se: float | None) -> list[str]:
+    """Plain statements of where these cells agree with GPSD's claims, one per claim."""
+    out = []
+    gpsd = [c for c in cells if c["model"] == "Transformer"]
+    sizes = sorted({c["size"] for c in gpsd}, key=_size_key)
+    best = {}
+    for size in sizes:
+        here = [c for c in gpsd if c["size"] == size]
+        if here:
+            best[size] = max(here, key=lambda c: c["auc"])
+    if best and any(c["strategy"] == "ST&SF" for c in gpsd):
+        wins = [s for s, c in best.items() if c["strategy"] == "ST&SF"]
+        others = ", ".join(f"{s}: {c['strategy']}" for s, c in best.items() if s not in wins)
+        out.append(
+            f"ST&SF is the best strategy at {len(wins)} of {len(best)} sizes"
+            + (f" (elsewhere {others})." if others else ".")
+            + " The paper: ST&SF best."
+        )
+    nt = {c["size"]: c["auc"] for c in gpsd if c["strategy"] == "NT"}
+    stsf = {c["size"]: c["auc"] for c in gpsd if c["strategy"] == "ST&SF"}
+    if len(nt) >= 2:
+        small, large = min(nt, key=_size_key), max(nt, key=_size_key)
+        change = nt[large] - nt[small]
+        se_text = f" (one AUC's standard error: {se:.3f})" if se else ""
+        out.append(
+            f"NT from {small} to {large}: {nt[small]:.4f} → {nt[large]:.4f} ({change:+.4f})"
+            f"{se_text}; the paper: NT gets worse or no better with size."
+        )
+    if len(stsf) >= 2:
+        small, large = min(stsf, key=_size_key), max(stsf, key=_size_key)
+        out.append(
+            f"ST&SF from {small} to {large}: {stsf[small]:.4f} → {stsf[large]:.4f} "
+            f"({stsf[large] - stsf[small]:+.4f}); the paper: ST&SF improves with size."
+        )
+    for plain, frozen in (("FT", "FT&SF"), ("ST", "ST&SF")):
+        pairs = [
+            (a, b)
+            for a in gpsd
+            for b in gpsd
+            if a["strategy"] == plain
+            and b["strategy"] == frozen
+            and a["size"] == b["size"]
+            and a["gap_auc"] is not None
+            and b["gap_auc"] is not None
+        ]
+        if pairs:
+            shrinks = sum(b["gap_auc"] < a["gap_auc"] for a, b in pairs)
+            mean_a = sum(a["gap_auc"] for a, _ in pairs) / len(pairs)
+            mean_b = sum(b["gap_auc"] for _, b in pairs) / len(pairs)
+            out.append(
+                f"Sparse freezing shrinks the train − valid AUC gap ({plain} → {frozen}) at "
+                f"{shrinks} of {len(pairs)} sizes (mean gap {mean_a:+.3f} → {mean_b:+.3f}); "
+                "the paper: SF shrinks the gap."
+            )
+    if pop and stsf and se:
+        top = max(stsf.values())
+        out.append(
+            f"Best ST&SF {top:.4f} against popularity {pop['auc']:.4f}: "
+            f"{top - pop['auc']:+.4f}, {(top - pop['auc']) / se:+.1f} standard errors of one "
+            "AUC on this test set."
+        )
+    return out
+
+
+def _figures(
+    cells: list[dict[str, Any]], fitted: dict[str, Any], directory: Path
+) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = list(dict.fromkeys(r["size"] for r in rows))
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
-    for ax, size in zip(axes[0], sizes, strict=True):
-        for r in (r for r in rows if r["size"] == size and r["model"] == "Transformer"):
-            epochs = [e["epoch"] for e in r["epochs"]]
-            (line,) = ax.plot(epochs, [e.get("valid_auc") for e in r["epochs"]], marker="o")
-            ax.plot(
-                epochs,
-                [e.get("train_auc") for e in r["epochs"]],
-                linestyle="--",
-                color=line.get_color(),
+    written = {}
+    gpsd = [c for c in cells if c["model"] == "Transformer"]
+    keys = list(dict.fromkeys((c["train"], c["eval"], c["size"]) for c in gpsd))
+    if keys:
+        for name, plot in (("curves", "auc"), ("gap", "gap")):
+            fig, axes = plt.subplots(
+                1, len(keys), figsize=(5 * len(keys), 4), squeeze=False, sharey=True
             )
-            line.set_label(r["strategy"])
-        ax.set_title(f"{size}: valid (solid) vs train (dashed) AUC")
-        ax.set_xlabel("epoch")
+            for ax, key in zip(axes[0], keys, strict=True):
+                for c in (c for c in gpsd if (c["train"], c["eval"], c["size"]) == key):
+                    epochs = [e["epoch"] for e in c["epochs"]]
+                    train = [e.get("train_auc") for e in c["epochs"]]
+                    valid = [e.get("valid_auc") for e in c["epochs"]]
+                    if plot == "auc":
+                        (line,) = ax.plot(epochs, valid, marker="o", label=c["strategy"])
+                        ax.plot(epochs, train, linestyle="--", color=line.get_color())
+                    else:
+                        gap = [
+                            t - v if t is not None and v is not None else None
+                            for t, v in zip(train, valid, strict=True)
+                        ]
+                        ax.plot(epochs, gap, marker="o", label=c["strategy"])
+                title = (
+                    "valid (solid), train (dashed) AUC" if plot == "auc" else "train − valid AUC"
+                )
+                ax.set_title(f"{key[2]} ({key[0]}): {title}", fontsize=9)
+                ax.set_xlabel("epoch")
+                ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = directory / f"{name}.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            written[name] = path
+    if fitted:
+        import numpy as np
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for fit in fitted.values():
+            n, auc = zip(*fit["points"], strict=True)
+            (dots,) = ax.plot(n, auc, "o", label=f"{fit['strategy']} ({fit['train']})")
+            if fit["law"]:
+                law = fit["law"]
+                grid = np.geomspace(min(n), max(n) * 4, 100)
+                ax.plot(
+                    grid,
+                    law["asymptote"] - law["scale"] * grid ** (-law["exponent"]),
+                    "--",
+                    color=dots.get_color(),
+                )
+                ax.axhline(law["asymptote"], color=dots.get_color(), linewidth=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("dense parameters")
         ax.set_ylabel("AUC")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        ax.set_title("AUC against dense parameters; dashed: fitted power law", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = directory / "scaling.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written["scaling"] = path
+    return written
 
 
-def write(experiment: str | Path) -> tuple[str, list[dict[str, Any]]]:
-    """Write the report files into ``experiment``; the markdown table and the rows."""
+def render(
+    rows: list[dict[str, Any]],
+    cells: list[dict[str, Any]],
+    pops: dict[str, Any],
+    fitted: dict[str, Any],
+    figures: dict[str, str],
+    title: str,
+    notes: str = "",
+) -> str:
+    """The whole report as markdown (``figures``: image links by name)."""
+    out = [f"# {title}\n"]
+    if notes:
+        out.append(notes.strip() + "\n")
+    sets = list(dict.fromkeys((c["train"], c["eval"]) for c in cells))
+    for train, evaluation in sets:
+        here = [c for c in cells if (c["train"], c["eval"]) == (train, evaluation)]
+        pop = pops.get(evaluation)
+        se = auc_standard_error(pop["auc"], pop["positives"], pop["negatives"]) if pop else None
+        out.append(f"## Trained on `{train}`, evaluated on `{evaluation}`\n")
+        out.append(
+            "AUC of the final epoch, mean ± standard deviation over seeds; in brackets the "
+            "relative improvement over NT of the same model and size (the paper's Imp)."
+            + (
+                f" One AUC on this evaluation set ({pop['positives']} positives, "
+                f"{pop['negatives']} negatives) has a standard error of about {se:.3f} "
+                "(Hanley & McNeil)."
+                if se
+                else ""
+            )
+            + "\n"
+        )
+        out.append(table3(here, pop))
+        gaps = [c for c in here if c["gap_auc"] is not None]
+        if gaps:
+            out.append("Train − valid AUC gap of the final epoch (overfitting), mean over seeds:\n")
+            out.append(
+                table3([{**c, "auc": c["gap_auc"], "seeds": [0], "imp": None} for c in gaps], None)
+            )
+        statements = claims(here, pop, se)
+        if statements:
+            out.append("What agrees with the paper and what does not:\n")
+            out.extend(f"- {s}" for s in statements)
+            out.append("")
+    if fitted:
+        out.append("## Scaling\n")
+        out.append("| train | eval | strategy | points | AUC(N) = A − B·N^−α | fit RMSE |")
+        out.append("|---|---|---|---|---|---|")
+        for fit in fitted.values():
+            law = fit["law"]
+            formula = (
+                f"A = {law['asymptote']:.4f}, B = {law['scale']:.3g}, α = {law['exponent']:.3f}"
+                if law
+                else "no rising power law fits"
+            )
+            out.append(
+                f"| {fit['train']} | {fit['eval']} | {fit['strategy']} | {len(fit['points'])} | "
+                f"{formula} | {_fmt(law and law['rmse'], '{:.4f}')} |"
+            )
+        out.append("")
+    if cells:
+        out.append("## Wall times\n")
+        out.append(
+            "Seconds inside each stage (start-up of the job excluded), mean over seeds: the "
+            "finetune stage alone, and its whole chain (pretraining, transfer, freeze, "
+            "finetune).\n"
+        )
+        out.append("| train | size | model | strategy | finetune s | chain s |")
+        out.append("|---|---|---|---|---|---|")
+        for c in cells:
+            out.append(
+                f"| {c['train']} | {c['size']} | {c['model']} | {c['strategy']} | "
+                f"{c['seconds']:.0f} | {c['chain_seconds']:.0f} |"
+            )
+        out.append("")
+    for name, link in figures.items():
+        out.append(f"![{name}]({link})\n")
+    out.append("## Every run\n")
+    out.append(runs_table(rows))
+    return "\n".join(out) + "\n"
+
+
+def write(
+    experiment: str | Path,
+    title: str | None = None,
+    out: str | Path | None = None,
+    notes: str = "",
+) -> tuple[str, list[dict[str, Any]]]:
+    """Write the report into ``experiment`` (and to ``out`` with its figures beside it);
+    the main tables' markdown and the runs."""
     experiment = Path(experiment)
     rows = collect(experiment)
-    table = markdown(rows)
-    (experiment / "report.md").write_text(
-        f"# {experiment.name}: AUC on the evaluation data (the stages' data.valid)\n\n"
-        f"{table}\n"
-        "Imp: relative AUC improvement over NT at the same size. gap: train − valid AUC of the "
-        "last epoch (overfitting).\n"
+    cells = aggregate(rows)
+    pops = popularity(rows)
+    fitted = fits(cells)
+    title = title or f"{experiment.name}: AUC on the evaluation data"
+    figures = _figures(cells, fitted, experiment) if cells else {}
+    text = render(rows, cells, pops, fitted, {k: p.name for k, p in figures.items()}, title, notes)
+    (experiment / "report.md").write_text(text)
+    payload = {"runs": rows, "cells": cells, "popularity": pops, "fits": fitted}
+    (experiment / "report.json").write_text(json.dumps(payload, indent=2) + "\n")
+    if out is not None:
+        out = Path(out)
+        assets = out.parent / out.stem
+        assets.mkdir(parents=True, exist_ok=True)
+        links = {}
+        for name, path in figures.items():
+            target = assets / path.name
+            target.write_bytes(path.read_bytes())
+            links[name] = f"{assets.name}/{path.name}"
+        out.write_text(render(rows, cells, pops, fitted, links, title, notes))
+    summary = "".join(
+        table3([c for c in cells if (c["train"], c["eval"]) == key], pops.get(key[1]))
+        for key in dict.fromkeys((c["train"], c["eval"]) for c in cells)
     )
-    (experiment / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
-    if rows:
-        curves(rows, experiment / "curves.png")
-    return table, rows
+    return summary, rows

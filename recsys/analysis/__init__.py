@@ -1,0 +1,1 @@
+"""Numbers behind a study's report: error bars, the scaling law, the popularity baseline."""

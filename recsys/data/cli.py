@@ -146,6 +146,7 @@ def _synth(args: argparse.Namespace) -> int:
         max_events=args.max_len,
         stay=args.stay,
         zipf=args.zipf,
+        merge=args.merge,
         seed=args.seed,
     )
     return _run(args, lambda: synth.make(config, _protocol(args)))
@@ -231,6 +232,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--stay", type=float, default=0.8, help="probability of staying in the current cluster"
     )
     sy.add_argument("--zipf", type=float, default=1.0, help="popularity exponent")
+    sy.add_argument(
+        "--merge",
+        type=int,
+        default=1,
+        help="clusters per value of the category side feature (default: %(default)s, the "
+        "cluster itself); above 1 the exact cluster is learnt only from co-occurrence",
+    )
     _protocol_args(sy, min_events=4)
     sy.set_defaults(run=_reporting_errors(_synth))
 

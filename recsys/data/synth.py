@@ -9,7 +9,10 @@ the fallback demo. The world it simulates:
   later event the user stays in the current cluster with probability ``stay`` and otherwise
   jumps to a uniformly drawn cluster;
 - each event clicks an item of the current cluster, drawn by popularity; timestamps grow by
-  random gaps from a random start.
+  random gaps from a random start;
+- the ``category`` side feature is the cluster itself, or with ``merge`` > 1 a coarse group of
+  ``merge`` clusters: the exact cluster is then hidden from the side feature and only the
+  items' co-occurrence reveals it (what pretraining learns and sparse CTR labels hardly do).
 
 The known answer: a scorer that knows the structure ("is the candidate in the cluster of the
 user's last event?") reaches a test AUC of about ``oracle_auc(stay, categories)``; the
@@ -44,6 +47,8 @@ class SynthConfig:
     """Probability of staying in the current cluster before each event."""
     zipf: float = 1.0
     """Popularity exponent within a cluster."""
+    merge: int = 1
+    """Clusters per value of the category side feature (1: the side feature is the cluster)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -56,6 +61,10 @@ class SynthConfig:
             )
         if not 2 <= self.min_events <= self.max_events:
             raise ValueError("need 2 <= min_events <= max_events")
+        if self.merge < 1 or self.categories % self.merge:
+            raise ValueError(
+                f"merge ({self.merge}) must be >= 1 and divide categories ({self.categories})"
+            )
         if not 0.0 <= self.stay <= 1.0:
             raise ValueError(f"stay must lie in [0, 1], got {self.stay}")
 
@@ -90,7 +99,8 @@ def generate(config: SynthConfig) -> Events:
     gaps = rng.integers(1, 3_600, size=total)
     gaps[first] = 0
     timestamp = np.repeat(start, lengths) + _cumsum_per_user(gaps, lengths)
-    return Events(user, item, cluster.astype(np.int64), timestamp.astype(np.int64))
+    side = (cluster // config.merge).astype(np.int64)
+    return Events(user, item, side, timestamp.astype(np.int64))
 
 
 def _cumsum_per_user(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -100,7 +110,8 @@ def _cumsum_per_user(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def measured_oracle_auc(result: Split) -> float:
-    """The oracle's AUC on the test split ("candidate in the cluster of the last event")."""
+    """The oracle's AUC on the test split ("candidate in the cluster of the last event"; with
+    ``merge`` > 1, in the side-feature group of the last event: a weaker scorer)."""
     table = result.ctr_test
     history = table.column("history_category_ids").combine_chunks()
     ends = np.asarray(history.offsets)[1:]

@@ -85,8 +85,26 @@ def _pipeline(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from recsys import report
 
-    table, rows = report.write(args.experiment)
+    options: dict = {}
+    experiment = args.experiment
+    if experiment.endswith((".yaml", ".yml")):  # an experiment file: its out and report
+        from pipelines import experiment as experiments
+        from pipelines.gpsd import PipelineError
+
+        try:
+            spec = experiments.load(experiment)
+        except PipelineError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        experiment, options = str(spec.out), dict(spec.report)
+    if args.out:
+        options["out"] = args.out
+    if args.title:
+        options["title"] = args.title
+    table, rows = report.write(experiment, **options)
     print(table)
+    if "out" in options:
+        print(f"report: {options['out']}")
     return 0 if rows else 1
 
 
@@ -149,9 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(run=_pipeline)
 
     report = commands.add_parser(
-        "report", help="write the report of an experiment's finished finetune stages"
+        "report",
+        help="write the report of an experiment's finished finetune stages",
+        description="Read every finished finetune stage under EXPERIMENT (a directory, or an "
+        "experiment file: its out directory and report settings) and write report.md, "
+        "report.json and figures there: AUC per size × model × strategy over seeds, the "
+        "popularity baseline and standard errors, overfitting gaps, scaling-law fits, wall "
+        "times, and where the numbers agree with GPSD's claims.",
     )
-    report.add_argument("experiment")
+    report.add_argument("experiment", help="experiment directory or experiment file (.yaml)")
+    report.add_argument(
+        "--out", help="also write the report to this markdown file, figures beside it"
+    )
+    report.add_argument("--title", help="the report's title")
     report.set_defaults(run=_report)
 
     from recsys.checkpoint.cli import add_command as add_checkpoint_command

@@ -491,8 +491,11 @@ def write(
     notes: str = "",
 ) -> tuple[str, list[dict[str, Any]]]:
     """Write the report into ``experiment`` (and to ``out`` with its figures beside it);
-    the main tables' markdown and the runs."""
+    the main tables' markdown and the runs. ``notes``: markdown put under the title, or the
+    path of a ``.md`` file holding it."""
     experiment = Path(experiment)
+    if notes and notes.strip().endswith(".md") and "\n" not in notes.strip():
+        notes = Path(notes.strip()).read_text()  # notes kept in their own markdown file
     rows = collect(experiment)
     cells = aggregate(rows)
     pops = popularity(rows)

@@ -76,8 +76,9 @@ class Layout:
     ctr: bool
 
     @classmethod
-    def of(cls, meta: DatasetMeta) -> Layout:
-        lists, scalars = list_columns(meta), scalar_columns(meta)
+    def of(cls, meta: DatasetMeta, conditions: bool = False) -> Layout:
+        """The layout of ``meta``'s columns; ``conditions``: with its condition lists."""
+        lists, scalars = list_columns(meta, conditions), scalar_columns(meta)
         ctr = meta.kind == "ctr"
         list_keys = tuple(c for c, vocab in lists.items() if vocab)
         candidates = tuple(c for c, vocab in scalars.items() if vocab and ctr)
@@ -229,13 +230,18 @@ def _array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 
 def decode(
-    table: pa.Table | pa.RecordBatch, meta: DatasetMeta, first_row_id: int, locate: Locate
+    table: pa.Table | pa.RecordBatch,
+    meta: DatasetMeta,
+    first_row_id: int,
+    locate: Locate,
+    conditions: bool = False,
 ) -> Columns:
     """Validate rows of a row group and view them as NumPy columns: list values without a
-    copy where the Arrow buffers are already int64, scalars copied into one table."""
+    copy where the Arrow buffers are already int64, scalars copied into one table
+    (``conditions``: the condition lists too)."""
     n = table.num_rows
-    lists = list_columns(meta)
-    layout = Layout.of(meta)
+    lists = list_columns(meta, conditions)
+    layout = Layout.of(meta, conditions)
     offsets: np.ndarray | None = None
     values: dict[str, np.ndarray] = {}
     for column, vocab in lists.items():

@@ -147,6 +147,7 @@ def _synth(args: argparse.Namespace) -> int:
         stay=args.stay,
         zipf=args.zipf,
         merge=args.merge,
+        conditions=args.conditions,
         seed=args.seed,
     )
     return _run(args, lambda: synth.make(config, _protocol(args)))
@@ -238,6 +239,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         default=1,
         help="clusters per value of the category side feature (default: %(default)s, the "
         "cluster itself); above 1 the exact cluster is learnt only from co-occurrence",
+    )
+    sy.add_argument(
+        "--conditions",
+        type=int,
+        default=0,
+        help="values of a 'condition' feature per event (LUM), each with its own walk "
+        "between clusters per user, so the next item depends on the condition (default: none)",
     )
     _protocol_args(sy, min_events=4)
     sy.set_defaults(run=_reporting_errors(_synth))

@@ -85,6 +85,9 @@ class Events:
     category: np.ndarray
     """The category of each event's item."""
     timestamp: np.ndarray
+    conditions: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per-event condition features by name (LUM's condition tokens: rating level,
+    scenario, behaviour type...), raw values remapped densely like the ids."""
 
 
 @dataclass
@@ -97,6 +100,9 @@ class Split:
     vocab: dict[str, int]
     counts: dict[str, int]
     protocol: dict[str, Any] = field(default_factory=dict)
+    conditions: list[str] = field(default_factory=list)
+    """Condition features of the events (``<name>_ids`` lists in ``seq``,
+    ``history_<name>_ids`` in ``ctr``)."""
     extra: dict[str, pa.Table] = field(default_factory=dict)
     """Optional ``ctr`` datasets by name: ``ctr_valid``, ``ctr_fit``, ``ctr_train_dense``,
     ``ctr_fit_dense`` (see the module docstring)."""
@@ -121,6 +127,11 @@ def split(events: Events, config: ProtocolConfig | None = None) -> Split:
     n_in = len(events.user)
     if not (len(events.item) == len(events.category) == len(events.timestamp) == n_in):
         raise DataError("events: user, item, category and timestamp arrays differ in length")
+    for name, values in events.conditions.items():
+        if len(values) != n_in:
+            raise DataError(f"events: condition {name!r} has {len(values)} values, not {n_in}")
+        if name in ("item", "category", "user"):
+            raise DataError(f"events: condition {name!r} has the name of a feature")
     if n_in == 0:
         raise DataError("events: no events to convert")
     users_in = len(np.unique(events.user))
@@ -133,11 +144,13 @@ def split(events: Events, config: ProtocolConfig | None = None) -> Split:
     item, n_items = _dense(events.item[keep])
     category, n_categories = _dense(events.category[keep])
     timestamp = events.timestamp[keep].astype(np.int64)
+    conditions = {name: _dense(values[keep]) for name, values in events.conditions.items()}
     if n_items < 2:
         raise DataError("events: a negative candidate needs at least 2 distinct items")
 
     order = np.lexsort((np.arange(len(user)), timestamp, user))  # by user, time, input order
     user, item, category, timestamp = user[order], item[order], category[order], timestamp[order]
+    condition = {name: values[order] for name, (values, _) in conditions.items()}
     starts = np.searchsorted(user, np.arange(n_users), side="left")
     ends = np.searchsorted(user, np.arange(n_users), side="right")
     last = ends - 1
@@ -156,6 +169,7 @@ def split(events: Events, config: ProtocolConfig | None = None) -> Split:
             "user_id": pa.array(np.arange(n_users, dtype=np.int64)),
             "item_ids": _lists(starts, last, item),
             "category_ids": _lists(starts, last, category),
+            **{f"{n}_ids": _lists(starts, last, v) for n, v in condition.items()},
             "timestamps": _lists(starts, last, timestamp),
         }
     )
@@ -184,6 +198,7 @@ def split(events: Events, config: ProtocolConfig | None = None) -> Split:
                 "user_id": pa.array(users[pair].astype(np.int64)),
                 "history_item_ids": _lists(hist_start, at, item),
                 "history_category_ids": _lists(hist_start, at, category),
+                **{f"history_{n}_ids": _lists(hist_start, at, v) for n, v in condition.items()},
                 "item_id": pa.array(candidate.astype(np.int64)),
                 "category_id": pa.array(item_category[candidate]),
                 "label": pa.array(is_pos.astype(np.int64)),
@@ -221,7 +236,13 @@ def split(events: Events, config: ProtocolConfig | None = None) -> Split:
         ctr_train=ctr(train_users),
         ctr_test=ctr(test_users),
         extra=extra,
-        vocab={"item": n_items, "category": n_categories, "user": n_users},
+        vocab={
+            "item": n_items,
+            "category": n_categories,
+            "user": n_users,
+            **{name: size for name, (_, size) in conditions.items()},
+        },
+        conditions=list(conditions),
         counts={
             "events_in": n_in,
             "users_in": users_in,
@@ -274,6 +295,7 @@ def write_split(
                 kind=kind,
                 vocab=dict(result.vocab),
                 side_features=["category"],
+                conditions=list(result.conditions),
                 has_timestamps=kind == "seq",
                 protocol={**protocol, "split": name},
             )

@@ -50,6 +50,10 @@ class DatasetMeta:
     ``item`` and one entry per side feature; ``user`` (number of users) when known."""
     side_features: list[str] = field(default_factory=list)
     """Per-event features aligned with the items, e.g. ``["category"]``."""
+    conditions: list[str] = field(default_factory=list)
+    """Per-event condition features aligned with the items (LUM's condition tokens, e.g.
+    ``["liked"]``): lists in ``seq`` and in ``ctr`` histories, no candidate column; read only
+    by streams that ask for them (``StreamConfig.conditions``)."""
     id_mode: str = "remap"
     """``remap``: ids are dense in [0, vocab); ``hash``: raw 64-bit ids, hashed into the
     table size when batches are made."""
@@ -78,7 +82,14 @@ class DatasetMeta:
             raise DataError(f"dataset kind must be one of {KINDS}, got {self.kind!r}")
         if self.id_mode not in ID_MODES:
             raise DataError(f"id_mode must be one of {ID_MODES}, got {self.id_mode!r}")
-        needed = ["item", *self.side_features]
+        if not isinstance(self.conditions, list) or not all(
+            isinstance(f, str) for f in self.conditions
+        ):
+            raise DataError(f"conditions must be a list of feature names, got {self.conditions!r}")
+        clash = sorted(set(self.conditions) & {"item", *self.side_features})
+        if clash:
+            raise DataError(f"conditions {clash} are also item features")
+        needed = ["item", *self.side_features, *self.conditions]
         missing = [f for f in needed if f not in self.vocab]
         if missing:
             raise DataError(f"vocab has no size for features {missing}")
@@ -121,11 +132,13 @@ def columns(meta: DatasetMeta) -> dict[str, pa.DataType]:
     if meta.kind == "seq":
         cols = {"user_id": pa.int64(), "item_ids": ids}
         cols.update({f"{side}_ids": ids for side in meta.side_features})
+        cols.update({f"{name}_ids": ids for name in meta.conditions})
         if meta.has_timestamps:
             cols["timestamps"] = ids
         return cols
     cols = {"user_id": pa.int64(), "history_item_ids": ids}
     cols.update({f"history_{side}_ids": ids for side in meta.side_features})
+    cols.update({f"history_{name}_ids": ids for name in meta.conditions})
     cols["item_id"] = pa.int64()
     cols.update({f"{side}_id": pa.int64() for side in meta.side_features})
     cols["label"] = pa.int64()
@@ -166,11 +179,14 @@ def check_schema(path: str, schema: pa.Schema, meta: DatasetMeta) -> None:
             raise DataError(f"{describe(path, column=name)}: type {found}, expected {expected}")
 
 
-def list_columns(meta: DatasetMeta) -> dict[str, str]:
-    """Aligned list columns → the vocab (table) their ids index; item list first."""
+def list_columns(meta: DatasetMeta, conditions: bool = False) -> dict[str, str]:
+    """Aligned list columns → the vocab (table) their ids index; item list first, then side
+    features, then (``conditions``) the condition features."""
     prefix = "" if meta.kind == "seq" else "history_"
     cols = {f"{prefix}item_ids": "item"}
     cols.update({f"{prefix}{side}_ids": side for side in meta.side_features})
+    if conditions:
+        cols.update({f"{prefix}{name}_ids": name for name in meta.conditions})
     if meta.kind == "seq" and meta.has_timestamps:
         cols["timestamps"] = ""
     return cols

@@ -83,6 +83,9 @@ class StreamConfig:
     """Row groups per shuffle buffer of a reader (memory: this many row groups decoded)."""
     drop_last: bool = False
     """Drop each reader's last, smaller batch of an epoch."""
+    conditions: bool = False
+    """Also read the dataset's condition lists (LUM), as KJT keys named after them
+    (``history_<name>`` in ``ctr``); GPSD's models read none."""
     skip_bad_row_groups: bool = False
     """Skip a row group that cannot be read or holds invalid values (logged, counted in the
     cursor's ``skipped_rows``) instead of stopping with its error."""
@@ -198,7 +201,10 @@ class ParquetStream(IterableDataset):
         self._skipped = 0  # rows of bad row groups skipped in the current epoch
         self._resume: dict[str, Any] | None = None  # a loaded cursor the next pass starts at
         self._reader: tuple[int, int] | None = None  # (reader, readers) of the current pass
-        self._columns = [*list_columns(self.meta), *scalar_columns(self.meta)]
+        self._columns = [
+            *list_columns(self.meta, self.config.conditions),
+            *scalar_columns(self.meta),
+        ]
 
     @property
     def meta(self) -> DatasetMeta:
@@ -335,7 +341,7 @@ class ParquetStream(IterableDataset):
         size = self.config.buffer_row_groups
         buffers = [units[i : i + size] for i in range(0, len(units), size)]
         layout, batch_size, max_len = (
-            Layout.of(self.meta),
+            Layout.of(self.meta, self.config.conditions),
             self.config.batch_size,
             self.config.max_len,
         )
@@ -504,7 +510,13 @@ class ParquetStream(IterableDataset):
                 return describe(part.path, row_group=unit.row_group, row=first + row, column=column)
 
             try:
-                chunk = decode(batch, self.meta, unit.group_first_row_id + first, locate)
+                chunk = decode(
+                    batch,
+                    self.meta,
+                    unit.group_first_row_id + first,
+                    locate,
+                    self.config.conditions,
+                )
             except DataError as error:
                 if not self.config.skip_bad_row_groups:
                     raise

@@ -10,6 +10,10 @@ the fallback demo. The world it simulates:
   jumps to a uniformly drawn cluster;
 - each event clicks an item of the current cluster, drawn by popularity; timestamps grow by
   random gaps from a random start;
+- with ``conditions`` = K > 0, every event also has a condition, uniform over K values (LUM's
+  condition token: a scenario, a behaviour type), and each user walks K independent walks,
+  one per condition: an event clicks from the current cluster of its condition's walk, so
+  the next item depends on the condition (the planted condition effect);
 - the ``category`` side feature is the cluster itself, or with ``merge`` > 1 a coarse group of
   ``merge`` clusters: the exact cluster is then hidden from the side feature and only the
   items' co-occurrence reveals it (what pretraining learns and sparse CTR labels hardly do).
@@ -49,6 +53,8 @@ class SynthConfig:
     """Popularity exponent within a cluster."""
     merge: int = 1
     """Clusters per value of the category side feature (1: the side feature is the cluster)."""
+    conditions: int = 0
+    """Values of the ``condition`` feature, each with its own walk per user (0: none)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -65,6 +71,8 @@ class SynthConfig:
             raise ValueError(
                 f"merge ({self.merge}) must be >= 1 and divide categories ({self.categories})"
             )
+        if self.conditions < 0:
+            raise ValueError(f"conditions must be >= 0, got {self.conditions}")
         if not 0.0 <= self.stay <= 1.0:
             raise ValueError(f"stay must lie in [0, 1], got {self.stay}")
 
@@ -85,10 +93,14 @@ def generate(config: SynthConfig) -> Events:
     user = np.repeat(np.arange(config.users, dtype=np.int64), lengths)
     first = np.zeros(total, dtype=bool)
     first[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True
-    # A new segment starts at each user's first event and at each jump; its cluster is uniform.
-    new_segment = first | (rng.random(total) >= config.stay)
-    segment = np.cumsum(new_segment) - 1
-    cluster = rng.integers(0, config.categories, size=int(new_segment.sum()))[segment]
+    if config.conditions:
+        cluster, condition = _walks_per_condition(config, rng, user, total)
+    else:
+        # A new segment starts at each user's first event and at each jump; its cluster is
+        # uniform.
+        new_segment = first | (rng.random(total) >= config.stay)
+        segment = np.cumsum(new_segment) - 1
+        cluster = rng.integers(0, config.categories, size=int(new_segment.sum()))[segment]
     weights = 1.0 / np.arange(1, per_cluster + 1) ** config.zipf
     rank = np.searchsorted(np.cumsum(weights / weights.sum()), rng.random(total), side="right")
     rank = np.minimum(rank, per_cluster - 1)
@@ -100,7 +112,26 @@ def generate(config: SynthConfig) -> Events:
     gaps[first] = 0
     timestamp = np.repeat(start, lengths) + _cumsum_per_user(gaps, lengths)
     side = (cluster // config.merge).astype(np.int64)
-    return Events(user, item, side, timestamp.astype(np.int64))
+    conditions = {"condition": condition} if config.conditions else {}
+    return Events(user, item, side, timestamp.astype(np.int64), conditions)
+
+
+def _walks_per_condition(
+    config: SynthConfig, rng: np.random.Generator, user: np.ndarray, total: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each event's condition (uniform) and cluster: one walk per (user, condition), taken
+    in event order among that user's events of that condition."""
+    condition = rng.integers(0, config.conditions, size=total)
+    walk = user * config.conditions + condition
+    order = np.argsort(walk, kind="stable")  # events of a walk together, in event order
+    in_order = walk[order]
+    first = np.ones(total, dtype=bool)
+    first[1:] = in_order[1:] != in_order[:-1]
+    new_segment = first | (rng.random(total) >= config.stay)
+    segment = np.cumsum(new_segment) - 1
+    cluster = np.empty(total, dtype=np.int64)
+    cluster[order] = rng.integers(0, config.categories, size=int(new_segment.sum()))[segment]
+    return cluster, condition.astype(np.int64)
 
 
 def _cumsum_per_user(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:

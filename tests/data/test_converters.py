@@ -81,9 +81,28 @@ def check_expected_split(out: Path) -> None:
     assert next((r["user_id"], r["item_id"], r["label"]) for r in test) == (3, 4, 1)
     assert test[0]["history_item_ids"] == [0, 1, 2, 3]
     meta = json.loads((out / "ctr_test" / "dataset.json").read_text())
-    assert meta["vocab"] == {"item": 5, "category": 3, "user": 4}
+    # Every rating in these files is 4 (liked): the condition has a single value.
+    assert meta["vocab"] == {"item": 5, "category": 3, "user": 4, "liked": 1}
+    assert meta["conditions"] == ["liked"]
+    assert [r["liked_ids"] for r in seq] == [[0] * len(r["item_ids"]) for r in seq]
     assert meta["protocol"]["counts"]["train_users"] == 3
     assert meta["protocol"]["counts"]["test_users"] == 1
+
+
+def test_movielens_liked_condition_follows_the_ratings(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    # Ratings 1..5 by item: items 13 and 14 are liked (rated 4 and 5), the others not.
+    (raw / "u.data").write_text("".join(f"{u}\t{i}\t{i - 9}\t{t}\n" for u, i, t in EVENTS))
+    convert_to(tmp_path / "out", raw)
+    seq = rows(tmp_path / "out" / "seq")
+    for r in seq:
+        assert r["liked_ids"] == [int(item >= 3) for item in r["item_ids"]]  # 13, 14 → 3, 4
+    train = rows(tmp_path / "out" / "ctr_train")
+    for r in train:
+        assert r["history_liked_ids"] == [int(i >= 3) for i in r["history_item_ids"]]
+    meta = json.loads((tmp_path / "out" / "seq" / "dataset.json").read_text())
+    assert meta["vocab"]["liked"] == 2 and meta["conditions"] == ["liked"]
 
 
 def write_u_data(tmp_path: Path) -> Path:

@@ -7,8 +7,10 @@ Reads any of:
 - RecBole's ``ml-100k.inter`` (+ ``ml-100k.item``), which the ``recbole`` 1.2.1 wheel on PyPI
   ships (point ``--input`` at the wheel itself).
 
-Every rating counts as a click (GPSD treats MovieLens ratings as implicit feedback). An item's
-category is its first listed genre; items without genre information get ``unknown``.
+Every rating counts as a click (GPSD treats MovieLens ratings as implicit feedback). The rating
+level is kept as a condition feature, ``liked`` (rated ``LIKED`` = 4 or more), for LUM's
+condition tokens; GPSD's stages do not read it. An item's category is its first listed genre;
+items without genre information get ``unknown``.
 The counts produced are logged and, for the public releases recognised by their number of
 ratings, checked against the published ones.
 """
@@ -28,6 +30,9 @@ from recsys.data.schema import DataError
 log = logging.getLogger(__name__)
 
 UNKNOWN_GENRE = "unknown"
+
+LIKED = 4.0
+"""Ratings from this one up are ``liked = 1`` (MovieLens rates 1-5 stars)."""
 
 # Published sizes (ratings, users, items) of the releases, and for ML-100K the counts the GPSD
 # protocol yields (see docs/data.md).
@@ -113,7 +118,7 @@ def read(path: str) -> Ratings:
             name,
             delimiter="\t",
             names=["user", "item", "rating", "time"],
-            types={"user": i64, "item": i64, "time": pa.float64()},
+            types={"user": i64, "item": i64, "rating": pa.float64(), "time": pa.float64()},
             skip_header=True,
         )
         item_file = source.sibling(name, name.rsplit("/", 1)[-1].replace(".inter", ".item"))
@@ -142,7 +147,7 @@ def read(path: str) -> Ratings:
             name,
             delimiter="\t",
             names=["user", "item", "rating", "time"],
-            types={"user": i64, "item": i64, "time": i64},
+            types={"user": i64, "item": i64, "rating": pa.float64(), "time": i64},
         )
         item_file = source.sibling(name, "u.item")
         genres = _genres_100k(source, item_file) if item_file else {}
@@ -153,7 +158,7 @@ def read(path: str) -> Ratings:
             name,
             delimiter=":",
             names=["user", "_a", "item", "_b", "rating", "_c", "time"],
-            types={"user": i64, "item": i64, "time": i64},
+            types={"user": i64, "item": i64, "rating": pa.float64(), "time": i64},
         )
         item_file = source.sibling(name, "movies.dat")
         genres = _genres_named(source, item_file, "::", False, "|", 0, 2) if item_file else {}
@@ -163,7 +168,7 @@ def read(path: str) -> Ratings:
             name,
             delimiter=",",
             names=["user", "item", "rating", "time"],
-            types={"user": i64, "item": i64, "time": i64},
+            types={"user": i64, "item": i64, "rating": pa.float64(), "time": i64},
             skip_header=True,
         )
         item_file = source.sibling(name, "movies.csv")
@@ -174,18 +179,21 @@ def read(path: str) -> Ratings:
             f"{path}: no MovieLens ratings found (looked for *.inter, u.data, "
             "ratings.dat, ratings.csv)"
         )
-    for column in ("user", "item", "time"):
+    for column in ("user", "item", "rating", "time"):
         if table.column(column).null_count:
             raise DataError(f"{source.label(name)}: column {column!r} has empty values")
     item = np.asarray(table.column("item"))
     items = np.unique(item)
     category = np.array([genres.get(int(i), UNKNOWN_GENRE) for i in items])
     category_of_event = category[np.searchsorted(items, item)]
+    rating = np.asarray(table.column("rating"))
     events = Events(
         np.asarray(table.column("user")),
         item,
         category_of_event,
         np.asarray(table.column("time")).astype(np.int64),
+        # LUM's condition token: whether the user liked the movie (rated it 4 or 5 of 5).
+        conditions={"liked": (rating >= LIKED).astype(np.int64)},
     )
     if not genres:
         log.warning(

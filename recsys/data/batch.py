@@ -103,6 +103,9 @@ class Batch:
     """float32 [B], ``ctr`` only."""
     timestamps: torch.Tensor | None = None
     """int64 [B], ``ctr`` only: time of the candidate event."""
+    extra: torch.Tensor | None = None
+    """float32 [B, k]: dense features joined to the rows after loading (LUM's user-model
+    outputs, ``recsys.models.lum_features``); never set inside loader workers."""
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -115,6 +118,8 @@ class Batch:
         return Batch(**moved)
 
     def __reduce__(self):
+        if self.extra is not None:
+            raise TypeError("a Batch with extra features is joined after loading, not pickled")
         # Crossing from a loader worker, every tensor would get its own shared-memory segment
         # (a few system calls each). Packed arrays pickled by value through the worker's pipe
         # are cheaper; the ids, the bulk of a batch, travel as int32 when they fit (half the

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from recsys.models.ctr import CTROutput, bce, candidate_tokens, ctr_tables
+from recsys.models.ctr import CTROutput, bce, candidate_tokens, ctr_tables, with_extra
 from recsys.models.sparse import SparseArch, SparseConfig
 
 
@@ -31,6 +31,8 @@ class BaselineConfig:
     hidden: tuple[int, ...] = (256, 128)
     """Sizes of the MLP layers."""
     frozen: tuple[str, ...] = ()
+    extra: int = 0
+    """Dense features per sample fed to the MLP beside the fields (LUM's step 3); 0: none."""
 
     def sparse(self) -> SparseConfig:
         return SparseConfig(
@@ -57,9 +59,14 @@ class DeepFM(nn.Module):
         self.sparse = SparseArch(config.sparse(), sparse_device)
         fields = 2 * (1 + len(config.side_features))
         self.linear = nn.Linear(fields * config.dim, 1)  # first order, over the field vectors
-        self.deep = mlp([fields * config.dim, *config.hidden, 1])
+        self.deep = mlp([fields * config.dim + config.extra, *config.hidden, 1])
 
-    def forward(self, features: KeyedJaggedTensor, labels: torch.Tensor | None = None) -> CTROutput:
+    def forward(
+        self,
+        features: KeyedJaggedTensor,
+        labels: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
+    ) -> CTROutput:
         sequences, _ = self.sparse(features)
         fields = []
         for name in ["item", *self.config.side_features]:
@@ -75,7 +82,8 @@ class DeepFM(nn.Module):
         stacked = torch.stack(fields, dim=1)  # [B, F, D]
         fm = 0.5 * (stacked.sum(1).square() - stacked.square().sum(1)).sum(-1)
         flat = stacked.flatten(1)
-        logits = self.linear(flat).squeeze(-1) + fm + self.deep(flat).squeeze(-1)
+        deep = self.deep(with_extra(flat, extra, self.config.extra))
+        logits = self.linear(flat).squeeze(-1) + fm + deep.squeeze(-1)
         return CTROutput(logits, bce(logits, labels))
 
 
@@ -89,14 +97,20 @@ class DIN(nn.Module):
         self.sparse = SparseArch(config.sparse(), sparse_device)
         d = config.dim
         self.attention = mlp([4 * d, 36, 1])
-        self.deep = mlp([2 * d, *config.hidden, 1])
+        self.deep = mlp([2 * d + config.extra, *config.hidden, 1])
 
-    def forward(self, features: KeyedJaggedTensor, labels: torch.Tensor | None = None) -> CTROutput:
+    def forward(
+        self,
+        features: KeyedJaggedTensor,
+        labels: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
+    ) -> CTROutput:
         sequences, _ = self.sparse(features)
         history, valid, candidate = candidate_tokens(sequences, list(self.config.side_features))
         c = candidate[:, None, :].expand_as(history)
         weights = self.attention(torch.cat([history, c, history - c, history * c], -1))
         weights = weights.squeeze(-1).masked_fill(~valid, 0.0)
         interest = (weights[..., None] * history).sum(1)
-        logits = self.deep(torch.cat([interest, candidate], -1)).squeeze(-1)
+        joined = with_extra(torch.cat([interest, candidate], -1), extra, self.config.extra)
+        logits = self.deep(joined).squeeze(-1)
         return CTROutput(logits, bce(logits, labels))

@@ -38,6 +38,9 @@ class CTRConfig:
     items: int
     side_features: dict[str, int] = field(default_factory=dict)
     frozen: tuple[str, ...] = ()
+    extra: int = 0
+    """Dense features per sample fed to the head beside the tower's output (LUM's step 3:
+    a user model's outputs); 0: none."""
 
     def sparse(self) -> SparseConfig:
         return SparseConfig(
@@ -65,6 +68,23 @@ def candidate_tokens(
     return history, valid, candidate.values()
 
 
+def with_extra(x: torch.Tensor, extra: torch.Tensor | None, width: int) -> torch.Tensor:
+    """``x`` [B, D] with the ``width`` extra dense features of each sample appended (the
+    model was built for them: ``extra`` must be given exactly then)."""
+    if (extra is None) != (width == 0):
+        raise ValueError(
+            f"the model takes {width} extra features per sample; got "
+            f"{'none' if extra is None else tuple(extra.shape)}"
+        )
+    if extra is None:
+        return x
+    if extra.shape != (x.shape[0], width):
+        raise ValueError(
+            f"extra features of shape {tuple(extra.shape)}, expected {(x.shape[0], width)}"
+        )
+    return torch.cat([x, extra.to(x.dtype)], -1)
+
+
 def bce(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
     return None if labels is None else F.binary_cross_entropy_with_logits(logits, labels)
 
@@ -85,9 +105,16 @@ class CTRModel(nn.Module):
         # Zero at first: a transferred tower starts from the function it was pretrained to be.
         self.segment = nn.Parameter(torch.zeros(2, d, device=device))
         self.tower = Tower(config.tower).to(device)
-        self.head = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Linear(4 * d, 1)).to(device)
+        self.head = nn.Sequential(
+            nn.Linear(d + config.extra, 4 * d), nn.ReLU(), nn.Linear(4 * d, 1)
+        ).to(device)
 
-    def forward(self, features: KeyedJaggedTensor, labels: torch.Tensor | None = None) -> CTROutput:
+    def forward(
+        self,
+        features: KeyedJaggedTensor,
+        labels: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
+    ) -> CTROutput:
         sequences, _ = self.sparse(features)
         history, valid, candidate = candidate_tokens(sequences, list(self.config.side_features))
         b, t, d = history.shape
@@ -98,5 +125,6 @@ class CTRModel(nn.Module):
         tokens = tokens.index_put((rows, lengths), candidate + self.segment[1])
         positions = torch.arange(t + 1, device=history.device)[None, :]
         hidden = self.tower(tokens, positions <= lengths[:, None])
-        logits = self.head(hidden[rows, lengths]).squeeze(-1)
+        logits = self.head(with_extra(hidden[rows, lengths], extra, self.config.extra))
+        logits = logits.squeeze(-1)
         return CTROutput(logits, bce(logits, labels))

@@ -52,6 +52,8 @@ class LUMConfig:
     temperature: float = 0.05
     """Cosine similarities are divided by it."""
     frozen: tuple[str, ...] = ()
+    pack: int = 0
+    """Tokens per packed row when training (0: one user per row)."""
 
     def __post_init__(self) -> None:
         if not self.conditions:
@@ -200,6 +202,7 @@ class LUM(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor, pack_to: int | None = None) -> LUMOutput:
         config = self.config
+        pack_to = pack_to if pack_to is not None else (config.pack or None)
         batch = features.stride()
         events = features.lengths()[:batch]
         device = features.values().device

@@ -25,10 +25,17 @@ from recsys.distributed.wrap import shard
 from recsys.models.baselines import DIN, BaselineConfig, DeepFM
 from recsys.models.ctr import CTRConfig, CTRModel
 from recsys.models.generative import GenerativeConfig, GenerativeModel
+from recsys.models.lum import LUM, LUMConfig
 from recsys.models.tower import TowerConfig
 from recsys.plan import planfile
 from recsys.stages.common import StageError
-from recsys.stages.config import DataSection, ModelSection, PlanSection, StageConfig
+from recsys.stages.config import (
+    DataSection,
+    LumSection,
+    ModelSection,
+    PlanSection,
+    StageConfig,
+)
 from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
 
 META = torch.device("meta")
@@ -62,14 +69,51 @@ def generative_model(model: ModelSection, meta: DatasetMeta) -> GenerativeModel:
     return GenerativeModel(config, sparse_device=META)
 
 
-def ctr_model(model: ModelSection, meta: DatasetMeta, frozen: tuple[str, ...] = ()) -> nn.Module:
-    """The CTR model ``model.arch`` names, its tables sized by the dataset's vocabularies."""
+def ctr_model(
+    model: ModelSection, meta: DatasetMeta, frozen: tuple[str, ...] = (), extra: int = 0
+) -> nn.Module:
+    """The CTR model ``model.arch`` names, its tables sized by the dataset's vocabularies
+    (``extra``: dense features per sample its head takes, LUM's step 3)."""
     if model.arch == "gpsd":
-        config = CTRConfig(tower(model), meta.vocab["item"], side_features(meta), frozen=frozen)
+        config = CTRConfig(
+            tower(model), meta.vocab["item"], side_features(meta), frozen=frozen, extra=extra
+        )
         return CTRModel(config, sparse_device=META)
     width = tower(model).hidden
-    baseline = BaselineConfig(meta.vocab["item"], side_features(meta), dim=width, frozen=frozen)
+    baseline = BaselineConfig(
+        meta.vocab["item"], side_features(meta), dim=width, frozen=frozen, extra=extra
+    )
     return {"deepfm": DeepFM, "din": DIN}[model.arch](baseline, sparse_device=META)
+
+
+def lum_model(model: ModelSection, lum: LumSection, meta: DatasetMeta) -> LUM:
+    """LUM's user model for a ``seq`` dataset with condition features: two tokens per event,
+    so the tower covers twice ``model.max_len`` positions and the query after them."""
+    if not meta.conditions:
+        raise StageError(
+            "the dataset declares no condition features (dataset.json 'conditions'); LUM "
+            "needs one (e.g. MovieLens' 'liked', recsys data synth --conditions K)"
+        )
+    if lum.pack and lum.pack < 2 * model.max_len:
+        raise StageError(
+            f"lum.pack={lum.pack} cannot hold one user of model.max_len={model.max_len} "
+            f"events (2 tokens each): use at least {2 * model.max_len}"
+        )
+    config = LUMConfig(
+        TowerConfig.from_name(
+            model.size,
+            max_len=max(2 * model.max_len + 1, lum.pack),
+            causal=True,
+            dropout=model.dropout,
+        ),
+        meta.vocab["item"],
+        side_features(meta),
+        {name: meta.vocab[name] for name in meta.conditions},
+        negatives=lum.negatives,
+        temperature=lum.temperature,
+        pack=lum.pack,
+    )
+    return LUM(config, sparse_device=META)
 
 
 def place(model: nn.Module, plan: PlanSection, env: DistEnv, optim: OptimConfig | None = None):
@@ -107,7 +151,13 @@ def sharding(sharded: nn.Module) -> dict[str, dict]:
 
 
 def loader(
-    path: str, data: DataSection, model: ModelSection, seed: int, *, train: bool
+    path: str,
+    data: DataSection,
+    model: ModelSection,
+    seed: int,
+    *,
+    train: bool,
+    conditions: bool = False,
 ) -> StatefulDataLoader:
     stream = ParquetStream(
         path,
@@ -117,6 +167,7 @@ def loader(
             shuffle=data.shuffle and train,
             seed=seed,
             skip_bad_row_groups=data.skip_bad_row_groups,
+            conditions=conditions,
         ),
     )
     return StatefulDataLoader(

@@ -1,6 +1,6 @@
 """A stage's configuration: a YAML file plus ``section.key=value`` overrides → typed sections.
 
-This module owns reading and checking what a stage is told. A stage config has five
+This module owns reading and checking what a stage is told. A stage config has six
 sections, each handed only to the part that uses it:
 
 ```yaml
@@ -9,6 +9,7 @@ data:  {train: data/ml100k/seq, valid: null, batch_size: 256}  # DataSection
 optim: {lr: 0.001, sparse: rowwise_adagrad}             # recsys.train.optim.OptimConfig
 run:   {epochs: 1, checkpoint_every: 0, seed: 0}        # RunSection
 plan:  {sharding_types: {item: [row_wise]}}             # PlanSection
+lum:   {temperature: 0.05, queries: {liked: [0, 1]}}    # LumSection (LUM's stages only)
 ```
 
 plus optionally ``stages: {pretrain: {run: {epochs: 20}}, finetune: {...}}``: sections that
@@ -100,18 +101,51 @@ class PlanSection:
 
 
 @dataclass(frozen=True)
+class LumSection:
+    """LUM's three steps (``lum_pretrain``, ``lum_query``, ``lum_finetune``)."""
+
+    temperature: float = 0.05
+    """InfoNCE temperature of next-condition-item prediction (cosine similarities / it)."""
+    negatives: int = 0
+    """Shared uniform negatives per batch besides the in-batch ones."""
+    pack: int = 0
+    """Tokens per packed row of users in pretraining (0: one user per row); at least twice
+    ``model.max_len``."""
+    queries: dict[str, list[int]] = field(default_factory=dict)
+    """The N query conditions of step 2: condition feature → N values (aligned lists);
+    empty: every value of the dataset's condition feature (there must be one)."""
+    features: str | None = None
+    """Step 3: the ``lum_query`` stage whose outputs feed the ranker (None: the ranker
+    alone)."""
+    direct: bool = True
+    """Step 3: the N outputs themselves as features of the ranker's head."""
+    matching: bool = True
+    """Step 3: the cosine similarity of each output with the candidate's item embedding."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0 or self.negatives < 0 or self.pack < 0:
+            raise ValueError("temperature must be > 0, negatives and pack >= 0")
+        sizes = {len(v) for v in self.queries.values()}
+        if len(sizes) > 1 or 0 in sizes:
+            raise ValueError(f"queries must give the same number (>= 1) of values: {self.queries}")
+
+
+@dataclass(frozen=True)
 class StageConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunSection = field(default_factory=RunSection)
     plan: PlanSection = field(default_factory=PlanSection)
+    lum: LumSection = field(default_factory=LumSection)
     given: frozenset[str] = frozenset()
     """``section.key`` names set by the file or overrides (the rest are defaults)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("given")
+        if self.lum == LumSection():  # GPSD's stages: their record (and fingerprint) as before
+            out.pop("lum")
         return out
 
 
@@ -193,7 +227,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-STAGE_NAMES = ("pretrain", "transfer", "freeze", "finetune", "evaluate")
+STAGE_NAMES = (
+    "pretrain",
+    "transfer",
+    "freeze",
+    "finetune",
+    "evaluate",
+    "lum_pretrain",
+    "lum_query",
+    "lum_finetune",
+)
 
 
 def load(

@@ -449,6 +449,8 @@ class Trainer:
             dtype=torch.bfloat16,
             enabled=self.config.bf16 and device.type == "cuda",
         ):
+            if self.config.task == "ctr" and batch.extra is not None:
+                return self.model(batch.features, batch.labels, extra=batch.extra)
             if self.config.task == "ctr":
                 return self.model(batch.features, batch.labels)
             return self.model(batch.features)

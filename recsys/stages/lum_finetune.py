@@ -1,0 +1,120 @@
+"""Stage ``lum_finetune``: a ranker trained with the user model's answers as features (LUM
+step 3).
+
+    python -m recsys.stages.lum_finetune --config configs/ml100k/lum.yaml \
+        --out runs/lum/lum_finetune-din-match data.train=data/ml100k/ctr_train \
+        data.valid=data/ml100k/ctr_test lum.features=runs/lum/lum_query model.arch=din
+
+Trains the CTR model ``model.arch`` (GPSD's Transformer ranker, DeepFM or DIN) from scratch
+with BCE, every sample joined with its user's ``lum_query`` outputs (``lum.features``):
+directly (``lum.direct``: the N·d outputs), by interest matching (``lum.matching``: each
+output's cosine similarity with the candidate's item embedding), or both, fed to the
+ranker's head beside its own representation. Without ``lum.features`` it is the ranker alone
+(the DLRM baseline). Reports train and validation AUC, logloss and gAUC per epoch like
+``finetune``. Writes ``weights/``, ``stage.json`` and ``DONE``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recsys.checkpoint.weights import save_weights
+from recsys.distributed.env import distributed
+from recsys.models.lum_features import UserFeatures, WithFeatures
+from recsys.stages import build
+from recsys.stages.common import (
+    StageDir,
+    StageError,
+    arguments,
+    fingerprint,
+    parser,
+    read_stage,
+    run_stage,
+)
+from recsys.stages.finetune import epoch_history
+from recsys.train.trainer import TrainConfig, Trainer
+
+NAME = "lum_finetune"
+
+
+def variant(features: str | None, direct: bool, matching: bool) -> str:
+    """The row's name in reports: ``DLRM`` alone, ``+LUM`` (direct), ``+LUM match``
+    (matching only), ``+LUM+match`` (both)."""
+    if not features:
+        return "DLRM"
+    return {(True, False): "+LUM", (False, True): "+LUM match", (True, True): "+LUM+match"}[
+        (direct, matching)
+    ]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, config = arguments(parser(NAME, __doc__.splitlines()[0]), argv)
+    lum = config.lum
+    inputs = {"train": config.data.train, "valid": config.data.valid, "features": lum.features}
+    with distributed() as env:
+        meta = build.dataset_meta(config.data.train, "ctr", "data.train")
+        if config.data.valid:
+            build.dataset_meta(config.data.valid, "ctr", "data.valid")
+        features = None
+        if lum.features:
+            if read_stage(lum.features)["stage"] != "lum_query":
+                raise StageError(f"lum.features={lum.features} is not a lum_query stage")
+            features = UserFeatures.load(f"{lum.features}/features", lum.direct, lum.matching)
+            if len(features.items) != meta.vocab["item"]:
+                raise StageError(
+                    f"lum.features={lum.features} embeds {len(features.items)} items, "
+                    f"data.train has {meta.vocab['item']}: ids would mean other items"
+                )
+        print_ = fingerprint(NAME, {}, config, inputs)
+        stage = StageDir(args.out, NAME, args.force)
+        stage.begin()
+        torch.manual_seed(config.run.seed)
+        model = build.ctr_model(config.model, meta, extra=features.width if features else 0)
+        seed = config.run.seed
+
+        def loader(path: str, train: bool):
+            plain = build.loader(path, config.data, config.model, seed, train=train)
+            return WithFeatures(plain, features) if features else plain
+
+        train = loader(config.data.train, True)
+        valid = loader(config.data.valid, False) if config.data.valid else None
+        optim = build.optim_config(config, build.steps_per_epoch(train))
+        sharded, dense, schedule = build.trained(model, optim, config.plan, env)
+        trainer = Trainer(
+            sharded,
+            dense,
+            schedule,
+            train,
+            TrainConfig(
+                str(stage.path),
+                task="ctr",
+                epochs=config.run.epochs,
+                max_steps=config.run.max_steps,
+                checkpoint_every=config.run.checkpoint_every,
+                keep=config.run.keep,
+                resume=config.run.resume,
+                seed=seed,
+                record_samples=config.run.record_samples,
+            ),
+            optim,
+            valid,
+        )
+        results = trainer.train()
+        save_weights(sharded, stage.weights)
+        return stage.finish(
+            {
+                "fingerprint": print_,
+                "inputs": inputs,
+                "config": config.to_dict(),
+                "strategy": variant(lum.features, lum.direct, lum.matching),
+                "features": features.width if features else 0,
+                "steps": trainer.step,
+                "sharding": build.sharding(sharded),
+                "results": results,
+                "epochs": epoch_history(stage.path) if env.is_main else [],
+            }
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage(main))

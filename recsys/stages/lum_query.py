@@ -1,0 +1,150 @@
+"""Stage ``lum_query``: ask the user model about every user under N conditions (LUM step 2).
+
+    python -m recsys.stages.lum_query --init runs/lum/lum_pretrain \
+        --config configs/ml100k/lum.yaml --out runs/lum/lum_query data.train=data/ml100k/seq
+
+For each user of the ``seq`` dataset ``data.train`` (the pretraining sequences: every event
+but the last, so no CTR target is seen), computes the user model's outputs at the N query
+conditions ``lum.queries`` (default: every value of the dataset's one condition feature)
+with one group query: the history once, the N query tokens masked from one another
+(``LUM.query``). Writes ``features/`` (``recsys.models.lum_features``: the outputs by user,
+the user model's item embeddings, ``features.json``), ``stage.json`` and ``DONE``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchrec.distributed.model_parallel import get_unwrapped_module
+
+from recsys.checkpoint.weights import load_weights, named_weights
+from recsys.distributed.env import distributed
+from recsys.models import lum_features
+from recsys.stages import build
+from recsys.stages.common import (
+    StageDir,
+    StageError,
+    arguments,
+    fingerprint,
+    parser,
+    read_stage,
+    run_stage,
+)
+from recsys.stages.config import from_dict
+from recsys.train.trainer import every_batch
+
+NAME = "lum_query"
+ITEM_CHUNK = 4096
+
+
+def queries(config_queries: dict[str, list[int]], conditions: dict[str, int]) -> dict:
+    """The query conditions: as configured (checked against the model's), or every value of
+    the model's one condition feature."""
+    if not config_queries:
+        if len(conditions) != 1:
+            raise StageError(
+                f"the model has condition features {sorted(conditions)}: set lum.queries "
+                "(feature → N values) to say which combinations to ask"
+            )
+        ((name, size),) = conditions.items()
+        return {name: list(range(size))}
+    if set(config_queries) != set(conditions):
+        raise StageError(
+            f"lum.queries names {sorted(config_queries)}; the model's condition features are "
+            f"{sorted(conditions)}"
+        )
+    for name, values in config_queries.items():
+        bad = [v for v in values if not 0 <= v < conditions[name]]
+        if bad:
+            raise StageError(f"lum.queries.{name}: values {bad} outside [0, {conditions[name]})")
+    return config_queries
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = parser(NAME, __doc__.splitlines()[0])
+    p.add_argument("--init", required=True, help="finished lum_pretrain stage")
+    args, config = arguments(p, argv)
+    inputs = {"train": config.data.train, "init": args.init}
+    with distributed() as env:
+        source = read_stage(args.init)
+        if source["stage"] != "lum_pretrain":
+            raise StageError(f"--init {args.init} is a {source['stage']} stage, not lum_pretrain")
+        meta = build.dataset_meta(config.data.train, "seq", "data.train")
+        trained = from_dict(source["config"])  # the model as it was pretrained
+        asked = queries(config.lum.queries, source["conditions"])
+        print_ = fingerprint(NAME, {"queries": asked}, config, inputs)
+        stage = StageDir(args.out, NAME, args.force)
+        stage.begin()
+        model = build.lum_model(trained.model, trained.lum, meta)
+        sharded = build.place(model, config.plan, env)
+        load_weights(sharded, f"{args.init}/weights", named_weights(sharded))
+        user_model = get_unwrapped_module(sharded)  # its query(), past DMP and DDP
+        user_model.eval()
+        device = env.device
+        conditions = {k: torch.tensor(v, device=device) for k, v in asked.items()}
+        loader = build.loader(
+            config.data.train,
+            config.data,
+            trained.model,
+            config.run.seed,
+            train=False,
+            conditions=True,
+        )
+        users, outputs = [], []
+        start = time.perf_counter()
+        with torch.no_grad():
+            for batch, scored in every_batch(iter(loader)):
+                out = user_model.query(batch.features.to(device), conditions)
+                if scored:
+                    users.append(batch.user_ids.numpy())
+                    outputs.append(out.float().cpu().numpy())
+            seconds = time.perf_counter() - start
+            items = []  # every rank takes part in each (collective) lookup
+            for first in range(0, meta.vocab["item"], ITEM_CHUNK):
+                ids = torch.arange(first, min(first + ITEM_CHUNK, meta.vocab["item"]))
+                items.append(user_model.item_embeddings(ids.to(device)).float().cpu().numpy())
+        n, d = len(next(iter(asked.values()))), model.config.tower.hidden
+        mine = np.concatenate(users) if users else np.zeros(0, np.int64)
+        features = stage.path / "features"
+        lum_features.write_users(
+            features,
+            env.rank,
+            mine,
+            np.concatenate(outputs) if outputs else np.zeros((0, n, d), np.float32),
+        )
+        count = torch.tensor([len(mine)], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(count)
+        if env.is_main:
+            lum_features.write_items(features, np.concatenate(items))
+            lum_features.write_meta(
+                features,
+                {
+                    "queries": n,
+                    "dim": d,
+                    "conditions": asked,
+                    "users": meta.vocab.get("user", int(mine.max()) + 1 if len(mine) else 0),
+                    "queried_users": int(count),
+                    "source": args.init,
+                },
+            )
+        return stage.finish(
+            {
+                "fingerprint": print_,
+                "inputs": inputs,
+                "config": config.to_dict(),
+                "queries": asked,
+                "results": {
+                    "users": int(count),
+                    "queries": n,
+                    "users_per_second": float(count) / max(seconds, 1e-9),
+                },
+            }
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage(main))

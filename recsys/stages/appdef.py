@@ -18,7 +18,16 @@ from pathlib import Path
 import torchx.specs as specs
 from torchx.components.dist import ddp
 
-STAGES = ("pretrain", "transfer", "freeze", "finetune", "evaluate")
+STAGES = (
+    "pretrain",
+    "transfer",
+    "freeze",
+    "finetune",
+    "evaluate",
+    "lum_pretrain",
+    "lum_query",
+    "lum_finetune",
+)
 
 
 def stage_app(

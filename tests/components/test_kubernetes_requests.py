@@ -101,7 +101,7 @@ def test_each_component_is_a_valid_volcano_job_on_a100_hosts(jobs: dict, stage: 
     # Replica 1 finds replica 0 through Volcano's hosts variable (the svc plugin).
     rendezvous = container(job["spec"]["tasks"][1])["command"][2]
     assert re.search(
-        rf"--rdzv_endpoint \$\{{VC_{stage.upper()}_0_HOSTS:=localhost\}}:29500", rendezvous
+        rf"--rdzv_endpoint \$\{{VC_{role.upper()}_0_HOSTS:=localhost\}}:29500", rendezvous
     )
     assert "svc" in job["spec"]["plugins"]
 

@@ -20,6 +20,8 @@ report (``recsys.report``). The format (see ``configs/README.md``)::
       - {name: dense, sizes: [L4H64A4], strategies: [NT, ST&SF], train: ctr_train_dense,
          finetune: [run.epochs=2]}          # its CTR stages: <size>/seed-<n>/finetune-dense-nt, ...
       - {name: tune, train: ctr_fit, eval: ctr_valid, ...}   # choices made without test users
+      - {name: lum, pipeline: lum, sizes: [L4H64A4], rankers: [gpsd, din],
+         variants: [DLRM, +LUM, +LUM+match], pretrain: [lum.pack=200]}   # pipelines.lum
     report: {title: ..., out: docs/results.md}
 """
 
@@ -35,6 +37,7 @@ from typing import Any
 import yaml
 
 from pipelines.gpsd import BASELINES, STRATEGIES, PipelineError, Study
+from pipelines.lum import LumStudy
 
 ARM_KEYS = {
     "name",
@@ -48,7 +51,11 @@ ARM_KEYS = {
     "pretrain",
     "finetune",
     "eval",
+    "pipeline",
+    "rankers",
+    "variants",
 }
+LUM_KEYS = {"rankers", "variants"}
 TOP_KEYS = {"out", "config", "data", "seeds", "arms", "report", "profile"}
 
 
@@ -62,7 +69,7 @@ class Experiment:
     make: tuple[str, ...]
     """Command lines that write ``data`` when it is missing, run in order (empty: it must
     exist); ``recsys`` and ``python`` at their start are this interpreter's."""
-    arms: tuple[Study, ...]
+    arms: tuple[Study | LumStudy, ...]
     names: tuple[str, ...]
     profile: str | None = None
     report: dict[str, Any] = field(default_factory=dict)
@@ -127,27 +134,57 @@ def load(path: str | Path) -> Experiment:
         name = str(arm.get("name", f"arm{i}"))
         if name in names:
             raise _fail(path, f"{where}.name", f"{name!r} is used twice")
+        pipeline = arm.get("pipeline", "gpsd")
+        if pipeline not in ("gpsd", "lum"):
+            raise _fail(path, f"{where}.pipeline", f"{pipeline!r}: choose gpsd or lum")
+        common = {
+            "experiment": str(raw["out"]),
+            "data": str(data["path"]),
+            "config": config,
+            "sizes": _strings(path, f"{where}.sizes", arm.get("sizes") or []),
+            "overrides": _strings(path, f"{where}.overrides", arm.get("overrides") or []),
+            "pretrain_overrides": _strings(path, f"{where}.pretrain", arm.get("pretrain") or []),
+            "finetune_overrides": _strings(path, f"{where}.finetune", arm.get("finetune") or []),
+            "seeds": tuple(int(s) for s in arm.get("seeds", default_seeds) or ()),
+            "train": str(arm.get("train", "ctr_train")),
+            "test": str(arm.get("eval", "ctr_test")),
+        }
+        if pipeline == "lum":
+            wrong = sorted(set(arm) & {"strategies", "baselines", "gpsd"})
+            if wrong:
+                raise _fail(path, where, f"keys {wrong} are for pipeline gpsd, not lum")
+            try:
+                arms.append(
+                    LumStudy(
+                        **common,
+                        rankers=_strings(
+                            path, f"{where}.rankers", arm.get("rankers", ["gpsd", "din"])
+                        ),
+                        variants=_strings(
+                            path,
+                            f"{where}.variants",
+                            arm.get("variants", ["DLRM", "+LUM", "+LUM+match"]),
+                        ),
+                    )
+                )
+            except PipelineError as err:
+                raise _fail(path, where, str(err)) from None
+            names.append(name)
+            continue
+        wrong = sorted(set(arm) & LUM_KEYS)
+        if wrong:
+            raise _fail(path, where, f"keys {wrong} are for pipeline lum, not gpsd")
         strategies = arm.get("strategies", ["ST&SF"])
         strategies = STRATEGIES if strategies == "all" else _strings(path, where, strategies)
         baselines = _strings(path, f"{where}.baselines", arm.get("baselines") or [])
         if any(b not in BASELINES for b in baselines):
             raise _fail(path, f"{where}.baselines", f"{baselines}: choose among {BASELINES}")
-        train = str(arm.get("train", "ctr_train"))
         try:
             study = Study(
-                experiment=str(raw["out"]),
-                data=str(data["path"]),
-                config=config,
+                **common,
                 strategies=strategies,
-                sizes=_strings(path, f"{where}.sizes", arm.get("sizes") or []),
-                overrides=_strings(path, f"{where}.overrides", arm.get("overrides") or []),
-                pretrain_overrides=_strings(path, f"{where}.pretrain", arm.get("pretrain") or []),
-                finetune_overrides=_strings(path, f"{where}.finetune", arm.get("finetune") or []),
                 baselines=baselines,
-                seeds=tuple(int(s) for s in arm.get("seeds", default_seeds) or ()),
-                train=train,
-                test=str(arm.get("eval", "ctr_test")),
-                tag=_tag(train),
+                tag=_tag(common["train"]),
                 gpsd=bool(arm.get("gpsd", True)),
             )
         except PipelineError as err:
@@ -199,12 +236,14 @@ def make_data(experiment: Experiment) -> bool:
 
 def run(experiment: Experiment, profile: str | None, profiles_path: str | Path, console=None):
     """Make the data if needed, then run every arm; the steps of all arms."""
-    from pipelines.gpsd import run as run_study
+    from pipelines import lum
+    from pipelines.gpsd import run as run_gpsd
 
     make_data(experiment)
     steps = []
     for name, arm in zip(experiment.names, experiment.arms, strict=True):
         print(f"experiment {experiment.path}: arm {name}", file=sys.stderr)
+        run_study = lum.run if isinstance(arm, LumStudy) else run_gpsd
         steps += run_study(
             arm,
             profile or experiment.profile or "local_cwd",

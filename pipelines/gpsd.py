@@ -376,13 +376,23 @@ def run(
     console: TextIO | None = sys.stdout,
 ) -> list[Step]:
     """Run every step of ``study`` that is not DONE; the steps, with ``skipped`` set."""
+    return run_steps(plan(study), study.experiment, profile, profiles_path, console)
+
+
+def run_steps(
+    steps: list[Step],
+    experiment: str,
+    profile: str | Profile = "local_cwd",
+    profiles_path: str | Path = "torchx.yaml",
+    console: TextIO | None = sys.stdout,
+) -> list[Step]:
+    """Run every one of ``steps`` (of any pipeline) that is not DONE, in order."""
     from torchx.runner import get_runner
 
     chosen = profile if isinstance(profile, Profile) else load_profile(profile, profiles_path)
-    steps = plan(study)
     for step in steps:  # the profile's stage arguments come first, the study's win
         step.overrides = [*chosen.stage_args, *step.overrides]
-    faults = Faults(study.experiment, rank=0)  # `stage` faults stop the pipeline itself
+    faults = Faults(experiment, rank=0)  # `stage` faults stop the pipeline itself
     finished = 0
     with get_runner() as runner:
         for step in steps:

@@ -26,7 +26,15 @@ from typing import Any
 
 from recsys.analysis.stats import auc_standard_error, fit_power_law, mean_std
 
-ORDER = ("NT", "FT", "ST", "FT&SF", "ST&SF")
+ORDER = ("NT", "FT", "ST", "FT&SF", "ST&SF", "DLRM", "+LUM", "+LUM match", "+LUM+match")
+"""GPSD's strategies, then LUM's step-3 variants (``pipelines.lum``)."""
+
+
+def baseline_of(strategy: str) -> str:
+    """The strategy a row's Imp is relative to: NT for GPSD's, the ranker alone for LUM's."""
+    return "DLRM" if strategy.startswith("+LUM") else "NT"
+
+
 MODELS = {"gpsd": "Transformer", "deepfm": "DeepFM", "din": "DIN"}
 
 
@@ -57,14 +65,16 @@ def _seconds(stage: Path) -> float:
 def collect(experiment: str | Path) -> list[dict[str, Any]]:
     """One row per finished finetune stage, ordered by sets, size, model, strategy, seed."""
     rows = []
-    for done in sorted(Path(experiment).glob("**/finetune-*/DONE")):
+    root = Path(experiment)
+    finished = [*root.glob("**/finetune-*/DONE"), *root.glob("**/lum_finetune-*/DONE")]
+    for done in sorted(finished):
         record = json.loads((done.parent / "stage.json").read_text())
         results, config = record.get("results", {}), record["config"]
         inputs = record.get("inputs", {})
         # The chain's stages: its init (freeze or transfer), a freeze's transfer, a
         # transfer's pretraining.
         chain = [done.parent]
-        init = inputs.get("init")
+        init = inputs.get("init") or inputs.get("features")
         while init:
             chain.append(Path(init))
             try:
@@ -105,13 +115,14 @@ def collect(experiment: str | Path) -> list[dict[str, Any]]:
             r["seed"],
         )
     )
-    nt = {
-        (r["train"], r["eval"], r["size"], r["model"], r["seed"]): r["auc"]
+    bases = {
+        (r["train"], r["eval"], r["size"], r["model"], r["seed"], r["strategy"]): r["auc"]
         for r in rows
-        if r["strategy"] == "NT"
+        if r["strategy"] in ("NT", "DLRM")
     }
     for row in rows:
-        base = nt.get((row["train"], row["eval"], row["size"], row["model"], row["seed"]))
+        key = (row["train"], row["eval"], row["size"], row["model"], row["seed"])
+        base = bases.get((*key, baseline_of(row["strategy"])))
         row["imp"] = row["auc"] / base - 1 if base and row["auc"] is not None else None
     return rows
 
@@ -144,13 +155,14 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     base = {
-        (c["train"], c["eval"], c["size"], c["model"]): c["auc"]
+        (c["train"], c["eval"], c["size"], c["model"], c["strategy"]): c["auc"]
         for c in cells
-        if c["strategy"] == "NT"
+        if c["strategy"] in ("NT", "DLRM")
     }
     for c in cells:
-        nt = base.get((c["train"], c["eval"], c["size"], c["model"]))
-        c["imp"] = c["auc"] / nt - 1 if nt else None
+        key = (c["train"], c["eval"], c["size"], c["model"], baseline_of(c["strategy"]))
+        reference = base.get(key)
+        c["imp"] = c["auc"] / reference - 1 if reference else None
     return cells
 
 
@@ -197,7 +209,7 @@ def _cell(c: dict[str, Any] | None) -> str:
     text = f"{c['auc']:.4f}"
     if len(c["seeds"]) > 1:
         text += f" ± {c['auc_std']:.4f}"
-    if c["strategy"] != "NT" and c["imp"] is not None:
+    if c["strategy"] not in ("NT", "DLRM") and c["imp"] is not None:
         text += f" ({100 * c['imp']:+.1f}%)"
     return text
 
@@ -235,7 +247,11 @@ def runs_table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        imp = "–" if r["strategy"] == "NT" else _fmt(r["imp"] and 100 * r["imp"], "{:+.2f}%")
+        imp = (
+            "–"
+            if r["strategy"] in ("NT", "DLRM")
+            else _fmt(r["imp"] and 100 * r["imp"], "{:+.2f}%")
+        )
         lines.append(
             f"| {r['train']} | {r['eval']} | {r['size']} | {r['model']} | {r['strategy']} | "
             f"{r['seed']} | {_fmt(r['auc'], '{:.4f}')} | {imp} | {_fmt(r['gauc'], '{:.4f}')} | "
@@ -271,7 +287,7 @@ def fits(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def claims(cells: list[dict[str, Any]], pop: dict[str, Any] | None, se: float | None) -> list[str]:
     """Plain statements of where these cells agree with GPSD's claims, one per claim."""
     out = []
-    gpsd = [c for c in cells if c["model"] == "Transformer"]
+    gpsd = [c for c in cells if c["model"] == "Transformer" and c["strategy"] in ORDER[:5]]
     sizes = sorted({c["size"] for c in gpsd}, key=_size_key)
     best = {}
     for size in sizes:
@@ -322,6 +338,29 @@ def claims(cells: list[dict[str, Any]], pop: dict[str, Any] | None, se: float | 
                 f"{shrinks} of {len(pairs)} sizes (mean gap {mean_a:+.3f} → {mean_b:+.3f}); "
                 "the paper: SF shrinks the gap."
             )
+    lum = [c for c in cells if c["strategy"].startswith("+LUM")]
+    for c in lum:
+        alone = next(
+            (
+                d
+                for d in cells
+                if d["strategy"] == "DLRM" and (d["size"], d["model"]) == (c["size"], c["model"])
+            ),
+            None,
+        )
+        if alone is not None:
+            out.append(
+                f"{c['model']} {c['strategy']} at {c['size']}: {c['auc']:.4f} against the "
+                f"ranker alone {alone['auc']:.4f} ({c['auc'] - alone['auc']:+.4f}); LUM's "
+                "paper: DIN 0.7455 → 0.7472 with LUM on ML-1M."
+            )
+    if lum and stsf:
+        best = max(lum, key=lambda c: c["auc"])
+        top = max(stsf.values())
+        out.append(
+            f"Best LUM ranker ({best['model']} {best['strategy']}, {best['auc']:.4f}) against "
+            f"GPSD's best ST&SF ({top:.4f}): {best['auc'] - top:+.4f}."
+        )
     if pop and stsf and se:
         top = max(stsf.values())
         out.append(

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         meta = build.dataset_meta(config.data.train, "seq", "data.train")
         trained = from_dict(source["config"])  # the model as it was pretrained
         asked = queries(config.lum.queries, source["conditions"])
-        print_ = fingerprint(NAME, {"queries": asked}, config, inputs)
+        print_ = fingerprint(NAME, {}, config, inputs)  # asked follows from both
         stage = StageDir(args.out, NAME, args.force)
         stage.begin()
         model = build.lum_model(trained.model, trained.lum, meta)

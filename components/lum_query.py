@@ -35,7 +35,7 @@ def lum_query(
         overrides: config overrides section.key=value, e.g. lum.temperature=0.1
         init: finished lum_pretrain stage directory
         config: YAML stage config
-        out: the stage's directory (checkpoint/, weights/, stage.json, DONE)
+        out: the stage's directory (features/, stage.json, DONE)
         force: run again over a finished stage
         j: NNODESxNPROC, hosts × processes per host (e.g. 1x2, 4x8)
         h: TorchX named resource of one host (e.g. aws_p4d.24xlarge); overrides cpu/gpu/memMB
@@ -44,9 +44,9 @@ def lum_query(
         memMB: memory per host in MB
         image: container image holding the project (kubernetes); empty: the working tree
         env: extra environment variables, e.g. OMP_NUM_THREADS=4
-        max_retries: restarts after a failure, each resuming from the last checkpoint:
-            torchrun restarts all workers in place; schedulers that retry whole jobs
-            (Slurm requeue, Volcano) do so on top
+        max_retries: restarts after a failure (the query starts over: it keeps no
+            checkpoint); torchrun restarts all workers in place; schedulers that retry
+            whole jobs (Slurm requeue, Volcano) do so on top
     """
     return stage_app(
         "lum_query",

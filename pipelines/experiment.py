@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from pipelines.gpsd import BASELINES, STRATEGIES, PipelineError, Study
-from pipelines.lum import LumStudy
+from pipelines.lum import DEFAULT_VARIANTS, LumStudy
 
 ARM_KEYS = {
     "name",
@@ -163,7 +163,7 @@ def load(path: str | Path) -> Experiment:
                         variants=_strings(
                             path,
                             f"{where}.variants",
-                            arm.get("variants", ["DLRM", "+LUM", "+LUM+match"]),
+                            arm.get("variants", list(DEFAULT_VARIANTS)),
                         ),
                     )
                 )

@@ -8,7 +8,8 @@ alone (``DLRM``), with the user model's outputs as features (``+LUM``), and with
 interest-matching similarities too (``+LUM+match``). Stages are submitted, skipped when DONE
 with the same fingerprint and resumed exactly as in ``pipelines.gpsd``, whose runner it uses.
 
-Layout: ``EXPERIMENT/<size>/[seed-<n>/]{lum_pretrain, lum_query, lum_finetune-<arch>-<variant>}``.
+Layout: ``EXPERIMENT/<size>/[seed-<n>/]{lum_pretrain, lum_query,
+lum_finetune-[<train>-]<arch>-<dlrm|lum|match|lum_match>}``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ RANKERS = ("gpsd", "din", "deepfm")
 VARIANTS = {  # name in reports → (features, direct, matching)
     "DLRM": (False, False, False),
     "+LUM": (True, True, False),
+    "+LUM match": (True, False, True),
     "+LUM+match": (True, True, True),
 }
+DEFAULT_VARIANTS = ("DLRM", "+LUM", "+LUM+match")
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class LumStudy:
     sizes: tuple[str, ...] = ()
     seeds: tuple[int, ...] = ()
     rankers: tuple[str, ...] = ("gpsd", "din")
-    variants: tuple[str, ...] = tuple(VARIANTS)
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
     overrides: tuple[str, ...] = ()
     pretrain_overrides: tuple[str, ...] = ()
     finetune_overrides: tuple[str, ...] = ()
@@ -55,8 +58,10 @@ class LumStudy:
 
 
 def slug(variant: str) -> str:
-    """``+LUM+match`` → ``lum_match``, ``DLRM`` → ``dlrm``."""
-    return variant.strip("+").lower().replace("+", "_")
+    """``+LUM+match`` → ``lum_match``, ``+LUM match`` → ``match``, ``DLRM`` → ``dlrm``."""
+    return {"DLRM": "dlrm", "+LUM": "lum", "+LUM match": "match", "+LUM+match": "lum_match"}[
+        variant
+    ]
 
 
 def plan(study: LumStudy) -> list[Step]:
@@ -65,6 +70,10 @@ def plan(study: LumStudy) -> list[Step]:
     seq, train, test = str(data / "seq"), str(data / study.train), str(data / study.test)
     sizes = study.sizes or (load(study.config, study.overrides).model.size,)
     experiment = Path(study.experiment)
+    # Another training set than ctr_train: its name in the rankers' directories, so arms on
+    # other sets never share them (as pipelines.gpsd does).
+    tag = "" if study.train == "ctr_train" else study.train.removeprefix("ctr_") + "-"
+    asks = any(VARIANTS[v][0] for v in study.variants)
     steps: list[Step] = []
     for size in sizes:
         for seed in study.seeds or (None,):
@@ -73,18 +82,18 @@ def plan(study: LumStudy) -> list[Step]:
             if seed is not None:
                 root, common = root / f"seed-{seed}", [*common, f"run.seed={seed}"]
             pretrain, query = root / "lum_pretrain", root / "lum_query"
-            steps.append(
-                Step(
-                    "lum_pretrain",
-                    pretrain,
-                    {},
-                    [],
-                    [*common, *study.pretrain_overrides, f"data.train={seq}"],
-                    lambda c: {"train": seq, "valid": c.data.valid},
-                    size,
+            if asks:  # the rankers alone need no user model
+                steps.append(
+                    Step(
+                        "lum_pretrain",
+                        pretrain,
+                        {},
+                        [],
+                        [*common, *study.pretrain_overrides, f"data.train={seq}"],
+                        lambda c: {"train": seq, "valid": c.data.valid},
+                        size,
+                    )
                 )
-            )
-            if any(VARIANTS[v][0] for v in study.variants):
                 steps.append(
                     Step(
                         "lum_query",
@@ -105,7 +114,7 @@ def plan(study: LumStudy) -> list[Step]:
                     steps.append(
                         Step(
                             "lum_finetune",
-                            root / f"lum_finetune-{arch}-{slug(variant)}",
+                            root / f"lum_finetune-{tag}{arch}-{slug(variant)}",
                             {},
                             [],
                             [

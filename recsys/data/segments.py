@@ -62,21 +62,34 @@ def copy_segments(
     src: np.ndarray, starts: np.ndarray, lengths: np.ndarray, out: np.ndarray
 ) -> np.ndarray:
     """Fill ``out`` (int64, exactly ``lengths.sum()`` long) with the runs of ``src`` given by
-    ``starts`` and ``lengths``, in order; return ``out``."""
+    ``starts`` and ``lengths`` (1-D, of equal length), in order; return ``out``. A run
+    outside ``src``, or runs that do not fill ``out`` exactly, raise IndexError on both
+    paths."""
     total = len(out)
+    if starts.ndim != 1 or lengths.ndim != 1 or len(starts) != len(lengths):
+        raise IndexError(
+            f"copy_segments: starts {starts.shape} and lengths {lengths.shape} must be 1-D "
+            "and of equal length"
+        )
     if not len(starts):
+        if total:
+            raise IndexError("copy_segments: no runs to fill the output")
         return out
-    if _LIBRARY is not None and all(map(_int64_array, (src, starts, lengths, out))):
-        # The helper trusts its arguments: every run must lie inside src, and fill out.
-        if (
-            lengths.min() < 0
-            or starts.min() < 0
-            or (starts + lengths).max() > len(src)
-            or int(lengths.sum()) != total
-        ):
-            raise IndexError("copy_segments: a run lies outside the source or the output")
+    # Checked without overflow: start > len(src) − length for a run that ends past src.
+    if (
+        lengths.min() < 0
+        or starts.min() < 0
+        or (starts > len(src) - lengths).any()
+        or int(lengths.sum()) != total
+    ):
+        raise IndexError("copy_segments: a run lies outside the source or the output")
+    if (
+        _LIBRARY is not None
+        and out.flags.writeable
+        and all(map(_int64_array, (src, starts, lengths, out)))
+    ):
         _LIBRARY.copy_segments(
             src.ctypes.data, starts.ctypes.data, lengths.ctypes.data, len(starts), out.ctypes.data
         )
         return out
-    return np.take(src, index(starts, lengths, total), out=out, mode="clip")
+    return np.take(src, index(starts, lengths, total), out=out)

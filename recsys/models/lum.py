@@ -297,7 +297,9 @@ class LUM(nn.Module):
             blank = KeyedJaggedTensor.from_lengths_sync(
                 keys=empty,
                 values=torch.zeros(0, dtype=torch.long, device=kjt.values().device),
-                lengths=torch.zeros(batch * len(empty), dtype=torch.long),
+                lengths=torch.zeros(
+                    batch * len(empty), dtype=torch.long, device=kjt.values().device
+                ),
             )
             kjt = KeyedJaggedTensor.concat([kjt, blank])
         sequences, _ = self.sparse(kjt)
@@ -306,7 +308,7 @@ class LUM(nn.Module):
     def item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """The item-table embeddings of ``ids`` (step 3's interest matching)."""
         kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=["item"], values=ids, lengths=torch.tensor([len(ids)])
+            keys=["item"], values=ids, lengths=torch.tensor([len(ids)], device=ids.device)
         )
         return self._table_lookup(kjt)["item"].values()
 

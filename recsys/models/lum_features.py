@@ -14,7 +14,8 @@ and the two ways LUM (§4.3) feeds them to a discriminative model:
 - *interest matching*: for each output, its cosine similarity with the candidate item's
   embedding (N numbers).
 
-A user without outputs (not in the queried dataset) gets zeros, counted in ``missing``.
+A user without outputs (not in the queried dataset) gets zeros; :meth:`UserFeatures.missing`
+counts such users (``lum_finetune`` records them).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def write_users(directory: Path, rank: int, users: np.ndarray, outputs: np.ndarr
     path.parent.mkdir(parents=True, exist_ok=True)
     width = int(np.prod(outputs.shape[1:]))
     flat = outputs.reshape(len(users), width).astype(np.float32)
-    offsets = np.arange(len(users) + 1, dtype=np.int32) * width
-    values = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.ravel()))
+    offsets = np.arange(len(users) + 1, dtype=np.int64) * width
+    values = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat.ravel()))
     pq.write_table(pa.table({"user_id": pa.array(users, pa.int64()), "outputs": values}), path)
     return path
 
@@ -50,8 +51,8 @@ def write_users(directory: Path, rank: int, users: np.ndarray, outputs: np.ndarr
 def write_items(directory: Path, embeddings: np.ndarray) -> Path:
     path = directory / "items.parquet"
     flat = embeddings.astype(np.float32)
-    offsets = np.arange(len(flat) + 1, dtype=np.int32) * flat.shape[1]
-    values = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.ravel()))
+    offsets = np.arange(len(flat) + 1, dtype=np.int64) * flat.shape[1]
+    values = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat.ravel()))
     ids = pa.array(np.arange(len(flat), dtype=np.int64))
     pq.write_table(pa.table({"item_id": ids, "embedding": values}), path)
     return path
@@ -91,8 +92,13 @@ class UserFeatures:
             meta = json.loads((directory / FILE).read_text())
         except OSError:
             raise DataError(f"{directory}: no {FILE}; not a lum_query stage's features") from None
+        if not (direct or matching):
+            raise ValueError("user features need direct incorporation, matching or both")
         n, d = int(meta["queries"]), int(meta["dim"])
-        parts = sorted((directory / "users").glob("part-*.parquet"))
+        parts = [directory / "users" / f"part-{r:05d}.parquet" for r in range(meta["parts"])]
+        absent = [str(p) for p in parts if not p.exists()]
+        if absent:
+            raise DataError(f"{directory}: features.json names parts that are missing: {absent}")
         users = pa.concat_tables(pq.read_table(p) for p in parts) if parts else None
         ids = users.column("user_id").to_numpy() if users is not None else np.zeros(0, np.int64)
         size = int(meta.get("users", (ids.max() + 1) if len(ids) else 0))
@@ -103,8 +109,6 @@ class UserFeatures:
             known[ids] = True
         items = _matrix(pq.read_table(directory / "items.parquet"), "embedding", d, directory)
         items = items / np.maximum(np.linalg.norm(items, axis=1, keepdims=True), 1e-12)
-        if not (direct or matching):
-            raise ValueError("user features need direct incorporation, matching or both")
         return cls(n, d, outputs, known, items.astype(np.float32), direct, matching)
 
     @property
@@ -140,7 +144,12 @@ class WithFeatures:
         self.loader, self.features = loader, features
 
     def __iter__(self) -> Iterator:
-        for batch in self.loader:
+        # The loader's iterator is made now, not at the first batch: the trainer makes it
+        # under its own random state (what an exact resume relies on).
+        return self._joined(iter(self.loader))
+
+    def _joined(self, batches: Iterator) -> Iterator:
+        for batch in batches:
             candidates = batch.features["candidate_item"].values()
             batch.extra = self.features(batch.user_ids, candidates)
             yield batch

@@ -16,9 +16,13 @@ ranker's head beside its own representation. Without ``lum.features`` it is the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from recsys.checkpoint.weights import save_weights
+from recsys.data.files import open_dataset
 from recsys.distributed.env import distributed
 from recsys.models.lum_features import UserFeatures, WithFeatures
 from recsys.stages import build
@@ -47,6 +51,15 @@ def variant(features: str | None, direct: bool, matching: bool) -> str:
     ]
 
 
+def train_users(path: str) -> np.ndarray:
+    """The distinct users of a ``ctr`` dataset."""
+    dataset = open_dataset(path)
+    ids = [
+        dataset.open_file(p).read(columns=["user_id"]).column(0).to_numpy() for p in dataset.parts
+    ]
+    return np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, config = arguments(parser(NAME, __doc__.splitlines()[0]), argv)
     lum = config.lum
@@ -56,6 +69,14 @@ def main(argv: list[str] | None = None) -> dict:
         if config.data.valid:
             build.dataset_meta(config.data.valid, "ctr", "data.valid")
         features = None
+        if lum.features and not (lum.direct or lum.matching):
+            raise StageError("lum.features is set but lum.direct and lum.matching are both false")
+        if lum.features and Path(config.data.train).name.endswith("_dense"):
+            raise StageError(
+                f"data.train={config.data.train} samples every position of a sequence; LUM's "
+                "features come from the whole pretraining sequence, which holds those "
+                "positions' targets (docs/lum.md): train on the one-target-per-user set"
+            )
         if lum.features:
             if read_stage(lum.features)["stage"] != "lum_query":
                 raise StageError(f"lum.features={lum.features} is not a lum_query stage")
@@ -70,6 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
         stage.begin()
         torch.manual_seed(config.run.seed)
         model = build.ctr_model(config.model, meta, extra=features.width if features else 0)
+        missing = (
+            features.missing(torch.from_numpy(train_users(config.data.train))) if features else 0
+        )
         seed = config.run.seed
 
         def loader(path: str, train: bool):
@@ -108,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "config": config.to_dict(),
                 "strategy": variant(lum.features, lum.direct, lum.matching),
                 "features": features.width if features else 0,
+                "users_without_features": missing,
                 "steps": trainer.step,
                 "sharding": build.sharding(sharded),
                 "results": results,

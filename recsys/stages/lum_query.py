@@ -13,6 +13,7 @@ the user model's item embeddings, ``features.json``), ``stage.json`` and ``DONE`
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import numpy as np
@@ -78,6 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
         print_ = fingerprint(NAME, {}, config, inputs)  # asked follows from both
         stage = StageDir(args.out, NAME, args.force)
         stage.begin()
+        features = stage.path / "features"
+        if env.is_main and features.exists():  # an interrupted run's parts, maybe more ranks
+            shutil.rmtree(features)
+        if dist.is_initialized():
+            dist.barrier()
         model = build.lum_model(trained.model, trained.lum, meta)
         sharded = build.place(model, config.plan, env)
         load_weights(sharded, f"{args.init}/weights", named_weights(sharded))
@@ -108,7 +114,6 @@ def main(argv: list[str] | None = None) -> dict:
                 items.append(user_model.item_embeddings(ids.to(device)).float().cpu().numpy())
         n, d = len(next(iter(asked.values()))), model.config.tower.hidden
         mine = np.concatenate(users) if users else np.zeros(0, np.int64)
-        features = stage.path / "features"
         lum_features.write_users(
             features,
             env.rank,
@@ -118,6 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
         count = torch.tensor([len(mine)], device=device)
         if dist.is_initialized():
             dist.all_reduce(count)
+        if int(count) != meta.rows:  # e.g. a rank had no sequences and every rank stopped
+            raise StageError(
+                f"queried {int(count)} of the {meta.rows} users of data.train="
+                f"{config.data.train}: use fewer ranks or more row groups for this dataset"
+            )
         if env.is_main:
             lum_features.write_items(features, np.concatenate(items))
             lum_features.write_meta(
@@ -128,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "conditions": asked,
                     "users": meta.vocab.get("user", int(mine.max()) + 1 if len(mine) else 0),
                     "queried_users": int(count),
+                    "parts": env.world_size,
                     "source": args.init,
                 },
             )

@@ -42,3 +42,18 @@ def test_runs_outside_the_arrays_are_refused(starts: list, lengths: list, out: i
         segments.copy_segments(
             src, np.array(starts, np.int64), np.array(lengths, np.int64), np.empty(out, np.int64)
         )
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["helper", "numpy"])
+def test_both_paths_refuse_the_same_bad_runs(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not native:
+        monkeypatch.setattr(segments, "_LIBRARY", None)
+    src = np.arange(10, dtype=np.int64)
+    cases = [
+        (np.array([8]), np.array([3]), 3),  # past the end
+        (np.array([0, 2]), np.array([2]), 2),  # lengths do not match the starts
+        (np.array([2**62]), np.array([2**62]), 0),  # would overflow start + length
+    ]
+    for starts, lengths, size in cases:
+        with pytest.raises(IndexError):
+            segments.copy_segments(src, starts, lengths, np.empty(size, np.int64))

@@ -132,3 +132,25 @@ def test_baselines_learn_a_simple_rule(baseline) -> None:
         optimizer.step()
     assert out.loss.item() < 0.5 * first
     assert model.sparse.sequence.embeddings["item"].weight.grad is not None
+
+
+@pytest.mark.parametrize("arch", ["gpsd", "din", "deepfm"])
+def test_extra_features_reach_the_head(arch: str) -> None:
+    torch.manual_seed(0)
+    if arch == "gpsd":
+        model = CTRModel(CTRConfig(TOWER, ITEMS, {"category": CATEGORIES}, extra=3)).eval()
+    else:
+        cls = {"din": DIN, "deepfm": DeepFM}[arch]
+        model = cls(BaselineConfig(ITEMS, {"category": CATEGORIES}, dim=16, extra=3)).eval()
+    features = ctr(SEQUENCES, [1, 2, 3, 4])
+    zeros, ones = torch.zeros(4, 3), torch.ones(4, 3)
+    with torch.no_grad():
+        a = model(features, extra=zeros).logits
+        b = model(features, extra=ones).logits
+        c = model(features, extra=torch.cat([zeros[:2], ones[2:]])).logits
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(c, torch.cat([a[:2], b[2:]]))  # each sample's own features
+    with pytest.raises(ValueError, match="takes 3 extra features"):
+        model(features)
+    with pytest.raises(ValueError, match="expected \\(4, 3\\)"):
+        model(features, extra=torch.zeros(4, 2))

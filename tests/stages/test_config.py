@@ -58,3 +58,12 @@ def test_stage_sections_apply_to_their_stage_only(tmp_path: Path) -> None:
     path.write_text("stages:\n  pretrian: {run: {epochs: 20}}\n")
     with pytest.raises(ConfigError, match=r"unknown stages \['pretrian'\]"):
         load(path, stage="pretrain")
+
+
+def test_an_unset_lum_section_leaves_gpsd_records_as_they_were() -> None:
+    # GPSD stages record (and fingerprint) their config without LUM's section unless set.
+    assert "lum" not in load(None, ["model.size=L1H16A2"]).to_dict()
+    record = load(None, ["lum.queries={liked: [0, 1]}"]).to_dict()
+    assert record["lum"]["queries"] == {"liked": [0, 1]}
+    with pytest.raises(ConfigError, match="same number"):
+        load(None, ["lum.queries={a: [0, 1], b: [0]}"])

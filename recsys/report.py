@@ -203,20 +203,20 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "–" if value is None else pattern.format(value)
 
 
-def _cell(c: dict[str, Any] | None) -> str:
+def _cell(c: dict[str, Any] | None, spread: bool = True) -> str:
     if c is None:
         return "–"
     text = f"{c['auc']:.4f}"
-    if len(c["seeds"]) > 1:
+    if spread and len(c["seeds"]) > 1:
         text += f" ± {c['auc_std']:.4f}"
     if c["strategy"] not in ("NT", "DLRM") and c["imp"] is not None:
         text += f" ({100 * c['imp']:+.1f}%)"
     return text
 
 
-def table3(cells: list[dict[str, Any]], pop: dict[str, Any] | None) -> str:
+def table3(cells: list[dict[str, Any]], pop: dict[str, Any] | None, spread: bool = True) -> str:
     """GPSD's Table 3 layout for one training/eval set: a row per size and model, a column
-    per strategy."""
+    per strategy (``spread``: with the standard deviation over seeds)."""
     strategies = [s for s in ORDER if any(c["strategy"] == s for c in cells)]
     lines = [
         "| size | model | seeds | " + " | ".join(strategies) + " |",
@@ -228,7 +228,7 @@ def table3(cells: list[dict[str, Any]], pop: dict[str, Any] | None) -> str:
         seeds = max(len(c["seeds"]) for c in row.values())
         lines.append(
             f"| {size} | {model} | {seeds} | "
-            + " | ".join(_cell(row.get(s)) for s in strategies)
+            + " | ".join(_cell(row.get(s), spread) for s in strategies)
             + " |"
         )
     if pop:
@@ -296,7 +296,12 @@ def claims(cells: list[dict[str, Any]], pop: dict[str, Any] | None, se: float | 
             best[size] = max(here, key=lambda c: c["auc"])
     if best and any(c["strategy"] == "ST&SF" for c in gpsd):
         wins = [s for s, c in best.items() if c["strategy"] == "ST&SF"]
-        others = ", ".join(f"{s}: {c['strategy']}" for s, c in best.items() if s not in wins)
+        stsf_at = {c["size"]: c["auc"] for c in gpsd if c["strategy"] == "ST&SF"}
+        others = "; ".join(
+            f"{s}: {c['strategy']}, ahead of ST&SF by {c['auc'] - stsf_at.get(s, c['auc']):.4f}"
+            for s, c in best.items()
+            if s not in wins
+        )
         out.append(
             f"ST&SF is the best strategy at {len(wins)} of {len(best)} sizes"
             + (f" (elsewhere {others})." if others else ".")
@@ -366,7 +371,7 @@ def claims(cells: list[dict[str, Any]], pop: dict[str, Any] | None, se: float | 
         out.append(
             f"Best ST&SF {top:.4f} against popularity {pop['auc']:.4f}: "
             f"{top - pop['auc']:+.4f}, {(top - pop['auc']) / se:+.1f} standard errors of one "
-            "AUC on this test set."
+            "AUC on this evaluation set."
         )
     return out
 
@@ -478,7 +483,7 @@ def render(
         if gaps:
             out.append("Train − valid AUC gap of the final epoch (overfitting), mean over seeds:\n")
             out.append(
-                table3([{**c, "auc": c["gap_auc"], "seeds": [0], "imp": None} for c in gaps], None)
+                table3([{**c, "auc": c["gap_auc"], "imp": None} for c in gaps], None, spread=False)
             )
         statements = claims(here, pop, se)
         if statements:
@@ -496,6 +501,8 @@ def render(
                 if law
                 else "no rising power law fits"
             )
+            if law and law["exponent"] >= 1.99:
+                formula += " (α at the search bound: the points follow no power law)"
             out.append(
                 f"| {fit['train']} | {fit['eval']} | {fit['strategy']} | {len(fit['points'])} | "
                 f"{formula} | {_fmt(law and law['rmse'], '{:.4f}')} |"

@@ -18,6 +18,7 @@ depth: ``<size>/[seed-<n>/]<prefix>finetune-<strategy>/stage.json``) and writing
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import defaultdict
@@ -38,6 +39,7 @@ def baseline_of(strategy: str) -> str:
 MODELS = {"gpsd": "Transformer", "deepfm": "DeepFM", "din": "DIN"}
 
 
+@functools.cache
 def dense_parameters(size: str) -> int:
     """Parameters of the Transformer tower of ``size`` (GPSD's "dense parameters": no
     embedding table), counted on the meta device."""
@@ -51,8 +53,11 @@ def dense_parameters(size: str) -> int:
 
 
 def _size_key(size: str) -> tuple[int, ...]:
-    match = re.match(r"L(\d+)H(\d+)A(\d+)", size)
-    return tuple(int(g) for g in match.groups()) if match else (0,)
+    """Sizes ordered by dense parameters (then by name)."""
+    match = re.match(r"L(\d+)H(\d+)A(\d+)$", size)
+    if not match:
+        return (0,)
+    return (dense_parameters(size), *(int(g) for g in match.groups()))
 
 
 def _seconds(stage: Path) -> float:
@@ -227,7 +232,7 @@ def table3(cells: list[dict[str, Any]], pop: dict[str, Any] | None, spread: bool
         row = {c["strategy"]: c for c in cells if (c["size"], c["model"]) == (size, model)}
         seeds = max(len(c["seeds"]) for c in row.values())
         lines.append(
-            f"| {size} | {model} | {seeds} | "
+            f"| {size}{_params_text(size)} | {model} | {seeds} | "
             + " | ".join(_cell(row.get(s), spread) for s in strategies)
             + " |"
         )
@@ -238,6 +243,14 @@ def table3(cells: list[dict[str, Any]], pop: dict[str, Any] | None, spread: bool
             + " |" * (len(strategies) - 1)
         )
     return "\n".join(lines) + "\n"
+
+
+def _params_text(size: str) -> str:
+    """`` (214K)``: the tower's dense parameters, for sizes named L<l>H<h>A<a>."""
+    if not re.match(r"L\d+H\d+A\d+$", size):
+        return ""
+    n = dense_parameters(size)
+    return f" ({n / 1e6:.1f}M)" if n >= 1e6 else f" ({n / 1e3:.0f}K)"
 
 
 def runs_table(rows: list[dict[str, Any]]) -> str:
@@ -309,8 +322,8 @@ def claims(cells: list[dict[str, Any]], pop: dict[str, Any] | None, se: float | 
         )
     nt = {c["size"]: c["auc"] for c in gpsd if c["strategy"] == "NT"}
     stsf = {c["size"]: c["auc"] for c in gpsd if c["strategy"] == "ST&SF"}
-    if len(nt) >= 2:
-        small, large = min(nt, key=_size_key), max(nt, key=_size_key)
+    if len(nt) >= 2:  # smallest and largest by dense parameters
+        small, large = min(nt, key=dense_parameters), max(nt, key=dense_parameters)
         change = nt[large] - nt[small]
         se_text = f" (one AUC's standard error: {se:.3f})" if se else ""
         out.append(
@@ -318,7 +331,7 @@ def claims(cells: list[dict[str, Any]], pop: dict[str, Any] | None, se: float | 
             f"{se_text}; the paper: NT gets worse or no better with size."
         )
     if len(stsf) >= 2:
-        small, large = min(stsf, key=_size_key), max(stsf, key=_size_key)
+        small, large = min(stsf, key=dense_parameters), max(stsf, key=dense_parameters)
         out.append(
             f"ST&SF from {small} to {large}: {stsf[small]:.4f} → {stsf[large]:.4f} "
             f"({stsf[large] - stsf[small]:+.4f}); the paper: ST&SF improves with size."

@@ -396,16 +396,22 @@ def _figures(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     written = {}
     gpsd = [c for c in cells if c["model"] == "Transformer"]
     keys = list(dict.fromkeys((c["train"], c["eval"], c["size"]) for c in gpsd))
     if keys:
         for name, plot in (("curves", "auc"), ("gap", "gap")):
+            columns = min(3, len(keys))
+            rows = -(-len(keys) // columns)
             fig, axes = plt.subplots(
-                1, len(keys), figsize=(5 * len(keys), 4), squeeze=False, sharey=True
+                rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False, sharey=True
             )
-            for ax, key in zip(axes[0], keys, strict=True):
+            for ax in axes.flat[len(keys) :]:
+                ax.set_visible(False)
+            for ax, key in zip(axes.flat, keys, strict=False):
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 for c in (c for c in gpsd if (c["train"], c["eval"], c["size"]) == key):
                     epochs = [e["epoch"] for e in c["epochs"]]
                     train = [e.get("train_auc") for e in c["epochs"]]

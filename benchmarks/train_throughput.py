@@ -144,8 +144,8 @@ def train(task: str, data: str, run_dir: str, epochs: int, batch: int, negatives
             optim,
         )
         # Steady state: the intervals between the starts of consecutive training steps (the
-        # step and the loading of the next batch), past the first 10 steps and never across
-        # an epoch's end (evaluation, checkpoints).
+        # step and the loading of the next batch), past the first steps (10, or a quarter of
+        # a short run) and never across an epoch's end (evaluation, checkpoints).
         marks: list[tuple[float, int, int]] = []
         step = trainer._train_step
 
@@ -158,7 +158,7 @@ def train(task: str, data: str, run_dir: str, epochs: int, batch: int, negatives
         results = trainer.train()
         seconds = time.perf_counter() - start
         steady_rows, steady_seconds = 0, 0.0
-        for (t0, e0, rows0), (t1, e1, _) in itertools.pairwise(marks[10:]):
+        for (t0, e0, rows0), (t1, e1, _) in itertools.pairwise(marks[min(10, len(marks) // 4) :]):
             if e0 == e1:
                 steady_rows, steady_seconds = steady_rows + rows0, steady_seconds + (t1 - t0)
         steady = torch.tensor([steady_rows / max(steady_seconds, 1e-9)])

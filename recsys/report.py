@@ -522,6 +522,11 @@ def render(
             )
             if law and law["exponent"] >= 1.99:
                 formula += " (α at the search bound: the points follow no power law)"
+            elif law and law["exponent"] <= 0.0011:
+                formula += (
+                    " (α at the search bound: AUC grows like log N over these sizes, so no "
+                    "asymptote can be read from them)"
+                )
             out.append(
                 f"| {fit['train']} | {fit['eval']} | {fit['strategy']} | {len(fit['points'])} | "
                 f"{formula} | {_fmt(law and law['rmse'], '{:.4f}')} |"

@@ -452,8 +452,11 @@ def _figures(
                     "--",
                     color=dots.get_color(),
                 )
-                ax.axhline(law["asymptote"], color=dots.get_color(), linewidth=0.5)
+                if 0.0 < law["asymptote"] <= 1.0:  # a bound an AUC can have
+                    ax.axhline(law["asymptote"], color=dots.get_color(), linewidth=0.5)
         ax.set_xscale("log")
+        measured = [auc for fit in fitted.values() for _, auc in fit["points"]]
+        ax.set_ylim(min(measured) - 0.02, min(1.0, max(measured) + 0.05))
         ax.set_xlabel("dense parameters")
         ax.set_ylabel("AUC")
         ax.set_title("AUC against dense parameters; dashed: fitted power law", fontsize=9)

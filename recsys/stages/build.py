@@ -37,6 +37,7 @@ from recsys.stages.config import (
     StageConfig,
 )
 from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
+from recsys.train.trainer import TrainConfig, Trainer
 
 META = torch.device("meta")
 
@@ -217,3 +218,31 @@ def trained(model: nn.Module, optim: OptimConfig, plan: PlanSection, env: DistEn
     sharded = place(model, plan, env, optim)
     dense, schedule = dense_optimizer(sharded, optim)
     return sharded, dense, schedule
+
+
+def trainer(
+    model: nn.Module,
+    train,
+    valid,
+    config: StageConfig,
+    env: DistEnv,
+    run_dir: str,
+    task: str,
+) -> tuple[nn.Module, Trainer]:
+    """``model`` sharded with its optimizers (schedule fitted to ``train``) and the
+    :class:`Trainer` of a training stage, set up by the config's ``run`` section."""
+    optim = optim_config(config, steps_per_epoch(train))
+    sharded, dense, schedule = trained(model, optim, config.plan, env)
+    run = config.run
+    settings = TrainConfig(
+        run_dir,
+        task=task,
+        epochs=run.epochs,
+        max_steps=run.max_steps,
+        checkpoint_every=run.checkpoint_every,
+        keep=run.keep,
+        resume=run.resume,
+        seed=run.seed,
+        record_samples=run.record_samples,
+    )
+    return sharded, Trainer(sharded, dense, schedule, train, settings, optim, valid)

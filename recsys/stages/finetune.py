@@ -29,7 +29,6 @@ from recsys.stages.common import (
     read_stage,
     run_stage,
 )
-from recsys.train.trainer import TrainConfig, Trainer
 
 NAME = "finetune"
 
@@ -72,26 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
             if config.data.valid
             else None
         )
-        optim = build.optim_config(config, build.steps_per_epoch(train))
-        sharded, dense, schedule = build.trained(model, optim, config.plan, env)
-        trainer = Trainer(
-            sharded,
-            dense,
-            schedule,
-            train,
-            TrainConfig(
-                str(stage.path),
-                task="ctr",
-                epochs=config.run.epochs,
-                max_steps=config.run.max_steps,
-                checkpoint_every=config.run.checkpoint_every,
-                keep=config.run.keep,
-                resume=config.run.resume,
-                seed=seed,
-                record_samples=config.run.record_samples,
-            ),
-            optim,
-            valid,
+        sharded, trainer = build.trainer(
+            model, train, valid, config, env, str(stage.path), task="ctr"
         )
         if not (config.run.resume and trainer.checkpoints.latest()):  # not a resumed run
             load_weights(sharded, f"{args.init}/weights", named_weights(sharded))

@@ -36,7 +36,6 @@ from recsys.stages.common import (
     run_stage,
 )
 from recsys.stages.finetune import epoch_history
-from recsys.train.trainer import TrainConfig, Trainer
 
 NAME = "lum_finetune"
 
@@ -102,26 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         train = loader(config.data.train, True)
         valid = loader(config.data.valid, False) if config.data.valid else None
-        optim = build.optim_config(config, build.steps_per_epoch(train))
-        sharded, dense, schedule = build.trained(model, optim, config.plan, env)
-        trainer = Trainer(
-            sharded,
-            dense,
-            schedule,
-            train,
-            TrainConfig(
-                str(stage.path),
-                task="ctr",
-                epochs=config.run.epochs,
-                max_steps=config.run.max_steps,
-                checkpoint_every=config.run.checkpoint_every,
-                keep=config.run.keep,
-                resume=config.run.resume,
-                seed=seed,
-                record_samples=config.run.record_samples,
-            ),
-            optim,
-            valid,
+        sharded, trainer = build.trainer(
+            model, train, valid, config, env, str(stage.path), task="ctr"
         )
         results = trainer.train()
         save_weights(sharded, stage.weights)

@@ -19,7 +19,6 @@ from recsys.checkpoint.weights import save_weights
 from recsys.distributed.env import distributed
 from recsys.stages import build
 from recsys.stages.common import StageDir, arguments, fingerprint, parser, run_stage
-from recsys.train.trainer import TrainConfig, Trainer
 
 NAME = "lum_pretrain"
 
@@ -43,26 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         train = loader(config.data.train, True)
         valid = loader(config.data.valid, False) if config.data.valid else None
-        optim = build.optim_config(config, build.steps_per_epoch(train))
-        sharded, dense, schedule = build.trained(model, optim, config.plan, env)
-        trainer = Trainer(
-            sharded,
-            dense,
-            schedule,
-            train,
-            TrainConfig(
-                str(stage.path),
-                task="pretrain",  # the same metrics: loss, hits of the targets
-                epochs=config.run.epochs,
-                max_steps=config.run.max_steps,
-                checkpoint_every=config.run.checkpoint_every,
-                keep=config.run.keep,
-                resume=config.run.resume,
-                seed=seed,
-                record_samples=config.run.record_samples,
-            ),
-            optim,
-            valid,
+        sharded, trainer = build.trainer(
+            model, train, valid, config, env, str(stage.path), task="pretrain"
         )
         results = trainer.train()
         save_weights(sharded, stage.weights)

@@ -148,11 +148,16 @@ def plan(study: Study) -> list[Step]:
             steps += _ctr_steps(
                 root, size, arch, strategies, study, str(pretrain), train, test, common
             )
-    experiment = Path(study.experiment)
+    return placed(steps, Path(study.experiment), study.config)
+
+
+def placed(steps: list[Step], experiment: Path, config: str | None) -> list[Step]:
+    """``steps`` with the study's stage config, their names in logs
+    (``<size>[-seed-<n>]-<directory>``) and the experiment's log directory."""
     return [
         replace(
             s,
-            config=study.config,
+            config=config,
             name="-".join(s.out.relative_to(experiment).parts),
             logs=experiment / "logs",
         )

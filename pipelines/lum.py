@@ -14,10 +14,10 @@ lum_finetune-[<train>-]<arch>-<dlrm|lum|match|lum_match>}``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.gpsd import PipelineError, Step
+from pipelines.gpsd import PipelineError, Step, placed
 from recsys.stages.config import load
 
 RANKERS = ("gpsd", "din", "deepfm")
@@ -134,15 +134,7 @@ def plan(study: LumStudy) -> list[Step]:
                             variant,
                         )
                     )
-    return [
-        replace(
-            s,
-            config=study.config,
-            name="-".join(s.out.relative_to(experiment).parts),
-            logs=experiment / "logs",
-        )
-        for s in steps
-    ]
+    return placed(steps, experiment, study.config)
 
 
 def run(study: LumStudy, profile="local_cwd", profiles_path="torchx.yaml", console=None):

@@ -5,6 +5,13 @@
  * memcpy per run is several times faster and touches each value once. Bounds are checked by
  * the caller (recsys/data/segments.py), which owns every array passed here.
  *
+ * scatter_segments: row i's run appended to the output of batch batch_of[i] (rows with
+ * batch_of[i] < 0 are not read). cursors[b] and ends[b] are the addresses of where batch b's
+ * output is filled up to and where it ends; cursors advance as rows are written. Every bound
+ * is checked here, before each copy: it returns -1, or the first row that lies outside src,
+ * names a batch >= batches, or would overflow its batch's output (rows before it are
+ * written).
+ *
  * Built as a CPython extension so that setuptools compiles it with the package; it exports
  * no Python functions and is loaded through ctypes. */
 #define PY_SSIZE_T_CLEAN
@@ -19,6 +26,22 @@ void copy_segments(const int64_t *src, const int64_t *starts, const int64_t *len
         memcpy(dst, src + starts[i], (size_t)length * sizeof(int64_t));
         dst += length;
     }
+}
+
+int64_t scatter_segments(const int64_t *src, int64_t size, const int64_t *starts,
+                         const int64_t *lengths, const int64_t *batch_of, int64_t n,
+                         int64_t batches, int64_t *cursors, const int64_t *ends) {
+    for (int64_t i = 0; i < n; i++) {
+        int64_t b = batch_of[i], start = starts[i], length = lengths[i];
+        if (b < 0)
+            continue;
+        if (b >= batches || length < 0 || start < 0 || start > size - length ||
+            length > (ends[b] - cursors[b]) / (int64_t)sizeof(int64_t))
+            return i;
+        memcpy((int64_t *)cursors[b], src + start, (size_t)length * sizeof(int64_t));
+        cursors[b] += length * (int64_t)sizeof(int64_t);
+    }
+    return -1;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_segments",

@@ -6,8 +6,8 @@ their most recent ``max_len`` events, and the :class:`Batch` handed to models: a
 ``KeyedJaggedTensor`` of sparse features plus dense tensors. Every step works on whole Arrow
 offset and value buffers with vectorised NumPy: :func:`decode` validates a decoded chunk,
 :func:`assemble` makes a batch of runs or gathered rows of chunks (file order), and for
-shuffled reading :func:`group` regroups a chunk's rows by the batch they go to (into an
-:class:`Arena`) so that :func:`assemble_groups` makes a batch of block copies.
+shuffled reading :func:`scatter` copies the rows of a whole buffer's chunks straight into the
+batches they go to.
 
 Feature keys of the ``KeyedJaggedTensor``:
 - ``seq``: ``item`` and one key per side feature (``category``, ...), one list per sequence.
@@ -25,8 +25,9 @@ import pyarrow as pa
 import torch
 from torchrec import KeyedJaggedTensor
 
+from recsys.data.memory import Slabs
 from recsys.data.schema import DataError, DatasetMeta, list_columns, scalar_columns
-from recsys.data.segments import copy_segments
+from recsys.data.segments import Scatter, copy_segments
 
 ROW_ID = "__row_id"
 """Column added to every decoded row group: the row's index in the whole dataset."""
@@ -295,18 +296,8 @@ Rows = slice | np.ndarray
 """Rows of a chunk: a run ``slice(start, stop)``, or ascending row indices."""
 
 
-def _fresh(n: int) -> np.ndarray:
-    return np.empty(n, dtype=np.int64)
-
-
-def gather(
-    columns: Columns,
-    rows: np.ndarray,
-    max_len: int | None,
-    empty: Callable[[int], np.ndarray] = _fresh,
-) -> Columns:
-    """The given rows, in that order, with lists cut to their last ``max_len`` values, in
-    memory from ``empty(n)`` (n int64s).
+def gather(columns: Columns, rows: np.ndarray, max_len: int | None) -> Columns:
+    """The given rows, in that order, with lists cut to their last ``max_len`` values.
 
     A run of consecutive rows whose lists need no cutting is returned as views (no copy)."""
     offsets = columns.lists.offsets
@@ -321,14 +312,15 @@ def gather(
     if max_len is not None:
         starts = np.maximum(starts, ends - max_len)
     lengths = ends - starts
-    new_offsets = empty(len(rows) + 1)
+    new_offsets = np.empty(len(rows) + 1, dtype=np.int64)
     new_offsets[0] = 0
     np.cumsum(lengths, out=new_offsets[1:])
     total = int(new_offsets[-1])
     values = {
-        k: copy_segments(v, starts, lengths, empty(total)) for k, v in columns.lists.values.items()
+        k: copy_segments(v, starts, lengths, np.empty(total, dtype=np.int64))
+        for k, v in columns.lists.values.items()
     }
-    table = empty(len(columns.table) * len(rows)).reshape(len(columns.table), len(rows))
+    table = np.empty((len(columns.table), len(rows)), dtype=np.int64)
     np.take(columns.table, rows, axis=1, out=table, mode="clip")
     return Columns(Lists(new_offsets, values), table)
 
@@ -419,91 +411,101 @@ def _batch(values: np.ndarray, lengths: np.ndarray, table: np.ndarray, layout: L
 
 
 @dataclass
-class Groups:
-    """The rows of a decoded chunk regrouped by the batch each goes to (shuffled reading):
-    batch ``k``'s rows are the run ``rows[k]:rows[k + 1]``, their values
-    ``values[k]:values[k + 1]``, lists already cut to ``max_len``."""
+class Gathered:
+    """One batch's shuffled rows, copied out of their chunks (:func:`scatter`)."""
 
-    columns: Columns
+    values: np.ndarray
+    """The batch's ``KeyedJaggedTensor`` values: each list key's ids end to end, then room
+    for the candidate ids (one per row and candidate column)."""
     lengths: np.ndarray
-    """The list length of each (regrouped) row."""
-    rows: list[int]
-    values: list[int]
+    """The list length of each row."""
+    table: np.ndarray
+    """int64 [scalar columns, rows], as :attr:`Columns.table`."""
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, layout: Layout) -> Batch:
+        """The :class:`Batch` of these rows."""
+        c, n = layout.candidates, len(self)
+        if c:
+            self.values[len(self.values) - c * n :].reshape(c, n)[:] = self.table[:c]
+        return _batch(self.values, self.lengths, self.table, layout)
+
+    def columns(self, layout: Layout) -> Columns:
+        """These rows as a chunk of :attr:`Layout.list_keys` (to join a later buffer's)."""
+        offsets = np.zeros(len(self) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=offsets[1:])
+        total = int(offsets[-1])
+        values = {
+            k: self.values[i * total : (i + 1) * total] for i, k in enumerate(layout.list_keys)
+        }
+        return Columns(Lists(offsets, values), self.table)
 
 
-class Arena:
-    """Memory handed out in slices and reused from one shuffle buffer to the next.
+def scatter(
+    chunks: list[tuple[Columns, np.ndarray]],
+    batches: int,
+    layout: Layout,
+    max_len: int | None,
+    slabs: Slabs | None = None,
+) -> list[Gathered]:
+    """The rows of decoded chunks gathered by the batch each goes to (shuffled reading).
 
-    The regrouped rows of a buffer (tens of MB) in fresh arrays would cost a page fault per
-    4 KiB each time: a quarter of the shuffled stream's time."""
-
-    BLOCK = 1 << 22
-    """int64s per block (32 MiB)."""
-
-    def __init__(self) -> None:
-        self._blocks: list[np.ndarray] = []
-        self._block = self._at = 0
-
-    def reset(self) -> None:
-        """Make everything handed out so far free again (its users must be gone)."""
-        self._block = self._at = 0
-
-    def empty(self, n: int) -> np.ndarray:
-        """``n`` uninitialised int64s."""
-        while True:
-            if self._block == len(self._blocks):
-                self._blocks.append(np.empty(max(n, self.BLOCK), dtype=np.int64))
-            block = self._blocks[self._block]
-            if self._at + n <= len(block):
-                self._at += n
-                return block[self._at - n : self._at]
-            if self._at == 0:  # a block too small for n alone
-                self._blocks[self._block] = np.empty(n, dtype=np.int64)
-                continue
-            self._block, self._at = self._block + 1, 0
-
-
-def group(
-    columns: Columns, batch_of: np.ndarray, batches: int, max_len: int | None, arena: Arena
-) -> Groups:
-    """Regroup a chunk's rows by ``batch_of[row]`` (in ``[0, batches)``, or -1: not read),
-    keeping row order within a batch, in memory of ``arena``.
-
-    Gathering a chunk right after decoding it, while it is still in cache, then copying whole
-    runs into each batch, is several times faster than gathering each batch's rows from a
-    whole decoded buffer.
+    ``chunks`` are ``(chunk, batch_of)`` pairs: row ``i`` of a chunk goes to batch
+    ``batch_of[i]`` (in ``[0, batches)``, or -1: not read), after the rows of earlier chunks
+    and rows before it. Lists are cut to their last ``max_len`` values. The batches' sizes
+    are counted first, so every id is copied exactly once, straight into its batch's
+    ``KeyedJaggedTensor`` values buffer, in memory from ``slabs`` (reused from one buffer to
+    the next once its batches are gone).
     """
-    # A stable sort of small integers is a radix sort: several times faster than of int64.
-    narrow = np.int16 if batches < 2**15 else np.int32 if batches < 2**31 else np.int64
+    slabs = slabs or Slabs()
+    spans, tables = [], []
+    for columns, batch_of in chunks:
+        if len(batch_of) != len(columns):
+            raise IndexError("scatter: one batch per row of a chunk")
+        offsets = columns.lists.offsets
+        starts, ends = offsets[:-1], offsets[1:]
+        if max_len is not None:
+            starts = np.maximum(starts, ends - max_len)
+        lengths = ends - starts
+        spans.append((starts, lengths))
+        tables.append((columns.table, lengths))
+    if not chunks:  # every row of the buffer was in skipped row groups
+        empty = np.zeros((len(layout.scalars), 0), dtype=np.int64)
+        return [Gathered(np.zeros(0, np.int64), empty[0], empty) for _ in range(batches)]
+    batch_of = np.concatenate([b for _, b in chunks])
+    if len(batch_of) and (batch_of.min() < -1 or batch_of.max() >= batches):
+        raise IndexError(f"scatter: rows sent outside batches -1 to {batches - 1}")
+    # The scalars (a few per row) by a stable sort on the batch: a radix sort of small
+    # integers, then one gather in order, several times faster than scattering them.
+    narrow = np.int16 if batches < 2**15 - 1 else np.int64
     order = np.argsort(batch_of.astype(narrow), kind="stable")
-    counts = np.bincount(batch_of[batch_of >= 0], minlength=batches)
-    rows = np.zeros(batches + 1, dtype=np.int64)
-    np.cumsum(counts, out=rows[1:])
-    grouped = gather(columns, order[len(order) - int(rows[-1]) :], max_len, arena.empty)
-    offsets = grouped.lists.offsets
-    lengths = np.subtract(offsets[1:], offsets[:-1], out=arena.empty(len(offsets) - 1))
-    return Groups(grouped, lengths, rows.tolist(), offsets[rows].tolist())
-
-
-def detach(groups: Groups, k: int) -> Groups:
-    """Batch ``k``'s rows of ``groups`` as their own groups (batch 0), copied out of their
-    arena."""
-    a, b, lo, hi = groups.rows[k], groups.rows[k + 1], groups.values[k], groups.values[k + 1]
-    columns = groups.columns
-    values = {key: v[lo:hi].copy() for key, v in columns.lists.values.items()}
-    lists = Lists(columns.lists.offsets[a : b + 1] - lo, values)
-    detached = Columns(lists, columns.table[:, a:b].copy())
-    return Groups(detached, groups.lengths[a:b].copy(), [0, b - a], [0, hi - lo])
-
-
-def assemble_groups(parts: list[tuple[Groups, int]], layout: Layout) -> Batch:
-    """The :class:`Batch` of batch ``k``'s rows of each ``(groups, k)`` part, in that order:
-    one block copy per part and column."""
-    spans = [(g, g.rows[k], g.rows[k + 1], g.values[k], g.values[k + 1]) for g, k in parts]
-    lengths = np.concatenate([g.lengths[a:b] for g, a, b, _, _ in spans])
-    table = np.concatenate([g.columns.table[:, a:b] for g, a, b, _, _ in spans], axis=1)
-    blocks = [
-        g.columns.lists.values[key][lo:hi] for key in layout.list_keys for g, _, _, lo, hi in spans
+    counts = np.bincount(batch_of + 1, minlength=batches + 1)  # bincount takes no -1
+    s, lists, c, n = len(layout.scalars), len(layout.list_keys), layout.candidates, len(batch_of)
+    whole = slabs.empty((s + 1) * n).reshape(s + 1, n)  # the scalars, then the list lengths
+    at = 0
+    for scalars, lengths in tables:
+        whole[:s, at : at + len(lengths)], whole[s, at : at + len(lengths)] = scalars, lengths
+        at += len(lengths)
+    kept = n - int(counts[0])
+    table = slabs.empty((s + 1) * kept).reshape(s + 1, kept)
+    np.take(whole, order[counts[0] :], axis=1, out=table)
+    del whole
+    edges = np.zeros(batches + 1, dtype=np.int64)
+    np.cumsum(counts[1:], out=edges[1:])
+    values_before = np.zeros(len(order) - counts[0] + 1, dtype=np.int64)
+    np.cumsum(table[s], out=values_before[1:])
+    totals = (values_before[edges[1:]] - values_before[edges[:-1]]).tolist()
+    out = [
+        Gathered(slabs.empty(t * lists + (b - a) * c), table[s, a:b], table[:s, a:b])
+        for a, b, t in zip(edges[:-1].tolist(), edges[1:].tolist(), totals, strict=True)
     ]
-    values = np.concatenate([*blocks, table[: layout.candidates].reshape(-1)])
-    return _batch(values, lengths, table, layout)
+    # The ids (tens per row), copied once, straight into each batch's values buffer.
+    ids = Scatter([g.values for g in out], totals, columns=lists)
+    for (columns, batch_of), (starts, lengths) in zip(chunks, spans, strict=True):
+        for i, key in enumerate(layout.list_keys):
+            ids.segments(columns.lists.values[key], starts, lengths, batch_of, column=i)
+    if not ids.full():
+        raise AssertionError("scatter: a batch was not filled exactly")
+    return out

@@ -1,10 +1,14 @@
-"""Copying runs of values end to end: the gather under every shuffled or cut batch.
+"""Copying runs of values end to end: the gathers under every shuffled or cut batch.
 
-:func:`copy_segments` copies ``src[starts[i] : starts[i] + lengths[i]]`` for each ``i``, in
-order, into ``out``. It uses the compiled helper ``recsys.data._segments`` (one ``memcpy``
-per run, built with the package) when it could be built, and NumPy otherwise (a running sum
-makes a per-value index, then one gather): the results are identical, the helper is about
-3x faster. ``RECSYS_NATIVE=0`` forces the NumPy path.
+- :func:`copy_segments` copies ``src[starts[i] : starts[i] + lengths[i]]`` for each ``i``,
+  in order, into ``out``;
+- :class:`Scatter` appends each row's run to the output of the batch the row goes to, so
+  that a shuffled row's ids are copied once, straight into its batch.
+
+Both use the compiled helper ``recsys.data._segments`` (one ``memcpy`` per run, built with
+the package) when it could be built, and NumPy otherwise (a running sum makes a per-value
+index, then one gather; a scatter takes one such gather per batch): the results are
+identical, the helper is several times faster. ``RECSYS_NATIVE=0`` forces the NumPy path.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -30,6 +35,9 @@ def _load() -> ctypes.CDLL | None:
         return None
     library.copy_segments.restype = None
     library.copy_segments.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p]
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.scatter_segments.restype = size
+    library.scatter_segments.argtypes = [pointer, size] + [pointer] * 3 + [size] * 2 + [pointer] * 2
     return library
 
 
@@ -93,3 +101,124 @@ def copy_segments(
         )
         return out
     return np.take(src, index(starts, lengths, total), out=out)
+
+
+def _address(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+def _rows(name: str, a: np.ndarray, n: int | None = None) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=np.int64)
+    if a.ndim != 1 or (n is not None and len(a) != n):
+        raise IndexError(f"scatter: {name} must be 1-D, one per row ({n}), got {a.shape}")
+    return a
+
+
+class Scatter:
+    """Rows of successive chunks appended to the outputs of the batches they go to.
+
+    Batch ``b`` has ``columns`` outputs of ``widths[b]`` values each, laid end to end at the
+    start of ``bases[b]`` (int64, 1-D, contiguous, writable): column ``c``'s is
+    ``bases[b][c * widths[b] : (c + 1) * widths[b]]``. Each is filled from its start in the
+    order rows are given, chunk after chunk; a row whose batch is ``-1`` is not read. A run
+    outside its source, a batch past the last, or rows that overflow their batch's output
+    raise IndexError on both paths (the outputs are then undefined); :meth:`full` says
+    whether every output has been filled exactly.
+    """
+
+    def __init__(
+        self, bases: Sequence[np.ndarray], widths: Sequence[int] | np.ndarray, columns: int = 1
+    ) -> None:
+        widths = np.asarray(widths, dtype=np.int64).reshape(-1)
+        if len(widths) != len(bases) or (len(widths) and widths.min() < 0):
+            raise ValueError("scatter: one width >= 0 per batch")
+        for base, width in zip(bases, widths.tolist(), strict=True):
+            if base.dtype != np.int64 or base.ndim != 1 or not base.flags.c_contiguous:
+                raise ValueError("scatter: outputs must be 1-D contiguous int64 arrays")
+            if not base.flags.writeable or len(base) < columns * width:
+                raise ValueError("scatter: an output is read-only or too short for its columns")
+        self.batches, self.columns = len(bases), columns
+        if _LIBRARY is not None:
+            addresses = np.array([_address(base) for base in bases], dtype=np.int64)
+            # [columns, batches]: where each output is filled up to, and where it ends.
+            self._cursors = addresses + 8 * widths * np.arange(columns, dtype=np.int64)[:, None]
+            self._ends = self._cursors + 8 * widths
+            self._outs = None
+        else:
+            self._outs = [
+                [base[c * w : (c + 1) * w] for base, w in zip(bases, widths.tolist(), strict=True)]
+                for c in range(columns)
+            ]
+            self._at = np.zeros((columns, len(bases)), dtype=np.int64)
+            self._widths = widths
+
+    def _failed(self, row: int) -> None:
+        if row >= 0:
+            raise IndexError(
+                f"scatter: row {row} lies outside its source, names a batch past "
+                f"{self.batches - 1}, or overflows its batch's output"
+            )
+
+    def segments(
+        self,
+        src: np.ndarray,
+        starts: np.ndarray,
+        lengths: np.ndarray,
+        batch_of: np.ndarray,
+        column: int = 0,
+    ) -> None:
+        """Append ``src[starts[i] : starts[i] + lengths[i]]`` to ``column`` of batch
+        ``batch_of[i]``."""
+        if not 0 <= column < self.columns:
+            raise IndexError(f"scatter: no column {column} of {self.columns}")
+        src, batch_of = _rows("src", src), _rows("batch_of", batch_of)
+        starts = _rows("starts", starts, len(batch_of))
+        lengths = _rows("lengths", lengths, len(batch_of))
+        if self._outs is None:
+            assert _LIBRARY is not None
+            at = 8 * column * self.batches
+            self._failed(
+                _LIBRARY.scatter_segments(
+                    _address(src),
+                    len(src),
+                    _address(starts),
+                    _address(lengths),
+                    _address(batch_of),
+                    len(batch_of),
+                    self.batches,
+                    _address(self._cursors) + at,
+                    _address(self._ends) + at,
+                )
+            )
+            return
+        taken = batch_of >= 0
+        batch_of, starts, lengths = batch_of[taken], starts[taken], lengths[taken]
+        if len(batch_of) and (
+            batch_of.max() >= self.batches
+            or lengths.min() < 0
+            or starts.min() < 0
+            or (starts > len(src) - lengths).any()
+        ):
+            self._failed(0)
+
+        # The chunk's runs gathered in batch order (one gather), then cut into each batch's.
+        order = np.argsort(batch_of, kind="stable")
+        counts = np.bincount(batch_of, minlength=self.batches)
+        sizes = np.bincount(batch_of, weights=lengths, minlength=self.batches).astype(np.int64)
+        at = self._at[column]
+        if (at + sizes > self._widths).any():
+            self._failed(0)
+        gathered = copy_segments(
+            src, starts[order], lengths[order], np.empty(int(sizes.sum()), dtype=np.int64)
+        )
+        ends = np.cumsum(sizes).tolist()
+        for b in np.flatnonzero(counts).tolist():
+            a, size = int(at[b]), int(sizes[b])
+            self._outs[column][b][a : a + size] = gathered[ends[b] - size : ends[b]]
+            at[b] = a + size
+
+    def full(self) -> bool:
+        """Whether every output is filled exactly."""
+        if self._outs is None:
+            return bool((self._cursors == self._ends).all())
+        return bool((self._at == self._widths).all())

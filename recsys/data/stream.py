@@ -40,20 +40,18 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from recsys.data.batch import (
-    Arena,
     Batch,
     Columns,
-    Groups,
+    Gathered,
     Layout,
     Rows,
     assemble,
-    assemble_groups,
     decode,
-    detach,
     gather,
-    group,
+    scatter,
 )
 from recsys.data.files import Dataset, open_dataset
+from recsys.data.memory import Slabs
 from recsys.data.schema import DataError, DatasetMeta, describe, list_columns, scalar_columns
 
 log = logging.getLogger(__name__)
@@ -61,9 +59,9 @@ log = logging.getLogger(__name__)
 IN_ORDER_ROWS = 2048
 """Rows decoded at a time in file order (rounded to whole batches): pyarrow decodes small
 batches into memory that is still in cache, about 1.3x faster than a large chunk."""
-SHUFFLE_CHUNK_ROWS = 4096
-"""Rows decoded at a time into a shuffle buffer: each chunk's rows are regrouped by the batch
-they go to right after decoding, while the chunk is in cache."""
+SHUFFLE_CHUNK_ROWS = 16384
+"""Rows decoded at a time into a shuffle buffer (small chunks decode faster, see above); once
+the whole buffer is decoded, every row is copied straight into the batch it goes to."""
 
 
 @dataclass(frozen=True)
@@ -347,21 +345,16 @@ class ParquetStream(IterableDataset):
         )
         in_order_rows = batch_size * max(1, IN_ORDER_ROWS // batch_size)
         pending: list[tuple[Columns, Rows]] = []  # rows of the next batch, in file order
-        shuffled: list[tuple[Groups, int]] = []  # or shuffled
+        carry: Gathered | None = None  # or shuffled
+        slabs = Slabs()
         pending_rows = 0
         files: dict[int, Any] = {}
-        arena = Arena()
         for b, buffer in enumerate(buffers):
             rows = sum(u.rows for u in buffer)
             if skip >= rows:
                 skip -= rows
                 continue
             if self.config.shuffle:  # the whole buffer decoded, its rows permuted
-                # The last buffer's rows are dropped before this one is decoded into their
-                # memory (but for the rows of a batch not complete yet, copied out).
-                groups: list[Groups] = []
-                shuffled = [(detach(g, k), 0) for g, k in shuffled]
-                arena.reset()
                 rng = np.random.default_rng([self.config.seed, epoch, reader[0], b])
                 order = rng.permutation(rows)[skip:]
                 end = pending_rows + len(order)  # the pending batch is completed first
@@ -377,6 +370,11 @@ class ParquetStream(IterableDataset):
                 batches = min(-(-end // batch_size), last + 1)
                 batch_of = np.full(rows, -1, dtype=np.int64)
                 batch_of[order] = within
+                chunks = (
+                    []
+                    if carry is None
+                    else [(carry.columns(layout), np.zeros(len(carry), np.int64))]
+                )
                 at = 0
                 for unit in buffer:
                     unit_at = at
@@ -385,20 +383,26 @@ class ParquetStream(IterableDataset):
                             if not skip:  # resumed inside this buffer: counted already
                                 self._skipped += chunk.rows
                             break
-                        part = batch_of[at : at + len(chunk)]
-                        groups.append(group(chunk, part, batches, max_len, arena))
+                        chunks.append((chunk, batch_of[at : at + len(chunk)]))
                         at += len(chunk)
                     at = unit_at + unit.rows
+                filled: list[Gathered | None] = list(
+                    scatter(chunks, batches, layout, max_len, slabs)
+                )
+                chunks, carry = [], None
                 for k in range(batches):
-                    shuffled += [(g, k) for g in groups if g.rows[k + 1] > g.rows[k]]
+                    gathered, filled[k] = filled[k], None
+                    assert gathered is not None
                     target = share.size(reader[0], base + k)
                     pending_rows = min(end - k * batch_size, target)
-                    if pending_rows == target:
-                        if shuffled:
-                            yield self._count(assemble_groups(shuffled, layout), target)
-                        else:  # every row of this batch was in skipped row groups
-                            self._rows_done += target
-                        shuffled, pending_rows = [], 0
+                    if pending_rows < target:  # the last batch, completed by the next buffer
+                        carry = gathered
+                        continue
+                    if len(gathered):
+                        yield self._count(gathered.batch(layout), target)
+                    else:  # every row of this batch was in skipped row groups
+                        self._rows_done += target
+                    pending_rows = 0
             else:  # in file order, one small decoded chunk held at a time, runs of its rows
                 for chunk, at in self._in_order(buffer, files, skip, in_order_rows):
                     if isinstance(chunk, Skipped):  # rows that fill batches with no data
@@ -431,8 +435,8 @@ class ParquetStream(IterableDataset):
                             pending, pending_rows = [], 0
             skip = 0
         if pending_rows and not self.config.drop_last:
-            if shuffled:
-                yield self._count(assemble_groups(shuffled, layout), pending_rows)
+            if carry is not None and len(carry):
+                yield self._count(carry.batch(layout), pending_rows)
             elif pending:
                 yield self._count(assemble(pending, layout, max_len), pending_rows)
         # The epoch is done: the cursor stays on it with every row counted (dropped ones too).

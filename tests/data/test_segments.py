@@ -57,3 +57,72 @@ def test_both_paths_refuse_the_same_bad_runs(native: bool, monkeypatch: pytest.M
     for starts, lengths, size in cases:
         with pytest.raises(IndexError):
             segments.copy_segments(src, starts, lengths, np.empty(size, np.int64))
+
+
+def _scatter(src, starts, lengths, batch_of, sizes, chunks=2):
+    """Outputs of a Scatter fed in ``chunks`` successive calls: runs into two columns per
+    batch (the same runs twice)."""
+    runs = [np.full(2 * size + 3, -7, np.int64) for size in sizes]  # room to spare at the end
+    into_runs = segments.Scatter(runs, sizes, 2)
+    for part in np.array_split(np.arange(len(starts)), chunks):
+        for column in (0, 1):
+            into_runs.segments(src, starts[part], lengths[part], batch_of[part], column)
+    assert all((r[2 * size :] == -7).all() for r, size in zip(runs, sizes, strict=True))
+    return runs, into_runs.full()
+
+
+def test_scatter_appends_each_row_to_its_batch_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    src = rng.integers(-(2**62), 2**62, 1000)
+    starts, lengths = _runs(rng, len(src), 300)
+    batch_of = rng.integers(-1, 4, 300)  # -1: rows not read
+    expected = [
+        np.concatenate(
+            [src[starts[i] : starts[i] + lengths[i]] for i in np.flatnonzero(batch_of == b)]
+        )
+        for b in range(4)
+    ]
+    sizes = [len(e) for e in expected]
+    native = _scatter(src, starts, lengths, batch_of, sizes)
+    monkeypatch.setattr(segments, "_LIBRARY", None)
+    fallback = _scatter(src, starts, lengths, batch_of, sizes)
+    for runs, full in (native, fallback):
+        assert full
+        for b in range(4):
+            np.testing.assert_array_equal(runs[b][: 2 * sizes[b]], np.tile(expected[b], 2))
+    # A batch left short is reported, not handed out.
+    scatter = segments.Scatter([np.empty(size + 1, np.int64) for size in sizes], np.add(sizes, 1))
+    scatter.segments(src, starts, lengths, batch_of)
+    assert not scatter.full()
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["helper", "numpy"])
+def test_scatter_refuses_rows_outside_the_source_or_their_batch(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not native:
+        monkeypatch.setattr(segments, "_LIBRARY", None)
+    src = np.arange(10, dtype=np.int64)
+    cases = [  # starts, lengths, batch_of, output sizes
+        ([8], [3], [0], [3]),  # past the end of the source
+        ([-1], [2], [0], [2]),  # negative start
+        ([0], [-1], [0], [0]),  # negative length
+        ([2**62], [2**62], [0], [0]),  # would overflow start + length
+        ([0, 2], [2, 2], [0, 0], [3]),  # overflows its batch's output
+        ([0], [2], [1], [2]),  # a batch past the last
+    ]
+    for starts, lengths, batch_of, sizes in cases:
+        scatter = segments.Scatter([np.empty(s, np.int64) for s in sizes], sizes)
+        with pytest.raises(IndexError, match="scatter: row"):
+            scatter.segments(src, np.array(starts), np.array(lengths), np.array(batch_of))
+    # Column 0 of a batch of two columns must not run into column 1.
+    two = segments.Scatter([np.empty(4, np.int64)], [2], columns=2)
+    with pytest.raises(IndexError, match="scatter: row"):
+        two.segments(src, np.array([0]), np.array([3]), np.array([0]))
+    one = segments.Scatter([np.empty(1, np.int64)], [1])
+    with pytest.raises(IndexError, match="one per row"):
+        one.segments(src, np.array([0]), np.array([1, 1]), np.array([0]))
+    with pytest.raises(IndexError, match="no column 1"):
+        one.segments(src, np.array([0]), np.array([1]), np.array([0]), column=1)
+    with pytest.raises(ValueError, match="too short"):
+        segments.Scatter([np.empty(3, np.int64)], [2], columns=2)

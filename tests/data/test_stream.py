@@ -142,27 +142,41 @@ def test_cursor_of_another_layout_is_refused(synth_dir: Path) -> None:
         next(iter(other))
 
 
-@pytest.mark.parametrize("shuffle", [True, False])  # gathered rows, and runs of rows as views
-def test_batches_hold_the_rows_they_name(synth_dir: Path, shuffle: bool) -> None:
+@pytest.mark.parametrize(
+    "shuffle, native",
+    [(True, True), (True, False), (False, True)],
+    ids=["shuffled", "shuffled-numpy", "file-order"],  # rows scattered, or runs as views
+)
+def test_batches_hold_the_rows_they_name(
+    synth_dir: Path, shuffle: bool, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import recsys.data.segments as segments
+
+    if not native:
+        monkeypatch.setattr(segments, "_LIBRARY", None)
     source = synth_dir / "ctr_train"
-    table = read_rows(source)
+    records = read_rows(source).to_pylist()
+    # Batches of 25 over row groups of 23 rows: most batches join two shuffle buffers.
     stream = ParquetStream(str(source), StreamConfig(batch_size=25, max_len=6, shuffle=shuffle))
-    batch = next(iter(stream))
-    features = batch.features
-    lengths = features["history_item"].lengths().tolist()
-    items = features["history_item"].to_dense()
-    categories = features["history_category"].to_dense()
-    for k, row in enumerate(batch.row_ids.tolist()):
-        record = table.slice(row, 1).to_pylist()[0]
-        assert lengths[k] == min(6, len(record["history_item_ids"]))
-        # The most recent events are kept.
-        assert items[k].tolist() == record["history_item_ids"][-6:]
-        assert categories[k].tolist() == record["history_category_ids"][-6:]
-        assert features["candidate_item"].to_dense()[k].tolist() == [record["item_id"]]
-        assert features["candidate_category"].to_dense()[k].tolist() == [record["category_id"]]
-        assert batch.labels[k].item() == record["label"]
-        assert batch.user_ids[k].item() == record["user_id"]
-        assert batch.timestamps[k].item() == record["timestamp"]
+    seen = []
+    for batch in stream:
+        features = batch.features
+        lengths = features["history_item"].lengths().tolist()
+        items = features["history_item"].to_dense()
+        categories = features["history_category"].to_dense()
+        for k, row in enumerate(batch.row_ids.tolist()):
+            record = records[row]
+            assert lengths[k] == min(6, len(record["history_item_ids"]))
+            # The most recent events are kept.
+            assert items[k].tolist() == record["history_item_ids"][-6:]
+            assert categories[k].tolist() == record["history_category_ids"][-6:]
+            assert features["candidate_item"].to_dense()[k].tolist() == [record["item_id"]]
+            assert features["candidate_category"].to_dense()[k].tolist() == [record["category_id"]]
+            assert batch.labels[k].item() == record["label"]
+            assert batch.user_ids[k].item() == record["user_id"]
+            assert batch.timestamps[k].item() == record["timestamp"]
+        seen += batch.row_ids.tolist()
+    assert sorted(seen) == list(range(len(records)))
 
 
 def test_seq_batches(synth_dir: Path) -> None:
@@ -240,7 +254,7 @@ def test_decoding_in_small_chunks_changes_nothing(
     synth_dir: Path, shuffle: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Row groups are decoded in chunks (runs of a chunk in file order; shuffled, each
-    chunk's rows regrouped by batch): batches that span chunks and row groups, cut lists and
+    chunk's rows scattered to their batches): batches that span chunks and row groups, cut lists and
     a resumed pass are the same whatever the chunk size."""
     import recsys.data.stream as stream_module
 

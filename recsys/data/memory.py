@@ -1,0 +1,52 @@
+"""Memory for the batches a stream hands out, reused once they are gone.
+
+A shuffle buffer's batches (tens of MB) in fresh arrays would cost the process a page fault
+per 4 KiB each time: the C library returns freed blocks of that size to the system and maps
+them again. :class:`Slabs` carves arrays out of large slabs instead and reuses a slab once
+no array carved from it is alive (its reference count says so), so the pages stay mapped.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+
+class Slabs:
+    """int64 arrays carved from reusable slabs."""
+
+    SLAB = 1 << 22
+    """int64s per slab (32 MiB)."""
+    KEEP = 4
+    """Free slabs kept for reuse (the rest go back to the system)."""
+
+    def __init__(self) -> None:
+        self._slab: np.ndarray | None = None
+        self._at = 0
+        self._used: list[np.ndarray] = []  # slabs carved from, some arrays maybe still alive
+        self._free: list[np.ndarray] = []
+
+    def empty(self, n: int) -> np.ndarray:
+        """``n`` uninitialised int64s (a view of a slab; a large request gets its own)."""
+        if n > self.SLAB // 2:
+            return np.empty(n, dtype=np.int64)
+        if self._slab is None or self._at + n > len(self._slab):
+            self._next()
+        assert self._slab is not None
+        self._at += n
+        return self._slab[self._at - n : self._at]
+
+    def _next(self) -> None:
+        if self._slab is not None:
+            self._used.append(self._slab)
+        self._slab = None
+        still = []
+        for slab in self._used:
+            # A view holds its slab: referred to only by this list, the loop and the call,
+            # no array carved from it is left.
+            (self._free if sys.getrefcount(slab) <= 3 else still).append(slab)
+        self._used = still
+        del self._free[self.KEEP :]
+        self._slab = self._free.pop() if self._free else np.empty(self.SLAB, dtype=np.int64)
+        self._at = 0

@@ -93,7 +93,9 @@ def synthetic(data: Path, users: int) -> Path:
     return out
 
 
-def train(task: str, data: str, run_dir: str, epochs: int, batch: int, negatives: int) -> dict:
+def train(
+    task: str, data: str, run_dir: str, epochs: int, batch: int, negatives: int, bf16: bool = False
+) -> dict:
     """One training run on this rank; returns rows trained and seconds (rank 0's view)."""
     import json
 
@@ -140,7 +142,7 @@ def train(task: str, data: str, run_dir: str, epochs: int, batch: int, negatives
             dense,
             schedule,
             StatefulDataLoader(stream, batch_size=None),
-            TrainConfig(run_dir, task=task, epochs=epochs, resume=False),
+            TrainConfig(run_dir, task=task, epochs=epochs, resume=False, cpu_bf16=bf16),
             optim,
         )
         # Steady state: the intervals between the starts of consecutive training steps (the

@@ -116,8 +116,20 @@ KNOWN_BAD: list[tuple[Callable[[dict[str, str]], bool], str, str]] = [
 ]
 
 
+def cpu_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether the CPU has bf16 matrix units (AMX), which make ``run.cpu_bf16`` pay off;
+    None where the CPU's flags cannot be read (not Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return None
+    return "amx_bf16" in flags.split() if flags else None
+
+
 def accelerator() -> str:
-    """CUDA devices and their names, or why there are none."""
+    """CUDA devices and their names, or why there are none (and whether the CPU's bf16
+    units make ``run.cpu_bf16`` worth turning on)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -126,7 +138,12 @@ def accelerator() -> str:
             if torch.version.cuda
             else "torch built without CUDA"
         )
-        return f"none: no CUDA device ({built})"
+        units = {
+            True: "CPU with bf16 matrix units (AMX): run.cpu_bf16=true speeds training up",
+            False: "CPU without bf16 matrix units (AMX): keep run.cpu_bf16 off",
+            None: "CPU bf16 units unknown",
+        }[cpu_bf16_units()]
+        return f"none: no CUDA device ({built}); {units}"
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return f"CUDA {torch.version.cuda}, {len(names)} device(s): " + ", ".join(
         f"{i}: {n}" for i, n in enumerate(names)

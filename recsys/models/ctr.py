@@ -124,7 +124,7 @@ class CTRModel(nn.Module):
         tokens = torch.cat([history + self.segment[0], history.new_zeros(b, 1, d)], dim=1)
         tokens = tokens.index_put((rows, lengths), candidate + self.segment[1])
         positions = torch.arange(t + 1, device=history.device)[None, :]
-        hidden = self.tower(tokens, positions <= lengths[:, None])
-        logits = self.head(with_extra(hidden[rows, lengths], extra, self.config.extra))
+        hidden = self.tower(tokens, positions <= lengths[:, None], at=lengths)
+        logits = self.head(with_extra(hidden, extra, self.config.extra))
         logits = logits.squeeze(-1)
         return CTROutput(logits, bce(logits, labels))

@@ -131,10 +131,15 @@ class GenerativeModel(nn.Module):
         negatives = torch.randint(
             0, config.items, (batch * config.negatives,), device=features.values().device
         )
+        # Each distinct negative is looked up once (all in the first row): B × K draws from a
+        # table of fewer rows repeat most ids, and every lookup crosses the sharded tables'
+        # all-to-all twice (forward, backward). Gathering by the inverse index gives the same
+        # vectors, and its backward sums each id's gradients as the table's would.
+        distinct, inverse = torch.unique(negatives, return_inverse=True)
+        lengths = torch.zeros(batch, dtype=torch.long, device=negatives.device)
+        lengths[:1] = len(distinct)
         sampled = KeyedJaggedTensor.from_lengths_sync(
-            keys=["negative_item"],
-            values=negatives,
-            lengths=torch.full((batch,), config.negatives, device=negatives.device),
+            keys=["negative_item"], values=distinct, lengths=lengths
         )
         sequences, _ = self.sparse(KeyedJaggedTensor.concat([features, sampled]))
         sides = list(config.side_features)
@@ -143,7 +148,8 @@ class GenerativeModel(nn.Module):
         items, _ = padded(sequences["item"], tokens.shape[1])
         ids, _ = padded(features["item"], tokens.shape[1])
         target_valid = valid[:, 1:]
-        negative_emb = sequences["negative_item"].values().view(batch, config.negatives, -1)
+        negative_emb = sequences["negative_item"].values()[inverse]
+        negative_emb = negative_emb.view(batch, config.negatives, -1)
         accidental = None
         if config.remove_accidental_hits:
             accidental = ids[:, 1:, None] == negatives.view(batch, 1, config.negatives)

@@ -244,5 +244,6 @@ def trainer(
         resume=run.resume,
         seed=run.seed,
         record_samples=run.record_samples,
+        cpu_bf16=run.cpu_bf16,
     )
     return sharded, Trainer(sharded, dense, schedule, train, settings, optim, valid)

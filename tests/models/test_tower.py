@@ -71,3 +71,49 @@ def test_left_padding_uses_the_explicit_mask() -> None:
     assert model.attention_mask(valid) is not None
     alone = model(x[:, 2:], torch.ones(1, 4, dtype=torch.bool))
     assert torch.allclose(model(x, valid)[:, 2:], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("left_padded", [False, True], ids=["right-padded", "left-padded"])
+def test_one_position_per_row_equals_the_full_output_there(causal: bool, left_padded: bool) -> None:
+    model = tower(causal).train()  # gradients too
+    x = torch.randn(4, 9, 32, requires_grad=True)
+    lengths = torch.tensor([9, 5, 1, 7])
+    valid = torch.arange(9)[None, :] < lengths[:, None]
+    if left_padded:
+        valid = valid.flip(1)
+    at = torch.tensor([8, 8, 8, 8]) if left_padded else lengths - 1
+    at[3] = 4 if left_padded else 3  # a position before the row's last
+    if left_padded:  # a padded position: it sees itself, as with the full mask
+        at[1] = 2
+    full = model(x, valid)[torch.arange(4), at]
+    one = model(x, valid, at=at)
+    assert one.shape == (4, 32)
+    torch.testing.assert_close(one, full, atol=1e-5, rtol=1e-5)
+    (grad_full,) = torch.autograd.grad(full.square().sum(), x)
+    (grad_one,) = torch.autograd.grad(one.square().sum(), x)
+    torch.testing.assert_close(grad_one, grad_full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="own mask and positions"):
+        model(x, valid, at=at, positions=torch.zeros(4, 9, dtype=torch.long))
+
+
+def test_cpu_bf16_autocast_keeps_attention_in_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    import recsys.models.tower as tower_module
+
+    seen = []
+    sdpa = tower_module.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **options):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **options)
+
+    monkeypatch.setattr(tower_module.F, "scaled_dot_product_attention", spy)
+    model = tower()
+    x = torch.randn(2, 7, 32)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = model(x, valid)
+    assert seen and all(s == (torch.float32, False) for s in seen)
+    exact = model(x, valid)
+    assert not torch.equal(fast, exact)  # the projections ran in bf16
+    torch.testing.assert_close(fast, exact, atol=0.1, rtol=0.05)

@@ -67,3 +67,9 @@ def test_an_unset_lum_section_leaves_gpsd_records_as_they_were() -> None:
     assert record["lum"]["queries"] == {"liked": [0, 1]}
     with pytest.raises(ConfigError, match="same number"):
         load(None, ["lum.queries={a: [0, 1], b: [0]}"])
+
+
+def test_cpu_bf16_is_recorded_only_when_on() -> None:
+    assert "cpu_bf16" not in load(None, []).to_dict()["run"]
+    config = load(None, ["run.cpu_bf16=true"])
+    assert config.run.cpu_bf16 and config.to_dict()["run"]["cpu_bf16"] is True

@@ -177,3 +177,12 @@ def test_doctor_names_every_cuda_device() -> None:
     assert f"{torch.cuda.device_count()} device(s)" in line
     for i in range(torch.cuda.device_count()):
         assert torch.cuda.get_device_name(i) in line
+
+
+def test_doctor_says_whether_cpu_bf16_pays_off(tmp_path) -> None:
+    amx, plain = tmp_path / "amx", tmp_path / "plain"
+    amx.write_text("processor : 0\nflags : fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    plain.write_text("processor : 0\nflags : fpu avx2 avx512f\n")
+    assert doctor.cpu_bf16_units(str(amx)) is True
+    assert doctor.cpu_bf16_units(str(plain)) is False
+    assert doctor.cpu_bf16_units(str(tmp_path / "missing")) is None

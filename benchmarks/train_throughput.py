@@ -6,13 +6,15 @@ streaming, sharded tables, fused table optimizer, DDP, metrics, logs and checkpo
     python benchmarks/train_throughput.py --epochs 5 --synth-users 50000
 
 MovieLens-100K comes from the recbole 1.2.1 wheel (``pip download`` into --data once).
-Prints samples (sequences) per second of each whole run — start-up, data loading, steps,
-metrics and the final checkpoint included — and of its steady state (training steps with
-their data loading, past the first 10 steps, evaluation excluded), beside the same figures
-measured for GPSD's public code at L4H64A4 on ML-100K on this kind of 2-core CPU (end to
-end: CTR ~0.33 k samples/s, pretraining ~47 sequences/s; steady state ~0.9 k and ~100), and
-the ratio to them. That reference was measured on another host, so the script also measures this
-host's speed on the tower's typical GEMM and prints the reference scaled to it: compare
+Each run is timed in fp32 and, on CPUs with bf16 matrix units (AMX), with bf16 autocast
+(``run.cpu_bf16``; attention stays fp32). Prints samples (sequences) per second of each
+whole run — start-up, data loading, steps, metrics and the final checkpoint included — and
+of its steady state (training steps with their data loading, past the first 10 steps,
+evaluation excluded), beside the same figures measured for GPSD's public code at L4H64A4 on
+ML-100K on this kind of 2-core CPU (end to end: CTR ~0.33 k samples/s, pretraining ~47
+sequences/s; steady state ~0.9 k and ~100, in fp32), and the ratio to them. That reference
+was measured on another host, so the script also measures this host's speed on the tower's
+typical fp32 GEMM and prints the reference scaled to it: compare
 against that row on a slower or faster CPU.
 """
 
@@ -187,9 +189,20 @@ def main() -> None:
     parser.add_argument("--seq-batch", type=int, default=64)
     parser.add_argument("--negatives", type=int, default=4096)
     parser.add_argument("--synth-users", type=int, default=20_000)
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "both"],
+        default=None,
+        help="fp32, bf16 autocast (run.cpu_bf16), or both; default: both on CPUs with bf16 "
+        "matrix units (AMX), fp32 elsewhere",
+    )
     args = parser.parse_args()
 
     from recsys.distributed.launch import run_on_ranks
+    from recsys.doctor import cpu_bf16_units
+
+    precision = args.precision or ("both" if cpu_bf16_units() else "fp32")
+    precisions = ["fp32", "bf16"] if precision == "both" else [precision]
 
     gflops = tower_gemm_gflops()
     scale = gflops / REFERENCE_GEMM_GFLOPS
@@ -214,19 +227,20 @@ def main() -> None:
             "reference: GPSD public code, ML-100K, steady state": STEADY_REFERENCE[task],
             "reference scaled to this host's GEMM speed": STEADY_REFERENCE[task] * scale,
         }
-        for name, data in datasets.items():
+        for (name, data), precision in itertools.product(datasets.items(), precisions):
             out = run_on_ranks(
                 train,
                 task,
                 str(data),
-                str(args.runs / f"{task}-{name}"),
+                str(args.runs / f"{task}-{name}-{precision}"),
                 args.epochs,
                 batch,
                 args.negatives,
+                precision == "bf16",
                 world_size=2,
                 quiet=True,
             )[0]
-            label = f"recsys {task}, {name}, 2 gloo ranks"
+            label = f"recsys {task}, {name}, 2 gloo ranks, {precision}"
             rates[label] = out["rows"] / out["seconds"]
             steady_rates[label] = out["steady"]
             shown = ", ".join(f"{k} {v:.4f}" for k, v in out["results"].items())

@@ -125,11 +125,17 @@ class Attention(nn.Module):
         """``at`` [B]: queries only at position ``at[b]`` of each row (keys and values at every
         position): [B, 1, d] out, with ``mask`` [B, 1, 1, T]."""
         b, t, d = x.shape
-        if at is not None:
-            return self._one_query(x, mask, cos, sin, at)
-        qkv = self.qkv(x).view(b, t, 3, self.heads, d // self.heads)
-        qk = apply_rotary(qkv[:, :, :2], cos, sin)  # queries and keys in one rotation
-        q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
+        heads = (self.heads, d // self.heads)
+        if at is None:
+            qkv = self.qkv(x).view(b, t, 3, *heads)
+            qk = apply_rotary(qkv[:, :, :2], cos, sin)  # queries and keys in one rotation
+            q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
+        else:  # one query per row: its projection alone, rotated by its own position
+            weight = self.qkv.weight
+            kv = F.linear(x, weight[d:]).view(b, t, 2, *heads)
+            q = F.linear(x[torch.arange(b, device=x.device), at], weight[:d]).view(b, 1, *heads)
+            q = apply_rotary(q, cos[at][:, None], sin[at][:, None])
+            k, v = apply_rotary(kv[:, :, 0], cos, sin), kv[:, :, 1]
         # mask None: causal over right-padded rows, which lets SDPA pick its fused kernels.
         y = attend(
             q.transpose(1, 2),
@@ -139,24 +145,7 @@ class Attention(nn.Module):
             is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        return self.out(y.transpose(1, 2).reshape(b, t, d))
-
-    def _one_query(self, x, mask, cos, sin, at) -> torch.Tensor:
-        b, t, d = x.shape
-        rows = torch.arange(b, device=x.device)
-        weight = self.qkv.weight
-        kv = F.linear(x, weight[d:]).view(b, t, 2, self.heads, d // self.heads)
-        q = F.linear(x[rows, at], weight[:d]).view(b, 1, self.heads, d // self.heads)
-        k = apply_rotary(kv[:, :, 0], cos, sin)
-        q = apply_rotary(q, cos[at][:, None], sin[at][:, None])
-        y = attend(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            kv[:, :, 1].transpose(1, 2),
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        return self.out(y.transpose(1, 2).reshape(b, 1, d))
+        return self.out(y.transpose(1, 2).reshape(b, q.shape[1], d))
 
 
 class FeedForward(nn.Module):

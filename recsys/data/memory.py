@@ -13,6 +13,17 @@ import sys
 import numpy as np
 
 
+def _unreferenced() -> int:
+    """The reference count of an array held only by a list, seen as in ``Slabs._next``
+    (the interpreter's own counts differ between versions)."""
+    for array in [np.empty(0)]:
+        return sys.getrefcount(array)
+    raise AssertionError
+
+
+_UNREFERENCED = _unreferenced()
+
+
 class Slabs:
     """int64 arrays carved from reusable slabs."""
 
@@ -43,9 +54,9 @@ class Slabs:
         self._slab = None
         still = []
         for slab in self._used:
-            # A view holds its slab: referred to only by this list, the loop and the call,
-            # no array carved from it is left.
-            (self._free if sys.getrefcount(slab) <= 3 else still).append(slab)
+            # A view holds its slab: a slab referred to no more than an array nothing else
+            # refers to (this list, the loop, the call), has no array carved from it left.
+            (self._free if sys.getrefcount(slab) <= _UNREFERENCED else still).append(slab)
         self._used = still
         del self._free[self.KEEP :]
         self._slab = self._free.pop() if self._free else np.empty(self.SLAB, dtype=np.int64)

@@ -25,7 +25,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from recsys.analysis.stats import auc_standard_error, fit_power_law, mean_std
+from recsys.analysis.stats import (
+    EXPONENT_BOUNDS,
+    auc_standard_error,
+    fit_power_law,
+    mean_std,
+)
 
 ORDER = ("NT", "FT", "ST", "FT&SF", "ST&SF", "DLRM", "+LUM", "+LUM match", "+LUM+match")
 """GPSD's strategies, then LUM's step-3 variants (``pipelines.lum``)."""
@@ -523,9 +528,10 @@ def render(
                 if law
                 else "no rising power law fits"
             )
-            if law and law["exponent"] >= 1.99:
+            low, high = EXPONENT_BOUNDS
+            if law and law["exponent"] >= 0.995 * high:
                 formula += " (α at the search bound: the points follow no power law)"
-            elif law and law["exponent"] <= 0.0011:
+            elif law and law["exponent"] <= 1.1 * low:
                 formula += (
                     " (α at the search bound: AUC grows like log N over these sizes, so no "
                     "asymptote can be read from them)"

@@ -52,6 +52,10 @@ class PowerLaw:
         return self.asymptote - self.scale * np.power(n, -self.exponent)
 
 
+EXPONENT_BOUNDS = (1e-3, 2.0)
+"""The range of exponents :func:`fit_power_law` searches (400 steps, geometric)."""
+
+
 def fit_power_law(params: list[float], aucs: list[float]) -> PowerLaw | None:
     """The least-squares power law through ``(params, aucs)`` with a rising curve
     (``scale`` > 0, ``exponent`` in (0, 2]); None with fewer than 3 distinct sizes or when
@@ -61,7 +65,7 @@ def fit_power_law(params: list[float], aucs: list[float]) -> PowerLaw | None:
     if len(np.unique(n)) < 3:
         return None
     best: PowerLaw | None = None
-    for exponent in np.geomspace(1e-3, 2.0, 400):
+    for exponent in np.geomspace(*EXPONENT_BOUNDS, 400):
         x = np.power(n, -exponent)
         design = np.stack([np.ones_like(x), -x], axis=1)
         (asymptote, scale), *_ = np.linalg.lstsq(design, y, rcond=None)

@@ -464,11 +464,7 @@ def scatter(
     for columns, batch_of in chunks:
         if len(batch_of) != len(columns):
             raise IndexError("scatter: one batch per row of a chunk")
-        offsets = columns.lists.offsets
-        starts, ends = offsets[:-1], offsets[1:]
-        if max_len is not None:
-            starts = np.maximum(starts, ends - max_len)
-        lengths = ends - starts
+        starts, lengths, _ = _spans(columns, slice(0, len(columns)), max_len)
         spans.append((starts, lengths))
         tables.append((columns.table, lengths))
     if not chunks:  # every row of the buffer was in skipped row groups

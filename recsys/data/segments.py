@@ -62,6 +62,16 @@ def index(starts: np.ndarray, lengths: np.ndarray, total: int) -> np.ndarray:
     return np.cumsum(steps, out=steps)
 
 
+def _address(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+def _outside(size: int, starts: np.ndarray, lengths: np.ndarray) -> bool:
+    """Whether any run (non-empty ``starts``, ``lengths``) lies outside a source of ``size``
+    values; checked without overflow: start > size − length for a run that ends past it."""
+    return bool(lengths.min() < 0 or starts.min() < 0 or (starts > size - lengths).any())
+
+
 def _int64_array(a: np.ndarray) -> bool:
     return a.dtype == np.int64 and a.flags.c_contiguous
 
@@ -83,13 +93,7 @@ def copy_segments(
         if total:
             raise IndexError("copy_segments: no runs to fill the output")
         return out
-    # Checked without overflow: start > len(src) − length for a run that ends past src.
-    if (
-        lengths.min() < 0
-        or starts.min() < 0
-        or (starts > len(src) - lengths).any()
-        or int(lengths.sum()) != total
-    ):
+    if _outside(len(src), starts, lengths) or int(lengths.sum()) != total:
         raise IndexError("copy_segments: a run lies outside the source or the output")
     if (
         _LIBRARY is not None
@@ -97,14 +101,10 @@ def copy_segments(
         and all(map(_int64_array, (src, starts, lengths, out)))
     ):
         _LIBRARY.copy_segments(
-            src.ctypes.data, starts.ctypes.data, lengths.ctypes.data, len(starts), out.ctypes.data
+            _address(src), _address(starts), _address(lengths), len(starts), _address(out)
         )
         return out
     return np.take(src, index(starts, lengths, total), out=out)
-
-
-def _address(a: np.ndarray) -> int:
-    return a.ctypes.data
 
 
 def _rows(name: str, a: np.ndarray, n: int | None = None) -> np.ndarray:
@@ -194,10 +194,7 @@ class Scatter:
         taken = batch_of >= 0
         batch_of, starts, lengths = batch_of[taken], starts[taken], lengths[taken]
         if len(batch_of) and (
-            batch_of.max() >= self.batches
-            or lengths.min() < 0
-            or starts.min() < 0
-            or (starts > len(src) - lengths).any()
+            batch_of.max() >= self.batches or _outside(len(src), starts, lengths)
         ):
             self._failed(0)
 

@@ -246,12 +246,11 @@ class Tower(nn.Module):
                     f"{self.config.max_len}"
                 )
             cos, sin = cos[positions], sin[positions]
-        if at is None:
-            for block in self.blocks:
-                x = block(x, mask, cos, sin)
-            return self.norm(x)
-        for block in self.blocks[:-1]:
+        # With `at`, the last block runs on its own below, at those positions only.
+        for block in self.blocks if at is None else self.blocks[:-1]:
             x = block(x, mask, cos, sin)
+        if at is None:
+            return self.norm(x)
         # The one query of each row sees the keys its row of the full mask lets it see.
         position = torch.arange(valid.shape[1], device=valid.device)[None, :]
         keys = valid & (position <= at[:, None]) if self.config.causal else valid

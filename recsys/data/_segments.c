@@ -1,6 +1,7 @@
 /* Segmented copies for the data stream (recsys.data.segments).
  *
- * copy_segments: the runs src[starts[i] : starts[i] + lengths[i]], i < n, end to end into dst.
+ * copy_segments: the runs src[starts[i] : starts[i] + lengths[i]], i < n, end to end into dst
+ * (int64 or int32 values: the stream narrows ids that fit to int32 as it decodes them).
  * NumPy needs a per-value index (a running sum, then a gather) for the same result; one
  * memcpy per run is several times faster and touches each value once. Bounds are checked by
  * the caller (recsys/data/segments.py), which owns every array passed here.
@@ -19,27 +20,28 @@
 #include <stdint.h>
 #include <string.h>
 
-void copy_segments(const int64_t *src, const int64_t *starts, const int64_t *lengths,
-                   int64_t n, int64_t *dst) {
+/* Values are int64 or int32 (item: their size in bytes), the same in src and out. */
+void copy_segments(const char *src, const int64_t *starts, const int64_t *lengths, int64_t n,
+                   char *dst, int64_t item) {
     for (int64_t i = 0; i < n; i++) {
-        int64_t length = lengths[i];
-        memcpy(dst, src + starts[i], (size_t)length * sizeof(int64_t));
-        dst += length;
+        size_t bytes = (size_t)(lengths[i] * item);
+        memcpy(dst, src + starts[i] * item, bytes);
+        dst += bytes;
     }
 }
 
-int64_t scatter_segments(const int64_t *src, int64_t size, const int64_t *starts,
+int64_t scatter_segments(const char *src, int64_t size, const int64_t *starts,
                          const int64_t *lengths, const int64_t *batch_of, int64_t n,
-                         int64_t batches, int64_t *cursors, const int64_t *ends) {
+                         int64_t batches, int64_t *cursors, const int64_t *ends, int64_t item) {
     for (int64_t i = 0; i < n; i++) {
         int64_t b = batch_of[i], start = starts[i], length = lengths[i];
         if (b < 0)
             continue;
         if (b >= batches || length < 0 || start < 0 || start > size - length ||
-            length > (ends[b] - cursors[b]) / (int64_t)sizeof(int64_t))
+            length > (ends[b] - cursors[b]) / item)
             return i;
-        memcpy((int64_t *)cursors[b], src + start, (size_t)length * sizeof(int64_t));
-        cursors[b] += length * (int64_t)sizeof(int64_t);
+        memcpy((char *)cursors[b], src + start * item, (size_t)(length * item));
+        cursors[b] += length * item;
     }
     return -1;
 }

@@ -17,8 +17,9 @@ Feature keys of the ``KeyedJaggedTensor``:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from types import MappingProxyType
 
 import numpy as np
 import pyarrow as pa
@@ -75,6 +76,10 @@ class Layout:
     keys: tuple[str, ...]
     """Feature keys of the ``KeyedJaggedTensor``."""
     ctr: bool
+    ids: np.dtype = np.dtype(np.int64)
+    """Type of the ``KeyedJaggedTensor``'s values: int32 when every table has at most 2^31
+    rows (every id, checked or hashed into its table, fits; half the bytes to copy and to
+    send between ranks), else int64."""
 
     @classmethod
     def of(cls, meta: DatasetMeta, conditions: bool = False) -> Layout:
@@ -87,7 +92,11 @@ class Layout:
         names = [lists[c] for c in list_keys]
         keys = names if not ctr else [f"history_{v}" for v in names]
         keys += [f"candidate_{scalars[c]}" for c in candidates]
-        return cls(tuple(lists), list_keys, candidates + extra, len(candidates), tuple(keys), ctr)
+        tables = [meta.vocab[lists[c]] for c in list_keys] + [meta.vocab[scalars[c]] for c in candidates]
+        ids = np.dtype(np.int32 if max(tables, default=0) <= 2**31 else np.int64)
+        return cls(
+            tuple(lists), list_keys, candidates + extra, len(candidates), tuple(keys), ctr, ids
+        )
 
 
 @dataclass
@@ -124,9 +133,11 @@ class Batch:
         # Crossing from a loader worker, every tensor would get its own shared-memory segment
         # (a few system calls each). Packed arrays pickled by value through the worker's pipe
         # are cheaper; the ids, the bulk of a batch, travel as int32 when they fit (half the
-        # bytes through the pipe), everything else as one int64 array (labels are 0/1).
-        # NumPy, not torch: its reductions and casts are several times faster on one core.
+        # bytes through the pipe; a stream's batches have them so already when its tables
+        # fit, Layout.ids), everything else as one int64 array (labels are 0/1). NumPy, not
+        # torch: its reductions and casts are several times faster on one core.
         ids = self.features.values().numpy()
+        dtype = ids.dtype.str
         # One pass for both bounds: read as unsigned, only ids in [0, 2^31) are below 2^31.
         if ids.dtype == np.int64 and ids.size and ids.view(np.uint64).max() < 2**31:
             ids = ids.astype(np.int32)
@@ -135,13 +146,15 @@ class Batch:
             parts += [self.labels, self.timestamps]
         packed = np.concatenate([p.numpy() for p in parts], dtype=np.int64, casting="unsafe")
         sizes = [p.shape[0] for p in parts]
-        return _unpack, (self.features.keys(), ids, packed, sizes)
+        return _unpack, (self.features.keys(), ids, packed, sizes, dtype)
 
 
-def _unpack(keys: list[str], ids: np.ndarray, packed: np.ndarray, sizes: list[int]) -> Batch:
+def _unpack(
+    keys: list[str], ids: np.ndarray, packed: np.ndarray, sizes: list[int], dtype: str
+) -> Batch:
     ends = np.cumsum(sizes).tolist()
     parts = [packed[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
-    values = torch.from_numpy(ids.astype(np.int64, copy=False))
+    values = torch.from_numpy(ids.astype(dtype, copy=False))  # the type the batch had
     features = KeyedJaggedTensor(keys=keys, values=values, lengths=torch.from_numpy(parts[0]))
     batch = Batch(features, torch.from_numpy(parts[1]), torch.from_numpy(parts[2]))
     if len(parts) > 3:
@@ -174,13 +187,18 @@ def _check_ids(
     column: str,
     row_of: Callable[[int], int],
     locate: Locate,
+    bounds: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Validate (remap) or hash (hash mode) the ids of one column; return int64 ids."""
+    """Validate (remap) or hash (hash mode) the ids of one column; return int64 ids.
+    ``bounds``: the smallest and largest id of the column's row group, from its footer (no
+    scan when they lie in range)."""
     if not vocab or values.size == 0:
         return values
     size = meta.vocab[vocab]
     if meta.id_mode == "hash":
         return hash_ids(values, size)
+    if bounds is not None and 0 <= bounds[0] and bounds[1] < size:
+        return values
     # One pass for both bounds (negative ids read as unsigned are >= 2^63); the offending
     # row is searched only on failure.
     if values.view(np.uint64).max() < size:
@@ -241,10 +259,20 @@ def decode(
     first_row_id: int,
     locate: Locate,
     conditions: bool = False,
+    bounds: Mapping[str, tuple[int, int]] = MappingProxyType({}),
+    slabs: Slabs | None = None,
 ) -> Columns:
     """Validate rows of a row group and view them as NumPy columns: list values without a
     copy where the Arrow buffers are already int64, scalars copied into one table
-    (``conditions``: the condition lists too)."""
+    (``conditions``: the condition lists too).
+
+    ``bounds``: the smallest and largest value per column of the rows' row group, as its
+    footer records them (:func:`recsys.data.files.column_bounds`): a column whose bounds are
+    in range is not scanned (ids, labels); the others are, value by value.
+
+    Ids of the ``KeyedJaggedTensor``'s lists come out as :attr:`Layout.ids` (narrowed to
+    int32 when every table fits, once checked; in memory from ``slabs`` if given), so that
+    Arrow's buffers go back to its pool at once and later copies move half the bytes."""
     n = table.num_rows
     lists = list_columns(meta, conditions)
     layout = Layout.of(meta, conditions)
@@ -274,19 +302,32 @@ def decode(
             return int(np.searchsorted(own, position, side="right") - 1)
 
         ids = _int64(flat, column, locate, row_of, raw=bool(vocab) and meta.id_mode == "hash")
-        values[column] = _check_ids(ids, vocab, meta, column, row_of, locate)
+        ids = _check_ids(ids, vocab, meta, column, row_of, locate, bounds.get(column))
+        if vocab and layout.ids != ids.dtype:
+            narrowed = slabs.empty(len(ids), layout.ids) if slabs else np.empty_like(ids, layout.ids)
+            narrowed[:] = ids  # every id lies in [0, table rows <= 2^31)
+            ids = narrowed
+        values[column] = ids
     scalars = np.empty((len(layout.scalars), n), dtype=np.int64)
     where = {name: i for i, name in enumerate(layout.scalars)}
     for column, vocab in scalar_columns(meta).items():
         raw = bool(vocab) and meta.id_mode == "hash"
         ids = _int64(_array(table.column(column)), column, locate, int, raw=raw)
         if column == "user_id" and meta.id_mode == "remap" and "user" in meta.vocab:
-            _check_ids(ids, "user", meta, column, int, locate)  # checked, never hashed
+            _check_ids(ids, "user", meta, column, int, locate, bounds.get(column))  # never hashed
         # One pass each for min and max; the offending row is searched only on failure.
-        if column == "label" and n and (ids.min() < 0 or ids.max() > 1):
+        known = bounds.get(column)
+        if (
+            column == "label"
+            and n
+            and not (known and known[0] >= 0 and known[1] <= 1)
+            and (ids.min() < 0 or ids.max() > 1)
+        ):
             i = _first((ids != 0) & (ids != 1))
             raise DataError(f"{locate(i, column)}: label {ids[i]}; labels must be 0 or 1")
-        scalars[where[column]] = _check_ids(ids, vocab, meta, column, int, locate)
+        scalars[where[column]] = _check_ids(
+            ids, vocab, meta, column, int, locate, bounds.get(column)
+        )
     scalars[where[ROW_ID]] = np.arange(first_row_id, first_row_id + n, dtype=np.int64)
     assert offsets is not None
     return Columns(Lists(offsets, values), scalars)
@@ -317,7 +358,7 @@ def gather(columns: Columns, rows: np.ndarray, max_len: int | None) -> Columns:
     np.cumsum(lengths, out=new_offsets[1:])
     total = int(new_offsets[-1])
     values = {
-        k: copy_segments(v, starts, lengths, np.empty(total, dtype=np.int64))
+        k: copy_segments(v, starts, lengths, np.empty(total, dtype=v.dtype))
         for k, v in columns.lists.values.items()
     }
     table = np.empty((len(columns.table), len(rows)), dtype=np.int64)
@@ -366,7 +407,7 @@ def assemble(pieces: list[tuple[Columns, Rows]], layout: Layout, max_len: int | 
     lengths = spans[0][1] if len(spans) == 1 else np.concatenate([s[1] for s in spans])
     n, total = len(lengths), int(lengths.sum())
     lists, c = len(layout.list_keys), layout.candidates
-    values = np.empty(total * lists + n * c, dtype=np.int64)
+    values = np.empty(total * lists + n * c, dtype=layout.ids)
     run = len(pieces) == 1 and isinstance(pieces[0][1], slice)
     if run:  # one run of rows: its scalars are a view of the chunk's table
         table = pieces[0][0].table[:, pieces[0][1]]
@@ -469,7 +510,7 @@ def scatter(
         tables.append((columns.table, lengths))
     if not chunks:  # every row of the buffer was in skipped row groups
         empty = np.zeros((len(layout.scalars), 0), dtype=np.int64)
-        return [Gathered(np.zeros(0, np.int64), empty[0], empty) for _ in range(batches)]
+        return [Gathered(np.zeros(0, layout.ids), empty[0], empty) for _ in range(batches)]
     batch_of = np.concatenate([b for _, b in chunks])
     if len(batch_of) and (batch_of.min() < -1 or batch_of.max() >= batches):
         raise IndexError(f"scatter: rows sent outside batches -1 to {batches - 1}")
@@ -494,7 +535,9 @@ def scatter(
     np.cumsum(table[s], out=values_before[1:])
     totals = (values_before[edges[1:]] - values_before[edges[:-1]]).tolist()
     out = [
-        Gathered(slabs.empty(t * lists + (b - a) * c), table[s, a:b], table[:s, a:b])
+        Gathered(
+            slabs.empty(t * lists + (b - a) * c, layout.ids), table[s, a:b], table[:s, a:b]
+        )
         for a, b, t in zip(edges[:-1].tolist(), edges[1:].tolist(), totals, strict=True)
     ]
     # The ids (tens per row), copied once, straight into each batch's values buffer.

@@ -2,7 +2,8 @@
 
 This module owns finding the Parquet files of a dataset on any filesystem pyarrow supports
 (local paths, ``file://``, ``s3://``, ``gs://``, ``hdfs://`` ...), reading their footers (row
-groups and their sizes), and rejecting, before any training starts, what cannot be read: a
+groups and their sizes, and the bounds of each column chunk that the footer records), and
+rejecting, before any training starts, what cannot be read: a
 path that does not exist, an empty or corrupt file, a file whose schema does not fit the
 dataset, files with different schemas. It reads no rows.
 """
@@ -50,6 +51,28 @@ class Dataset:
         if isinstance(self.filesystem, pafs.LocalFileSystem):
             return pq.ParquetFile(pa.memory_map(part.path))
         return pq.ParquetFile(self.filesystem.open_input_file(part.path))
+
+
+def column_bounds(metadata: pq.FileMetaData, row_group: int) -> dict[str, tuple[int, int]]:
+    """Smallest and largest value of each int64 column (list columns: of their values) in one
+    row group, where the footer's statistics record them (pyarrow, Spark and DuckDB write
+    them by default); columns without statistics are left out. The stream skips its scan of
+    a column whose recorded bounds already satisfy the schema (as engines skip row groups by
+    the same statistics when they filter)."""
+    group = metadata.row_group(row_group)
+    bounds = {}
+    for i in range(group.num_columns):
+        chunk = group.column(i)
+        stats = chunk.statistics
+        if (
+            stats is None
+            or not stats.has_min_max
+            or chunk.physical_type != "INT64"
+            or str(stats.logical_type) not in ("None", "Int(bitWidth=64, isSigned=true)")
+        ):
+            continue
+        bounds[chunk.path_in_schema.split(".")[0]] = (int(stats.min), int(stats.max))
+    return bounds
 
 
 def _resolve(source: str) -> tuple[pafs.FileSystem, str]:

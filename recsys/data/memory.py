@@ -25,7 +25,7 @@ _UNREFERENCED = _unreferenced()
 
 
 class Slabs:
-    """int64 arrays carved from reusable slabs."""
+    """int64 (or int32) arrays carved from reusable slabs."""
 
     SLAB = 1 << 22
     """int64s per slab (32 MiB)."""
@@ -38,15 +38,21 @@ class Slabs:
         self._used: list[np.ndarray] = []  # slabs carved from, some arrays maybe still alive
         self._free: list[np.ndarray] = []
 
-    def empty(self, n: int) -> np.ndarray:
-        """``n`` uninitialised int64s (a view of a slab; a large request gets its own)."""
-        if n > self.SLAB // 2:
-            return np.empty(n, dtype=np.int64)
-        if self._slab is None or self._at + n > len(self._slab):
+    def empty(self, n: int, dtype: np.dtype | type = np.int64) -> np.ndarray:
+        """``n`` uninitialised int64s, or int32s (a view of a slab; a large request gets its
+        own)."""
+        dtype = np.dtype(dtype)
+        if dtype not in (np.int64, np.int32):
+            raise ValueError(f"slabs hold int64 or int32 arrays, not {dtype}")
+        words = -(-n * dtype.itemsize // 8)  # int64s it takes
+        if words > self.SLAB // 2:
+            return np.empty(n, dtype=dtype)
+        if self._slab is None or self._at + words > len(self._slab):
             self._next()
         assert self._slab is not None
-        self._at += n
-        return self._slab[self._at - n : self._at]
+        self._at += words
+        carved = self._slab[self._at - words : self._at]
+        return carved if dtype == np.int64 else carved.view(dtype)[:n]
 
     def _next(self) -> None:
         if self._slab is not None:

@@ -33,11 +33,13 @@ def _load() -> ctypes.CDLL | None:
         library = ctypes.CDLL(spec.origin)
     except OSError:
         return None
-    library.copy_segments.restype = None
-    library.copy_segments.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p]
     pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.copy_segments.restype = None
+    library.copy_segments.argtypes = [pointer] * 3 + [size, pointer, size]
     library.scatter_segments.restype = size
-    library.scatter_segments.argtypes = [pointer, size] + [pointer] * 3 + [size] * 2 + [pointer] * 2
+    library.scatter_segments.argtypes = (
+        [pointer, size] + [pointer] * 3 + [size] * 2 + [pointer] * 2 + [size]
+    )
     return library
 
 
@@ -63,7 +65,12 @@ def index(starts: np.ndarray, lengths: np.ndarray, total: int) -> np.ndarray:
 
 
 def _address(a: np.ndarray) -> int:
-    return a.ctypes.data
+    return a.__array_interface__["data"][0]
+
+
+TYPES = (np.dtype(np.int64), np.dtype(np.int32))
+"""Types of the values copied (the same in sources and outputs): int64, or int32 (ids that
+fit, narrowed as the stream decodes them)."""
 
 
 def _outside(size: int, starts: np.ndarray, lengths: np.ndarray) -> bool:
@@ -76,13 +83,18 @@ def _int64_array(a: np.ndarray) -> bool:
     return a.dtype == np.int64 and a.flags.c_contiguous
 
 
+def _values(a: np.ndarray) -> bool:
+    return a.dtype in TYPES and a.flags.c_contiguous
+
+
 def copy_segments(
     src: np.ndarray, starts: np.ndarray, lengths: np.ndarray, out: np.ndarray
 ) -> np.ndarray:
-    """Fill ``out`` (int64, exactly ``lengths.sum()`` long) with the runs of ``src`` given by
+    """Fill ``out`` (exactly ``lengths.sum()`` long) with the runs of ``src`` given by
     ``starts`` and ``lengths`` (1-D, of equal length), in order; return ``out``. A run
     outside ``src``, or runs that do not fill ``out`` exactly, raise IndexError on both
-    paths."""
+    paths. The compiled helper copies int64 or int32 values into an output of the same
+    type; NumPy does any other case."""
     total = len(out)
     if starts.ndim != 1 or lengths.ndim != 1 or len(starts) != len(lengths):
         raise IndexError(
@@ -98,10 +110,19 @@ def copy_segments(
     if (
         _LIBRARY is not None
         and out.flags.writeable
-        and all(map(_int64_array, (src, starts, lengths, out)))
+        and src.dtype == out.dtype
+        and _values(src)
+        and _values(out)
+        and _int64_array(starts)
+        and _int64_array(lengths)
     ):
         _LIBRARY.copy_segments(
-            _address(src), _address(starts), _address(lengths), len(starts), _address(out)
+            _address(src),
+            _address(starts),
+            _address(lengths),
+            len(starts),
+            _address(out),
+            out.dtype.itemsize,
         )
         return out
     return np.take(src, index(starts, lengths, total), out=out)
@@ -118,7 +139,8 @@ class Scatter:
     """Rows of successive chunks appended to the outputs of the batches they go to.
 
     Batch ``b`` has ``columns`` outputs of ``widths[b]`` values each, laid end to end at the
-    start of ``bases[b]`` (int64, 1-D, contiguous, writable): column ``c``'s is
+    start of ``bases[b]`` (1-D, contiguous, writable; all int64 or all int32, and sources of
+    that type): column ``c``'s is
     ``bases[b][c * widths[b] : (c + 1) * widths[b]]``. Each is filled from its start in the
     order rows are given, chunk after chunk; a row whose batch is ``-1`` is not read. A run
     outside its source, a batch past the last, or rows that overflow their batch's output
@@ -132,17 +154,22 @@ class Scatter:
         widths = np.asarray(widths, dtype=np.int64).reshape(-1)
         if len(widths) != len(bases) or (len(widths) and widths.min() < 0):
             raise ValueError("scatter: one width >= 0 per batch")
+        dtypes = {base.dtype for base in bases}
+        if len(dtypes) > 1 or not dtypes <= set(TYPES):
+            raise ValueError("scatter: outputs must be all int64 or all int32")
+        self.dtype = dtypes.pop() if dtypes else np.dtype(np.int64)
+        item = self.dtype.itemsize
         for base, width in zip(bases, widths.tolist(), strict=True):
-            if base.dtype != np.int64 or base.ndim != 1 or not base.flags.c_contiguous:
-                raise ValueError("scatter: outputs must be 1-D contiguous int64 arrays")
+            if base.ndim != 1 or not base.flags.c_contiguous:
+                raise ValueError("scatter: outputs must be 1-D contiguous arrays")
             if not base.flags.writeable or len(base) < columns * width:
                 raise ValueError("scatter: an output is read-only or too short for its columns")
         self.batches, self.columns = len(bases), columns
         if _LIBRARY is not None:
             addresses = np.array([_address(base) for base in bases], dtype=np.int64)
             # [columns, batches]: where each output is filled up to, and where it ends.
-            self._cursors = addresses + 8 * widths * np.arange(columns, dtype=np.int64)[:, None]
-            self._ends = self._cursors + 8 * widths
+            self._cursors = addresses + item * widths * np.arange(columns, dtype=np.int64)[:, None]
+            self._ends = self._cursors + item * widths
             self._outs = None
         else:
             self._outs = [
@@ -168,10 +195,13 @@ class Scatter:
         column: int = 0,
     ) -> None:
         """Append ``src[starts[i] : starts[i] + lengths[i]]`` to ``column`` of batch
-        ``batch_of[i]``."""
+        ``batch_of[i]`` (``src`` of the outputs' type)."""
         if not 0 <= column < self.columns:
             raise IndexError(f"scatter: no column {column} of {self.columns}")
-        src, batch_of = _rows("src", src), _rows("batch_of", batch_of)
+        if src.ndim != 1 or src.dtype != self.dtype:
+            raise ValueError(f"scatter: src must be 1-D {self.dtype}, got {src.dtype} {src.shape}")
+        src = np.ascontiguousarray(src)
+        batch_of = _rows("batch_of", batch_of)
         starts = _rows("starts", starts, len(batch_of))
         lengths = _rows("lengths", lengths, len(batch_of))
         if self._outs is None:
@@ -188,6 +218,7 @@ class Scatter:
                     self.batches,
                     _address(self._cursors) + at,
                     _address(self._ends) + at,
+                    self.dtype.itemsize,
                 )
             )
             return
@@ -206,7 +237,7 @@ class Scatter:
         if (at + sizes > self._widths).any():
             self._failed(0)
         gathered = copy_segments(
-            src, starts[order], lengths[order], np.empty(int(sizes.sum()), dtype=np.int64)
+            src, starts[order], lengths[order], np.empty(int(sizes.sum()), dtype=src.dtype)
         )
         ends = np.cumsum(sizes).tolist()
         for b in np.flatnonzero(counts).tolist():

@@ -50,7 +50,7 @@ from recsys.data.batch import (
     gather,
     scatter,
 )
-from recsys.data.files import Dataset, open_dataset
+from recsys.data.files import Dataset, column_bounds, open_dataset
 from recsys.data.memory import Slabs
 from recsys.data.schema import DataError, DatasetMeta, describe, list_columns, scalar_columns
 
@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 IN_ORDER_ROWS = 2048
 """Rows decoded at a time in file order (rounded to whole batches): pyarrow decodes small
 batches into memory that is still in cache, about 1.3x faster than a large chunk."""
-SHUFFLE_CHUNK_ROWS = 16384
+SHUFFLE_CHUNK_ROWS = 2048
 """Rows decoded at a time into a shuffle buffer (small chunks decode faster, see above); once
 the whole buffer is decoded, every row is copied straight into the batch it goes to."""
 
@@ -378,7 +378,7 @@ class ParquetStream(IterableDataset):
                 at = 0
                 for unit in buffer:
                     unit_at = at
-                    for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS):
+                    for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS, slabs):
                         if isinstance(chunk, Skipped):
                             if not skip:  # resumed inside this buffer: counted already
                                 self._skipped += chunk.rows
@@ -404,7 +404,7 @@ class ParquetStream(IterableDataset):
                         self._rows_done += target
                     pending_rows = 0
             else:  # in file order, one small decoded chunk held at a time, runs of its rows
-                for chunk, at in self._in_order(buffer, files, skip, in_order_rows):
+                for chunk, at in self._in_order(buffer, files, skip, in_order_rows, slabs):
                     if isinstance(chunk, Skipped):  # rows that fill batches with no data
                         if not at:  # a resume inside this run counted all of it already
                             self._skipped += chunk.rows
@@ -454,13 +454,13 @@ class ParquetStream(IterableDataset):
         return self._skipped
 
     def _in_order(
-        self, buffer: list[_Unit], files: dict[int, Any], skip: int, chunk_rows: int
+        self, buffer: list[_Unit], files: dict[int, Any], skip: int, chunk_rows: int, slabs: Slabs
     ) -> Iterator[tuple[Columns, int]]:
         """The buffer's chunks in file order, each with its first row past the first ``skip``
         rows of the buffer."""
         seen = 0
         for unit in buffer:
-            for chunk in self._decode(unit, files, chunk_rows):
+            for chunk in self._decode(unit, files, chunk_rows, slabs):
                 rows = chunk.rows if isinstance(chunk, Skipped) else len(chunk)
                 first, seen = max(skip - seen, 0), seen + rows
                 if first < rows and isinstance(chunk, Skipped):
@@ -476,13 +476,14 @@ class ParquetStream(IterableDataset):
         return Skipped(rows)
 
     def _decode(
-        self, unit: _Unit, files: dict[int, Any], chunk_rows: int
+        self, unit: _Unit, files: dict[int, Any], chunk_rows: int, slabs: Slabs
     ) -> Iterator[Columns | Skipped]:
         """The unit's rows, validated, in chunks of at most ``chunk_rows`` rows (decoding into
         small buffers is faster than one large table, and no chunk is ever concatenated)."""
         part = self.dataset.parts[unit.part]
         if unit.part not in files:
             files[unit.part] = self.dataset.open_file(part)
+        bounds = column_bounds(files[unit.part].metadata, unit.row_group)
         batches = files[unit.part].iter_batches(
             batch_size=chunk_rows,
             row_groups=[unit.row_group],
@@ -520,6 +521,8 @@ class ParquetStream(IterableDataset):
                     unit.group_first_row_id + first,
                     locate,
                     self.config.conditions,
+                    bounds,
+                    slabs,
                 )
             except DataError as error:
                 if not self.config.skip_bad_row_groups:

@@ -167,7 +167,7 @@ class GenerativeModel(nn.Module):
             side_ids, _ = padded(features[name], tokens.shape[1])
             logits = self.side_heads[name](hidden[target_valid])
             side_losses[name] = (
-                F.cross_entropy(logits, side_ids[:, 1:][target_valid])
+                F.cross_entropy(logits, side_ids[:, 1:][target_valid].long())
                 if len(logits)
                 else logits.sum() * 0.0
             )

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from recsys.data.files import column_bounds
 from recsys.data.schema import DataError, DatasetMeta
 from recsys.data.stream import ParquetStream, StreamConfig
 
@@ -26,10 +27,12 @@ def good_rows(n: int = 4) -> dict[str, list]:
     }
 
 
-def write(directory: Path, tables: dict[str, pa.Table], meta: DatasetMeta = META) -> Path:
+def write(
+    directory: Path, tables: dict[str, pa.Table], meta: DatasetMeta = META, statistics: bool = True
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
-        pq.write_table(table, directory / name, row_group_size=2)
+        pq.write_table(table, directory / name, row_group_size=2, write_statistics=statistics)
     (directory / "dataset.json").write_text(meta.to_json())
     return directory
 
@@ -40,8 +43,8 @@ def table(**changes) -> pa.Table:
     return pa.table(rows)
 
 
-def read_all(directory: Path) -> None:
-    for _ in ParquetStream(str(directory), StreamConfig(batch_size=3, shuffle=False)):
+def read_all(directory: Path, shuffle: bool = False) -> None:
+    for _ in ParquetStream(str(directory), StreamConfig(batch_size=3, shuffle=shuffle)):
         pass
 
 
@@ -78,12 +81,16 @@ def read_all(directory: Path) -> None:
         ({"user_id": [0, 1, None, 3]}, r"row group 1, row 0, column 'user_id': null value"),
     ],
 )
+@pytest.mark.parametrize("statistics", [True, False], ids=["footer-statistics", "no-statistics"])
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
 def test_bad_values_name_file_row_group_row_and_column(
-    tmp_path: Path, changes: dict, message: str
+    tmp_path: Path, changes: dict, message: str, statistics: bool, shuffle: bool
 ) -> None:
-    directory = write(tmp_path / "d", {"part.parquet": table(**changes)})
+    # Footer statistics in range spare the scan of a column; out of range, or absent, the
+    # column is scanned and the bad value found all the same.
+    directory = write(tmp_path / "d", {"part.parquet": table(**changes)}, statistics=statistics)
     with pytest.raises(DataError, match=message):
-        read_all(directory)
+        read_all(directory, shuffle)
 
 
 def test_missing_column(tmp_path: Path) -> None:
@@ -329,3 +336,19 @@ def test_a_resume_inside_a_skipped_row_group_counts_it_once(tmp_path: Path) -> N
         second.load_state_dict(first.state_dict())
         assert [b.row_ids.tolist() for b in second] == whole[stop:]
         assert second.skipped_rows == 3, stop
+
+
+def test_footer_bounds_are_read_only_where_recorded(tmp_path: Path) -> None:
+    rows = table(user_id=pa.array([0, 1, 2, 3], pa.uint64()), item_id=[4, 9, 10, 4])
+    with_stats = write(tmp_path / "a", {"part.parquet": rows})
+    without = write(tmp_path / "b", {"part.parquet": rows}, statistics=False)
+    footer = pq.ParquetFile(with_stats / "part.parquet").metadata
+    assert column_bounds(footer, 1) == {  # unsigned user ids: no signed bounds to trust
+        "history_item_ids": (1, 3),
+        "history_category_ids": (0, 2),
+        "item_id": (4, 10),
+        "category_id": (1, 1),
+        "label": (0, 1),
+        "timestamp": (100, 100),
+    }
+    assert column_bounds(pq.ParquetFile(without / "part.parquet").metadata, 1) == {}

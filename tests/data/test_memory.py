@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from recsys.data.memory import Slabs
@@ -41,3 +42,17 @@ def test_large_requests_get_their_own_memory() -> None:
     big = _slabs().empty(501)
     assert big.base is None and len(big) == 501
     assert isinstance(big, np.ndarray)
+
+
+def test_int32_arrays_hold_their_slab_too() -> None:
+    slabs = _slabs()
+    narrow = slabs.empty(199, np.int32)  # 100 int64s' room
+    assert narrow.dtype == np.int32 and len(narrow) == 199
+    narrow[:] = 3
+    first = narrow.base
+    for _ in range(30):  # three slabs' worth, each array dropped at once
+        slabs.empty(100)[:] = -1
+    assert (narrow == 3).all()
+    assert all(slab is not first for slab in slabs._free)
+    with pytest.raises(ValueError, match="int64 or int32"):
+        slabs.empty(3, np.float32)

@@ -19,14 +19,15 @@ def test_the_helper_is_built() -> None:
     assert segments.NATIVE
 
 
-def test_native_and_numpy_copies_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+def test_native_and_numpy_copies_agree(dtype: type, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
-    src = rng.integers(-(2**62), 2**62, 1000)
+    src = rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max, 1000, dtype=dtype)
     starts, lengths = _runs(rng, len(src), 300)
     expected = np.concatenate([src[a : a + n] for a, n in zip(starts, lengths, strict=True)])
-    native = segments.copy_segments(src, starts, lengths, np.empty(lengths.sum(), np.int64))
+    native = segments.copy_segments(src, starts, lengths, np.empty(lengths.sum(), dtype))
     monkeypatch.setattr(segments, "_LIBRARY", None)
-    fallback = segments.copy_segments(src, starts, lengths, np.empty(lengths.sum(), np.int64))
+    fallback = segments.copy_segments(src, starts, lengths, np.empty(lengths.sum(), dtype))
     np.testing.assert_array_equal(native, expected)
     np.testing.assert_array_equal(fallback, expected)
 
@@ -62,7 +63,7 @@ def test_both_paths_refuse_the_same_bad_runs(native: bool, monkeypatch: pytest.M
 def _scatter(src, starts, lengths, batch_of, sizes, chunks=2):
     """Outputs of a Scatter fed in ``chunks`` successive calls: runs into two columns per
     batch (the same runs twice)."""
-    runs = [np.full(2 * size + 3, -7, np.int64) for size in sizes]  # room to spare at the end
+    runs = [np.full(2 * size + 3, -7, src.dtype) for size in sizes]  # room to spare at the end
     into_runs = segments.Scatter(runs, sizes, 2)
     for part in np.array_split(np.arange(len(starts)), chunks):
         for column in (0, 1):
@@ -71,9 +72,12 @@ def _scatter(src, starts, lengths, batch_of, sizes, chunks=2):
     return runs, into_runs.full()
 
 
-def test_scatter_appends_each_row_to_its_batch_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+def test_scatter_appends_each_row_to_its_batch_in_order(
+    dtype: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(1)
-    src = rng.integers(-(2**62), 2**62, 1000)
+    src = rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max, 1000, dtype=dtype)
     starts, lengths = _runs(rng, len(src), 300)
     batch_of = rng.integers(-1, 4, 300)  # -1: rows not read
     expected = [
@@ -91,9 +95,14 @@ def test_scatter_appends_each_row_to_its_batch_in_order(monkeypatch: pytest.Monk
         for b in range(4):
             np.testing.assert_array_equal(runs[b][: 2 * sizes[b]], np.tile(expected[b], 2))
     # A batch left short is reported, not handed out.
-    scatter = segments.Scatter([np.empty(size + 1, np.int64) for size in sizes], np.add(sizes, 1))
+    scatter = segments.Scatter([np.empty(size + 1, dtype) for size in sizes], np.add(sizes, 1))
     scatter.segments(src, starts, lengths, batch_of)
     assert not scatter.full()
+    # Values are never converted on the way: a source of another type is refused.
+    with pytest.raises(ValueError, match="src must be 1-D"):
+        scatter.segments(src.astype(np.int16), starts, lengths, batch_of)
+    with pytest.raises(ValueError, match="all int64 or all int32"):
+        segments.Scatter([np.empty(2, np.int64), np.empty(2, np.int32)], [1, 1])
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["helper", "numpy"])

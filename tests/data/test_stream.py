@@ -224,6 +224,25 @@ def test_batches_cross_processes_intact(synth_dir: Path) -> None:
     assert copy.labels.dtype == torch.float32
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_ids_are_int32_when_every_table_fits_and_int64_otherwise(
+    synth_dir: Path, shuffle: bool
+) -> None:
+    source = str(synth_dir / "ctr_train")
+    config = StreamConfig(batch_size=40, shuffle=shuffle)
+    narrow = list(ParquetStream(source, config))
+    meta = open_dataset(source).meta
+    meta.vocab = {**meta.vocab, "category": 2**31 + 1}  # one table past int32's reach
+    wide = list(ParquetStream(source, config, meta=meta))
+    assert {b.features.values().dtype for b in narrow} == {torch.int32}
+    assert {b.features.values().dtype for b in wide} == {torch.int64}
+    for a, b in zip(narrow, wide, strict=True):
+        assert a.features.values().tolist() == b.features.values().tolist()
+        copy = pickle.loads(pickle.dumps(a))  # a loader worker's batch keeps its type
+        assert copy.features.values().dtype == torch.int32
+        assert torch.equal(copy.features.values(), a.features.values())
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_batch_count_is_known_from_the_footers(synth_dir: Path, workers: int) -> None:
     for rank in (0, 1):

@@ -13,8 +13,11 @@ histories hold 10–100 events, then measures in the same run:
     python benchmarks/data_stream.py
     python benchmarks/data_stream.py --users 1500000 --batch-size 1024
 
-Prints rows/s of each (best of the passes) and the ratio to the baseline, and the median
-over passes of each pass's ratio (target: stream ≥ 0.8× baseline).
+Each one-core set-up runs interleaved with a baseline run of its own, the two advanced in
+turn by slices of ~32 K rows, so that the host's drifting speed is shared by both; the
+2-worker set-up runs alone, against the baseline timed just before and after it. Prints
+rows/s of each (best of the passes) and the ratio to the baseline, and the median over
+passes of each pass's ratio (target: stream ≥ 0.8× baseline).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -44,37 +48,61 @@ def build(data: Path, users: int) -> Path:
     return out / "ctr_train"
 
 
-def raw_decode(directory: Path, batch_size: int, columns: list[str]) -> tuple[int, float]:
-    start, rows = time.perf_counter(), 0
+def raw_decode(directory: Path, batch_size: int, columns: list[str]) -> Iterator[int]:
+    """The baseline: the rows of each record batch pyarrow decodes."""
     for path in sorted(directory.glob("*.parquet")):
         for batch in pq.ParquetFile(path).iter_batches(
             batch_size=batch_size, columns=columns, use_threads=False
         ):
-            rows += batch.num_rows
-    return rows, time.perf_counter() - start
+            yield batch.num_rows
 
 
 def stream(
     directory: Path, batch_size: int, workers: int, shuffle: bool = True, native: bool = True
-) -> tuple[int, float]:
+) -> Iterator[int]:
+    """The rows of each ready batch of our stream (``native``: False for NumPy's copies)."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     import recsys.data.segments as segments
     from recsys.data.stream import ParquetStream, StreamConfig
 
-    library = segments._LIBRARY
-    if not native:
-        segments._LIBRARY = None  # the NumPy fallback, for comparison
-
     dataset = ParquetStream(str(directory), StreamConfig(batch_size=batch_size, shuffle=shuffle))
     source = (
         StatefulDataLoader(dataset, batch_size=None, num_workers=workers) if workers else dataset
     )
-    start, rows = time.perf_counter(), 0
-    for batch in source:
-        rows += len(batch)
-    segments._LIBRARY = library
-    return rows, time.perf_counter() - start
+    library = segments._LIBRARY
+    batches = iter(source)
+    while True:
+        if not native:
+            segments._LIBRARY = None  # the NumPy fallback, for this set-up's slices only
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        finally:
+            segments._LIBRARY = library
+        yield len(batch)
+
+
+def interleaved(runs: dict[str, Iterator[int]], slice_rows: int) -> dict[str, tuple[int, float]]:
+    """Rows and seconds of each run, advanced in turn by slices of about ``slice_rows`` rows:
+    the host's speed, which drifts by ±20% within seconds here, is then shared by every
+    set-up alike instead of favouring whichever ran in a fast moment."""
+    done = {name: [0, 0.0] for name in runs}
+    live = dict(runs)
+    target = 0
+    while live:
+        target += slice_rows
+        for name, rows in list(live.items()):
+            tally = done[name]
+            start = time.perf_counter()
+            try:
+                while tally[0] < target:
+                    tally[0] += next(rows)
+            except StopIteration:
+                del live[name]
+            tally[1] += time.perf_counter() - start
+    return {name: (rows, seconds) for name, (rows, seconds) in done.items()}
 
 
 def main() -> None:
@@ -87,6 +115,9 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5, help="passes per set-up; best kept")
+    parser.add_argument(
+        "--slice-rows", type=int, default=32_768, help="rows per turn of interleaved set-ups"
+    )
     parser.add_argument("--data", type=Path, default=Path("runs/bench-data"))
     args = parser.parse_args()
 
@@ -104,10 +135,9 @@ def main() -> None:
     sizes = pa.compute.list_value_length(history.column(0).combine_chunks())
     pa.set_cpu_count(1)
     torch.set_num_threads(1)
-    setups = {
-        "baseline: pyarrow iter_batches, 1 core": lambda: raw_decode(
-            directory, args.batch_size, columns
-        ),
+    baseline = "baseline: pyarrow iter_batches, 1 core"
+    one_core = {
+        baseline: lambda: raw_decode(directory, args.batch_size, columns),
         "stream → KJT batches, no shuffle, 1 core": lambda: stream(
             directory, args.batch_size, 0, shuffle=False
         ),
@@ -115,23 +145,33 @@ def main() -> None:
         "stream → KJT batches, shuffled, 1 core, NumPy copies": lambda: stream(
             directory, args.batch_size, 0, native=False
         ),
-        "stream → KJT batches, shuffled, 2 loader workers": lambda: stream(
-            directory, args.batch_size, 2
-        ),
     }
-    # This host's speed drifts by ±20% between runs: interleave the set-ups and keep each
-    # one's best of --repeats passes; also the median over passes of each set-up's ratio to
-    # the baseline of the same pass (robust to drift between passes).
+    workers = "stream → KJT batches, shuffled, 2 loader workers"
+    # Each one-core set-up advances in turn with a baseline run of its own, slice by slice
+    # (see interleaved). The loader's workers would run ahead while the baseline is timed, so
+    # that set-up runs on its own, against the baseline timed just before and after it.
     results: dict[str, tuple[int, float]] = {}
-    ratios: dict[str, list[float]] = {name: [] for name in setups}
+    ratios: dict[str, list[float]] = {name: [] for name in [*one_core, workers]}
+
+    def keep(name: str, rows: int, seconds: float, base: float) -> None:
+        ratios[name].append(base / seconds)
+        if name not in results or seconds < results[name][1]:
+            results[name] = (rows, seconds)
+
+    for run in one_core.values():  # imports and first calls, untimed
+        next(run())
     for _ in range(args.repeats):
-        base = None
-        for name, run in setups.items():
-            rows, seconds = run()
-            base = base or seconds
-            ratios[name].append(base / seconds)
-            if name not in results or seconds < results[name][1]:
-                results[name] = (rows, seconds)
+        for name, run in one_core.items():
+            if name == baseline:
+                continue
+            timed = interleaved({baseline: one_core[baseline](), name: run()}, args.slice_rows)
+            keep(baseline, *timed[baseline], timed[baseline][1])
+            keep(name, *timed[name], timed[baseline][1])
+        before = interleaved({baseline: one_core[baseline]()}, args.slice_rows)[baseline]
+        whole = interleaved({workers: stream(directory, args.batch_size, 2)}, 2**62)[workers]
+        after = interleaved({baseline: one_core[baseline]()}, args.slice_rows)[baseline]
+        keep(workers, *whole, (before[1] + after[1]) / 2)
+    ratios[baseline] = [1.0]
     print(
         f"{directory}: {len(sizes):,} rows, history lengths "
         f"{pa.compute.min(sizes).as_py()}–{pa.compute.max(sizes).as_py()}, "

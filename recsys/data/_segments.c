@@ -20,13 +20,22 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Values are int64 or int32 (item: their size in bytes), the same in src and out. */
+/* Values are int64 or int32 (item, from_item: their sizes in bytes); copy_segments also
+ * narrows int64 sources into int32 outputs (ids the caller has checked to fit). */
 void copy_segments(const char *src, const int64_t *starts, const int64_t *lengths, int64_t n,
-                   char *dst, int64_t item) {
+                   char *dst, int64_t item, int64_t from_item) {
     for (int64_t i = 0; i < n; i++) {
-        size_t bytes = (size_t)(lengths[i] * item);
-        memcpy(dst, src + starts[i] * item, bytes);
-        dst += bytes;
+        int64_t length = lengths[i];
+        const char *from = src + starts[i] * from_item;
+        if (item == from_item) {
+            memcpy(dst, from, (size_t)(length * item));
+        } else {
+            const int64_t *wide = (const int64_t *)from;
+            int32_t *narrow = (int32_t *)dst;
+            for (int64_t j = 0; j < length; j++)
+                narrow[j] = (int32_t)wide[j];
+        }
+        dst += length * item;
     }
 }
 

@@ -30,6 +30,8 @@ from recsys.data.memory import Slabs
 from recsys.data.schema import DataError, DatasetMeta, list_columns, scalar_columns
 from recsys.data.segments import Scatter, copy_segments
 
+INT64 = np.dtype(np.int64)
+
 ROW_ID = "__row_id"
 """Column added to every decoded row group: the row's index in the whole dataset."""
 
@@ -76,7 +78,7 @@ class Layout:
     keys: tuple[str, ...]
     """Feature keys of the ``KeyedJaggedTensor``."""
     ctr: bool
-    ids: np.dtype = np.dtype(np.int64)
+    ids: np.dtype = INT64
     """Type of the ``KeyedJaggedTensor``'s values: int32 when every table has at most 2^31
     rows (every id, checked or hashed into its table, fits; half the bytes to copy and to
     send between ranks), else int64."""
@@ -92,7 +94,8 @@ class Layout:
         names = [lists[c] for c in list_keys]
         keys = names if not ctr else [f"history_{v}" for v in names]
         keys += [f"candidate_{scalars[c]}" for c in candidates]
-        tables = [meta.vocab[lists[c]] for c in list_keys] + [meta.vocab[scalars[c]] for c in candidates]
+        tables = [meta.vocab[lists[c]] for c in list_keys]
+        tables += [meta.vocab[scalars[c]] for c in candidates]
         ids = np.dtype(np.int32 if max(tables, default=0) <= 2**31 else np.int64)
         return cls(
             tuple(lists), list_keys, candidates + extra, len(candidates), tuple(keys), ctr, ids
@@ -197,7 +200,7 @@ def _check_ids(
     size = meta.vocab[vocab]
     if meta.id_mode == "hash":
         return hash_ids(values, size)
-    if bounds is not None and 0 <= bounds[0] and bounds[1] < size:
+    if bounds is not None and bounds[0] >= 0 and bounds[1] < size:
         return values
     # One pass for both bounds (negative ids read as unsigned are >= 2^63); the offending
     # row is searched only on failure.
@@ -261,6 +264,7 @@ def decode(
     conditions: bool = False,
     bounds: Mapping[str, tuple[int, int]] = MappingProxyType({}),
     slabs: Slabs | None = None,
+    narrow: bool = False,
 ) -> Columns:
     """Validate rows of a row group and view them as NumPy columns: list values without a
     copy where the Arrow buffers are already int64, scalars copied into one table
@@ -270,9 +274,11 @@ def decode(
     footer records them (:func:`recsys.data.files.column_bounds`): a column whose bounds are
     in range is not scanned (ids, labels); the others are, value by value.
 
-    Ids of the ``KeyedJaggedTensor``'s lists come out as :attr:`Layout.ids` (narrowed to
-    int32 when every table fits, once checked; in memory from ``slabs`` if given), so that
-    Arrow's buffers go back to its pool at once and later copies move half the bytes."""
+    ``narrow``: ids of the ``KeyedJaggedTensor``'s lists come out as :attr:`Layout.ids`
+    (int32 when every table fits, once checked; in memory from ``slabs`` if given), so that
+    Arrow's buffers go back to its pool at once and later copies move half the bytes: for
+    chunks held a while (a shuffle buffer). Otherwise they stay views of Arrow's buffers,
+    narrowed as they are copied into a batch."""
     n = table.num_rows
     lists = list_columns(meta, conditions)
     layout = Layout.of(meta, conditions)
@@ -303,8 +309,10 @@ def decode(
 
         ids = _int64(flat, column, locate, row_of, raw=bool(vocab) and meta.id_mode == "hash")
         ids = _check_ids(ids, vocab, meta, column, row_of, locate, bounds.get(column))
-        if vocab and layout.ids != ids.dtype:
-            narrowed = slabs.empty(len(ids), layout.ids) if slabs else np.empty_like(ids, layout.ids)
+        if narrow and vocab and layout.ids != ids.dtype:
+            narrowed = (
+                slabs.empty(len(ids), layout.ids) if slabs else np.empty(len(ids), layout.ids)
+            )
             narrowed[:] = ids  # every id lies in [0, table rows <= 2^31)
             ids = narrowed
         values[column] = ids
@@ -401,7 +409,8 @@ def assemble(pieces: list[tuple[Columns, Rows]], layout: Layout, max_len: int | 
         if max_len is None or not len(lengths) or lengths.max() <= max_len:
             lo, hi, table = int(bounds[0]), int(bounds[-1]), chunk.table[:, rows]
             blocks = [chunk.lists.values[key][lo:hi] for key in layout.list_keys]
-            values = np.concatenate([*blocks, table[: layout.candidates].reshape(-1)])
+            candidates = table[: layout.candidates].reshape(-1)
+            values = np.concatenate([*blocks, candidates], dtype=layout.ids, casting="same_kind")
             return _batch(values, lengths, table, layout)
     spans = [_spans(chunk, rows, max_len) for chunk, rows in pieces]
     lengths = spans[0][1] if len(spans) == 1 else np.concatenate([s[1] for s in spans])
@@ -535,9 +544,7 @@ def scatter(
     np.cumsum(table[s], out=values_before[1:])
     totals = (values_before[edges[1:]] - values_before[edges[:-1]]).tolist()
     out = [
-        Gathered(
-            slabs.empty(t * lists + (b - a) * c, layout.ids), table[s, a:b], table[:s, a:b]
-        )
+        Gathered(slabs.empty(t * lists + (b - a) * c, layout.ids), table[s, a:b], table[:s, a:b])
         for a, b, t in zip(edges[:-1].tolist(), edges[1:].tolist(), totals, strict=True)
     ]
     # The ids (tens per row), copied once, straight into each batch's values buffer.

@@ -35,7 +35,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.copy_segments.restype = None
-    library.copy_segments.argtypes = [pointer] * 3 + [size, pointer, size]
+    library.copy_segments.argtypes = [pointer] * 3 + [size, pointer, size, size]
     library.scatter_segments.restype = size
     library.scatter_segments.argtypes = (
         [pointer, size] + [pointer] * 3 + [size] * 2 + [pointer] * 2 + [size]
@@ -93,8 +93,9 @@ def copy_segments(
     """Fill ``out`` (exactly ``lengths.sum()`` long) with the runs of ``src`` given by
     ``starts`` and ``lengths`` (1-D, of equal length), in order; return ``out``. A run
     outside ``src``, or runs that do not fill ``out`` exactly, raise IndexError on both
-    paths. The compiled helper copies int64 or int32 values into an output of the same
-    type; NumPy does any other case."""
+    paths. The compiled helper copies int64 or int32 values into an output of the same type,
+    and narrows int64 into int32 (values the caller knows to fit); NumPy does any other
+    case."""
     total = len(out)
     if starts.ndim != 1 or lengths.ndim != 1 or len(starts) != len(lengths):
         raise IndexError(
@@ -110,7 +111,7 @@ def copy_segments(
     if (
         _LIBRARY is not None
         and out.flags.writeable
-        and src.dtype == out.dtype
+        and (src.dtype == out.dtype or (src.dtype, out.dtype) == TYPES)
         and _values(src)
         and _values(out)
         and _int64_array(starts)
@@ -123,6 +124,7 @@ def copy_segments(
             len(starts),
             _address(out),
             out.dtype.itemsize,
+            src.dtype.itemsize,
         )
         return out
     return np.take(src, index(starts, lengths, total), out=out)

@@ -378,7 +378,7 @@ class ParquetStream(IterableDataset):
                 at = 0
                 for unit in buffer:
                     unit_at = at
-                    for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS, slabs):
+                    for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS, slabs, narrow=True):
                         if isinstance(chunk, Skipped):
                             if not skip:  # resumed inside this buffer: counted already
                                 self._skipped += chunk.rows
@@ -404,7 +404,7 @@ class ParquetStream(IterableDataset):
                         self._rows_done += target
                     pending_rows = 0
             else:  # in file order, one small decoded chunk held at a time, runs of its rows
-                for chunk, at in self._in_order(buffer, files, skip, in_order_rows, slabs):
+                for chunk, at in self._in_order(buffer, files, skip, in_order_rows):
                     if isinstance(chunk, Skipped):  # rows that fill batches with no data
                         if not at:  # a resume inside this run counted all of it already
                             self._skipped += chunk.rows
@@ -454,13 +454,13 @@ class ParquetStream(IterableDataset):
         return self._skipped
 
     def _in_order(
-        self, buffer: list[_Unit], files: dict[int, Any], skip: int, chunk_rows: int, slabs: Slabs
+        self, buffer: list[_Unit], files: dict[int, Any], skip: int, chunk_rows: int
     ) -> Iterator[tuple[Columns, int]]:
         """The buffer's chunks in file order, each with its first row past the first ``skip``
         rows of the buffer."""
         seen = 0
         for unit in buffer:
-            for chunk in self._decode(unit, files, chunk_rows, slabs):
+            for chunk in self._decode(unit, files, chunk_rows):
                 rows = chunk.rows if isinstance(chunk, Skipped) else len(chunk)
                 first, seen = max(skip - seen, 0), seen + rows
                 if first < rows and isinstance(chunk, Skipped):
@@ -476,10 +476,16 @@ class ParquetStream(IterableDataset):
         return Skipped(rows)
 
     def _decode(
-        self, unit: _Unit, files: dict[int, Any], chunk_rows: int, slabs: Slabs
+        self,
+        unit: _Unit,
+        files: dict[int, Any],
+        chunk_rows: int,
+        slabs: Slabs | None = None,
+        narrow: bool = False,
     ) -> Iterator[Columns | Skipped]:
         """The unit's rows, validated, in chunks of at most ``chunk_rows`` rows (decoding into
-        small buffers is faster than one large table, and no chunk is ever concatenated)."""
+        small buffers is faster than one large table, and no chunk is ever concatenated);
+        ``narrow``: their ids narrowed at once (:func:`decode`), into ``slabs``."""
         part = self.dataset.parts[unit.part]
         if unit.part not in files:
             files[unit.part] = self.dataset.open_file(part)
@@ -523,6 +529,7 @@ class ParquetStream(IterableDataset):
                     self.config.conditions,
                     bounds,
                     slabs,
+                    narrow,
                 )
             except DataError as error:
                 if not self.config.skip_bad_row_groups:

@@ -32,6 +32,19 @@ def test_native_and_numpy_copies_agree(dtype: type, monkeypatch: pytest.MonkeyPa
     np.testing.assert_array_equal(fallback, expected)
 
 
+def test_int64_values_are_narrowed_into_int32_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    src = rng.integers(0, 2**31, 1000)  # int64 ids that fit
+    starts, lengths = _runs(rng, len(src), 300)
+    expected = np.concatenate([src[a : a + n] for a, n in zip(starts, lengths, strict=True)])
+    native = segments.copy_segments(src, starts, lengths, np.empty(lengths.sum(), np.int32))
+    monkeypatch.setattr(segments, "_LIBRARY", None)
+    fallback = segments.copy_segments(src, starts, lengths, np.empty(lengths.sum(), np.int32))
+    for out in (native, fallback):
+        assert out.dtype == np.int32
+        np.testing.assert_array_equal(out, expected)
+
+
 @pytest.mark.parametrize(
     "starts, lengths, out",
     [([995], [6], 6), ([-1], [2], 2), ([0, 4], [3, 3], 5), ([0], [-1], 0)],

@@ -224,12 +224,16 @@ def test_batches_cross_processes_intact(synth_dir: Path) -> None:
     assert copy.labels.dtype == torch.float32
 
 
-@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize(
+    "shuffle, batch_size",
+    [(True, 40), (False, 40), (False, 23)],
+    ids=["shuffled", "file-order", "file-order-one-run"],  # 23: a batch is one row group
+)
 def test_ids_are_int32_when_every_table_fits_and_int64_otherwise(
-    synth_dir: Path, shuffle: bool
+    synth_dir: Path, shuffle: bool, batch_size: int
 ) -> None:
     source = str(synth_dir / "ctr_train")
-    config = StreamConfig(batch_size=40, shuffle=shuffle)
+    config = StreamConfig(batch_size=batch_size, shuffle=shuffle)
     narrow = list(ParquetStream(source, config))
     meta = open_dataset(source).meta
     meta.vocab = {**meta.vocab, "category": 2**31 + 1}  # one table past int32's reach

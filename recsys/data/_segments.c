@@ -1,7 +1,8 @@
 /* Segmented copies for the data stream (recsys.data.segments).
  *
  * copy_segments: the runs src[starts[i] : starts[i] + lengths[i]], i < n, end to end into dst
- * (int64 or int32 values: the stream narrows ids that fit to int32 as it decodes them).
+ * (int64 or int32 values, or int64 narrowed into int32: the stream hands models int32 ids
+ * when every table fits).
  * NumPy needs a per-value index (a running sum, then a gather) for the same result; one
  * memcpy per run is several times faster and touches each value once. Bounds are checked by
  * the caller (recsys/data/segments.py), which owns every array passed here.

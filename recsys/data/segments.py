@@ -7,9 +7,10 @@
 
 Values are int64 or int32 (the stream's ids once narrowed). Both use the compiled helper
 ``recsys.data._segments`` (one ``memcpy`` per run, or a narrowing loop from int64 into
-int32, built with the package) when it could be built, and NumPy otherwise (a running sum makes a per-value
-index, then one gather; a scatter takes one such gather per batch): the results are
-identical, the helper is several times faster. ``RECSYS_NATIVE=0`` forces the NumPy path.
+int32, built with the package) when it could be built, and NumPy otherwise (a running sum
+makes a per-value index, then one gather; a scatter takes one such gather per batch): the
+results are identical, the helper is several times faster. ``RECSYS_NATIVE=0`` forces the
+NumPy path.
 """
 
 from __future__ import annotations

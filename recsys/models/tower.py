@@ -83,17 +83,20 @@ def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tens
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Rotate pairs (even, odd) of the last dimension of x [B, T, ..., head_dim] by position t
     (dimension 1): each pair is a complex number e + i·o multiplied by cos + i·sin, one kernel
-    instead of a dozen strided ones, with the same result."""
+    instead of a dozen strided ones, with the same result. Computed in fp32; returned as
+    ``dtype`` (default: x's)."""
     t = x.shape[1]
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     if cos.dim() == 3:  # per-row positions: [B, T, head_dim / 2]
         angle = torch.complex(cos, sin).view(x.shape[0], t, *([1] * (x.dim() - 3)), -1)
     else:
         angle = torch.complex(cos[:t], sin[:t]).view(1, t, *([1] * (x.dim() - 3)), -1)
-    return torch.view_as_real(pairs * angle).flatten(-2).type_as(x)
+    return torch.view_as_real(pairs * angle).flatten(-2).to(dtype or x.dtype)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> torch.Tensor:
@@ -126,16 +129,19 @@ class Attention(nn.Module):
         position): [B, 1, d] out, with ``mask`` [B, 1, 1, T]."""
         b, t, d = x.shape
         heads = (self.heads, d // self.heads)
+        # On CPU attention runs in fp32 (attend): rotated queries and keys stay fp32 rather
+        # than going back to a bf16 projection's type and up again (two casts each way).
+        rotated = torch.float32 if x.device.type == "cpu" else None
         if at is None:
             qkv = self.qkv(x).view(b, t, 3, *heads)
-            qk = apply_rotary(qkv[:, :, :2], cos, sin)  # queries and keys in one rotation
+            qk = apply_rotary(qkv[:, :, :2], cos, sin, rotated)  # queries, keys: one rotation
             q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
         else:  # one query per row: its projection alone, rotated by its own position
             weight = self.qkv.weight
             kv = F.linear(x, weight[d:]).view(b, t, 2, *heads)
             q = F.linear(x[torch.arange(b, device=x.device), at], weight[:d]).view(b, 1, *heads)
-            q = apply_rotary(q, cos[at][:, None], sin[at][:, None])
-            k, v = apply_rotary(kv[:, :, 0], cos, sin), kv[:, :, 1]
+            q = apply_rotary(q, cos[at][:, None], sin[at][:, None], rotated)
+            k, v = apply_rotary(kv[:, :, 0], cos, sin, rotated), kv[:, :, 1]
         # mask None: causal over right-padded rows, which lets SDPA pick its fused kernels.
         y = attend(
             q.transpose(1, 2),

@@ -107,13 +107,26 @@ def test_cpu_bf16_autocast_keeps_attention_in_fp32(monkeypatch: pytest.MonkeyPat
         seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
         return sdpa(q, k, v, **options)
 
+    handed = []
+    attend = tower_module.attend
+
+    def spy_attend(q, k, v, **options):
+        handed.append((q.dtype, k.dtype, v.dtype))
+        return attend(q, k, v, **options)
+
     monkeypatch.setattr(tower_module.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(tower_module, "attend", spy_attend)
     model = tower()
     x = torch.randn(2, 7, 32)
     valid = torch.ones(2, 7, dtype=torch.bool)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fast = model(x, valid)
+        model(x, valid, at=torch.tensor([3, 6]))  # the one-query path too
     assert seen and all(s == (torch.float32, False) for s in seen)
+    # Rotated queries and keys come out of the rotation in fp32 (no bf16 round trip); the
+    # values are the bf16 projection's, cast once inside attend.
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert handed and all(h == (fp32, fp32, bf16) for h in handed)
     exact = model(x, valid)
     assert not torch.equal(fast, exact)  # the projections ran in bf16
     torch.testing.assert_close(fast, exact, atol=0.1, rtol=0.05)

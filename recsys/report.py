@@ -36,6 +36,27 @@ ORDER = ("NT", "FT", "ST", "FT&SF", "ST&SF", "DLRM", "+LUM", "+LUM match", "+LUM
 """GPSD's strategies, then LUM's step-3 variants (``pipelines.lum``)."""
 
 
+def law_caveat(law: dict | None) -> str:
+    """What a fitted law ``AUC(N) = A − B·N^−α`` cannot say, as a parenthesis for the report
+    ('' when it can be read as it is)."""
+    if not law:
+        return ""
+    low, high = EXPONENT_BOUNDS
+    if law["exponent"] >= 0.995 * high:
+        return " (α at the search bound: the points follow no power law)"
+    if law["exponent"] <= 1.1 * low:
+        return (
+            " (α at the search bound: AUC grows like log N over these sizes, so no "
+            "asymptote can be read from them)"
+        )
+    if law["asymptote"] > 1.0:
+        return (
+            " (A above 1, which no AUC can reach: the curve still bends too little over "
+            "these sizes for its bound to be read)"
+        )
+    return ""
+
+
 def baseline_of(strategy: str) -> str:
     """The strategy a row's Imp is relative to: NT for GPSD's, the ranker alone for LUM's."""
     return "DLRM" if strategy.startswith("+LUM") else "NT"
@@ -528,14 +549,7 @@ def render(
                 if law
                 else "no rising power law fits"
             )
-            low, high = EXPONENT_BOUNDS
-            if law and law["exponent"] >= 0.995 * high:
-                formula += " (α at the search bound: the points follow no power law)"
-            elif law and law["exponent"] <= 1.1 * low:
-                formula += (
-                    " (α at the search bound: AUC grows like log N over these sizes, so no "
-                    "asymptote can be read from them)"
-                )
+            formula += law_caveat(law)
             out.append(
                 f"| {fit['train']} | {fit['eval']} | {fit['strategy']} | {len(fit['points'])} | "
                 f"{formula} | {_fmt(law and law['rmse'], '{:.4f}')} |"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from recsys.analysis.stats import auc_standard_error, fit_power_law, mean_std
+from recsys.analysis.stats import EXPONENT_BOUNDS, auc_standard_error, fit_power_law, mean_std
 
 
 def test_hanley_mcneil_at_chance_has_its_closed_form() -> None:
@@ -48,3 +48,14 @@ def test_power_law_fit_recovers_its_asymptote() -> None:
 def test_no_rising_law_through_falling_points_or_too_few_sizes() -> None:
     assert fit_power_law([1e4, 1e5, 1e6], [0.70, 0.68, 0.65]) is None
     assert fit_power_law([1e4, 1e4, 1e5], [0.60, 0.61, 0.65]) is None
+
+
+def test_the_report_says_what_a_fitted_law_cannot_show() -> None:
+    from recsys.report import law_caveat
+
+    low, high = EXPONENT_BOUNDS
+    assert law_caveat(None) == ""
+    assert law_caveat({"asymptote": 0.71, "scale": 0.9, "exponent": 0.25}) == ""
+    assert "grows like log N" in law_caveat({"asymptote": 30.0, "scale": 30.0, "exponent": low})
+    assert "no power law" in law_caveat({"asymptote": 0.9, "scale": 1.0, "exponent": high})
+    assert "above 1" in law_caveat({"asymptote": 1.03, "scale": 1.2, "exponent": 0.18})

@@ -21,6 +21,10 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The calling convention below; recsys/data/segments.py refuses a build that reports
+ * another (an old in-place build would read and write the wrong number of bytes). */
+int64_t segments_abi(void) { return 2; }
+
 /* Values are int64 or int32 (item, from_item: their sizes in bytes); copy_segments also
  * narrows int64 sources into int32 outputs (ids the caller has checked to fit). */
 void copy_segments(const char *src, const int64_t *starts, const int64_t *lengths, int64_t n,

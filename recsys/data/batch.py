@@ -46,13 +46,14 @@ class Lists:
     offsets: np.ndarray
     """int64, length rows + 1, starting at 0."""
     values: dict[str, np.ndarray]
-    """int64 flat values per column, all of length offsets[-1]."""
+    """Flat ids per column of the batches' lists, all of length offsets[-1]: int64, or
+    :attr:`Layout.ids` once narrowed."""
 
 
 @dataclass
 class Columns:
-    """Decoded, validated rows: aligned list columns and a table of the scalar columns, all
-    NumPy int64."""
+    """Decoded, validated rows: aligned list columns (those the batches hold) and a table of
+    the scalar columns, as NumPy arrays."""
 
     lists: Lists
     table: np.ndarray
@@ -192,7 +193,7 @@ def _check_ids(
     locate: Locate,
     bounds: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Validate (remap) or hash (hash mode) the ids of one column; return int64 ids.
+    """Validate (remap) or hash (hash mode) the ids of one column; return the ids (int64).
     ``bounds``: the smallest and largest id of the column's row group, from its footer (no
     scan when they lie in range)."""
     if not vocab or values.size == 0:
@@ -308,8 +309,10 @@ def decode(
             return int(np.searchsorted(own, position, side="right") - 1)
 
         ids = _int64(flat, column, locate, row_of, raw=bool(vocab) and meta.id_mode == "hash")
+        if not vocab:  # checked (nulls, alignment), but no batch holds it: not kept
+            continue
         ids = _check_ids(ids, vocab, meta, column, row_of, locate, bounds.get(column))
-        if narrow and vocab and layout.ids != ids.dtype:
+        if narrow and layout.ids != ids.dtype:
             narrowed = (
                 slabs.empty(len(ids), layout.ids) if slabs else np.empty(len(ids), layout.ids)
             )

@@ -53,16 +53,36 @@ class Dataset:
         return pq.ParquetFile(self.filesystem.open_input_file(part.path))
 
 
+def _leaves(kind: pa.DataType) -> int:
+    """Parquet leaf columns an Arrow type is stored in."""
+    if pa.types.is_struct(kind):
+        return sum(_leaves(kind.field(i).type) for i in range(kind.num_fields))
+    if pa.types.is_map(kind):
+        return _leaves(kind.key_type) + _leaves(kind.item_type)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _leaves(kind.value_type)
+    return 1
+
+
 def column_bounds(metadata: pq.FileMetaData, row_group: int) -> dict[str, tuple[int, int]]:
     """Smallest and largest value of each int64 column (list columns: of their values) in one
     row group, where the footer's statistics record them (pyarrow, Spark and DuckDB write
     them by default); columns without statistics are left out. The stream skips its scan of
     a column whose recorded bounds already satisfy the schema (as engines skip row groups by
-    the same statistics when they filter)."""
+    the same statistics when they filter).
+
+    Leaves are matched to top-level columns by position (each column's leaves are stored
+    together, in schema order), never by their dotted paths: a column may have dots in its
+    name. Columns of several leaves are left out."""
     group = metadata.row_group(row_group)
     bounds = {}
-    for i in range(group.num_columns):
-        chunk = group.column(i)
+    leaf = 0
+    for field in metadata.schema.to_arrow_schema():
+        count = _leaves(field.type)
+        first, leaf = leaf, leaf + count
+        if count != 1 or first >= group.num_columns:
+            continue
+        chunk = group.column(first)
         stats = chunk.statistics
         if (
             stats is None
@@ -71,7 +91,9 @@ def column_bounds(metadata: pq.FileMetaData, row_group: int) -> dict[str, tuple[
             or str(stats.logical_type) not in ("None", "Int(bitWidth=64, isSigned=true)")
         ):
             continue
-        bounds[chunk.path_in_schema.split(".")[0]] = (int(stats.min), int(stats.max))
+        bounds[field.name] = (int(stats.min), int(stats.max))
+    if leaf != group.num_columns:  # the Arrow schema does not account for every leaf
+        return {}
     return bounds
 
 

@@ -24,6 +24,9 @@ import numpy as np
 
 _INT64_P = ctypes.POINTER(ctypes.c_int64)
 
+ABI = 2
+"""The compiled helper's calling convention (its ``segments_abi()``); another is not used."""
+
 
 def _load() -> ctypes.CDLL | None:
     if os.environ.get("RECSYS_NATIVE", "1") == "0":
@@ -33,7 +36,11 @@ def _load() -> ctypes.CDLL | None:
         return None
     try:
         library = ctypes.CDLL(spec.origin)
-    except OSError:
+        library.segments_abi.restype = ctypes.c_int64
+        abi = library.segments_abi()
+    except (OSError, AttributeError):  # not loadable, or built before the ABI was reported
+        return None
+    if abi != ABI:  # a stale build: its functions take other arguments
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.copy_segments.restype = None

@@ -128,8 +128,9 @@ class GenerativeModel(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> GenerativeOutput:
         config = self.config
         batch = features.stride()
+        given = features.values()  # int32 or int64 ids: negatives of the same type keep it
         negatives = torch.randint(
-            0, config.items, (batch * config.negatives,), device=features.values().device
+            0, config.items, (batch * config.negatives,), device=given.device, dtype=given.dtype
         )
         # Each distinct negative is looked up once (all in the first row): B × K draws from a
         # table of fewer rows repeat most ids, and every lookup crosses the sharded tables'

@@ -207,7 +207,10 @@ class LUM(nn.Module):
         events = features.lengths()[:batch]
         device = features.values().device
         sampled = (
-            torch.randint(0, config.items, (config.negatives,), device=device)
+            # The batch's id type (int32 when the tables fit), so the lookup keeps it.
+            torch.randint(
+                0, config.items, (config.negatives,), device=device, dtype=features.values().dtype
+            )
             if config.negatives
             else None
         )
@@ -296,7 +299,7 @@ class LUM(nn.Module):
         if empty:
             blank = KeyedJaggedTensor.from_lengths_sync(
                 keys=empty,
-                values=torch.zeros(0, dtype=torch.long, device=kjt.values().device),
+                values=kjt.values().new_zeros(0),  # the batch's id type
                 lengths=torch.zeros(
                     batch * len(empty), dtype=torch.long, device=kjt.values().device
                 ),

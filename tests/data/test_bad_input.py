@@ -352,3 +352,31 @@ def test_footer_bounds_are_read_only_where_recorded(tmp_path: Path) -> None:
         "timestamp": (100, 100),
     }
     assert column_bounds(pq.ParquetFile(without / "part.parquet").metadata, 1) == {}
+
+
+def test_footer_bounds_follow_columns_not_dotted_paths(tmp_path: Path) -> None:
+    # Extra columns whose names begin with a required one and a dot must not lend it their
+    # bounds: the bad ids and label below are still found.
+    rows = table(item_id=[4, 4, 2**32 + 3, 4], label=[1, 0, 7, 0])
+    rows = rows.append_column("item_id.raw", pa.array([1, 2, 3, 4]))
+    rows = rows.append_column("label.orig", pa.array([0, 1, 0, 1]))
+    directory = write(tmp_path / "d", {"part.parquet": rows})
+    bounds = column_bounds(pq.ParquetFile(directory / "part.parquet").metadata, 1)
+    assert bounds["item_id"] == (4, 2**32 + 3) and bounds["item_id.raw"] == (3, 4)
+    assert bounds["label"] == (0, 7)
+    for shuffle in (False, True):
+        with pytest.raises(DataError, match=r"row group 1, row 0, column 'item_id'"):
+            read_all(directory, shuffle)
+
+
+def test_bounds_in_range_spare_the_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the footer says is trusted, as query engines trust it to skip row groups: bounds
+    # claiming every id in range let a bad id through unscanned (a file whose writer recorded
+    # wrong statistics is corrupt).
+    import recsys.data.stream as stream_module
+
+    directory = write(tmp_path / "d", {"part.parquet": table(item_id=[4, 4, 10, 4])})
+    with pytest.raises(DataError, match="not below the vocab size"):
+        read_all(directory)
+    monkeypatch.setattr(stream_module, "column_bounds", lambda *_: {"item_id": (0, 9)})
+    read_all(directory)

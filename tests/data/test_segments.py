@@ -148,3 +148,11 @@ def test_scatter_refuses_rows_outside_the_source_or_their_batch(
         one.segments(src, np.array([0]), np.array([1]), np.array([0]), column=1)
     with pytest.raises(ValueError, match="too short"):
         segments.Scatter([np.empty(3, np.int64)], [2], columns=2)
+
+
+def test_a_helper_of_another_calling_convention_is_not_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert segments._load() is not None
+    monkeypatch.setattr(segments, "ABI", segments.ABI + 1)  # as if the build were stale
+    assert segments._load() is None

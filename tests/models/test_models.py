@@ -154,3 +154,28 @@ def test_extra_features_reach_the_head(arch: str) -> None:
         model(features)
     with pytest.raises(ValueError, match="expected \\(4, 3\\)"):
         model(features, extra=torch.zeros(4, 2))
+
+
+def test_int32_ids_reach_the_tables_as_int32_with_the_same_loss() -> None:
+    # Streams hand out int32 ids when the tables fit: the negatives drawn for them are of the
+    # same type (a concatenation with int64 negatives would widen every id again).
+    torch.manual_seed(0)
+    model = GenerativeModel(GenerativeConfig(TOWER, ITEMS, {"category": CATEGORIES}, negatives=6))
+    wide = seq(SEQUENCES, CATS)
+    narrow = KeyedJaggedTensor.from_lengths_sync(
+        keys=wide.keys(), values=wide.values().int(), lengths=wide.lengths()
+    )
+    seen = []
+    lookup = model.sparse.forward
+
+    def spy(features: KeyedJaggedTensor):
+        seen.append(features.values().dtype)
+        return lookup(features)
+
+    model.sparse.forward = spy
+    torch.manual_seed(1)
+    a = model(wide)
+    torch.manual_seed(1)
+    b = model(narrow)
+    assert seen == [torch.int64, torch.int32]
+    assert b.loss.item() == pytest.approx(a.loss.item(), rel=1e-6)  # the same negatives

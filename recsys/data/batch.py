@@ -184,6 +184,11 @@ def _first(mask: np.ndarray) -> int:
     return int(np.argmax(mask))
 
 
+def _within(bounds: tuple[int, int] | None, size: int) -> bool:
+    """Whether a row group's footer bounds put every value of a column in [0, ``size``)."""
+    return bounds is not None and bounds[0] >= 0 and bounds[1] < size
+
+
 def _check_ids(
     values: np.ndarray,
     vocab: str,
@@ -201,7 +206,7 @@ def _check_ids(
     size = meta.vocab[vocab]
     if meta.id_mode == "hash":
         return hash_ids(values, size)
-    if bounds is not None and bounds[0] >= 0 and bounds[1] < size:
+    if _within(bounds, size):
         return values
     # One pass for both bounds (negative ids read as unsigned are >= 2^63); the offending
     # row is searched only on failure.
@@ -327,11 +332,10 @@ def decode(
         if column == "user_id" and meta.id_mode == "remap" and "user" in meta.vocab:
             _check_ids(ids, "user", meta, column, int, locate, bounds.get(column))  # never hashed
         # One pass each for min and max; the offending row is searched only on failure.
-        known = bounds.get(column)
         if (
             column == "label"
             and n
-            and not (known and known[0] >= 0 and known[1] <= 1)
+            and not _within(bounds.get(column), 2)
             and (ids.min() < 0 or ids.max() > 1)
         ):
             i = _first((ids != 0) & (ids != 1))

@@ -12,7 +12,7 @@
  * output is filled up to and where it ends; cursors advance as rows are written. Every bound
  * is checked here, before each copy: it returns -1, or the first row that lies outside src,
  * names a batch >= batches, or would overflow its batch's output (rows before it are
- * written).
+ * written). Like copy_segments, it narrows int64 sources into int32 outputs.
  *
  * Built as a CPython extension so that setuptools compiles it with the package; it exports
  * no Python functions and is loaded through ctypes. */
@@ -23,7 +23,7 @@
 
 /* The calling convention below; recsys/data/segments.py refuses a build that reports
  * another (an old in-place build would read and write the wrong number of bytes). */
-int64_t segments_abi(void) { return 2; }
+int64_t segments_abi(void) { return 3; }
 
 /* Values are int64 or int32 (item, from_item: their sizes in bytes); copy_segments also
  * narrows int64 sources into int32 outputs (ids the caller has checked to fit). */
@@ -46,7 +46,8 @@ void copy_segments(const char *src, const int64_t *starts, const int64_t *length
 
 int64_t scatter_segments(const char *src, int64_t size, const int64_t *starts,
                          const int64_t *lengths, const int64_t *batch_of, int64_t n,
-                         int64_t batches, int64_t *cursors, const int64_t *ends, int64_t item) {
+                         int64_t batches, int64_t *cursors, const int64_t *ends, int64_t item,
+                         int64_t from_item) {
     for (int64_t i = 0; i < n; i++) {
         int64_t b = batch_of[i], start = starts[i], length = lengths[i];
         if (b < 0)
@@ -54,7 +55,14 @@ int64_t scatter_segments(const char *src, int64_t size, const int64_t *starts,
         if (b >= batches || length < 0 || start < 0 || start > size - length ||
             length > (ends[b] - cursors[b]) / item)
             return i;
-        memcpy((char *)cursors[b], src + start * item, (size_t)(length * item));
+        if (item == from_item) {
+            memcpy((char *)cursors[b], src + start * item, (size_t)(length * item));
+        } else {
+            const int64_t *wide = (const int64_t *)src + start;
+            int32_t *narrow = (int32_t *)cursors[b];
+            for (int64_t j = 0; j < length; j++)
+                narrow[j] = (int32_t)wide[j];
+        }
         cursors[b] += length * item;
     }
     return -1;

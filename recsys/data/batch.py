@@ -269,8 +269,6 @@ def decode(
     locate: Locate,
     conditions: bool = False,
     bounds: Mapping[str, tuple[int, int]] = MappingProxyType({}),
-    slabs: Slabs | None = None,
-    narrow: bool = False,
 ) -> Columns:
     """Validate rows of a row group and view them as NumPy columns: list values without a
     copy where the Arrow buffers are already int64, scalars copied into one table
@@ -280,11 +278,8 @@ def decode(
     footer records them (:func:`recsys.data.files.column_bounds`): a column whose bounds are
     in range is not scanned (ids, labels); the others are, value by value.
 
-    ``narrow``: ids of the ``KeyedJaggedTensor``'s lists come out as :attr:`Layout.ids`
-    (int32 when every table fits, once checked; in memory from ``slabs`` if given), so that
-    Arrow's buffers go back to its pool at once and later copies move half the bytes: for
-    chunks held a while (a shuffle buffer). Otherwise they stay views of Arrow's buffers,
-    narrowed as they are copied into a batch."""
+    List ids stay views of Arrow's buffers (int64), narrowed to :attr:`Layout.ids` as they
+    are copied into a batch."""
     n = table.num_rows
     lists = list_columns(meta, conditions)
     layout = Layout.of(meta, conditions)
@@ -317,12 +312,6 @@ def decode(
         if not vocab:  # checked (nulls, alignment), but no batch holds it: not kept
             continue
         ids = _check_ids(ids, vocab, meta, column, row_of, locate, bounds.get(column))
-        if narrow and layout.ids != ids.dtype:
-            narrowed = (
-                slabs.empty(len(ids), layout.ids) if slabs else np.empty(len(ids), layout.ids)
-            )
-            narrowed[:] = ids  # every id lies in [0, table rows <= 2^31)
-            ids = narrowed
         values[column] = ids
     scalars = np.empty((len(layout.scalars), n), dtype=np.int64)
     where = {name: i for i, name in enumerate(layout.scalars)}

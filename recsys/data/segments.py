@@ -5,12 +5,12 @@
 - :class:`Scatter` appends each row's run to the output of the batch the row goes to, so
   that a shuffled row's ids are copied once, straight into its batch.
 
-Values are int64 or int32 (the stream's ids once narrowed). Both use the compiled helper
-``recsys.data._segments`` (one ``memcpy`` per run, or a narrowing loop from int64 into
-int32, built with the package) when it could be built, and NumPy otherwise (a running sum
-makes a per-value index, then one gather; a scatter takes one such gather per batch): the
-results are identical, the helper is several times faster. ``RECSYS_NATIVE=0`` forces the
-NumPy path.
+Values are int64 or int32, and both narrow int64 sources into int32 outputs (the stream's
+ids on their way into a batch). Both use the compiled helper ``recsys.data._segments``
+(one ``memcpy`` per run, or a narrowing loop, built with the package) when it could be
+built, and NumPy otherwise (a running sum makes a per-value index, then one gather; a
+scatter takes one such gather per batch): the results are identical, the helper is several
+times faster. ``RECSYS_NATIVE=0`` forces the NumPy path.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 
 _INT64_P = ctypes.POINTER(ctypes.c_int64)
 
-ABI = 2
+ABI = 3
 """The compiled helper's calling convention (its ``segments_abi()``); another is not used."""
 
 
@@ -47,7 +47,7 @@ def _load() -> ctypes.CDLL | None:
     library.copy_segments.argtypes = [pointer] * 3 + [size, pointer, size, size]
     library.scatter_segments.restype = size
     library.scatter_segments.argtypes = (
-        [pointer, size] + [pointer] * 3 + [size] * 2 + [pointer] * 2 + [size]
+        [pointer, size] + [pointer] * 3 + [size] * 2 + [pointer] * 2 + [size] * 2
     )
     return library
 
@@ -78,8 +78,8 @@ def _address(a: np.ndarray) -> int:
 
 
 TYPES = (np.dtype(np.int64), np.dtype(np.int32))
-"""Types of the values copied (the same in sources and outputs): int64, or int32 (ids that
-fit, narrowed as the stream decodes them)."""
+"""Types of the values copied: int64, or int32 (ids that fit, as batches hold them); an int64
+source may fill an int32 output."""
 
 
 def _outside(size: int, starts: np.ndarray, lengths: np.ndarray) -> bool:
@@ -151,7 +151,7 @@ class Scatter:
 
     Batch ``b`` has ``columns`` outputs of ``widths[b]`` values each, laid end to end at the
     start of ``bases[b]`` (1-D, contiguous, writable; all int64 or all int32, and sources of
-    that type): column ``c``'s is
+    that type or int64): column ``c``'s is
     ``bases[b][c * widths[b] : (c + 1) * widths[b]]``. Each is filled from its start in the
     order rows are given, chunk after chunk; a row whose batch is ``-1`` is not read. A run
     outside its source, a batch past the last, or rows that overflow their batch's output
@@ -206,10 +206,11 @@ class Scatter:
         column: int = 0,
     ) -> None:
         """Append ``src[starts[i] : starts[i] + lengths[i]]`` to ``column`` of batch
-        ``batch_of[i]`` (``src`` of the outputs' type)."""
+        ``batch_of[i]`` (``src`` of the outputs' type, or int64 narrowed into int32 outputs:
+        values the caller knows to fit)."""
         if not 0 <= column < self.columns:
             raise IndexError(f"scatter: no column {column} of {self.columns}")
-        if src.ndim != 1 or src.dtype != self.dtype:
+        if src.ndim != 1 or src.dtype not in (self.dtype, TYPES[0]):
             raise ValueError(f"scatter: src must be 1-D {self.dtype}, got {src.dtype} {src.shape}")
         src = np.ascontiguousarray(src)
         batch_of = _rows("batch_of", batch_of)
@@ -230,6 +231,7 @@ class Scatter:
                     _address(self._cursors) + at,
                     _address(self._ends) + at,
                     self.dtype.itemsize,
+                    src.dtype.itemsize,
                 )
             )
             return

@@ -60,10 +60,10 @@ IN_ORDER_ROWS = 2048
 """Rows decoded at a time in file order (rounded to whole batches): pyarrow decodes small
 batches into memory that is still in cache, about 1.3x faster than a large chunk."""
 SHUFFLE_CHUNK_ROWS = 4096
-"""Rows decoded at a time into a shuffle buffer (small chunks decode faster, see above; each
-chunk's ids are narrowed to the batches' type at once and Arrow's memory goes back to its
-pool). Once the whole buffer is decoded, every row is copied straight into the batch it goes
-to."""
+"""Rows decoded at a time into a shuffle buffer (small chunks decode faster, see above). The
+chunks' ids stay in Arrow's buffers until the whole buffer is decoded; then every row is
+copied once, straight into the batch it goes to, narrowed to the batches' type on the way
+(one pass over the ids instead of a narrowing pass per chunk and then a copy)."""
 
 
 @dataclass(frozen=True)
@@ -380,7 +380,7 @@ class ParquetStream(IterableDataset):
                 at = 0
                 for unit in buffer:
                     unit_at = at
-                    for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS, slabs, narrow=True):
+                    for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS):
                         if isinstance(chunk, Skipped):
                             if not skip:  # resumed inside this buffer: counted already
                                 self._skipped += chunk.rows
@@ -482,12 +482,9 @@ class ParquetStream(IterableDataset):
         unit: _Unit,
         files: dict[int, Any],
         chunk_rows: int,
-        slabs: Slabs | None = None,
-        narrow: bool = False,
     ) -> Iterator[Columns | Skipped]:
         """The unit's rows, validated, in chunks of at most ``chunk_rows`` rows (decoding into
-        small buffers is faster than one large table, and no chunk is ever concatenated);
-        ``narrow``: their ids narrowed at once (:func:`decode`), into ``slabs``."""
+        small buffers is faster than one large table, and no chunk is ever concatenated)."""
         part = self.dataset.parts[unit.part]
         if unit.part not in files:
             files[unit.part] = self.dataset.open_file(part)
@@ -530,8 +527,6 @@ class ParquetStream(IterableDataset):
                     locate,
                     self.config.conditions,
                     bounds,
-                    slabs,
-                    narrow,
                 )
             except DataError as error:
                 if not self.config.skip_bad_row_groups:

@@ -73,10 +73,10 @@ def test_both_paths_refuse_the_same_bad_runs(native: bool, monkeypatch: pytest.M
             segments.copy_segments(src, starts, lengths, np.empty(size, np.int64))
 
 
-def _scatter(src, starts, lengths, batch_of, sizes, chunks=2):
-    """Outputs of a Scatter fed in ``chunks`` successive calls: runs into two columns per
-    batch (the same runs twice)."""
-    runs = [np.full(2 * size + 3, -7, src.dtype) for size in sizes]  # room to spare at the end
+def _scatter(src, starts, lengths, batch_of, sizes, chunks=2, dtype=None):
+    """Outputs (of ``dtype``, by default the source's) of a Scatter fed in ``chunks``
+    successive calls: runs into two columns per batch (the same runs twice)."""
+    runs = [np.full(2 * size + 3, -7, dtype or src.dtype) for size in sizes]  # room to spare
     into_runs = segments.Scatter(runs, sizes, 2)
     for part in np.array_split(np.arange(len(starts)), chunks):
         for column in (0, 1):
@@ -85,12 +85,15 @@ def _scatter(src, starts, lengths, batch_of, sizes, chunks=2):
     return runs, into_runs.full()
 
 
-@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+@pytest.mark.parametrize(
+    "dtype, out", [(np.int64, np.int64), (np.int32, np.int32), (np.int64, np.int32)]
+)
 def test_scatter_appends_each_row_to_its_batch_in_order(
-    dtype: type, monkeypatch: pytest.MonkeyPatch
+    dtype: type, out: type, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Copies of one type, and int64 ids narrowed into int32 batches (values that fit)."""
     rng = np.random.default_rng(1)
-    src = rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max, 1000, dtype=dtype)
+    src = rng.integers(np.iinfo(out).min, np.iinfo(out).max, 1000, dtype=dtype)
     starts, lengths = _runs(rng, len(src), 300)
     batch_of = rng.integers(-1, 4, 300)  # -1: rows not read
     expected = [
@@ -100,18 +103,18 @@ def test_scatter_appends_each_row_to_its_batch_in_order(
         for b in range(4)
     ]
     sizes = [len(e) for e in expected]
-    native = _scatter(src, starts, lengths, batch_of, sizes)
+    native = _scatter(src, starts, lengths, batch_of, sizes, dtype=out)
     monkeypatch.setattr(segments, "_LIBRARY", None)
-    fallback = _scatter(src, starts, lengths, batch_of, sizes)
+    fallback = _scatter(src, starts, lengths, batch_of, sizes, dtype=out)
     for runs, full in (native, fallback):
-        assert full
+        assert full and all(r.dtype == out for r in runs)
         for b in range(4):
             np.testing.assert_array_equal(runs[b][: 2 * sizes[b]], np.tile(expected[b], 2))
     # A batch left short is reported, not handed out.
-    scatter = segments.Scatter([np.empty(size + 1, dtype) for size in sizes], np.add(sizes, 1))
+    scatter = segments.Scatter([np.empty(size + 1, out) for size in sizes], np.add(sizes, 1))
     scatter.segments(src, starts, lengths, batch_of)
     assert not scatter.full()
-    # Values are never converted on the way: a source of another type is refused.
+    # Values are never converted otherwise: a source of another type is refused.
     with pytest.raises(ValueError, match="src must be 1-D"):
         scatter.segments(src.astype(np.int16), starts, lengths, batch_of)
     with pytest.raises(ValueError, match="all int64 or all int32"):

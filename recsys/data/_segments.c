@@ -57,6 +57,8 @@ int64_t scatter_segments(const char *src, int64_t size, const int64_t *starts,
             return i;
         if (item == from_item) {
             memcpy((char *)cursors[b], src + start * item, (size_t)(length * item));
+        } else if (item != 4 || from_item != 8) {
+            return i; /* only int64 into int32 narrows; the caller refuses other pairs */
         } else {
             const int64_t *wide = (const int64_t *)src + start;
             int32_t *narrow = (int32_t *)cursors[b];

@@ -46,8 +46,9 @@ class Lists:
     offsets: np.ndarray
     """int64, length rows + 1, starting at 0."""
     values: dict[str, np.ndarray]
-    """Flat ids per column of the batches' lists, all of length offsets[-1]: int64, or
-    :attr:`Layout.ids` once narrowed."""
+    """Flat ids per column of the batches' lists, all of length offsets[-1]: int64 views of
+    Arrow's buffers as decoded, or :attr:`Layout.ids` in a batch carried over to the next
+    shuffle buffer (:meth:`Gathered.columns`)."""
 
 
 @dataclass
@@ -201,12 +202,12 @@ def _check_ids(
     """Validate (remap) or hash (hash mode) the ids of one column; return the ids (int64).
     ``bounds``: the smallest and largest id of the column's row group, from its footer (no
     scan when they lie in range)."""
-    if not vocab or values.size == 0:
+    if not vocab:
         return values
     size = meta.vocab[vocab]
-    if meta.id_mode == "hash":
+    if meta.id_mode == "hash":  # raw ids (uint64 too) in, int64 out, even when empty
         return hash_ids(values, size)
-    if _within(bounds, size):
+    if values.size == 0 or _within(bounds, size):
         return values
     # One pass for both bounds (negative ids read as unsigned are >= 2^63); the offending
     # row is searched only on failure.

@@ -211,7 +211,9 @@ class Scatter:
         if not 0 <= column < self.columns:
             raise IndexError(f"scatter: no column {column} of {self.columns}")
         if src.ndim != 1 or src.dtype not in (self.dtype, TYPES[0]):
-            raise ValueError(f"scatter: src must be 1-D {self.dtype}, got {src.dtype} {src.shape}")
+            raise ValueError(
+                f"scatter: src must be 1-D {self.dtype} or int64, got {src.dtype} {src.shape}"
+            )
         src = np.ascontiguousarray(src)
         batch_of = _rows("batch_of", batch_of)
         starts = _rows("starts", starts, len(batch_of))
@@ -250,7 +252,7 @@ class Scatter:
         if (at + sizes > self._widths).any():
             self._failed(0)
         gathered = copy_segments(
-            src, starts[order], lengths[order], np.empty(int(sizes.sum()), dtype=src.dtype)
+            src, starts[order], lengths[order], np.empty(int(sizes.sum()), dtype=self.dtype)
         )
         ends = np.cumsum(sizes).tolist()
         for b in np.flatnonzero(counts).tolist():

@@ -7,6 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from recsys.data.files import column_bounds
 from recsys.data.schema import DataError, DatasetMeta
@@ -213,6 +214,27 @@ def test_unsigned_ids_beyond_int64(tmp_path: Path) -> None:
         for b in ParquetStream(str(directory), StreamConfig(batch_size=4, shuffle=False))
     )
     assert values.min() >= 0 and values.max() < 10
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in order", "shuffled"])
+def test_hashed_unsigned_ids_with_empty_histories(tmp_path: Path, shuffle: bool) -> None:
+    """Raw uint64 ids hashed, in row groups whose histories are all empty: batches of the
+    tables' id type, shuffled or not."""
+    empty = pa.array([[], [], [], []], pa.list_(pa.uint64()))
+    hashed = DatasetMeta(
+        kind="ctr", vocab={"item": 10, "category": 3}, side_features=["category"], id_mode="hash"
+    )
+    parts = {
+        "part.parquet": table()
+        .set_column(1, "history_item_ids", empty)
+        .set_column(2, "history_category_ids", empty)
+    }
+    directory = write(tmp_path / "d", parts, hashed)
+    config = StreamConfig(batch_size=4, shuffle=shuffle)
+    (batch,) = list(ParquetStream(str(directory), config))
+    assert batch.features.values().dtype == torch.int32
+    assert batch.features["history_item"].values().numel() == 0
+    assert batch.features.lengths().tolist()[:8] == [0] * 8
 
 
 def test_user_ids_checked_against_the_user_vocab(tmp_path: Path) -> None:

@@ -117,6 +117,9 @@ def test_scatter_appends_each_row_to_its_batch_in_order(
     # Values are never converted otherwise: a source of another type is refused.
     with pytest.raises(ValueError, match="src must be 1-D"):
         scatter.segments(src.astype(np.int16), starts, lengths, batch_of)
+    wide = segments.Scatter([np.empty(4, np.int64)], [4])  # int32 is never widened
+    with pytest.raises(ValueError, match="src must be 1-D"):
+        wide.segments(np.arange(4, dtype=np.int32), np.array([0]), np.array([4]), np.array([0]))
     with pytest.raises(ValueError, match="all int64 or all int32"):
         segments.Scatter([np.empty(2, np.int64), np.empty(2, np.int32)], [1, 1])
 

@@ -25,22 +25,27 @@
  * another (an old in-place build would read and write the wrong number of bytes). */
 int64_t segments_abi(void) { return 3; }
 
-/* Values are int64 or int32 (item, from_item: their sizes in bytes); copy_segments also
- * narrows int64 sources into int32 outputs (ids the caller has checked to fit). */
+/* Values are int64 or int32 (item, from_item: their sizes in bytes); both functions also
+ * narrow int64 sources into int32 outputs (ids the caller has checked to fit). */
+
+/* length values from src into dst: one memcpy, or the narrowing loop. */
+static void copy_run(char *dst, const char *src, int64_t length, int64_t item,
+                     int64_t from_item) {
+    if (item == from_item) {
+        memcpy(dst, src, (size_t)(length * item));
+        return;
+    }
+    const int64_t *wide = (const int64_t *)src;
+    int32_t *narrow = (int32_t *)dst;
+    for (int64_t j = 0; j < length; j++)
+        narrow[j] = (int32_t)wide[j];
+}
+
 void copy_segments(const char *src, const int64_t *starts, const int64_t *lengths, int64_t n,
                    char *dst, int64_t item, int64_t from_item) {
     for (int64_t i = 0; i < n; i++) {
-        int64_t length = lengths[i];
-        const char *from = src + starts[i] * from_item;
-        if (item == from_item) {
-            memcpy(dst, from, (size_t)(length * item));
-        } else {
-            const int64_t *wide = (const int64_t *)from;
-            int32_t *narrow = (int32_t *)dst;
-            for (int64_t j = 0; j < length; j++)
-                narrow[j] = (int32_t)wide[j];
-        }
-        dst += length * item;
+        copy_run(dst, src + starts[i] * from_item, lengths[i], item, from_item);
+        dst += lengths[i] * item;
     }
 }
 
@@ -55,16 +60,9 @@ int64_t scatter_segments(const char *src, int64_t size, const int64_t *starts,
         if (b >= batches || length < 0 || start < 0 || start > size - length ||
             length > (ends[b] - cursors[b]) / item)
             return i;
-        if (item == from_item) {
-            memcpy((char *)cursors[b], src + start * item, (size_t)(length * item));
-        } else if (item != 4 || from_item != 8) {
+        if (item != from_item && (item != 4 || from_item != 8))
             return i; /* only int64 into int32 narrows; the caller refuses other pairs */
-        } else {
-            const int64_t *wide = (const int64_t *)src + start;
-            int32_t *narrow = (int32_t *)cursors[b];
-            for (int64_t j = 0; j < length; j++)
-                narrow[j] = (int32_t)wide[j];
-        }
+        copy_run((char *)cursors[b], src + start * from_item, length, item, from_item);
         cursors[b] += length * item;
     }
     return -1;

@@ -312,8 +312,7 @@ def decode(
         ids = _int64(flat, column, locate, row_of, raw=bool(vocab) and meta.id_mode == "hash")
         if not vocab:  # checked (nulls, alignment), but no batch holds it: not kept
             continue
-        ids = _check_ids(ids, vocab, meta, column, row_of, locate, bounds.get(column))
-        values[column] = ids
+        values[column] = _check_ids(ids, vocab, meta, column, row_of, locate, bounds.get(column))
     scalars = np.empty((len(layout.scalars), n), dtype=np.int64)
     where = {name: i for i, name in enumerate(layout.scalars)}
     for column, vocab in scalar_columns(meta).items():

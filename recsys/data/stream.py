@@ -478,10 +478,7 @@ class ParquetStream(IterableDataset):
         return Skipped(rows)
 
     def _decode(
-        self,
-        unit: _Unit,
-        files: dict[int, Any],
-        chunk_rows: int,
+        self, unit: _Unit, files: dict[int, Any], chunk_rows: int
     ) -> Iterator[Columns | Skipped]:
         """The unit's rows, validated, in chunks of at most ``chunk_rows`` rows (decoding into
         small buffers is faster than one large table, and no chunk is ever concatenated)."""

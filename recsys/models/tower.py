@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys.models.fused import compute_dtype, rms_norm, rotary_heads, swiglu
+
 NAME = re.compile(r"^L(\d+)H(\d+)A(\d+)$")
 
 
@@ -71,9 +73,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x.float() * scale).type_as(x) * self.weight
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Computed in fp32, returned as ``dtype`` (default x's)."""
+        return rms_norm(x, self.weight, self.eps, dtype)
 
 
 def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,22 +83,6 @@ def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tens
     inverse = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inverse)
     return angles.cos(), angles.sin()
-
-
-def apply_rotary(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """Rotate pairs (even, odd) of the last dimension of x [B, T, ..., head_dim] by position t
-    (dimension 1): each pair is a complex number e + i·o multiplied by cos + i·sin, one kernel
-    instead of a dozen strided ones, with the same result. Computed in fp32; returned as
-    ``dtype`` (default: x's)."""
-    t = x.shape[1]
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    if cos.dim() == 3:  # per-row positions: [B, T, head_dim / 2]
-        angle = torch.complex(cos, sin).view(x.shape[0], t, *([1] * (x.dim() - 3)), -1)
-    else:
-        angle = torch.complex(cos[:t], sin[:t]).view(1, t, *([1] * (x.dim() - 3)), -1)
-    return torch.view_as_real(pairs * angle).flatten(-2).to(dtype or x.dtype)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> torch.Tensor:
@@ -129,29 +115,32 @@ class Attention(nn.Module):
         position): [B, 1, d] out, with ``mask`` [B, 1, 1, T]."""
         b, t, d = x.shape
         heads = (self.heads, d // self.heads)
-        # On CPU attention runs in fp32 (attend): rotated queries and keys stay fp32 rather
-        # than going back to a bf16 projection's type and up again (two casts each way).
-        rotated = torch.float32 if x.device.type == "cpu" else None
+        # On CPU attention runs in fp32 (attend): the heads come out of the rotation in fp32
+        # rather than going back to a bf16 projection's type and up again.
+        dtype = torch.float32 if x.device.type == "cpu" else None
         if at is None:
             qkv = self.qkv(x).view(b, t, 3, *heads)
-            qk = apply_rotary(qkv[:, :, :2], cos, sin, rotated)  # queries, keys: one rotation
-            q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
+            q, k, v = rotary_heads(qkv, cos, sin, rotated=2, dtype=dtype)
         else:  # one query per row: its projection alone, rotated by its own position
             weight = self.qkv.weight
             kv = F.linear(x, weight[d:]).view(b, t, 2, *heads)
-            q = F.linear(x[torch.arange(b, device=x.device), at], weight[:d]).view(b, 1, *heads)
-            q = apply_rotary(q, cos[at][:, None], sin[at][:, None], rotated)
-            k, v = apply_rotary(kv[:, :, 0], cos, sin, rotated), kv[:, :, 1]
+            k, v = rotary_heads(kv, cos, sin, rotated=1, dtype=dtype)
+            query = F.linear(x[torch.arange(b, device=x.device), at], weight[:d])
+            (q,) = rotary_heads(
+                query.view(b, 1, 1, *heads), cos[at][:, None], sin[at][:, None], 1, dtype
+            )
         # mask None: causal over right-padded rows, which lets SDPA pick its fused kernels.
         y = attend(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
+            q,
+            k,
+            v,
             attn_mask=mask,
             is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        return self.out(y.transpose(1, 2).reshape(b, q.shape[1], d))
+        # Heads back side by side, in the output projection's type: one copy.
+        y = y.transpose(1, 2).to(compute_dtype(x), memory_format=torch.contiguous_format)
+        return self.out(y.view(b, q.shape[2], d))
 
 
 class FeedForward(nn.Module):
@@ -165,8 +154,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # W1 and W3 in one GEMM (twice as wide runs faster than two), then split.
-        gate, up = F.linear(x, torch.cat((self.w1.weight, self.w3.weight))).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(swiglu(F.linear(x, torch.cat((self.w1.weight, self.w3.weight)))))
 
 
 class Block(nn.Module):
@@ -186,11 +174,13 @@ class Block(nn.Module):
         at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``at`` [B]: the outputs at position ``at[b]`` of each row only, [B, 1, d]."""
-        attended = self.attention(self.attention_norm(x), mask, cos, sin, at)
+        # The norms hand the projections their inputs in the type they compute in.
+        dtype = compute_dtype(x)
+        attended = self.attention(self.attention_norm(x, dtype), mask, cos, sin, at)
         if at is not None:
             x = x[torch.arange(len(at), device=x.device), at][:, None]
         x = x + attended
-        return x + self.ffn(self.ffn_norm(x))
+        return x + self.ffn(self.ffn_norm(x, dtype))
 
 
 class Tower(nn.Module):

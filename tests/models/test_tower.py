@@ -123,10 +123,9 @@ def test_cpu_bf16_autocast_keeps_attention_in_fp32(monkeypatch: pytest.MonkeyPat
         fast = model(x, valid)
         model(x, valid, at=torch.tensor([3, 6]))  # the one-query path too
     assert seen and all(s == (torch.float32, False) for s in seen)
-    # Rotated queries and keys come out of the rotation in fp32 (no bf16 round trip); the
-    # values are the bf16 projection's, cast once inside attend.
-    bf16, fp32 = torch.bfloat16, torch.float32
-    assert handed and all(h == (fp32, fp32, bf16) for h in handed)
+    # Queries, keys and values come out of the rotation in fp32 (no bf16 round trip).
+    fp32 = torch.float32
+    assert handed and all(h == (fp32, fp32, fp32) for h in handed)
     exact = model(x, valid)
     assert not torch.equal(fast, exact)  # the projections ran in bf16
     torch.testing.assert_close(fast, exact, atol=0.1, rtol=0.05)

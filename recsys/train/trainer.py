@@ -31,6 +31,7 @@ from torch import nn
 from recsys.checkpoint.manager import CheckpointManager, keys
 from recsys.distributed.env import collective_device
 from recsys.train.faults import Faults
+from recsys.train.host import reuse_freed_memory
 from recsys.train.log import RunLog, SampleLog
 from recsys.train.metrics import CTRMetrics, PretrainMetrics
 from recsys.train.optim import OptimConfig, clip
@@ -153,6 +154,8 @@ class Trainer:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         dense = next(iter(self.dense.params.values()), None)
         self.device = dense.device if dense is not None else torch.device("cpu")
+        if self.device.type == "cpu":
+            reuse_freed_memory()  # steps reuse the last step's pages (recsys.train.host)
         self.step = self.epoch = self.epoch_step = 0
         self.results: dict[str, float] = {}
         """The metrics of the last epoch that ended (what :meth:`train` returns)."""

@@ -1,11 +1,15 @@
 """The tower's elementwise steps, each one pass over memory on CPU: RMSNorm, SwiGLU, and the
-rotary embedding with the split of projections into attention heads.
+rotary embedding with the split of projections into attention heads; and attention over
+short sequences.
 
 At the tower's widths most of a CPU training step is elementwise work, not matrix products,
 and each torch kernel is a pass over the whole activation (RMSNorm alone is about six kernels
 forward and ten backward). :func:`rms_norm`, :func:`swiglu` and :func:`rotary_heads` run the
 compiled kernels of ``recsys.models._fused`` (built with the package) through autograd
-functions with hand-written backward passes, row by row while each row is in cache. On other
+functions with hand-written backward passes, row by row while each row is in cache.
+:func:`attention` does the same for each (row, head) of a short sequence: torch's CPU flash
+kernel is built for long ones and spends most of its time outside arithmetic at ~50
+positions and head size 16. On other
 devices, for other types, inside ``torch.compile``, or when the helper is not built, they run
 the same computation as torch ops (the reference the tests compare against).
 ``RECSYS_NATIVE=0`` forces the torch path.
@@ -20,7 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-ABI = 1
+ABI = 2
 """The compiled helper's calling convention (its ``fused_abi()``); another is not used."""
 
 WIDEST = 8192
@@ -51,10 +55,13 @@ def _load() -> ctypes.CDLL | None:
         "swiglu_backward": [p, p, n, n, p, flag],
         "rotary_forward": [p, flag, n, n, n, n, n, n, p, p, n, p],
         "rotary_backward": [p, n, n, n, n, n, n, p, p, n, p, flag],
+        "attention_forward": [p] * 3 + [n] * 5 + [p, n, n, flag, ctypes.c_float, p, p],
+        "attention_backward": [p] * 6 + [n] * 5 + [p, n, n, flag, ctypes.c_float, p, p, p],
     }
     for name, arguments in signatures.items():
         function = getattr(library, name)
         function.restype, function.argtypes = None, arguments
+    library.attention_forward.restype = library.attention_backward.restype = n
     return library
 
 
@@ -256,3 +263,92 @@ def rotary_heads(
         cos, sin = cos.contiguous(), sin.contiguous()
         return _RotaryHeads.apply(x, cos, sin, rotated, 0 if shared else t)
     return rotary_heads_reference(x, cos, sin, rotated, dtype)
+
+
+# --- attention ----------------------------------------------------------------------------
+
+LONGEST = 1024
+"""Sequences longer than this (keys) take torch's kernel, built for them."""
+
+
+def _heads_last(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] → its [B, T, H, D] memory (the projections' layout), copied if need be."""
+    return x.transpose(1, 2).contiguous()
+
+
+def _mask_strides(mask: torch.Tensor | None, b: int, tq: int, tk: int):
+    """A boolean mask [B or 1, 1, Tq or 1, Tk] → (mask, stride over rows, over queries)."""
+    if mask is None:
+        return None, 0, 0
+    mask = mask.expand(b, 1, tq, tk)
+    if mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    return mask, mask.stride(0), mask.stride(2)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal: bool):
+        b, heads, tq, d = q.shape
+        tk = k.shape[2]
+        q, k, v = _heads_last(q), _heads_last(k), _heads_last(v)
+        mask, mask_b, mask_q = _mask_strides(mask, b, tq, tk)
+        out = torch.empty(b, tq, heads, d)
+        lse = torch.empty(b, heads, tq)
+        shape = (b, heads, tq, tk, d, 0 if mask is None else mask.data_ptr(), mask_b, mask_q)
+        ctx.call = (*shape, int(causal), d**-0.5)
+        if _LIBRARY.attention_forward(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), *ctx.call, out.data_ptr(), lse.data_ptr()
+        ):
+            raise MemoryError("attention_forward: no scratch memory")
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        return out.transpose(1, 2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse, _mask = ctx.saved_tensors  # the mask kept alive for ctx.call
+        dout = _heads_last(dout.float())
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        tensors = (q, k, v, out, lse, dout)
+        if _LIBRARY.attention_backward(
+            *(t.data_ptr() for t in tensors), *ctx.call, dq.data_ptr(), dk.data_ptr(),
+            dv.data_ptr(),
+        ):  # fmt: skip
+            raise MemoryError("attention_backward: no scratch memory")
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+) -> torch.Tensor | None:
+    """softmax(q kᵀ / √D) v for q [B, H, Tq, D], k and v [B, H, Tk, D], fp32 on CPU, with a
+    boolean ``mask`` [B or 1, 1, Tq or 1, Tk] (True: may attend) and/or ``causal`` (Tq =
+    Tk); None where the kernel does not apply (then use torch's). A query that may attend
+    no key gets zeros (torch gives NaN)."""
+    b, heads, tq, d = q.shape
+    tk = k.shape[2]
+    if not (
+        _native(q, k, v)
+        and q.dtype == k.dtype == v.dtype == torch.float32
+        and k.shape == v.shape == (b, heads, tk, d)
+        and tk <= LONGEST
+        and (not causal or tq == tk)
+        and (
+            mask is None
+            or (
+                mask.dtype == torch.bool
+                and mask.dim() == 4
+                and mask.shape[1] == 1
+                and mask.shape[0] in (1, b)
+                and mask.shape[2] in (1, tq)
+                and mask.shape[3] == tk
+            )
+        )
+    ):
+        return None
+    return _Attention.apply(q, k, v, mask, causal)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.models.fused import compute_dtype, rms_norm, rotary_heads, swiglu
+from recsys.models.fused import attention, compute_dtype, rms_norm, rotary_heads, swiglu
 
 NAME = re.compile(r"^L(\d+)H(\d+)A(\d+)$")
 
@@ -88,11 +88,17 @@ def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tens
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> torch.Tensor:
     """Scaled dot-product attention; on CPU always in fp32: under bf16 autocast its CPU
     kernels' backward is ~9x slower in bf16 than in fp32 (torch 2.13, measured at T=51,
-    head size 16), while the projections around it gain 2-3x from bf16 matrix units."""
+    head size 16), while the projections around it gain 2-3x from bf16 matrix units. Without
+    dropout, CPU attention over short sequences runs :func:`recsys.models.fused.attention`."""
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, **options)
+    q, k, v = q.float(), k.float(), v.float()
+    if not options.get("dropout_p"):
+        out = attention(q, k, v, options.get("attn_mask"), options.get("is_causal", False))
+        if out is not None:
+            return out
     with torch.autocast("cpu", enabled=False):  # autocast would cast fp32 inputs to bf16
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **options)
+        return F.scaled_dot_product_attention(q, k, v, **options)
 
 
 class Attention(nn.Module):

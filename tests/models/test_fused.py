@@ -140,3 +140,49 @@ def test_tower_native_matches_torch_path(monkeypatch: pytest.MonkeyPatch) -> Non
             scale = g_r.abs().max()
             atol = {FP32: 1e-5, BF16: 0.03}[dtype]
             torch.testing.assert_close(g_n / scale, g_r / scale, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("d", [16, 32, 12])  # whole vectors, and the loop by floats
+@pytest.mark.parametrize("case", ["causal", "none", "mask", "keys"])
+def test_attention_matches_torch(d: int, case: str) -> None:
+    import torch.nn.functional as F
+
+    b, heads, t = 3, 2, 21
+    tq = 1 if case == "keys" else t
+    mask = None
+    if case == "mask":  # a query sees some keys, always itself
+        mask = (torch.rand(b, 1, t, t) > 0.5) | torch.eye(t, dtype=torch.bool)
+    if case == "keys":  # one query per row, over the keys of its row
+        mask = torch.rand(b, 1, 1, t) > 0.5
+        mask[..., 0] = True
+    causal = case == "causal"
+    q, k, v = torch.randn(b, heads, tq, d), torch.randn(b, heads, t, d), torch.randn(b, heads, t, d)
+    out_n, out_r, grads_n, grads_r = both(
+        lambda q, k, v: fused.attention(q, k, v, mask, causal),
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal),
+        [q, k, v],
+    )
+    torch.testing.assert_close(out_n[0], out_r[0], rtol=1e-5, atol=1e-5)
+    for g_n, g_r in zip(grads_n, grads_r, strict=True):
+        torch.testing.assert_close(g_n, g_r, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_query_that_sees_nothing_gets_zeros() -> None:
+    q, k, v = (torch.randn(1, 1, 2, 16, requires_grad=True) for _ in range(3))
+    mask = torch.tensor([[True, False], [False, False]]).view(1, 1, 2, 2)
+    out = fused.attention(q, k, v, mask)
+    assert torch.equal(out[0, 0, 1], torch.zeros(16))
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0, 0].detach())
+    out.sum().backward()
+    assert torch.equal(q.grad[0, 0, 1], torch.zeros(16))
+    assert torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+
+
+def test_attention_leaves_other_cases_to_torch() -> None:
+    q = torch.randn(2, 2, 5, 16)
+    assert fused.attention(q.to(BF16), q.to(BF16), q.to(BF16)) is None  # not fp32
+    long = torch.randn(1, 1, fused.LONGEST + 1, 8)
+    assert fused.attention(long, long, long) is None  # long sequences: torch's flash kernel
+    assert fused.attention(q[:, :, :1], q, q, causal=True) is None  # causal needs Tq = Tk
+    heads_mask = torch.ones(2, 2, 5, 5, dtype=torch.bool)  # a mask per head
+    assert fused.attention(q, q, q, heads_mask) is None

@@ -102,10 +102,17 @@ def test_cpu_bf16_autocast_keeps_attention_in_fp32(monkeypatch: pytest.MonkeyPat
 
     seen = []
     sdpa = tower_module.F.scaled_dot_product_attention
+    fused_attention = tower_module.attention
 
     def spy(q, k, v, **options):
         seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
         return sdpa(q, k, v, **options)
+
+    def spy_fused(q, k, v, mask, causal):
+        out = fused_attention(q, k, v, mask, causal)
+        if out is not None:  # the compiled kernel ran (no autocast inside it)
+            seen.append((q.dtype, False))
+        return out
 
     handed = []
     attend = tower_module.attend
@@ -115,6 +122,7 @@ def test_cpu_bf16_autocast_keeps_attention_in_fp32(monkeypatch: pytest.MonkeyPat
         return attend(q, k, v, **options)
 
     monkeypatch.setattr(tower_module.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(tower_module, "attention", spy_fused)  # short sequences on CPU
     monkeypatch.setattr(tower_module, "attend", spy_attend)
     model = tower()
     x = torch.randn(2, 7, 32)

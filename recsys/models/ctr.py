@@ -18,7 +18,14 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from recsys.models.generative import ITEM_TABLE
-from recsys.models.sparse import SparseArch, SparseConfig, TableSpec, padded, summed
+from recsys.models.sparse import (
+    SparseArch,
+    SparseConfig,
+    TableSpec,
+    padded,
+    padded_positions,
+    summed,
+)
 from recsys.models.tower import Tower, TowerConfig
 
 
@@ -66,6 +73,24 @@ def candidate_tokens(
     if not bool((candidate.lengths() == 1).all()):
         raise ValueError("every sample needs exactly one candidate item")
     return history, valid, candidate.values()
+
+
+def tower_tokens(
+    sequences: dict, sides: list[str], segment: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tower's input [B, T + 1, D]: each row's history (segment 0), its candidate right
+    after its last event (segment 1), zeros after; and each row's history length [B]."""
+    history = summed(sequences, ["history_item", *(f"history_{s}" for s in sides)])
+    candidate = summed(sequences, ["candidate_item", *(f"candidate_{s}" for s in sides)])
+    if not bool((candidate.lengths() == 1).all()):
+        raise ValueError("every sample needs exactly one candidate item")
+    lengths = history.lengths()
+    b, t = len(lengths), (int(lengths.max()) if lengths.numel() else 0) + 1
+    _, where = padded_positions(lengths, t)
+    at = torch.arange(b, device=lengths.device) * t + lengths
+    values = torch.cat([history.values() + segment[0], candidate.values() + segment[1]])
+    tokens = values.new_zeros(b * t, values.shape[1])
+    return tokens.index_copy(0, torch.cat([where, at]), values).view(b, t, -1), lengths
 
 
 def with_extra(x: torch.Tensor, extra: torch.Tensor | None, width: int) -> torch.Tensor:
@@ -116,14 +141,8 @@ class CTRModel(nn.Module):
         extra: torch.Tensor | None = None,
     ) -> CTROutput:
         sequences, _ = self.sparse(features)
-        history, valid, candidate = candidate_tokens(sequences, list(self.config.side_features))
-        b, t, d = history.shape
-        lengths = valid.sum(1)
-        rows = torch.arange(b, device=history.device)
-        # Append the candidate right after each user's last event (segment 1), history is 0.
-        tokens = torch.cat([history + self.segment[0], history.new_zeros(b, 1, d)], dim=1)
-        tokens = tokens.index_put((rows, lengths), candidate + self.segment[1])
-        positions = torch.arange(t + 1, device=history.device)[None, :]
+        tokens, lengths = tower_tokens(sequences, list(self.config.side_features), self.segment)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
         hidden = self.tower(tokens, positions <= lengths[:, None], at=lengths)
         logits = self.head(with_extra(hidden, extra, self.config.extra))
         logits = logits.squeeze(-1)

@@ -188,15 +188,22 @@ def summed(sequences: dict[str, JaggedTensor], names: list[str]) -> JaggedTensor
     return JaggedTensor(values=values, lengths=first.lengths())
 
 
+def padded_positions(lengths: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The valid mask [B, length] of right-padded rows of these lengths, and the flat indices
+    (into B · length) of its True positions in row-major order, which is jagged order."""
+    valid = torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
+    return valid, valid.view(-1).nonzero().squeeze(1)
+
+
 def padded(jagged: JaggedTensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A jagged [B, *, ...] tensor as right-padded [B, length, ...] (zeros) and its valid mask
     [B, length]; ``length`` defaults to the longest list."""
     lengths = jagged.lengths()
     if length is None:
         length = int(lengths.max()) if lengths.numel() else 0
-    valid = torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
+    valid, where = padded_positions(lengths, length)
     values = jagged.values()
-    out = values.new_zeros((len(lengths), length, *values.shape[1:]))
-    # Right padding keeps jagged order: filling True positions row by row is exactly it.
-    mask = valid.view(*valid.shape, *([1] * (values.dim() - 1))).expand_as(out)
-    return out.masked_scatter(mask, values), valid
+    out = values.new_zeros((len(lengths) * length, *values.shape[1:]))
+    # One row copy per value; its gradient is one gather (a masked scatter's is a masked
+    # select over the whole padded tensor).
+    return out.index_copy(0, where, values).view(len(lengths), length, *values.shape[1:]), valid

@@ -179,3 +179,36 @@ def test_int32_ids_reach_the_tables_as_int32_with_the_same_loss() -> None:
     b = model(narrow)
     assert seen == [torch.int64, torch.int32]
     assert b.loss.item() == pytest.approx(a.loss.item(), rel=1e-6)  # the same negatives
+
+
+def test_tower_tokens_place_history_and_candidate() -> None:
+    """Each row: its history (+ segment 0), its candidate right after (+ segment 1), zeros
+    after, gradients back to each value; rows of different lengths, an empty one too."""
+    from torchrec import JaggedTensor
+
+    from recsys.models.ctr import tower_tokens
+    from recsys.models.sparse import padded
+
+    lengths = torch.tensor([3, 0, 1])
+    history = torch.randn(4, 2, requires_grad=True)
+    candidate = torch.randn(3, 2, requires_grad=True)
+    segment = torch.randn(2, 2, requires_grad=True)
+    sequences = {
+        "history_item": JaggedTensor(values=history, lengths=lengths),
+        "candidate_item": JaggedTensor(values=candidate, lengths=torch.ones(3, dtype=torch.long)),
+    }
+    tokens, got = tower_tokens(sequences, [], segment)
+    assert torch.equal(got, lengths) and tokens.shape == (3, 4, 2)
+    expected = torch.zeros(3, 4, 2)
+    expected[0, :3], expected[0, 3] = history[:3] + segment[0], candidate[0] + segment[1]
+    expected[1, 0] = candidate[1] + segment[1]
+    expected[2, 0], expected[2, 1] = history[3] + segment[0], candidate[2] + segment[1]
+    assert torch.equal(tokens, expected)
+    weights = torch.randn(3, 4, 2)
+    (tokens * weights).sum().backward()
+    assert torch.equal(history.grad, torch.cat([weights[0, :3], weights[2, :1]]))
+    assert torch.equal(candidate.grad, weights[[0, 1, 2], [3, 0, 1]])
+    # padded() lays out the same history rows
+    rows, valid = padded(JaggedTensor(values=history.detach(), lengths=lengths))
+    assert torch.equal(valid, torch.tensor([[1, 1, 1], [0, 0, 0], [1, 0, 0]]).bool())
+    assert torch.equal(rows[0], history[:3].detach()) and torch.equal(rows[1], torch.zeros(3, 2))

@@ -8,11 +8,10 @@ forward and ten backward). :func:`rms_norm`, :func:`swiglu` and :func:`rotary_he
 compiled kernels of ``recsys.models._fused`` (built with the package) through autograd
 functions with hand-written backward passes, row by row while each row is in cache.
 :func:`attention` does the same for each (row, head) of a short sequence: torch's CPU flash
-kernel is built for long ones and spends most of its time outside arithmetic at ~50
-positions and head size 16. On other
-devices, for other types, inside ``torch.compile``, or when the helper is not built, they run
-the same computation as torch ops (the reference the tests compare against).
-``RECSYS_NATIVE=0`` forces the torch path.
+kernel is built for long ones, and at ~50 positions and head size 16 spends most of its time
+outside arithmetic. On other devices, for other types, inside ``torch.compile``, or when
+the helper is not built, they run the same computation as torch ops (what the tests compare
+against). ``RECSYS_NATIVE=0`` forces the torch path.
 """
 
 from __future__ import annotations
@@ -336,7 +335,8 @@ def attention(
         _native(q, k, v)
         and q.dtype == k.dtype == v.dtype == torch.float32
         and k.shape == v.shape == (b, heads, tk, d)
-        and tk <= LONGEST
+        and 0 < q.numel()
+        and 0 < tk <= LONGEST
         and (not causal or tq == tk)
         and (
             mask is None

@@ -335,7 +335,7 @@ def attention(
         _native(q, k, v)
         and q.dtype == k.dtype == v.dtype == torch.float32
         and k.shape == v.shape == (b, heads, tk, d)
-        and 0 < q.numel()
+        and q.numel() > 0
         and 0 < tk <= LONGEST
         and (not causal or tq == tk)
         and (

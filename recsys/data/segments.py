@@ -16,11 +16,11 @@ times faster. ``RECSYS_NATIVE=0`` forces the NumPy path.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import os
 from collections.abc import Sequence
 
 import numpy as np
+
+from recsys import native
 
 _INT64_P = ctypes.POINTER(ctypes.c_int64)
 
@@ -29,18 +29,8 @@ ABI = 3
 
 
 def _load() -> ctypes.CDLL | None:
-    if os.environ.get("RECSYS_NATIVE", "1") == "0":
-        return None
-    spec = importlib.util.find_spec("recsys.data._segments")
-    if spec is None or not spec.origin:
-        return None
-    try:
-        library = ctypes.CDLL(spec.origin)
-        library.segments_abi.restype = ctypes.c_int64
-        abi = library.segments_abi()
-    except (OSError, AttributeError):  # not loadable, or built before the ABI was reported
-        return None
-    if abi != ABI:  # a stale build: its functions take other arguments
+    library = native.load("recsys.data._segments", "segments_abi", ABI)
+    if library is None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.copy_segments.restype = None

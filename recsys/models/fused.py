@@ -17,11 +17,11 @@ against). ``RECSYS_NATIVE=0`` forces the torch path.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import os
 
 import torch
 import torch.nn.functional as F
+
+from recsys import native
 
 ABI = 2
 """The compiled helper's calling convention (its ``fused_abi()``); another is not used."""
@@ -33,18 +33,8 @@ _CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def _load() -> ctypes.CDLL | None:
-    if os.environ.get("RECSYS_NATIVE", "1") == "0":
-        return None
-    spec = importlib.util.find_spec("recsys.models._fused")
-    if spec is None or not spec.origin:
-        return None
-    try:
-        library = ctypes.CDLL(spec.origin)
-        library.fused_abi.restype = ctypes.c_int64
-        abi = library.fused_abi()
-    except (OSError, AttributeError):
-        return None
-    if abi != ABI:  # a stale build: its functions take other arguments
+    library = native.load("recsys.models._fused", "fused_abi", ABI)
+    if library is None:
         return None
     p, n, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     signatures = {

@@ -16,6 +16,12 @@ def test_kernels_are_built() -> None:
     assert fused.NATIVE  # the package builds them: `make setup` or pip install -e .
 
 
+def test_a_build_of_another_calling_convention_is_not_used(monkeypatch: pytest.MonkeyPatch):
+    assert fused._load() is not None
+    monkeypatch.setattr(fused, "ABI", fused.ABI + 1)  # as if the build were stale
+    assert fused._load() is None
+
+
 def both(native, reference, inputs, grads_like=None):
     """Outputs and input gradients of native(*inputs) and reference(*inputs)."""
     results = []

@@ -12,6 +12,10 @@ kernel is built for long ones, and at ~50 positions and head size 16 spends most
 outside arithmetic. On other devices, for other types, inside ``torch.compile``, or when
 the helper is not built, they run the same computation as torch ops (what the tests compare
 against). ``RECSYS_NATIVE=0`` forces the torch path.
+
+The kernels run on one thread, as each rank of a multi-process CPU job does. With 2 threads
+the L4H64A4 tower step was still 1.1-1.25x faster than torch's (threaded) kernels; on ranks
+with many threads torch's may be faster.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from recsys import native
 ABI = 2
 """The compiled helper's calling convention (its ``fused_abi()``); another is not used."""
 
-WIDEST = 8192
-"""Rows wider than this (features per row, all heads of one slot) take the torch path."""
+WIDEST = 4096
+"""Rows wider than this (features per row, all heads of one slot) take the torch path: the
+kernels keep a few rows of this width on the stack."""
 
-_CODES = {torch.float32: 0, torch.bfloat16: 1}
+FP32 = torch.float32
+_CODES = {FP32: 0, torch.bfloat16: 1}
 
 
 def _load() -> ctypes.CDLL | None:
@@ -89,8 +95,8 @@ class _RMSNorm(torch.autograd.Function):
         d = x.shape[-1]
         rows = x.numel() // d
         x = x.contiguous()
-        y = torch.empty(x.shape, dtype=dtype)
-        rstd = torch.empty(rows)
+        y = torch.empty(x.shape, dtype=dtype, device="cpu")
+        rstd = torch.empty(rows, dtype=FP32, device="cpu")
         _LIBRARY.rms_norm_forward(
             x.data_ptr(), weight.data_ptr(), rows, d, eps, y.data_ptr(), _CODES[dtype],
             rstd.data_ptr(),
@@ -105,7 +111,7 @@ class _RMSNorm(torch.autograd.Function):
         d = x.shape[-1]
         dy = dy.contiguous()
         dx = torch.empty_like(x)
-        dweight = torch.zeros(d)
+        dweight = torch.zeros(d, dtype=FP32, device="cpu")
         _LIBRARY.rms_norm_backward(
             dy.data_ptr(), _CODES[dy.dtype], x.data_ptr(), weight.data_ptr(), rstd.data_ptr(),
             len(rstd), d, dx.data_ptr(), dweight.data_ptr(),
@@ -121,11 +127,12 @@ def rms_norm(
     dtype = dtype or x.dtype
     if (
         _native(x, weight)
-        and x.dtype == weight.dtype == torch.float32
+        and x.dtype == weight.dtype == FP32
         and dtype in _CODES
-        and x.shape[-1] <= WIDEST
+        and weight.shape == x.shape[-1:]
+        and 0 < x.shape[-1] <= WIDEST
     ):
-        return _RMSNorm.apply(x, weight, eps, dtype)
+        return _RMSNorm.apply(x, weight.contiguous(), eps, dtype)
     return rms_norm_reference(x, weight, eps, dtype)
 
 
@@ -143,7 +150,7 @@ class _SwiGLU(torch.autograd.Function):
         f = gate_up.shape[-1] // 2
         rows = gate_up.numel() // (2 * f)
         gate_up = gate_up.contiguous()
-        h = torch.empty((*gate_up.shape[:-1], f), dtype=gate_up.dtype)
+        h = torch.empty((*gate_up.shape[:-1], f), dtype=gate_up.dtype, device="cpu")
         code = _CODES[gate_up.dtype]
         _LIBRARY.swiglu_forward(gate_up.data_ptr(), rows, f, h.data_ptr(), code)
         ctx.save_for_backward(gate_up)
@@ -165,7 +172,8 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(g) ⊙ u for the two halves [g | u] of the last dimension."""
-    if _native(gate_up) and gate_up.shape[-1] // 2 <= WIDEST:
+    width = gate_up.shape[-1]
+    if _native(gate_up) and width % 2 == 0 and 0 < width // 2 <= WIDEST:
         return _SwiGLU.apply(gate_up)
     return swiglu_reference(gate_up)
 
@@ -203,7 +211,8 @@ class _RotaryHeads(torch.autograd.Function):
     def forward(ctx, x, cos, sin, rotated: int, stride: int):
         b, t, slots, heads, d = x.shape
         x = x.contiguous()
-        outs = [torch.empty(b, t, heads, d) for _ in range(slots)]  # SDPA's own layout
+        # in SDPA's own layout
+        outs = [torch.empty(b, t, heads, d, dtype=FP32, device="cpu") for _ in range(slots)]
         addresses = (ctypes.c_void_p * slots)(*(o.data_ptr() for o in outs))
         _LIBRARY.rotary_forward(
             x.data_ptr(), _CODES[x.dtype], b, t, slots, heads, d, rotated, cos.data_ptr(),
@@ -221,7 +230,7 @@ class _RotaryHeads(torch.autograd.Function):
         b, t, slots, heads, d = ctx.shape
         grads = [None if g is None else g.transpose(1, 2).float().contiguous() for g in grads]
         addresses = (ctypes.c_void_p * slots)(*(0 if g is None else g.data_ptr() for g in grads))
-        dx = torch.empty(ctx.shape, dtype=ctx.dtype)
+        dx = torch.empty(ctx.shape, dtype=ctx.dtype, device="cpu")
         _LIBRARY.rotary_backward(
             addresses, b, t, slots, heads, d, ctx.rotated, cos.data_ptr(), sin.data_ptr(),
             ctx.stride, dx.data_ptr(), _CODES[ctx.dtype],
@@ -243,10 +252,13 @@ def rotary_heads(
     b, t, _, heads, d = x.shape
     shared = cos.dim() == 2
     if (
-        dtype == torch.float32
+        dtype == FP32
         and _native(x, cos, sin)
-        and cos.dtype == sin.dtype == torch.float32
-        and heads * d <= WIDEST
+        and cos.dtype == sin.dtype == FP32
+        and d % 2 == 0
+        and 0 < heads * d <= WIDEST
+        and cos.shape == sin.shape
+        and cos.shape[-1] == d // 2
         and (cos.shape[0] >= t if shared else cos.shape[:2] == (b, t))
     ):
         cos, sin = cos.contiguous(), sin.contiguous()
@@ -265,14 +277,22 @@ def _heads_last(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous()
 
 
-def _mask_strides(mask: torch.Tensor | None, b: int, tq: int, tk: int):
-    """A boolean mask [B or 1, 1, Tq or 1, Tk] → (mask, stride over rows, over queries)."""
+def _expanded(mask: torch.Tensor | None, b: int, tq: int, tk: int) -> torch.Tensor | None:
+    """A boolean mask [B or 1, 1, Tq or 1, Tk] as [B, 1, Tq, Tk] (broadcast: stride 0)."""
     if mask is None:
-        return None, 0, 0
+        return None
     mask = mask.expand(b, 1, tq, tk)
-    if mask.stride(-1) != 1:
-        mask = mask.contiguous()
-    return mask, mask.stride(0), mask.stride(2)
+    return mask if mask.stride(-1) == 1 else mask.contiguous()
+
+
+def _mask_arguments(mask: torch.Tensor | None) -> tuple[int, int, int]:
+    """The kernel's view of a [B, 1, Tq, Tk] mask: its address, strides over rows and
+    queries; taken from the tensor at each call, whose layout may change between forward and
+    backward (saved tensors may be stored elsewhere and unpacked again, e.g. under
+    activation checkpointing)."""
+    if mask is None:
+        return 0, 0, 0
+    return mask.data_ptr(), mask.stride(0), mask.stride(2)
 
 
 class _Attention(torch.autograd.Function):
@@ -281,14 +301,14 @@ class _Attention(torch.autograd.Function):
         b, heads, tq, d = q.shape
         tk = k.shape[2]
         q, k, v = _heads_last(q), _heads_last(k), _heads_last(v)
-        mask, mask_b, mask_q = _mask_strides(mask, b, tq, tk)
-        out = torch.empty(b, tq, heads, d)
-        lse = torch.empty(b, heads, tq)
-        shape = (b, heads, tq, tk, d, 0 if mask is None else mask.data_ptr(), mask_b, mask_q)
-        ctx.call = (*shape, int(causal), d**-0.5)
+        mask = _expanded(mask, b, tq, tk)
+        out = torch.empty(b, tq, heads, d, dtype=FP32, device="cpu")
+        lse = torch.empty(b, heads, tq, dtype=FP32, device="cpu")
+        ctx.sizes, ctx.options = (b, heads, tq, tk, d), (int(causal), d**-0.5)
         if _LIBRARY.attention_forward(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), *ctx.call, out.data_ptr(), lse.data_ptr()
-        ):
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), *ctx.sizes, *_mask_arguments(mask),
+            *ctx.options, out.data_ptr(), lse.data_ptr(),
+        ):  # fmt: skip
             raise MemoryError("attention_forward: no scratch memory")
         ctx.save_for_backward(q, k, v, out, lse, mask)
         return out.transpose(1, 2)
@@ -296,13 +316,13 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k, v, out, lse, _mask = ctx.saved_tensors  # the mask kept alive for ctx.call
+        q, k, v, out, lse, mask = ctx.saved_tensors
         dout = _heads_last(dout.float())
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         tensors = (q, k, v, out, lse, dout)
         if _LIBRARY.attention_backward(
-            *(t.data_ptr() for t in tensors), *ctx.call, dq.data_ptr(), dk.data_ptr(),
-            dv.data_ptr(),
+            *(t.data_ptr() for t in tensors), *ctx.sizes, *_mask_arguments(mask), *ctx.options,
+            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
         ):  # fmt: skip
             raise MemoryError("attention_backward: no scratch memory")
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None
@@ -323,7 +343,8 @@ def attention(
     tk = k.shape[2]
     if not (
         _native(q, k, v)
-        and q.dtype == k.dtype == v.dtype == torch.float32
+        and (mask is None or mask.device.type == "cpu")
+        and q.dtype == k.dtype == v.dtype == FP32
         and k.shape == v.shape == (b, heads, tk, d)
         and q.numel() > 0
         and 0 < tk <= LONGEST

@@ -93,7 +93,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> torc
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, **options)
     q, k, v = q.float(), k.float(), v.float()
-    if not options.get("dropout_p"):
+    if not options.get("dropout_p") and set(options) <= {"attn_mask", "is_causal", "dropout_p"}:
         out = attention(q, k, v, options.get("attn_mask"), options.get("is_causal", False))
         if out is not None:
             return out

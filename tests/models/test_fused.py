@@ -58,6 +58,13 @@ def test_rms_norm_matches_torch(dtype: torch.dtype) -> None:
     torch.testing.assert_close(grads_n[1], grads_r[1], rtol=1e-4, atol=1e-3)
 
 
+def test_rms_norm_takes_a_strided_weight() -> None:
+    x, weight = torch.randn(3, 8), torch.randn(16)[::2]
+    torch.testing.assert_close(
+        fused.rms_norm(x, weight, 1e-6), fused.rms_norm_reference(x, weight, 1e-6)
+    )
+
+
 @pytest.mark.parametrize("dtype", [FP32, BF16])
 def test_swiglu_matches_torch(dtype: torch.dtype) -> None:
     gate_up = (torch.randn(5, 7, 2 * 40) * 4).to(dtype)
@@ -148,16 +155,20 @@ def test_tower_native_matches_torch_path(monkeypatch: pytest.MonkeyPatch) -> Non
             torch.testing.assert_close(g_n / scale, g_r / scale, rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("d", [16, 32, 12])  # whole vectors, and the loop by floats
-@pytest.mark.parametrize("case", ["causal", "none", "mask", "keys"])
-def test_attention_matches_torch(d: int, case: str) -> None:
+@pytest.mark.parametrize(("t", "d"), [(21, 16), (21, 32), (21, 12), (1, 8), (16, 64), (33, 16)])
+@pytest.mark.parametrize("case", ["causal", "none", "mask", "shared", "keys"])
+def test_attention_matches_torch(t: int, d: int, case: str) -> None:
+    """Head sizes in whole vectors and not, sequences of one block, exactly one, and more;
+    masks per row, shared by every row, and per row for one query."""
     import torch.nn.functional as F
 
-    b, heads, t = 3, 2, 21
+    b, heads = 3, 2
     tq = 1 if case == "keys" else t
     mask = None
     if case == "mask":  # a query sees some keys, always itself
         mask = (torch.rand(b, 1, t, t) > 0.5) | torch.eye(t, dtype=torch.bool)
+    if case == "shared":  # one mask for every row: stride 0 over rows
+        mask = (torch.rand(1, 1, t, t) > 0.5) | torch.eye(t, dtype=torch.bool)
     if case == "keys":  # one query per row, over the keys of its row
         mask = torch.rand(b, 1, 1, t) > 0.5
         mask[..., 0] = True
@@ -192,3 +203,70 @@ def test_attention_leaves_other_cases_to_torch() -> None:
     assert fused.attention(q[:, :, :1], q, q, causal=True) is None  # causal needs Tq = Tk
     heads_mask = torch.ones(2, 2, 5, 5, dtype=torch.bool)  # a mask per head
     assert fused.attention(q, q, q, heads_mask) is None
+
+
+def test_attention_under_activation_checkpointing() -> None:
+    """Saved tensors unpacked anew for backward (checkpointing recomputes the forward; the
+    hooks hand back copies): the kernel reads each tensor where it now is."""
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    b, heads, t, d = 2, 2, 9, 16
+    q, k, v = (torch.randn(b, heads, t, d) for _ in range(3))
+    valid = torch.arange(t)[None, :] < torch.tensor([9, 4])[:, None]
+
+    def native(q, k, v):  # the mask is made inside, as the tower makes its own
+        return fused.attention(q, k, v, valid[:, None, None, :] | torch.eye(t, dtype=torch.bool))
+
+    def reference(q, k, v):
+        mask = valid[:, None, None, :] | torch.eye(t, dtype=torch.bool)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    _, _, _, expected = both(native, reference, [q, k, v])
+    checkpointed = lambda q, k, v: checkpoint(native, q, k, v, use_reentrant=False)  # noqa: E731
+    _, _, got, _ = both(checkpointed, reference, [q, k, v])
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: x.clone(), lambda x: x):
+        _, _, got, _ = both(native, reference, [q, k, v])
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_kernels_allocate_fp32_on_cpu_whatever_the_defaults() -> None:
+    x, weight = torch.randn(4, 3, 16), torch.randn(16)
+    q = torch.randn(2, 2, 5, 16)
+    expected = fused.rms_norm_reference(x, weight, 1e-6), fused.attention(q, q, q, causal=True)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = fused.rms_norm(x, weight, 1e-6), fused.attention(q, q, q, causal=True)
+    finally:
+        torch.set_default_dtype(previous)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == FP32
+        torch.testing.assert_close(g, e)
+
+
+def test_shapes_the_kernels_do_not_take_go_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("_RMSNorm", "_SwiGLU", "_RotaryHeads"):
+        monkeypatch.setattr(fused, name, None)  # any use of a kernel would fail
+    x = torch.randn(2, 3, 8)
+    assert fused.rms_norm(x, torch.ones(1), 1e-6).shape == x.shape  # a broadcast weight
+    with pytest.raises(RuntimeError):  # an odd width has no halves: torch's own error
+        fused.swiglu(torch.randn(2, 7))
+    cos, sin = rotary_tables(4, 6, 10_000.0)  # for head size 4, not 8
+    with pytest.raises(RuntimeError):
+        fused.rotary_heads(torch.randn(2, 6, 2, 1, 8), cos, sin, 1, FP32)
+
+
+def test_attend_leaves_options_it_does_not_know_to_torch() -> None:
+    import torch.nn.functional as F
+
+    from recsys.models.tower import attend
+
+    q = torch.randn(2, 2, 5, 16)
+    got = attend(q, q, q, is_causal=True, scale=1.0)
+    torch.testing.assert_close(
+        got, F.scaled_dot_product_attention(q, q, q, is_causal=True, scale=1.0)
+    )

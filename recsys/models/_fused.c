@@ -11,7 +11,11 @@
  * - rotary_forward / rotary_backward: [B, T, S, H, D] projections (S slots: queries, keys,
  *   values) into S fp32 [B, T, H, D] tensors (the layout of torch's CPU attention kernels),
  *   the first R slots rotated by position (pairs (2j, 2j + 1) turned by the angle of
- *   position t and frequency j).
+ *   position t and frequency j);
+ * - attention_forward / attention_backward: softmax(scale · q kᵀ) v over sequences short
+ *   enough for one (row, head)'s keys and values to stay in cache, causal or masked (torch's
+ *   CPU flash kernel, built for long sequences, spends most of its time outside arithmetic
+ *   at ~50 positions and head size 16).
  *
  * Activations are fp32 or bf16 (code 0 or 1: the `*_bf16` arguments), computed in fp32;
  * bf16 results are rounded to nearest even, as torch rounds. Shapes, types and contiguity
@@ -317,20 +321,26 @@ INLINE vec vmax(vec a, vec b) {
     return (vec)(((lanes)a & greater) | ((lanes)b & ~greater));
 }
 
+#if defined(__clang__)
+#define SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define SHUFFLE(v, ...) __builtin_shuffle(v, (lanes){__VA_ARGS__})
+#endif
+
 /* The largest and the sum of one vector's lanes: halves folded onto each other. */
 INLINE float lanes_max(vec v) {
-    v = vmax(v, __builtin_shuffle(v, (lanes){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
-    v = vmax(v, __builtin_shuffle(v, (lanes){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
-    v = vmax(v, __builtin_shuffle(v, (lanes){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
-    v = vmax(v, __builtin_shuffle(v, (lanes){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+    v = vmax(v, SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    v = vmax(v, SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+    v = vmax(v, SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+    v = vmax(v, SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
     return v[0];
 }
 
 INLINE float lanes_sum(vec v) {
-    v += __builtin_shuffle(v, (lanes){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-    v += __builtin_shuffle(v, (lanes){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-    v += __builtin_shuffle(v, (lanes){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-    v += __builtin_shuffle(v, (lanes){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    v += SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    v += SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    v += SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
     return v[0];
 }
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec import KeyedJaggedTensor
+from torchrec import JaggedTensor, KeyedJaggedTensor
 
 from recsys.models.generative import ITEM_TABLE
 from recsys.models.sparse import (
@@ -68,11 +68,18 @@ def candidate_tokens(
     sequences: dict, sides: list[str]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """History tokens [B, T, D] with their valid mask, and candidate tokens [B, D]."""
-    history, valid = padded(summed(sequences, ["history_item", *(f"history_{s}" for s in sides)]))
+    history, candidate = _summed_events(sequences, sides)
+    return *padded(history), candidate.values()
+
+
+def _summed_events(sequences: dict, sides: list[str]) -> tuple[JaggedTensor, JaggedTensor]:
+    """Each history event's and each candidate's item + side-feature embeddings, summed;
+    exactly one candidate per sample."""
+    history = summed(sequences, ["history_item", *(f"history_{s}" for s in sides)])
     candidate = summed(sequences, ["candidate_item", *(f"candidate_{s}" for s in sides)])
     if not bool((candidate.lengths() == 1).all()):
         raise ValueError("every sample needs exactly one candidate item")
-    return history, valid, candidate.values()
+    return history, candidate
 
 
 def tower_tokens(
@@ -80,10 +87,7 @@ def tower_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The tower's input [B, T + 1, D]: each row's history (segment 0), its candidate right
     after its last event (segment 1), zeros after; and each row's history length [B]."""
-    history = summed(sequences, ["history_item", *(f"history_{s}" for s in sides)])
-    candidate = summed(sequences, ["candidate_item", *(f"candidate_{s}" for s in sides)])
-    if not bool((candidate.lengths() == 1).all()):
-        raise ValueError("every sample needs exactly one candidate item")
+    history, candidate = _summed_events(sequences, sides)
     lengths = history.lengths()
     b, t = len(lengths), (int(lengths.max()) if lengths.numel() else 0) + 1
     _, where = padded_positions(lengths, t)

@@ -206,6 +206,11 @@ def rotary_heads_reference(
     return tuple(slot.transpose(1, 2) for slot in slots)
 
 
+def _heads_last(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] → its [B, T, H, D] memory (the projections' layout), copied if need be."""
+    return x.transpose(1, 2).contiguous()
+
+
 class _RotaryHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin, rotated: int, stride: int):
@@ -228,7 +233,7 @@ class _RotaryHeads(torch.autograd.Function):
     def backward(ctx, *grads):
         cos, sin = ctx.saved_tensors
         b, t, slots, heads, d = ctx.shape
-        grads = [None if g is None else g.transpose(1, 2).float().contiguous() for g in grads]
+        grads = [None if g is None else _heads_last(g.float()) for g in grads]
         addresses = (ctypes.c_void_p * slots)(*(0 if g is None else g.data_ptr() for g in grads))
         dx = torch.empty(ctx.shape, dtype=ctx.dtype, device="cpu")
         _LIBRARY.rotary_backward(
@@ -270,11 +275,6 @@ def rotary_heads(
 
 LONGEST = 1024
 """Sequences longer than this (keys) take torch's kernel, built for them."""
-
-
-def _heads_last(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, T, D] → its [B, T, H, D] memory (the projections' layout), copied if need be."""
-    return x.transpose(1, 2).contiguous()
 
 
 def _expanded(mask: torch.Tensor | None, b: int, tq: int, tk: int) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ Feature keys of the ``KeyedJaggedTensor``:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, fields
 from types import MappingProxyType
 
@@ -270,10 +270,15 @@ def decode(
     locate: Locate,
     conditions: bool = False,
     bounds: Mapping[str, tuple[int, int]] = MappingProxyType({}),
+    columns: Collection[str] | None = None,
 ) -> Columns:
     """Validate rows of a row group and view them as NumPy columns: list values without a
     copy where the Arrow buffers are already int64, scalars copied into one table
     (``conditions``: the condition lists too).
+
+    ``columns``: the dataset's columns ``table`` holds, at least one list column (None:
+    all). List columns are checked against the first of them; without scalar columns the
+    table has no rows.
 
     ``bounds``: the smallest and largest value per column of the rows' row group, as its
     footer records them (:func:`recsys.data.files.column_bounds`): a column whose bounds are
@@ -282,7 +287,10 @@ def decode(
     List ids stay views of Arrow's buffers (int64), narrowed to :attr:`Layout.ids` as they
     are copied into a batch."""
     n = table.num_rows
-    lists = list_columns(meta, conditions)
+    lists, scalar_names = list_columns(meta, conditions), scalar_columns(meta)
+    if columns is not None:
+        lists = {c: v for c, v in lists.items() if c in columns}
+        scalar_names = {c: v for c, v in scalar_names.items() if c in columns}
     layout = Layout.of(meta, conditions)
     offsets: np.ndarray | None = None
     values: dict[str, np.ndarray] = {}
@@ -313,9 +321,10 @@ def decode(
         if not vocab:  # checked (nulls, alignment), but no batch holds it: not kept
             continue
         values[column] = _check_ids(ids, vocab, meta, column, row_of, locate, bounds.get(column))
-    scalars = np.empty((len(layout.scalars), n), dtype=np.int64)
-    where = {name: i for i, name in enumerate(layout.scalars)}
-    for column, vocab in scalar_columns(meta).items():
+    rows = layout.scalars if scalar_names else ()
+    scalars = np.empty((len(rows), n), dtype=np.int64)
+    where = {name: i for i, name in enumerate(rows)}
+    for column, vocab in scalar_names.items():
         raw = bool(vocab) and meta.id_mode == "hash"
         ids = _int64(_array(table.column(column)), column, locate, int, raw=raw)
         if column == "user_id" and meta.id_mode == "remap" and "user" in meta.vocab:
@@ -332,8 +341,9 @@ def decode(
         scalars[where[column]] = _check_ids(
             ids, vocab, meta, column, int, locate, bounds.get(column)
         )
-    scalars[where[ROW_ID]] = np.arange(first_row_id, first_row_id + n, dtype=np.int64)
-    assert offsets is not None
+    if rows:
+        scalars[where[ROW_ID]] = np.arange(first_row_id, first_row_id + n, dtype=np.int64)
+    assert offsets is not None, "decode: no list column"
     return Columns(Lists(offsets, values), scalars)
 
 
@@ -489,6 +499,93 @@ class Gathered:
         return Columns(Lists(offsets, values), self.table)
 
 
+class Scattering:
+    """The rows of a shuffle buffer's decoded chunks on their way into the batches they go to
+    (:func:`scatter` copies them all at once).
+
+    Made from ``(chunk, batch_of)`` pairs as :func:`scatter` takes them, whose chunks need
+    hold only the lists' offsets and the scalars: it counts each batch's size from the rows'
+    list lengths (cut to ``max_len``), allocates each batch's ``KeyedJaggedTensor`` values
+    buffer in memory from ``slabs``, and puts the scalars in batch order. Each list key's ids
+    are then copied by :meth:`copy`, chunk after chunk, straight into their batches: a key
+    can come from a later decoding of the same rows (the stream decodes the item lists last,
+    one chunk at a time, and copies each while it is still in cache).
+    """
+
+    def __init__(
+        self,
+        chunks: list[tuple[Columns, np.ndarray]],
+        batches: int,
+        layout: Layout,
+        max_len: int | None,
+        slabs: Slabs | None = None,
+    ) -> None:
+        slabs = slabs or Slabs()
+        self._keys = {key: i for i, key in enumerate(layout.list_keys)}
+        self._spans, self._batch_of, tables = [], [], []
+        for columns, batch_of in chunks:
+            if len(batch_of) != len(columns):
+                raise IndexError("scatter: one batch per row of a chunk")
+            starts, lengths, _ = _spans(columns, slice(0, len(columns)), max_len)
+            self._spans.append((starts, lengths))
+            self._batch_of.append(batch_of)
+            tables.append((columns.table, lengths))
+        self._ids: Scatter | None = None
+        if not chunks:  # every row of the buffer was in skipped row groups
+            empty = np.zeros((len(layout.scalars), 0), dtype=np.int64)
+            self._out = [Gathered(np.zeros(0, layout.ids), empty[0], empty) for _ in range(batches)]
+            return
+        batch_of = np.concatenate(self._batch_of)
+        if len(batch_of) and (batch_of.min() < -1 or batch_of.max() >= batches):
+            raise IndexError(f"scatter: rows sent outside batches -1 to {batches - 1}")
+        # The scalars (a few per row) by a stable sort on the batch: a radix sort of small
+        # integers, then one gather in order, several times faster than scattering them.
+        narrow = np.int16 if batches < 2**15 - 1 else np.int64
+        order = np.argsort(batch_of.astype(narrow), kind="stable")
+        counts = np.bincount(batch_of + 1, minlength=batches + 1)  # bincount takes no -1
+        s, lists, c, n = (
+            len(layout.scalars),
+            len(layout.list_keys),
+            layout.candidates,
+            len(batch_of),
+        )
+        whole = slabs.empty((s + 1) * n).reshape(s + 1, n)  # the scalars, then the list lengths
+        at = 0
+        for scalars, lengths in tables:
+            whole[:s, at : at + len(lengths)], whole[s, at : at + len(lengths)] = scalars, lengths
+            at += len(lengths)
+        kept = n - int(counts[0])
+        table = slabs.empty((s + 1) * kept).reshape(s + 1, kept)
+        np.take(whole, order[counts[0] :], axis=1, out=table)
+        del whole
+        edges = np.zeros(batches + 1, dtype=np.int64)
+        np.cumsum(counts[1:], out=edges[1:])
+        values_before = np.zeros(len(order) - counts[0] + 1, dtype=np.int64)
+        np.cumsum(table[s], out=values_before[1:])
+        totals = (values_before[edges[1:]] - values_before[edges[:-1]]).tolist()
+        self._out = [
+            Gathered(
+                slabs.empty(t * lists + (b - a) * c, layout.ids), table[s, a:b], table[:s, a:b]
+            )
+            for a, b, t in zip(edges[:-1].tolist(), edges[1:].tolist(), totals, strict=True)
+        ]
+        self._ids = Scatter([g.values for g in self._out], totals, columns=lists)
+
+    def copy(self, chunk: int, key: str, values: np.ndarray) -> None:
+        """Copy list key ``key``'s ids of chunk ``chunk`` (``values``: laid out by that
+        chunk's offsets) into their batches; a key's chunks come in order."""
+        if self._ids is None:
+            raise IndexError("scatter: no chunks to copy into")
+        starts, lengths = self._spans[chunk]
+        self._ids.segments(values, starts, lengths, self._batch_of[chunk], column=self._keys[key])
+
+    def result(self) -> list[Gathered]:
+        """The batches, once every key of every chunk is copied."""
+        if self._ids is not None and not self._ids.full():
+            raise AssertionError("scatter: a batch was not filled exactly")
+        return self._out
+
+
 def scatter(
     chunks: list[tuple[Columns, np.ndarray]],
     batches: int,
@@ -505,49 +602,8 @@ def scatter(
     ``KeyedJaggedTensor`` values buffer, in memory from ``slabs`` (reused from one buffer to
     the next once its batches are gone).
     """
-    slabs = slabs or Slabs()
-    spans, tables = [], []
-    for columns, batch_of in chunks:
-        if len(batch_of) != len(columns):
-            raise IndexError("scatter: one batch per row of a chunk")
-        starts, lengths, _ = _spans(columns, slice(0, len(columns)), max_len)
-        spans.append((starts, lengths))
-        tables.append((columns.table, lengths))
-    if not chunks:  # every row of the buffer was in skipped row groups
-        empty = np.zeros((len(layout.scalars), 0), dtype=np.int64)
-        return [Gathered(np.zeros(0, layout.ids), empty[0], empty) for _ in range(batches)]
-    batch_of = np.concatenate([b for _, b in chunks])
-    if len(batch_of) and (batch_of.min() < -1 or batch_of.max() >= batches):
-        raise IndexError(f"scatter: rows sent outside batches -1 to {batches - 1}")
-    # The scalars (a few per row) by a stable sort on the batch: a radix sort of small
-    # integers, then one gather in order, several times faster than scattering them.
-    narrow = np.int16 if batches < 2**15 - 1 else np.int64
-    order = np.argsort(batch_of.astype(narrow), kind="stable")
-    counts = np.bincount(batch_of + 1, minlength=batches + 1)  # bincount takes no -1
-    s, lists, c, n = len(layout.scalars), len(layout.list_keys), layout.candidates, len(batch_of)
-    whole = slabs.empty((s + 1) * n).reshape(s + 1, n)  # the scalars, then the list lengths
-    at = 0
-    for scalars, lengths in tables:
-        whole[:s, at : at + len(lengths)], whole[s, at : at + len(lengths)] = scalars, lengths
-        at += len(lengths)
-    kept = n - int(counts[0])
-    table = slabs.empty((s + 1) * kept).reshape(s + 1, kept)
-    np.take(whole, order[counts[0] :], axis=1, out=table)
-    del whole
-    edges = np.zeros(batches + 1, dtype=np.int64)
-    np.cumsum(counts[1:], out=edges[1:])
-    values_before = np.zeros(len(order) - counts[0] + 1, dtype=np.int64)
-    np.cumsum(table[s], out=values_before[1:])
-    totals = (values_before[edges[1:]] - values_before[edges[:-1]]).tolist()
-    out = [
-        Gathered(slabs.empty(t * lists + (b - a) * c, layout.ids), table[s, a:b], table[:s, a:b])
-        for a, b, t in zip(edges[:-1].tolist(), edges[1:].tolist(), totals, strict=True)
-    ]
-    # The ids (tens per row), copied once, straight into each batch's values buffer.
-    ids = Scatter([g.values for g in out], totals, columns=lists)
-    for (columns, batch_of), (starts, lengths) in zip(chunks, spans, strict=True):
-        for i, key in enumerate(layout.list_keys):
-            ids.segments(columns.lists.values[key], starts, lengths, batch_of, column=i)
-    if not ids.full():
-        raise AssertionError("scatter: a batch was not filled exactly")
-    return out
+    filling = Scattering(chunks, batches, layout, max_len, slabs)
+    for i, (columns, _) in enumerate(chunks):
+        for key in layout.list_keys:
+            filling.copy(i, key, columns.lists.values[key])
+    return filling.result()

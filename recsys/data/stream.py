@@ -45,6 +45,7 @@ from recsys.data.batch import (
     Gathered,
     Layout,
     Rows,
+    Scattering,
     assemble,
     decode,
     gather,
@@ -201,10 +202,12 @@ class ParquetStream(IterableDataset):
         self._skipped = 0  # rows of bad row groups skipped in the current epoch
         self._resume: dict[str, Any] | None = None  # a loaded cursor the next pass starts at
         self._reader: tuple[int, int] | None = None  # (reader, readers) of the current pass
-        self._columns = [
-            *list_columns(self.meta, self.config.conditions),
-            *scalar_columns(self.meta),
-        ]
+        lists = list_columns(self.meta, self.config.conditions)
+        self._columns = [*lists, *scalar_columns(self.meta)]
+        self._layout = Layout.of(self.meta, self.config.conditions)
+        # Shuffled buffers decode the item lists in a pass of their own (_two_passes) where
+        # another list column gives the rows' lengths first.
+        self._late: str | None = next(iter(lists)) if len(lists) > 1 else None
 
     @property
     def meta(self) -> DatasetMeta:
@@ -341,7 +344,7 @@ class ParquetStream(IterableDataset):
         size = self.config.buffer_row_groups
         buffers = [units[i : i + size] for i in range(0, len(units), size)]
         layout, batch_size, max_len = (
-            Layout.of(self.meta, self.config.conditions),
+            self._layout,
             self.config.batch_size,
             self.config.max_len,
         )
@@ -372,26 +375,14 @@ class ParquetStream(IterableDataset):
                 batches = min(-(-end // batch_size), last + 1)
                 batch_of = np.full(rows, -1, dtype=np.int64)
                 batch_of[order] = within
-                chunks = (
+                head = (
                     []
                     if carry is None
                     else [(carry.columns(layout), np.zeros(len(carry), np.int64))]
                 )
-                at = 0
-                for unit in buffer:
-                    unit_at = at
-                    for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS):
-                        if isinstance(chunk, Skipped):
-                            if not skip:  # resumed inside this buffer: counted already
-                                self._skipped += chunk.rows
-                            break
-                        chunks.append((chunk, batch_of[at : at + len(chunk)]))
-                        at += len(chunk)
-                    at = unit_at + unit.rows
-                filled: list[Gathered | None] = list(
-                    scatter(chunks, batches, layout, max_len, slabs)
-                )
-                chunks, carry = [], None
+                # skip: resumed inside this buffer, its skipped rows counted already
+                filled = self._shuffled(buffer, files, head, batch_of, batches, slabs, not skip)
+                carry = None
                 for k in range(batches):
                     gathered, filled[k] = filled[k], None
                     assert gathered is not None
@@ -444,6 +435,77 @@ class ParquetStream(IterableDataset):
         # The epoch is done: the cursor stays on it with every row counted (dropped ones too).
         self._rows_done, self._finished = sum(u.rows for u in units), True
 
+    def _shuffled(
+        self,
+        buffer: list[_Unit],
+        files: dict[int, Any],
+        head: list[tuple[Columns, np.ndarray]],
+        batch_of: np.ndarray,
+        batches: int,
+        slabs: Slabs,
+        count_skipped: bool,
+    ) -> list[Gathered | None]:
+        """The batches of a shuffle buffer's rows (row ``i`` to batch ``batch_of[i]``), after
+        the rows of ``head`` (the pending batch's); ``count_skipped``: count the rows of
+        skipped row groups."""
+        if self._late is not None:
+            try:
+                return self._two_passes(buffer, files, head, batch_of, batches, slabs)
+            except (DataError, OSError, pa.ArrowException):
+                pass  # read again in one pass, which reports or skips the error as always
+        chunks, at = list(head), 0
+        for unit in buffer:
+            unit_at = at
+            for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS):
+                if isinstance(chunk, Skipped):
+                    if count_skipped:
+                        self._skipped += chunk.rows
+                    break
+                chunks.append((chunk, batch_of[at : at + len(chunk)]))
+                at += len(chunk)
+            at = unit_at + unit.rows
+        return list(scatter(chunks, batches, self._layout, self.config.max_len, slabs))
+
+    def _two_passes(
+        self,
+        buffer: list[_Unit],
+        files: dict[int, Any],
+        head: list[tuple[Columns, np.ndarray]],
+        batch_of: np.ndarray,
+        batches: int,
+        slabs: Slabs,
+    ) -> list[Gathered | None]:
+        """:meth:`_shuffled` in two passes over the buffer: every column but the item lists
+        first, which gives every row's list length and so every batch's size; then the item
+        lists one chunk at a time, each chunk's ids copied into their batches while they are
+        still in cache, and its memory handed back to pyarrow at once (which then decodes
+        into memory still in cache: holding a whole buffer's item lists decoded, ~30 MB per
+        65,536 rows, slows their decoding). Raises on any error."""
+        late, layout = self._late, self._layout
+        assert late is not None
+        early = [c for c in self._columns if c != late]
+        chunks, at = list(head), 0
+        for unit in buffer:
+            for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS, early, strict=True):
+                assert isinstance(chunk, Columns)
+                chunks.append((chunk, batch_of[at : at + len(chunk)]))
+                at += len(chunk)
+        filling = Scattering(chunks, batches, layout, self.config.max_len, slabs)
+        for i, (columns, _) in enumerate(chunks):
+            for key in columns.lists.values:
+                filling.copy(i, key, columns.lists.values[key])
+        i = len(head)
+        for unit in buffer:
+            for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS, [late], strict=True):
+                assert isinstance(chunk, Columns)
+                if i >= len(chunks) or not np.array_equal(
+                    chunk.lists.offsets, chunks[i][0].lists.offsets
+                ):
+                    raise DataError(f"{late}: lists not aligned with the other list columns")
+                filling.copy(i, late, chunk.lists.values[late])
+                i += 1
+        return list(filling.result())
+
     def _count(self, batch: Batch, rows: int) -> Batch:
         """``batch``, after counting the ``rows`` of the reader's share it stands for (more
         than it holds when some were in skipped row groups)."""
@@ -478,10 +540,19 @@ class ParquetStream(IterableDataset):
         return Skipped(rows)
 
     def _decode(
-        self, unit: _Unit, files: dict[int, Any], chunk_rows: int
+        self,
+        unit: _Unit,
+        files: dict[int, Any],
+        chunk_rows: int,
+        columns: list[str] | None = None,
+        strict: bool = False,
     ) -> Iterator[Columns | Skipped]:
         """The unit's rows, validated, in chunks of at most ``chunk_rows`` rows (decoding into
-        small buffers is faster than one large table, and no chunk is ever concatenated)."""
+        small buffers is faster than one large table, and no chunk is ever concatenated).
+        ``columns``: only these (None: every column the stream reads); ``strict``: raise every
+        error, even with ``skip_bad_row_groups``."""
+        columns = columns or self._columns
+        skip_bad = self.config.skip_bad_row_groups and not strict
         part = self.dataset.parts[unit.part]
         if unit.part not in files:
             files[unit.part] = self.dataset.open_file(part)
@@ -489,7 +560,7 @@ class ParquetStream(IterableDataset):
         batches = files[unit.part].iter_batches(
             batch_size=chunk_rows,
             row_groups=[unit.row_group],
-            columns=self._columns,
+            columns=columns,
             # Columns decoded in parallel only where pyarrow has threads to spare: with one,
             # handing each column to its pool costs ~15% (more on a busy host).
             use_threads=get_worker_info() is None and pa.cpu_count() > 1,
@@ -505,7 +576,7 @@ class ParquetStream(IterableDataset):
                     f"{describe(part.path, row_group=unit.row_group)}: cannot be read "
                     f"(corrupt data?): {err}"
                 )
-                if not self.config.skip_bad_row_groups:
+                if not skip_bad:
                     raise error from None
                 yield self._skip(unit, done, error)
                 return
@@ -524,9 +595,10 @@ class ParquetStream(IterableDataset):
                     locate,
                     self.config.conditions,
                     bounds,
+                    columns,
                 )
             except DataError as error:
-                if not self.config.skip_bad_row_groups:
+                if not skip_bad:
                     raise
                 yield self._skip(unit, done, error)
                 return

@@ -284,19 +284,27 @@ def test_malformed_metadata(tmp_path: Path, text: str, message: str) -> None:
         ParquetStream(str(directory))
 
 
-def dataset_with_a_bad_row_group(tmp_path: Path) -> Path:
+BAD_COLUMNS = {
+    "item_id": {"item_id": [4, 4, 99, 4]},
+    # Shuffled, the item lists are decoded in a pass of their own, after the other columns.
+    "history_item_ids": {"history_item_ids": [[1, 2, 3]] * 2 + [[1, 99, 3], [1, 2, 3]]},
+}
+
+
+def dataset_with_a_bad_row_group(tmp_path: Path, column: str = "item_id") -> Path:
     """12 rows in 3 files of 2 row groups; row group 1 of b.parquet (rows 6, 7) holds an id
-    beyond the item vocabulary."""
-    bad = table(item_id=[4, 4, 99, 4])
+    beyond the item vocabulary in ``column``."""
+    bad = table(**BAD_COLUMNS[column])
     return write(tmp_path / "d", {"a.parquet": table(), "b.parquet": bad, "c.parquet": table()})
 
 
+@pytest.mark.parametrize("column", list(BAD_COLUMNS))
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_bad_row_groups_are_skipped_and_counted_only_when_asked(
-    tmp_path: Path, shuffle: bool
+    tmp_path: Path, shuffle: bool, column: str
 ) -> None:
-    directory = dataset_with_a_bad_row_group(tmp_path)
-    with pytest.raises(DataError, match=r"b.parquet, row group 1, row 0, column 'item_id'"):
+    directory = dataset_with_a_bad_row_group(tmp_path, column)
+    with pytest.raises(DataError, match=rf"b.parquet, row group 1, row 0, column '{column}'"):
         list(ParquetStream(str(directory), StreamConfig(batch_size=3, shuffle=shuffle)))
     config = StreamConfig(batch_size=3, shuffle=shuffle, skip_bad_row_groups=True)
     seen, skipped, counts = [], 0, []
@@ -311,9 +319,10 @@ def test_bad_row_groups_are_skipped_and_counted_only_when_asked(
     assert skipped == 2
 
 
+@pytest.mark.parametrize("column", list(BAD_COLUMNS))
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_a_stream_that_skips_resumes_exactly(tmp_path: Path, shuffle: bool) -> None:
-    directory = dataset_with_a_bad_row_group(tmp_path)
+def test_a_stream_that_skips_resumes_exactly(tmp_path: Path, shuffle: bool, column: str) -> None:
+    directory = dataset_with_a_bad_row_group(tmp_path, column)
     config = StreamConfig(batch_size=2, shuffle=shuffle, skip_bad_row_groups=True)
     whole = [b.row_ids.tolist() for b in ParquetStream(str(directory), config)]
     for stop in range(1, len(whole)):

@@ -307,6 +307,47 @@ def test_decoding_in_small_chunks_changes_nothing(
     assert batches(stream.state_dict()) == whole[5:]
 
 
+def test_item_lists_decoded_in_a_pass_of_their_own_change_nothing(
+    synth_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shuffled, a buffer's other columns are decoded first and its item lists then, one chunk
+    at a time: the batches are those of one pass over every column, across buffers (a batch
+    carried into the next), cut lists, ranks and a resume inside a buffer."""
+    source = str(synth_dir / "ctr_train")
+    config = StreamConfig(batch_size=10, max_len=6, buffer_row_groups=2)
+    passes = []
+    two_passes = ParquetStream._two_passes
+
+    def counted(self, *args):
+        passes.append(1)
+        return two_passes(self, *args)
+
+    monkeypatch.setattr(ParquetStream, "_two_passes", counted)
+
+    def batches(one_pass: bool, rank: int = 0, state=None) -> list[tuple[list[int], ...]]:
+        stream = ParquetStream(source, config, rank=rank, world_size=2)
+        if one_pass:
+            stream._late = None
+        if state is not None:
+            stream.load_state_dict(state)
+        return [
+            (b.row_ids.tolist(), b.features.values().tolist(), b.features.lengths().tolist())
+            for b in stream
+        ]
+
+    for rank in (0, 1):
+        whole = batches(one_pass=True, rank=rank)
+        assert not passes
+        assert batches(one_pass=False, rank=rank) == whole
+        assert passes
+        stream = ParquetStream(source, config, rank=rank, world_size=2)
+        it = iter(stream)
+        for _ in range(3):
+            next(it)
+        assert batches(False, rank, stream.state_dict()) == whole[3:]
+        passes.clear()
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_every_rank_gets_the_same_number_of_batches_and_no_row_is_left_out(

@@ -271,6 +271,7 @@ def decode(
     conditions: bool = False,
     bounds: Mapping[str, tuple[int, int]] = MappingProxyType({}),
     columns: Collection[str] | None = None,
+    layout: Layout | None = None,
 ) -> Columns:
     """Validate rows of a row group and view them as NumPy columns: list values without a
     copy where the Arrow buffers are already int64, scalars copied into one table
@@ -278,7 +279,7 @@ def decode(
 
     ``columns``: the dataset's columns ``table`` holds, at least one list column (None:
     all). List columns are checked against the first of them; without scalar columns the
-    table has no rows.
+    table has no rows. ``layout``: ``Layout.of(meta, conditions)``, when the caller has it.
 
     ``bounds``: the smallest and largest value per column of the rows' row group, as its
     footer records them (:func:`recsys.data.files.column_bounds`): a column whose bounds are
@@ -291,7 +292,7 @@ def decode(
     if columns is not None:
         lists = {c: v for c, v in lists.items() if c in columns}
         scalar_names = {c: v for c, v in scalar_names.items() if c in columns}
-    layout = Layout.of(meta, conditions)
+    layout = layout or Layout.of(meta, conditions)
     offsets: np.ndarray | None = None
     values: dict[str, np.ndarray] = {}
     for column, vocab in lists.items():

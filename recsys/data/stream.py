@@ -62,9 +62,9 @@ IN_ORDER_ROWS = 2048
 batches into memory that is still in cache, about 1.3x faster than a large chunk."""
 SHUFFLE_CHUNK_ROWS = 4096
 """Rows decoded at a time into a shuffle buffer (small chunks decode faster, see above). The
-chunks' ids stay in Arrow's buffers until the whole buffer is decoded; then every row is
-copied once, straight into the batch it goes to, narrowed to the batches' type on the way
-(one pass over the ids instead of a narrowing pass per chunk and then a copy)."""
+chunks of every column but the item lists stay in Arrow's buffers until the whole buffer is
+decoded; the item lists are decoded next, a chunk at a time, and each chunk's ids copied
+into their batches at once (:meth:`ParquetStream._two_passes`)."""
 
 
 @dataclass(frozen=True)
@@ -596,6 +596,7 @@ class ParquetStream(IterableDataset):
                     self.config.conditions,
                     bounds,
                     columns,
+                    self._layout,
                 )
             except DataError as error:
                 if not skip_bad:

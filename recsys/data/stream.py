@@ -117,6 +117,18 @@ class _Unit:
 
 
 @dataclass(frozen=True)
+class _Buffer:
+    """A shuffle buffer's rows and the batches they go to."""
+
+    units: list[_Unit]
+    head: list[tuple[Columns, np.ndarray]]
+    """Rows before the buffer's: the pending batch's, carried from the last buffer."""
+    batch_of: np.ndarray
+    """The batch of each of the buffer's rows (-1: not read)."""
+    batches: int
+
+
+@dataclass(frozen=True)
 class Skipped:
     """Rows of a bad row group that are skipped (``skip_bad_row_groups``): they count as read
     for the cursor and the batch layout, and bring no data."""
@@ -381,7 +393,8 @@ class ParquetStream(IterableDataset):
                     else [(carry.columns(layout), np.zeros(len(carry), np.int64))]
                 )
                 # skip: resumed inside this buffer, its skipped rows counted already
-                filled = self._shuffled(buffer, files, head, batch_of, batches, slabs, not skip)
+                shuffled = _Buffer(buffer, head, batch_of, batches)
+                filled = self._shuffled(shuffled, files, slabs, not skip)
                 carry = None
                 for k in range(batches):
                     gathered, filled[k] = filled[k], None
@@ -436,25 +449,17 @@ class ParquetStream(IterableDataset):
         self._rows_done, self._finished = sum(u.rows for u in units), True
 
     def _shuffled(
-        self,
-        buffer: list[_Unit],
-        files: dict[int, Any],
-        head: list[tuple[Columns, np.ndarray]],
-        batch_of: np.ndarray,
-        batches: int,
-        slabs: Slabs,
-        count_skipped: bool,
+        self, buffer: _Buffer, files: dict[int, Any], slabs: Slabs, count_skipped: bool
     ) -> list[Gathered | None]:
-        """The batches of a shuffle buffer's rows (row ``i`` to batch ``batch_of[i]``), after
-        the rows of ``head`` (the pending batch's); ``count_skipped``: count the rows of
-        skipped row groups."""
+        """The batches of a shuffle buffer; ``count_skipped``: count the rows of skipped row
+        groups."""
         if self._late is not None:
             try:
-                return self._two_passes(buffer, files, head, batch_of, batches, slabs)
+                return self._two_passes(buffer, files, slabs)
             except (DataError, OSError, pa.ArrowException):
                 pass  # read again in one pass, which reports or skips the error as always
-        chunks, at = list(head), 0
-        for unit in buffer:
+        chunks, at, batch_of = list(buffer.head), 0, buffer.batch_of
+        for unit in buffer.units:
             unit_at = at
             for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS):
                 if isinstance(chunk, Skipped):
@@ -464,16 +469,10 @@ class ParquetStream(IterableDataset):
                 chunks.append((chunk, batch_of[at : at + len(chunk)]))
                 at += len(chunk)
             at = unit_at + unit.rows
-        return list(scatter(chunks, batches, self._layout, self.config.max_len, slabs))
+        return list(scatter(chunks, buffer.batches, self._layout, self.config.max_len, slabs))
 
     def _two_passes(
-        self,
-        buffer: list[_Unit],
-        files: dict[int, Any],
-        head: list[tuple[Columns, np.ndarray]],
-        batch_of: np.ndarray,
-        batches: int,
-        slabs: Slabs,
+        self, buffer: _Buffer, files: dict[int, Any], slabs: Slabs
     ) -> list[Gathered | None]:
         """:meth:`_shuffled` in two passes over the buffer: every column but the item lists
         first, which gives every row's list length and so every batch's size; then the item
@@ -484,18 +483,18 @@ class ParquetStream(IterableDataset):
         late, layout = self._late, self._layout
         assert late is not None
         early = [c for c in self._columns if c != late]
-        chunks, at = list(head), 0
-        for unit in buffer:
+        chunks, at = list(buffer.head), 0
+        for unit in buffer.units:
             for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS, early, strict=True):
                 assert isinstance(chunk, Columns)
-                chunks.append((chunk, batch_of[at : at + len(chunk)]))
+                chunks.append((chunk, buffer.batch_of[at : at + len(chunk)]))
                 at += len(chunk)
-        filling = Scattering(chunks, batches, layout, self.config.max_len, slabs)
+        filling = Scattering(chunks, buffer.batches, layout, self.config.max_len, slabs)
         for i, (columns, _) in enumerate(chunks):
             for key in columns.lists.values:
                 filling.copy(i, key, columns.lists.values[key])
-        i = len(head)
-        for unit in buffer:
+        i = len(buffer.head)
+        for unit in buffer.units:
             for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS, [late], strict=True):
                 assert isinstance(chunk, Columns)
                 if i >= len(chunks) or not np.array_equal(
@@ -504,6 +503,8 @@ class ParquetStream(IterableDataset):
                     raise DataError(f"{late}: lists not aligned with the other list columns")
                 filling.copy(i, late, chunk.lists.values[late])
                 i += 1
+        if i != len(chunks):
+            raise DataError(f"{late}: fewer rows than the other columns")
         return list(filling.result())
 
     def _count(self, batch: Batch, rows: int) -> Batch:

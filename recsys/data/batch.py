@@ -277,9 +277,10 @@ def decode(
     copy where the Arrow buffers are already int64, scalars copied into one table
     (``conditions``: the condition lists too).
 
-    ``columns``: the dataset's columns ``table`` holds, at least one list column (None:
-    all). List columns are checked against the first of them; without scalar columns the
-    table has no rows. ``layout``: ``Layout.of(meta, conditions)``, when the caller has it.
+    ``columns``: the dataset's columns ``table`` holds, at least one list column and every
+    scalar column or none (None: all). List columns are checked against the first of them;
+    without scalar columns the table has no rows. ``layout``: ``Layout.of(meta,
+    conditions)``, when the caller has it.
 
     ``bounds``: the smallest and largest value per column of the rows' row group, as its
     footer records them (:func:`recsys.data.files.column_bounds`): a column whose bounds are
@@ -291,7 +292,10 @@ def decode(
     lists, scalar_names = list_columns(meta, conditions), scalar_columns(meta)
     if columns is not None:
         lists = {c: v for c, v in lists.items() if c in columns}
+        every = len(scalar_names)
         scalar_names = {c: v for c, v in scalar_names.items() if c in columns}
+        if scalar_names and len(scalar_names) != every:
+            raise ValueError("decode: columns must hold every scalar column or none")
     layout = layout or Layout.of(meta, conditions)
     offsets: np.ndarray | None = None
     values: dict[str, np.ndarray] = {}

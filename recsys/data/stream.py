@@ -453,7 +453,11 @@ class ParquetStream(IterableDataset):
     ) -> list[Gathered | None]:
         """The batches of a shuffle buffer; ``count_skipped``: count the rows of skipped row
         groups."""
-        if self._late is not None:
+        # A row group split between readers goes in one pass: decoding checks the alignment of
+        # list columns over the whole chunk, the rows of other readers too, as in file order.
+        parts = self.dataset.parts
+        whole = all(u.rows == parts[u.part].row_groups[u.row_group] for u in buffer.units)
+        if self._late is not None and whole:
             try:
                 return self._two_passes(buffer, files, slabs)
             except (DataError, OSError, pa.ArrowException):
@@ -485,10 +489,13 @@ class ParquetStream(IterableDataset):
         early = [c for c in self._columns if c != late]
         chunks, at = list(buffer.head), 0
         for unit in buffer.units:
+            unit_at = at
             for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS, early, strict=True):
                 assert isinstance(chunk, Columns)
                 chunks.append((chunk, buffer.batch_of[at : at + len(chunk)]))
                 at += len(chunk)
+            if at != unit_at + unit.rows:
+                raise DataError(f"row group {unit.row_group}: fewer rows than its footer says")
         filling = Scattering(chunks, buffer.batches, layout, self.config.max_len, slabs)
         for i, (columns, _) in enumerate(chunks):
             for key in columns.lists.values:

@@ -298,6 +298,26 @@ def dataset_with_a_bad_row_group(tmp_path: Path, column: str = "item_id") -> Pat
     return write(tmp_path / "d", {"a.parquet": table(), "b.parquet": bad, "c.parquet": table()})
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_misaligned_row_stops_every_reader_of_its_row_group(
+    tmp_path: Path, shuffle: bool
+) -> None:
+    # One row group of 8 rows split between 2 readers: rank 0 reads rows 0-3, and its chunk
+    # holds the whole group, whose row 6 has fewer categories than items.
+    rows = good_rows(8)
+    rows["history_category_ids"][6] = [0, 1]
+    directory = tmp_path / "d"
+    directory.mkdir()
+    pq.write_table(pa.table(rows), directory / "a.parquet", row_group_size=8)
+    (directory / "dataset.json").write_text(META.to_json())
+    for rank in (0, 1):
+        stream = ParquetStream(
+            str(directory), StreamConfig(batch_size=2, shuffle=shuffle), rank=rank, world_size=2
+        )
+        with pytest.raises(DataError, match=r"row 6, column 'history_category_ids': list of 2"):
+            list(stream)
+
+
 @pytest.mark.parametrize("column", list(BAD_COLUMNS))
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_bad_row_groups_are_skipped_and_counted_only_when_asked(

@@ -45,3 +45,28 @@ def test_assemble_cuts_runs_and_gathered_rows_alike(max_len: int | None) -> None
     assert batch.features["b"].values().tolist() == (-flat).tolist()
     assert batch.features["a"].lengths().tolist() == [len(e) for e in expected]
     assert batch.row_ids.tolist() == rows
+
+
+def test_decode_reads_a_subset_of_columns() -> None:
+    import pyarrow as pa
+
+    from recsys.data.batch import decode
+    from recsys.data.schema import DatasetMeta
+
+    meta = DatasetMeta(kind="ctr", vocab={"item": 10, "category": 3}, side_features=["category"])
+    table = pa.table(
+        {
+            "history_item_ids": [[1, 2], [3]],
+            "user_id": [0, 1],
+            "item_id": [4, 5],
+            "category_id": [1, 2],
+            "label": [1, 0],
+            "timestamp": [7, 8],
+        }
+    )
+    lists = decode(table.select([0]), meta, 0, str, columns=["history_item_ids"])
+    assert lists.lists.offsets.tolist() == [0, 2, 3] and lists.table.shape == (0, 2)
+    every = decode(table, meta, 10, str, columns=table.column_names)
+    assert every.table[Layout.of(meta).scalars.index(ROW_ID)].tolist() == [10, 11]
+    with pytest.raises(ValueError, match="every scalar column or none"):
+        decode(table.select([0, 1]), meta, 0, str, columns=["history_item_ids", "user_id"])

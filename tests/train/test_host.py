@@ -52,7 +52,6 @@ TUNED = bool(os.environ.get("LD_PRELOAD")) or any(
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 @pytest.mark.skipif(TUNED, reason="another allocator, or glibc's tuned, in this environment")
 def test_steps_reuse_freed_memory() -> None:
-    # glibc's defaults hand the activations' pages back, and each step faults ~19,000 in.
-    default = faults_per_step(False)
-    assert default > 5_000
-    assert faults_per_step(True) < default / 20
+    # glibc's defaults hand the activations' pages back, and each step faults 5,000-24,000
+    # in (glibc's thresholds adapt as the process runs); kept, 0-800 here.
+    assert faults_per_step(True) < 2_000 < faults_per_step(False)

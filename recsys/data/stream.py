@@ -462,18 +462,36 @@ class ParquetStream(IterableDataset):
                 return self._two_passes(buffer, files, slabs)
             except (DataError, OSError, pa.ArrowException):
                 pass  # read again in one pass, which reports or skips the error as always
-        chunks, at, batch_of = list(buffer.head), 0, buffer.batch_of
+        chunks = self._chunks(buffer, files, count_skipped=count_skipped)
+        return list(scatter(chunks, buffer.batches, self._layout, self.config.max_len, slabs))
+
+    def _chunks(
+        self,
+        buffer: _Buffer,
+        files: dict[int, Any],
+        columns: list[str] | None = None,
+        strict: bool = False,
+        count_skipped: bool = False,
+    ) -> list[tuple[Columns, np.ndarray]]:
+        """The buffer's decoded chunks (``columns`` only; None: every column), after
+        ``buffer.head``, each with the batch of each of its rows. ``strict``: raise every
+        error, a row group shorter than its footer says too; otherwise a bad row group is
+        skipped as configured (``skip_bad_row_groups``), its rows counted when
+        ``count_skipped``."""
+        chunks, at = list(buffer.head), 0
         for unit in buffer.units:
             unit_at = at
-            for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS):
+            for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS, columns, strict):
                 if isinstance(chunk, Skipped):
                     if count_skipped:
                         self._skipped += chunk.rows
                     break
-                chunks.append((chunk, batch_of[at : at + len(chunk)]))
+                chunks.append((chunk, buffer.batch_of[at : at + len(chunk)]))
                 at += len(chunk)
+            if strict and at != unit_at + unit.rows:
+                raise DataError(f"row group {unit.row_group}: fewer rows than its footer says")
             at = unit_at + unit.rows
-        return list(scatter(chunks, buffer.batches, self._layout, self.config.max_len, slabs))
+        return chunks
 
     def _two_passes(
         self, buffer: _Buffer, files: dict[int, Any], slabs: Slabs
@@ -487,15 +505,7 @@ class ParquetStream(IterableDataset):
         late, layout = self._late, self._layout
         assert late is not None
         early = [c for c in self._columns if c != late]
-        chunks, at = list(buffer.head), 0
-        for unit in buffer.units:
-            unit_at = at
-            for chunk in self._decode(unit, files, SHUFFLE_CHUNK_ROWS, early, strict=True):
-                assert isinstance(chunk, Columns)
-                chunks.append((chunk, buffer.batch_of[at : at + len(chunk)]))
-                at += len(chunk)
-            if at != unit_at + unit.rows:
-                raise DataError(f"row group {unit.row_group}: fewer rows than its footer says")
+        chunks = self._chunks(buffer, files, early, strict=True)
         filling = Scattering(chunks, buffer.batches, layout, self.config.max_len, slabs)
         for i, (columns, _) in enumerate(chunks):
             for key in columns.lists.values:

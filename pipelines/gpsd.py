@@ -30,6 +30,7 @@ from typing import Any, TextIO
 
 from pipelines import slurm
 from pipelines.profiles import Profile, load_profile
+from recsys.errors import UserError
 from recsys.stages.common import StageError, fingerprint, read_stage
 from recsys.stages.config import StageConfig, load
 from recsys.train.faults import Faults
@@ -44,7 +45,7 @@ BASELINES = ("deepfm", "din")
 """Baseline CTR models the pipeline can run beside GPSD's ranker (NT and ST&SF)."""
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError, RuntimeError):
     """A stage failed or cannot start; the message names it."""
 
 

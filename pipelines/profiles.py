@@ -16,13 +16,15 @@ from typing import Any
 
 import yaml
 
+from recsys.errors import UserError
+
 DEFAULT_PATH = Path("torchx.yaml")
 
 CONTAINER_SCHEDULERS = ("kubernetes", "kubernetes_mcad", "local_docker", "aws_batch", "gcp_batch")
 """Schedulers that run a container image, not the working tree: a profile must name one."""
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError, ValueError):
     """A profile in torchx.yaml is missing or wrong; the message names file, profile and key."""
 
 

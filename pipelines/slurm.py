@@ -28,6 +28,8 @@ from pathlib import Path
 
 from torchx.specs import AppState, parse_app_handle
 
+from recsys.errors import UserError
+
 STATES = {
     "BOOT_FAIL": AppState.FAILED,
     "CANCELLED": AppState.CANCELLED,
@@ -54,7 +56,7 @@ NEVER_STARTS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "
 has (https://slurm.schedmd.com/job_reason_codes.html)."""
 
 
-class SlurmError(RuntimeError):
+class SlurmError(UserError, RuntimeError):
     """A Slurm job cannot run or cannot be followed; the message names the job and why."""
 
 

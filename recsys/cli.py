@@ -203,9 +203,11 @@ def _log_to_stderr() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``recsys`` console script."""
+    from recsys.errors import guarded
+
     args = build_parser().parse_args(argv)
     _log_to_stderr()
-    return args.run(args)
+    return guarded(lambda: args.run(args), prefix=f"recsys {args.command}")
 
 
 if __name__ == "__main__":

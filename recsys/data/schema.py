@@ -15,13 +15,15 @@ from typing import Any
 
 import pyarrow as pa
 
+from recsys.errors import UserError
+
 KINDS = ("seq", "ctr")
 ID_MODES = ("remap", "hash")
 METADATA_FILE = "dataset.json"
 FORMAT_VERSION = 1
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data is not what recsys expects; the message names where and what."""
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from recsys.data.schema import DatasetMeta
 from recsys.distributed.planning import constraints_for, run_planner
+from recsys.errors import UserError
 from recsys.plan.hosts import GB, Cluster
 from recsys.stages.config import StageConfig
 
@@ -30,7 +31,7 @@ COMPUTE_KERNELS = ("fused", "fused_uvm_caching", "fused_uvm")
 with an HBM cache (``fused_uvm_caching``) or in host memory (``fused_uvm``)."""
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A plan request that cannot be served; the message names the parameter."""
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from torch import nn
 
+from recsys.errors import UserError
 from recsys.plan.hosts import Cluster
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ FORMAT = "recsys-plan"
 VERSION = 1
 
 
-class PlanFileError(ValueError):
+class PlanFileError(UserError, ValueError):
     """A plan file that cannot be read or does not match the model or job."""
 
 

@@ -245,5 +245,6 @@ def trainer(
         seed=run.seed,
         record_samples=run.record_samples,
         cpu_bf16=run.cpu_bf16,
+        nonfinite=run.nonfinite,
     )
     return sharded, Trainer(sharded, dense, schedule, train, settings, optim, valid)

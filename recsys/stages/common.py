@@ -30,12 +30,13 @@ from typing import Any
 
 import torch.distributed as dist
 
+from recsys.errors import UserError, guarded
 from recsys.stages.config import ConfigError, StageConfig, load
 
 log = logging.getLogger(__name__)
 
 
-class StageError(RuntimeError):
+class StageError(UserError, RuntimeError):
     """A stage cannot run or its result is wrong; the message says which and why."""
 
 
@@ -152,35 +153,26 @@ class StageDir:
 
 
 def run_stage(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m recsys.stages.X``: logs to stderr, errors as one message."""
+    """Entry point of ``python -m recsys.stages.X``: logs to stderr; a user error is one line
+    naming the rank (``recsys.errors``), a preemption exits 143."""
     logging.basicConfig(
         level=os.environ.get("RECSYS_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,  # importing torchrec installs a root handler at WARNING first
     )
-    from recsys.checkpoint.manager import CheckpointError
-    from recsys.data.schema import DataError
-    from recsys.plan.planfile import PlanFileError
-    from recsys.train.faults import FaultSpecError
     from recsys.train.trainer import Preempted
 
     rank = os.environ.get("RANK", "0")
-    try:
-        main(argv)
-    except Preempted as stop:
-        print(f"stopped (rank {rank}): {stop}", file=sys.stderr)
-        return PREEMPTED
-    except (
-        StageError,
-        ConfigError,
-        DataError,
-        CheckpointError,
-        PlanFileError,
-        FaultSpecError,
-    ) as err:
-        print(f"error (rank {rank}): {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    def run() -> int:
+        try:
+            main(argv)
+        except Preempted as stop:
+            print(f"stopped (rank {rank}): {stop}", file=sys.stderr)
+            return PREEMPTED
+        return 0
+
+    return guarded(run, prefix=f"error (rank {rank})")
 
 
 PREEMPTED = 143

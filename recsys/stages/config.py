@@ -29,12 +29,13 @@ from typing import Any
 
 import yaml
 
+from recsys.errors import UserError
 from recsys.train.optim import OptimConfig
 
 ARCHS = ("gpsd", "deepfm", "din")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
@@ -92,6 +93,10 @@ class RunSection:
     """bf16 autocast of the forward pass on CPU too (always on CUDA): ~1.4x faster CTR
     steps on CPUs with bf16 matrix units (AMX), slower without them (``recsys doctor``
     tells)."""
+    nonfinite: str = "stop"
+    """A step whose loss or dense gradient norm is NaN or infinite: ``stop`` the run with
+    one line naming the step, rank and value (no checkpoint, no DONE), or ``skip`` the step
+    (no update) and count it (``train_nonfinite_steps``)."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,8 @@ class StageConfig:
             out.pop("lum")
         if not self.run.cpu_bf16:  # the same for runs in fp32, as before the option
             out["run"].pop("cpu_bf16")
+        if self.run.nonfinite == "stop":  # the default keeps earlier stages' fingerprints
+            out["run"].pop("nonfinite")
         return out
 
 

@@ -31,6 +31,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from recsys.errors import UserError
+
 log = logging.getLogger(__name__)
 
 ENV = "RECSYS_FAULTS"
@@ -49,7 +51,7 @@ class InjectedFault(RuntimeError):
     """The error a ``loader`` fault raises."""
 
 
-class FaultSpecError(ValueError):
+class FaultSpecError(UserError, ValueError):
     """A ``RECSYS_FAULTS`` value that cannot be parsed."""
 
 

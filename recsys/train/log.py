@@ -15,6 +15,18 @@ from typing import Any
 
 from tqdm import tqdm
 
+_OPEN_BARS: set[tqdm] = set()
+
+
+def close_bars() -> bool:
+    """Close every open progress bar (so an error line starts on its own line); whether
+    there was one."""
+    bars = list(_OPEN_BARS)
+    for bar in bars:
+        bar.close()
+    _OPEN_BARS.clear()
+    return bool(bars)
+
 
 class RunLog:
     """Metrics sink of one run directory (a no-op off rank 0)."""
@@ -53,6 +65,7 @@ class RunLog:
         purge = resumed_at + 1 if resumed_at is not None else None
         self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
         self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+        _OPEN_BARS.add(self._bar)
 
     def record(self, step: int, split: str, values: dict[str, float]) -> None:
         """One line of metrics for ``split`` (train, valid, ...) at ``step``."""
@@ -75,6 +88,7 @@ class RunLog:
     def close(self) -> None:
         if self.main:
             self._bar.close()
+            _OPEN_BARS.discard(self._bar)
             self._writer.close()
             self._file.close()
 

@@ -65,6 +65,9 @@ class TrainConfig:
     (AMX: Xeon Sapphire Rapids and later), slower on CPUs without them."""
     record_samples: bool = False
     """Write the row ids of every trained batch to ``RUN/samples/rank<r>.jsonl``."""
+    nonfinite: str = "stop"
+    """A non-finite loss or dense gradient norm: ``stop`` (raise :class:`NonFinite`) or
+    ``skip`` the step and count it."""
 
     def __post_init__(self) -> None:
         if self.task not in ("ctr", "pretrain"):

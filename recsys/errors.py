@@ -1,0 +1,82 @@
+"""What a user sees when something they gave is wrong: one line, never a traceback.
+
+This module owns the line between a user's mistake and a bug. Every error class that means
+"what you gave cannot be used" (a config, a dataset, a checkpoint, a plan, a path) derives from
+:class:`UserError`; an ``OSError`` (a path that is a file, read-only, a full disk) is one too.
+:func:`guarded` runs an entry point (a ``recsys`` sub-command, a stage, the launcher) and turns
+those into one line on stderr, starting on a line of its own, and a non-zero exit code. Any
+other exception is a bug and keeps its traceback. ``RECSYS_DEBUG=1`` shows the traceback of a
+user error too.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+EXIT_USER_ERROR = 2
+"""Exit code of a command or stage stopped by a user error."""
+
+
+class UserError(Exception):
+    """Something the user gave cannot be used; the message names it and what would be right."""
+
+
+def debug() -> bool:
+    """Whether ``RECSYS_DEBUG`` asks for tracebacks of user errors too."""
+    return os.environ.get("RECSYS_DEBUG", "") not in ("", "0")
+
+
+def describe_os_error(err: OSError) -> str:
+    """``PATH: reason`` of an OS error (``no space left on device``), whoever raised it."""
+    reason = err.strerror or (errno.errorcode.get(err.errno, "") if err.errno else "") or str(err)
+    reason = reason[:1].lower() + reason[1:]
+    names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+    return f"{' → '.join(names)}: {reason}" if names else reason
+
+
+def one_line(err: BaseException) -> str:
+    """The message of a user error (an OSError as its path and reason)."""
+    if isinstance(err, OSError) and not isinstance(err, UserError):
+        return describe_os_error(err)
+    return str(err).strip() or type(err).__name__
+
+
+def is_user_error(err: BaseException) -> bool:
+    return isinstance(err, UserError | OSError)
+
+
+def _fresh_line() -> None:
+    """End a progress bar's line on stderr so the error starts on a line of its own."""
+    from recsys.train import log as run_log
+
+    if run_log.close_bars():
+        return
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+
+
+def report(err: BaseException, prefix: str = "error") -> None:
+    """Print a user error as one line on stderr (its traceback too with RECSYS_DEBUG=1)."""
+    _fresh_line()
+    if debug():
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"{prefix}: {one_line(err)}", file=sys.stderr, flush=True)
+
+
+def guarded(run: Callable[[], int | None], prefix: str = "error") -> int:
+    """Run an entry point; a user error becomes one line and exit code 2 (see the module doc)."""
+    try:
+        return int(run() or 0)
+    except KeyboardInterrupt:
+        _fresh_line()
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except BaseException as err:
+        if not is_user_error(err):
+            raise
+        report(err, prefix)
+        return EXIT_USER_ERROR

@@ -3,17 +3,17 @@
 This module owns what every component in ``components/`` shares, so that each component file
 stays a typed signature with a docstring. It builds on ``torchx.components.dist.ddp``. When no
 image is given (local_cwd and Slurm run the working tree) and TorchX itself runs from a
-virtual environment, the job's ``torchrun`` is that environment's, so that
-``.venv/bin/torchx run -s local_cwd ...`` works without activating anything. ``max_retries``
-also goes to torchrun as ``--max_restarts``: after a worker dies, torchrun restarts all of
-the job's workers, which resume from the last checkpoint (local schedulers ignore TorchX's
-own retries).
+virtual environment, the job's Python is that environment's, so that
+``.venv/bin/torchx run -s local_cwd ...`` works without activating anything. torchrun runs
+as ``python -m recsys.distributed.torchrun`` (torchrun, with a failed job told in one line).
+``max_retries`` also goes to torchrun as ``--max_restarts``: after a worker dies, torchrun
+restarts all of the job's workers, which resume from the last checkpoint (local schedulers
+ignore TorchX's own retries).
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torchx.specs as specs
 from torchx.components.dist import ddp
@@ -59,16 +59,15 @@ def stage_app(
         max_retries=max_retries,
     )
     # torchrun restarts every worker of the job after one fails (they resume from the last
-    # checkpoint): local schedulers ignore TorchX's max_retries, so torchrun is told too.
-    torchrun = "torchrun"
-    venv_torchrun = Path(sys.executable).parent / "torchrun"
-    if not image and sys.prefix != sys.base_prefix and venv_torchrun.exists():
-        torchrun = str(venv_torchrun)  # the venv's, so nothing needs activating
+    # checkpoint): local schedulers ignore TorchX's max_retries, so torchrun is told too. It
+    # runs through recsys.distributed.torchrun, which tells a failed job in one line.
+    python = "python"
+    if not image and sys.prefix != sys.base_prefix:
+        python = sys.executable  # the venv's, so nothing needs activating
+    launcher = f"{python} -m recsys.distributed.torchrun --max_restarts {max_retries}"
     for role in app.roles:  # ddp runs `bash -c "torchrun ..."`
         role.args = [
-            f"{torchrun} --max_restarts {max_retries}{a[len('torchrun') :]}"
-            if a.startswith("torchrun ")
-            else a
+            f"{launcher}{a[len('torchrun') :]}" if a.startswith("torchrun ") else a
             for a in role.args
         ]
     return app

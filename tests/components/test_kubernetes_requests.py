@@ -92,7 +92,8 @@ def test_each_component_is_a_valid_volcano_job_on_a100_hosts(jobs: dict, stage: 
         assert int(limits["memory"].rstrip("M")) >= 1100 * 1024  # 1152 GiB host, minus slack
         assert box["command"][:2] == ["bash", "-c"]
         command = box["command"][2]
-        assert command.startswith("torchrun ") and f"-m recsys.stages.{stage} " in command
+        assert command.startswith("python -m recsys.distributed.torchrun ")
+        assert f"-m recsys.stages.{stage} " in command
         assert "--nnodes 2 --nproc_per_node 8" in command and "--max_restarts 0" in command
         assert command.endswith("--out runs/k8s/x run.epochs=2")
         env = {e["name"]: e.get("value") for e in box["env"]}

@@ -1,0 +1,100 @@
+"""A user's mistake is one line and exit code 2 in every entry point; a bug keeps its traceback."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recsys.errors import EXIT_USER_ERROR, UserError, guarded
+from recsys.stages import pretrain
+from recsys.stages.common import run_stage
+
+
+@pytest.fixture
+def stage_logging():
+    """run_stage logs to the stderr of its time; forget that handler after the test (pytest
+    replaces stderr between tests)."""
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+
+
+def lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def test_a_user_error_is_one_line_and_exit_code_2(capsys: pytest.CaptureFixture) -> None:
+    def fails() -> int:
+        raise UserError("data.train: no such dataset")
+
+    assert guarded(fails, prefix="recsys x") == EXIT_USER_ERROR
+    assert lines(capsys.readouterr().err) == ["recsys x: data.train: no such dataset"]
+
+
+def test_an_os_error_names_the_path_and_the_reason(capsys: pytest.CaptureFixture) -> None:
+    def full() -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/a/weights")
+
+    assert guarded(full) == EXIT_USER_ERROR
+    assert lines(capsys.readouterr().err) == ["error: /runs/a/weights: no space left on device"]
+
+
+def test_a_bug_keeps_its_traceback() -> None:
+    def bug() -> int:
+        raise KeyError("not the user's fault")
+
+    with pytest.raises(KeyError):
+        guarded(bug)
+
+
+def test_recsys_debug_shows_the_traceback_of_a_user_error(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RECSYS_DEBUG", "1")
+    assert guarded(lambda: (_ for _ in ()).throw(UserError("bad"))) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().endswith("error: bad")
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_stage_whose_out_cannot_be_a_directory_says_so_in_one_line(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture, synth_split, stage_logging
+) -> None:
+    data = synth_split(tmp_path / "data", 16, users=40, items=20, min_events=4, max_events=8)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a directory\n")
+    out = blocker if where == "a file" else blocker / "stage"
+    argv = ["--out", str(out), f"data.train={data / 'seq'}", "model.size=L1H16A2"]
+    assert run_stage(pretrain.main, argv) == EXIT_USER_ERROR
+    err = capsys.readouterr().err  # INFO logs, then the error
+    assert "Traceback" not in err
+    (line,) = [line for line in lines(err) if line.startswith("error")]
+    reason = "file exists" if where == "a file" else "not a directory"
+    assert line == f"error (rank 0): {out}: {reason}"
+    assert blocker.read_text() == "a file, not a directory\n"
+
+
+def test_a_failed_job_under_the_launcher_is_its_ranks_lines_and_one_summary(
+    tmp_path: Path,
+) -> None:
+    """What a component runs: torchrun through recsys.distributed.torchrun, no traceback."""
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        *(sys.executable, "-m", "recsys.distributed.torchrun", "--standalone"),
+        *("--nproc_per_node", "1", "-m", "recsys.stages.pretrain"),
+        *("--out", str(tmp_path / "p"), f"data.train={tmp_path / 'nowhere'}"),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == EXIT_USER_ERROR, done.stderr
+    assert "Traceback" not in done.stderr
+    ours = [line for line in lines(done.stderr) if line.startswith("error")]
+    assert len(ours) == 2 and str(tmp_path / "nowhere") in ours[0]
+    assert ours[1].startswith("error: recsys.stages.pretrain failed (rank 0 first, exit code 2")

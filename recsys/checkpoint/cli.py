@@ -4,7 +4,9 @@ This module owns the command line of checkpoint inspection: ``ls`` lists what a 
 holds (every tensor with its full shape and dtype, whatever plan saved it) and ``export``
 writes it as one plain ``torch.save`` file. Both need no process group and accept a
 checkpoint directory, a stage's ``weights/``, a stage directory or a run's ``checkpoint/``
-directory (its latest complete checkpoint).
+directory (its latest complete checkpoint). Both verify the checkpoint's files first (sizes,
+and checksums where it has a manifest), so a damaged file is named and nothing is listed or
+written from it; ``export`` replaces an existing file only with ``--force``.
 """
 
 from __future__ import annotations
@@ -73,21 +75,23 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     export.add_argument("path")
     export.add_argument("out")
+    export.add_argument("--force", action="store_true", help="replace OUT if it exists")
     export.set_defaults(run=_run(_export))
 
 
 def _run(action):
-    """``action(path)`` on the checkpoint ``args.path`` names; its problems as one message."""
+    """``action(path)`` on the checkpoint ``args.path`` names; a problem with the checkpoint
+    or the arguments as one line and exit code 1 (an OSError, such as an OUT that cannot be
+    written, goes to the guard of ``recsys.cli``: one line, exit code 2)."""
 
     def command(args: argparse.Namespace) -> int:
-        from recsys.checkpoint.manager import CheckpointError
+        from recsys.errors import UserError
 
         try:
-            path = resolve(args.path)
-        except CheckpointError as err:
+            action(resolve(args.path), args)
+        except UserError as err:
             print(f"recsys checkpoint: {err}", file=sys.stderr)
             return 1
-        action(path, args)
         return 0
 
     return command
@@ -103,6 +107,10 @@ def _ls(path: Path, args: argparse.Namespace) -> None:
 
 def _export(path: Path, args: argparse.Namespace) -> None:
     from recsys.checkpoint.manager import export
+    from recsys.errors import UserError
 
-    out = export(path, args.out)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir() and not args.force:
+        raise UserError(f"{out}: exists already; pass --force to replace it")
+    out = export(path, out)
     print(f"{path} → {out} ({out.stat().st_size:,} bytes)")

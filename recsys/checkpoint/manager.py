@@ -12,30 +12,38 @@ renames it, so a crash during a save leaves the previous checkpoint as the lates
 one. The last ``keep`` checkpoints are kept. Loading goes through DCP, which reshards: a
 checkpoint saved on 2 ranks with one plan loads on 1 rank or under another plan. Loading
 "latest" falls back to the previous checkpoint when the newest cannot be read, and says so.
+
+It also owns what every DCP directory of this project (checkpoints and a stage's
+``weights/``) goes through on disk: writing with a full disk reported as one error on every
+rank (:func:`write`), the checksums of ``manifest.json`` recorded after a save
+(:func:`record`, format in ``manifest``) and verified before a load, the ranks splitting the
+reading (:func:`check`), and reading with every DCP failure named by file (:func:`read`).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from recsys.distributed.env import collective_device
-from recsys.errors import UserError
+from recsys.checkpoint import manifest
+from recsys.errors import UserError, describe_os_error
 
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+TMP_DIR = re.compile(r"^\.step-(\d{8})\.tmp$")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -55,13 +63,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _all_ok(ok: bool) -> bool:
-    """True only if every rank says True (so that all ranks take the same branch)."""
-    if not _distributed():
-        return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
 
 
 def _from_rank0(value: Any) -> Any:
@@ -71,6 +74,20 @@ def _from_rank0(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _gather(value: Any) -> list[Any]:
+    """Every rank's ``value``, by rank, on every rank."""
+    if not _distributed():
+        return [value]
+    values: list[Any] = [None] * _world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _agree(error: str | None) -> str | None:
+    """The first error of any rank (by rank) on every rank, so that all take the same branch."""
+    return next((e for e in _gather(error) if e), None)
 
 
 class CheckpointManager:
@@ -97,33 +114,58 @@ class CheckpointManager:
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Write ``state`` (values: ``Stateful`` objects or state dicts) as step ``step``;
-        every rank calls it."""
+        every rank calls it. A failure (a full disk) is the same CheckpointError on every rank
+        and leaves the previous checkpoints as they were."""
         final = self.directory / f"step-{step:08d}"
         tmp = self.directory / f".step-{step:08d}.tmp"
-        if _rank() == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # left by a crash during an earlier save of this step
-                shutil.rmtree(tmp)
-        _barrier()
-        dcp.save(state, checkpoint_id=str(tmp))
-        if self.faults is not None:
-            self.faults.in_save(step)
-        _barrier()  # every rank's shards are written
+        self._clear_stale()
+        try:
+            write(state, tmp, f"{self.directory}: cannot save the checkpoint of step {step}")
+            if self.faults is not None:
+                self.faults.in_save(step)
+            _barrier()  # every rank's shards are written
+            error = record(tmp)
+            if error is None and _rank() == 0:
+                error = self._complete(tmp, final)
+            error = _from_rank0(error)  # every rank learns of rank 0's failure, none waits
+            if error:
+                raise CheckpointError(error)
+        except CheckpointError:
+            if _rank() == 0:  # give the space back now; the next save would clear it anyway
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("checkpoint saved: %s", final)
+        return final
+
+    def _clear_stale(self) -> None:
+        """Create the directory and remove every ``.step-*.tmp`` left by a save that crashed
+        or failed (any step: a run resumed from an older checkpoint never saves those steps
+        again), so that an earlier full disk does not fill it again (rank 0; collective)."""
         error = None
         if _rank() == 0:
             try:
-                if final.exists():
-                    shutil.rmtree(final)
-                tmp.rename(final)
-                for old in self.complete()[: -self.keep]:
-                    shutil.rmtree(old)
+                self.directory.mkdir(parents=True, exist_ok=True)
+                for stale in self.directory.iterdir():
+                    if TMP_DIR.match(stale.name):
+                        shutil.rmtree(stale)
+                        log.info("removed %s, left by an unfinished save", stale)
             except OSError as err:
-                error = f"{final}: cannot complete the checkpoint: {err}"
-        error = _from_rank0(error)  # every rank learns of rank 0's failure, none waits
+                error = f"{self.directory}: cannot prepare a save: {describe_os_error(err)}"
+        error = _from_rank0(error)
         if error:
             raise CheckpointError(error)
-        log.info("checkpoint saved: %s", final)
-        return final
+
+    def _complete(self, tmp: Path, final: Path) -> str | None:
+        """Rename the written checkpoint into place and prune old ones (rank 0); the error."""
+        try:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in self.complete()[: -self.keep]:
+                shutil.rmtree(old)
+        except OSError as err:
+            return f"{final}: cannot complete the checkpoint: {describe_os_error(err)}"
+        return None
 
     def load(
         self,
@@ -134,11 +176,12 @@ class CheckpointManager:
 
         ``state`` may be a function of the checkpoint's path that returns the state to load
         into (for callers whose layout depends on what the checkpoint holds). ``path`` None
-        means the latest complete checkpoint, falling back to older ones when it cannot be
-        read; an explicit path that cannot be read is an error.
+        means the latest complete checkpoint, falling back to older ones when it is damaged
+        (a file missing, truncated or whose checksum differs) or cannot be read; an explicit
+        path that cannot be read is an error.
         """
-        # Rank 0's view of the directory decides, and a candidate is used only if every rank
-        # could read it: ranks must never load different checkpoints.
+        # Rank 0's view of the directory decides, and every check is agreed on by all ranks:
+        # ranks must never load different checkpoints.
         if path is not None:
             candidates = [Path(path)]
         else:
@@ -147,23 +190,17 @@ class CheckpointManager:
                 raise CheckpointError(f"{self.directory}: no complete checkpoint to resume from")
         errors = []
         for candidate in candidates:
-            error = None
             try:
-                verify(candidate)  # each rank checks the files it can see
+                check(candidate)  # collective: the same verdict on every rank
+                target = state(candidate) if callable(state) else state
+                read(target, candidate)  # collective: fails on every rank or none
             except CheckpointError as err:
                 error = str(err)
-            if _all_ok(error is None):
-                try:
-                    target = state(candidate) if callable(state) else state
-                    self._read(target, candidate)  # collective: fails on every rank or none
-                except CheckpointError as err:
-                    error = str(err)
-                else:
-                    if errors:
-                        log.warning("resumed from %s instead of the newest checkpoint", candidate)
-                        self._set_aside([c for c in candidates if c.name > candidate.name])
-                    return candidate
-            error = error or f"{candidate}: another rank could not read it"
+            else:
+                if errors:
+                    log.warning("resumed from %s instead of the newest checkpoint", candidate)
+                    self._set_aside([c for c in candidates if c.name > candidate.name])
+                return candidate
             if path is not None:
                 raise CheckpointError(error)
             errors.append(error)
@@ -180,17 +217,104 @@ class CheckpointManager:
                     log.warning("set aside unreadable checkpoint %s", path)
         _barrier()
 
-    @staticmethod
-    def _read(state: dict[str, Any], path: Path) -> None:
+
+def write(state: dict[str, Any], directory: Path, what: str) -> None:
+    """``dcp.save`` of ``state`` into ``directory`` (every rank calls it). An OS error on any
+    rank (a full disk, a read-only directory) becomes ``CheckpointError("<what>: <reason>")``
+    on every rank: DCP gathers each rank's failure before it raises, so none is left waiting.
+    :func:`record` writes the new manifest afterwards."""
+    _drop_manifest(directory)
+    try:
+        dcp.save(state, checkpoint_id=str(directory))
+    # DCP reports a writer's failure as CheckpointException, a BaseException.
+    except (CheckpointException, OSError) as err:
+        cause = _os_error(err)
+        if cause is None:
+            raise
+        raise CheckpointError(f"{what}: {describe_os_error(cause)}") from err
+
+
+def _drop_manifest(directory: Path) -> None:
+    """Remove the manifest of files saved into ``directory`` before (a stage's ``weights/``
+    saved again), so that a save that stops half-way leaves files that cannot be checked
+    rather than files that fail their checks (rank 0; collective)."""
+    error = None
+    if _rank() == 0:
         try:
-            dcp.load(state, checkpoint_id=str(path))
-        # DCP reports reader failures as CheckpointException, a BaseException; the storage
-        # layer may raise plain errors too.
-        except (CheckpointException, Exception) as err:
-            broken = _broken_file(path, err)
-            raise CheckpointError(
-                f"{broken}: cannot be read ({type(err).__name__}: {_first_line(err)})"
-            ) from err
+            manifest.remove(directory)
+        except OSError as err:
+            error = f"{directory}: cannot remove the old {manifest.MANIFEST}: "
+            error += describe_os_error(err)
+    error = _from_rank0(error)
+    if error:
+        raise CheckpointError(error)
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The OSError behind ``err``: itself, the first rank's failure of a CheckpointException,
+    or what either was raised from."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError):
+            return err
+        failures = getattr(err, "failures", None)  # CheckpointException: rank → (error, stack)
+        if failures:
+            for _, wrapped in sorted(failures.items()):
+                found = _os_error(wrapped[0] if isinstance(wrapped, tuple) else wrapped)
+                if found is not None:
+                    return found
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def record(directory: Path) -> str | None:
+    """Write ``directory``'s manifest after a DCP save into it (every rank calls it): each
+    rank checksums the files it wrote, rank 0 writes them all down. The error, if any, is
+    returned on every rank."""
+    mine: dict[str, manifest.Entry] = {}
+    error = None
+    try:
+        mine = manifest.describe(directory, manifest.written_by(directory, _rank()))
+    except OSError as err:
+        error = f"{directory}: cannot checksum the files written: {describe_os_error(err)}"
+    gathered = _gather((mine, error))
+    error = next((e for _, e in gathered if e), None)
+    if error is None and _rank() == 0:
+        files = {name: entry for part, _ in gathered for name, entry in part.items()}
+        try:
+            manifest.write(directory, files)
+        except OSError as err:
+            error = f"{directory}: cannot write {manifest.MANIFEST}: {describe_os_error(err)}"
+    return _from_rank0(error)
+
+
+def check(path: str | Path) -> None:
+    """:func:`verify` on every rank, each checksumming its share of the files; every rank
+    raises the same CheckpointError (the first rank's problem) or none."""
+    error = None
+    try:
+        verify(path, _rank(), _world_size())
+    except CheckpointError as err:
+        error = str(err)
+    error = _agree(error)
+    if error:
+        raise CheckpointError(error)
+
+
+def read(state: dict[str, Any], path: str | Path) -> None:
+    """``dcp.load`` of ``path`` into ``state`` (every rank calls it); any failure becomes a
+    CheckpointError naming the file when the error does."""
+    path = Path(path)
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    # DCP reports reader failures as CheckpointException, a BaseException; the storage
+    # layer may raise plain errors too.
+    except (CheckpointException, Exception) as err:
+        broken = _broken_file(path, err)
+        raise CheckpointError(
+            f"{broken}: cannot be read ({type(err).__name__}: {_first_line(err)})"
+        ) from err
 
 
 def keys(path: str | Path) -> set[str]:
@@ -199,12 +323,49 @@ def keys(path: str | Path) -> set[str]:
     return {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
 
 
-def verify(path: str | Path) -> None:
-    """Check that every file the checkpoint's metadata refers to is there and long enough,
-    naming the first that is not (a truncated or lost file is the common damage)."""
+def verify(path: str | Path, rank: int = 0, world_size: int = 1) -> None:
+    """Check a checkpoint's files, naming the first that is damaged: every file its metadata
+    refers to is there and long enough (a truncated or lost file is the common damage), and
+    every file of its manifest has its recorded size and, for this rank's share of them when
+    ``world_size`` ranks split the reading, its checksum. Without a manifest (written by an
+    older version) only the sizes are checked, and a warning says so."""
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no .metadata file)")
+    files = _manifest(path, warn=rank == 0)
+    if files is not None and ".metadata" in files:
+        # Checked before it is parsed, so that damage to it is named as such.
+        _raise_if(manifest.checksum_problems(path, files, [".metadata"]))
+    _check_sizes(path)
+    if files is not None:
+        for name, entry in sorted(files.items()):
+            _raise_if(manifest.size_problem(path, name, entry))
+        data = {name: entry for name, entry in files.items() if name != ".metadata"}
+        _raise_if(manifest.checksum_problems(path, files, manifest.share(data, rank, world_size)))
+
+
+def _manifest(path: Path, warn: bool) -> dict[str, manifest.Entry] | None:
+    try:
+        files = manifest.read(path)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    if files is None and warn:
+        log.warning(
+            "%s: no %s (written by an older version): the files' checksums cannot be "
+            "checked, only their sizes",
+            path,
+            manifest.MANIFEST,
+        )
+    return files
+
+
+def _raise_if(problem: str | None) -> None:
+    if problem:
+        raise CheckpointError(problem)
+
+
+def _check_sizes(path: Path) -> None:
+    """Every file the DCP metadata refers to is there and long enough."""
     try:
         metadata = FileSystemReader(str(path)).read_metadata()
     except Exception as err:
@@ -238,16 +399,53 @@ def _first_line(err: BaseException) -> str:
 def _broken_file(path: Path, err: BaseException) -> Path:
     """The checkpoint file an error is about, when its message names one."""
     text = str(err)
-    for candidate in sorted(path.iterdir()):
-        if candidate.name in text:
-            return candidate
-    return path
+    names = sorted(path.iterdir()) if path.is_dir() else []
+    return next((candidate for candidate in names if candidate.name in text), path)
 
 
 def export(path: str | Path, out: str | Path) -> Path:
     """A checkpoint as one plain ``torch.save`` file (full tables, no sharding), for
-    inspection or for tools that know nothing of DCP."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    dcp_to_torch_save(str(path), str(out))
+    inspection or for tools that know nothing of DCP. ``out`` is replaced atomically: it is
+    the previous file or the complete new one, never a part. A problem with ``out`` (a
+    directory, under a file, read-only, a full disk) is an OSError naming it."""
+    path, out = Path(path), Path(out)
+    _make_parent(out)
+    if out.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(out))
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        # A Python file: torch.save's own file writer reports a failed write as a
+        # RuntimeError without its reason; through this one it is an OSError with its errno.
+        with open(tmp, "wb") as stream:
+            dcp_to_torch_save(str(path), stream)  # type: ignore[arg-type]
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, out)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _naming(err, out) from err
+    except CheckpointException as err:
+        tmp.unlink(missing_ok=True)
+        broken = _broken_file(path, err)
+        raise CheckpointError(f"{broken}: cannot be read ({_first_line(err)})") from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
+
+
+def _make_parent(out: Path) -> None:
+    """Create ``out``'s directory; a file in the way is named as not a directory."""
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+            break
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _naming(err: OSError, out: Path) -> OSError:
+    """``err`` about ``out`` (not the temporary file, nor no file at all)."""
+    if err.errno is None:
+        return err
+    return type(err)(err.errno, err.strerror or os.strerror(err.errno), str(out))

@@ -7,10 +7,14 @@ table (frozen tables live in their own collection):
 - ``dense/<path>``: every other state-dict entry (``tower.blocks.0.ffn.w1.weight``, ...).
 
 Because the files are DCP checkpoints, weights saved by N ranks under one plan load into M
-ranks under another. This module also owns a table's digest: a 64-bit sum over every element
-of its bits times an odd multiplier of the element's position in the full table, so each rank
-adds up its own shards and the digest is the same for any sharding plan and world size, and
-any change to any element changes it.
+ranks under another. Like a checkpoint, ``weights/`` holds a ``manifest.json`` of its files'
+checksums, written after every rank has saved and verified before every load (the ranks
+split the reading), so a damaged file is named instead of loaded.
+
+This module also owns a table's digest: a 64-bit sum over every element of its bits times an
+odd multiplier of the element's position in the full table, so each rank adds up its own
+shards and the digest is the same for any sharding plan and world size, and any change to any
+element changes it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from recsys.checkpoint.manager import CheckpointError
+from recsys.checkpoint.manager import CheckpointError, check, read, record, write
 from recsys.distributed.env import collective_device
 from recsys.distributed.shards import local_shards
 
@@ -54,17 +58,25 @@ def saved_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
-    """Every weight of ``model`` to ``path`` (every rank calls it)."""
-    dcp.save(named_weights(model), checkpoint_id=str(path))
+    """Every weight of ``model`` to ``path`` with their manifest (every rank calls it); a
+    failure (a full disk) is the same CheckpointError on every rank."""
+    path = Path(path)
+    write(named_weights(model), path, f"{path}: cannot save the weights")
+    error = record(path)  # collective: after every rank has written its files
+    if error:
+        raise CheckpointError(error)
 
 
 def load_weights(model: nn.Module, path: str | Path, names: Iterable[str]) -> list[str]:
     """Load the weights ``names`` saved at ``path`` into ``model`` (resharding as needed).
 
     Every name must exist on both sides with the same shape; otherwise a CheckpointError
-    lists each one that is missing or differs. Returns the names loaded."""
+    lists each one that is missing or differs. A damaged file (missing, truncated, its
+    checksum changed) or one DCP cannot read is a CheckpointError naming it. Every rank calls
+    it. Returns the names loaded."""
     names = sorted(names)
     mine = named_weights(model)
+    check(path)  # collective: the ranks split the checksums and agree on the verdict
     saved = saved_shapes(path)
     problems = []
     for name in names:
@@ -80,7 +92,7 @@ def load_weights(model: nn.Module, path: str | Path, names: Iterable[str]) -> li
     if problems:
         raise CheckpointError(f"{path}: cannot load these weights:\n  " + "\n  ".join(problems))
     if names:
-        dcp.load({n: mine[n] for n in names}, checkpoint_id=str(path))
+        read({n: mine[n] for n in names}, path)
     return names
 
 

@@ -8,7 +8,10 @@ A stage runs as ``python -m recsys.stages.<name> --config FILE --out DIR [option
     DIR/stage.json     inputs, their fingerprints, the resolved config, results, timings
     DIR/DONE           written last: the stage finished
 
-A finished stage (``DONE``) is never overwritten unless ``--force`` is given. A stage's
+A finished stage (``DONE``) is never overwritten unless ``--force`` is given. A result that
+cannot be right is never recorded: a training stage that trained no step, or any stage whose
+results hold a NaN or infinite number, stops with a :class:`StageError` instead of writing
+``stage.json`` and ``DONE``. A stage's
 *fingerprint* hashes its name, options, resolved config and its inputs' fingerprints (a
 dataset's ``dataset.json``, a stage's own fingerprint): a pipeline skips a stage whose DONE
 directory holds the fingerprint it would produce.
@@ -20,6 +23,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -133,7 +137,9 @@ class StageDir:
         _barrier()
 
     def finish(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Write stage.json, then DONE (rank 0, after every rank got here)."""
+        """Write stage.json, then DONE (rank 0, after every rank got here); a
+        :class:`StageError` instead when the result cannot be right (:meth:`check`)."""
+        self.check(record)  # every rank: its record's steps and results are the same on all
         _barrier()
         record = {
             "stage": self.stage,
@@ -150,6 +156,45 @@ class StageDir:
             os.replace(self.path / "DONE.tmp", self.path / "DONE")
         _barrier()
         return record
+
+    def check(self, record: dict[str, Any]) -> None:
+        """Refuse a training stage (its record has ``steps``: the trainer's count, resumed
+        steps included) that trained no step, and results with a NaN or infinite number."""
+        steps = record.get("steps")
+        if steps is not None and steps < 1:
+            train = record.get("inputs", {}).get("train")
+            data = f"data.train={train}" if train else "its training data"
+            raise StageError(
+                f"{self.path}: stage {self.stage} trained no step: {data} gave no batch (no "
+                "rows, or every row skipped); nothing recorded (no stage.json, no DONE)"
+            )
+        bad = nonfinite_results(record.get("results") or {})
+        if bad:
+            raise StageError(
+                f"{self.path}: stage {self.stage} ended with non-finite results: {bad}; "
+                "nothing recorded (no stage.json, no DONE)"
+            )
+
+
+UNDEFINED_ALLOWED = ("gauc",)
+"""Results that may be NaN in a sound run: gAUC when no user has samples of both labels (a
+NaN logit makes AUC and logloss NaN too, and those are checked)."""
+
+
+def nonfinite_results(results: dict[str, Any]) -> str:
+    """The NaN or infinite numbers among ``results`` and their sample counts, as
+    ``name=value`` (empty when all are finite)."""
+    bad = {
+        name: value
+        for name, value in results.items()
+        if isinstance(value, float)
+        and not math.isfinite(value)
+        and not name.endswith(UNDEFINED_ALLOWED)
+    }
+    if not bad:
+        return ""
+    context = {n: v for n, v in results.items() if n.endswith(("samples", "nonfinite_logits"))}
+    return ", ".join(f"{n}={v:g}" for n, v in {**bad, **context}.items())
 
 
 def run_stage(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:

@@ -7,15 +7,19 @@ Rebuilds the model of a finished ``finetune`` stage (its recorded ``model`` sect
 tables), loads its weights on this job's world size and plan, scores every sample of
 ``--data`` once, and writes ``predictions/part-<rank>.parquet`` (user_id, candidate_item,
 label, score = click probability), ``metrics.json`` (AUC, logloss, gAUC, samples),
-``stage.json`` and ``DONE``. ``--config`` may set ``data.batch_size`` and ``plan``.
+``stage.json`` and ``DONE``. ``--config`` may set ``data.batch_size`` and ``plan``. Scoring
+no sample, or a NaN or infinite score, stops the stage with the count and the first such
+sample instead: nothing is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -40,7 +44,8 @@ NAME = "evaluate"
 
 @torch.no_grad()
 def score(model, loader, device) -> tuple[dict[str, float], pa.Table]:
-    """Metrics over every rank and this rank's predictions."""
+    """Metrics over every rank and this rank's predictions (a non-finite logit's score is
+    NaN: its sigmoid would make an infinite one a valid probability)."""
     model.eval()
     metrics = CTRMetrics()
     columns: dict[str, list[torch.Tensor]] = {"user_id": [], "candidate_item": [], "label": []}
@@ -53,7 +58,8 @@ def score(model, loader, device) -> tuple[dict[str, float], pa.Table]:
         columns["user_id"].append(batch.user_ids)
         columns["candidate_item"].append(batch.features["candidate_item"].values())
         columns["label"].append(batch.labels.to(torch.int64))
-        scores.append(torch.sigmoid(out.logits.float()).cpu())
+        logits = out.logits.float().cpu().flatten()
+        scores.append(torch.sigmoid(logits).masked_fill(~torch.isfinite(logits), math.nan))
     arrays = {k: torch.cat(v).numpy() if v else [] for k, v in columns.items()}
     arrays["score"] = torch.cat(scores).numpy() if scores else []
     schema = pa.schema(
@@ -65,6 +71,31 @@ def score(model, loader, device) -> tuple[dict[str, float], pa.Table]:
         ]
     )
     return metrics.compute(), pa.table(arrays, schema=schema)
+
+
+def refuse_unscored(metrics: dict[str, float], predictions: pa.Table, data: str, rows: int):
+    """A StageError (on every rank: ``metrics`` are the same on all) when no sample was
+    scored, or when a score is NaN (a non-finite logit): the count and this rank's first."""
+    if metrics["samples"] == 0:
+        raise StageError(
+            f"--data {data}: no sample was scored (its dataset.json counts {rows} rows); "
+            "nothing recorded"
+        )
+    count = int(metrics.get("nonfinite_logits", 0))
+    if not count:
+        return
+    bad = pc.invert(pc.is_finite(predictions["score"]))
+    first = predictions.filter(bad).slice(0, 1).to_pylist()
+    where = (
+        f"the first on this rank: user {first[0]['user_id']}, candidate item "
+        f"{first[0]['candidate_item']}"
+        if first
+        else "none on this rank"
+    )
+    raise StageError(
+        f"--data {data}: {count} of {int(metrics['samples'])} samples got a NaN or infinite "
+        f"score ({where}); nothing recorded"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -95,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         data = dataclasses.replace(config.data, workers=0)
         loader = build.loader(args.data, data, model_section, config.run.seed, train=False)
         metrics, predictions = score(sharded, loader, env.device)
+        refuse_unscored(metrics, predictions, args.data, meta.rows)
         out = stage.path / "predictions"
         out.mkdir(exist_ok=True)
         pq.write_table(predictions, out / f"part-{env.rank:05d}.parquet")

@@ -8,7 +8,9 @@ but the last, so no CTR target is seen), computes the user model's outputs at th
 conditions ``lum.queries`` (default: every value of the dataset's one condition feature)
 with one group query: the history once, the N query tokens masked from one another
 (``LUM.query``). Writes ``features/`` (``recsys.models.lum_features``: the outputs by user,
-the user model's item embeddings, ``features.json``), ``stage.json`` and ``DONE``.
+the user model's item embeddings, ``features.json``), ``stage.json`` and ``DONE``. No user
+to ask, or an output that is NaN or infinite, stops the stage instead (the rankers would
+train on them).
 """
 
 from __future__ import annotations
@@ -64,6 +66,32 @@ def queries(config_queries: dict[str, list[int]], conditions: dict[str, int]) ->
     return config_queries
 
 
+def answered(users: np.ndarray, answers: np.ndarray, data: str, rows: int, device) -> int:
+    """How many users every rank asked; a StageError (on every rank) unless that is every
+    user of ``data`` (at least one) and every answer is finite."""
+    broken = ~np.isfinite(answers).reshape(len(answers), -1).all(axis=1)
+    counts = torch.tensor([len(users), int(broken.sum())], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    count, nonfinite = (int(c) for c in counts.tolist())
+    if count == 0 or count != rows:  # e.g. a rank had no sequences and every rank stopped
+        raise StageError(
+            f"queried {count} of the {rows} users of data.train={data}"
+            + (": use fewer ranks or more row groups for this dataset" if count else "")
+        )
+    if nonfinite:
+        first = (
+            f"the first on this rank: user {int(users[broken][0])}"
+            if broken.any()
+            else "none on this rank"
+        )
+        raise StageError(
+            f"{nonfinite} of {count} users of data.train={data} got NaN or infinite outputs "
+            f"from the user model ({first}); nothing recorded"
+        )
+    return count
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = parser(NAME, __doc__.splitlines()[0])
     p.add_argument("--init", required=True, help="finished lum_pretrain stage")
@@ -114,20 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
                 items.append(user_model.item_embeddings(ids.to(device)).float().cpu().numpy())
         n, d = len(next(iter(asked.values()))), model.config.tower.hidden
         mine = np.concatenate(users) if users else np.zeros(0, np.int64)
-        lum_features.write_users(
-            features,
-            env.rank,
-            mine,
-            np.concatenate(outputs) if outputs else np.zeros((0, n, d), np.float32),
-        )
-        count = torch.tensor([len(mine)], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(count)
-        if int(count) != meta.rows:  # e.g. a rank had no sequences and every rank stopped
-            raise StageError(
-                f"queried {int(count)} of the {meta.rows} users of data.train="
-                f"{config.data.train}: use fewer ranks or more row groups for this dataset"
-            )
+        answers = np.concatenate(outputs) if outputs else np.zeros((0, n, d), np.float32)
+        count = answered(mine, answers, config.data.train, meta.rows, device)
+        lum_features.write_users(features, env.rank, mine, answers)
         if env.is_main:
             lum_features.write_items(features, np.concatenate(items))
             lum_features.write_meta(

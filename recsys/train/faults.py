@@ -16,6 +16,9 @@ docs/reliability.md. Off by default; switched on by the environment variable
   does;
 - ``loader:batch=N[:rank=R]`` — the data loader of rank R raises when asked for its N-th
   batch (1-based) of the run;
+- ``nonfinite:step=S[:rank=R]`` — rank R's loss of training step S (1-based) is NaN, and so
+  is every gradient behind it (the loss is multiplied by NaN), as a diverging model's would
+  be: the run stops or skips the step as ``run.nonfinite`` says;
 - ``stage:after=N`` — the pipeline (``recsys pipeline run``) kills itself with SIGKILL once the
   N-th stage it ran has finished, between two stages (its run directory: the experiment's).
 
@@ -42,6 +45,7 @@ KINDS = {
     "sigterm": "step",
     "preempt": "step",
     "loader": "batch",
+    "nonfinite": "step",
     "stage": "after",
 }
 """Each kind and the counter it fires at."""
@@ -136,6 +140,13 @@ class Faults:
         """Called by the pipeline after each stage it ran (``finished`` of them so far)."""
         if self._due("stage", finished):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def poison_loss(self, step: int, loss):
+        """Called with the loss of training step ``step`` (1-based) before backward: NaN
+        when a ``nonfinite`` fault is due."""
+        if self.faults and self._due("nonfinite", step):
+            return loss * float("nan")
+        return loss
 
     def on_batch(self, batch: int) -> None:
         """Called when the loader is asked for its ``batch``-th batch (1-based)."""

@@ -13,15 +13,28 @@ reports the epoch's metrics as if it had not stopped.
   definition, e.g. in DIN's and GPSD's reports).
 - hit rate: for pretraining, the share of next-item targets scored above every sampled
   negative.
+
+A NaN or infinite value is never dropped: one non-finite logit makes AUC, logloss and gAUC
+NaN (sorting would otherwise rank a NaN as the highest score, and a sigmoid makes an infinite
+logit a valid probability), and their count is reported as ``nonfinite_logits``; a non-finite
+pretraining loss makes the mean loss non-finite (torchmetrics would drop NaNs with a
+warning).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric, SumMetric
 from torchmetrics.functional.classification import binary_auroc
+
+log = logging.getLogger(__name__)
+
+KEEP_NAN = float("nan")
+"""torchmetrics' ``nan_strategy`` that keeps a NaN (it replaces NaNs with this value)."""
 
 
 def grouped_auc(
@@ -79,16 +92,13 @@ class CTRMetrics:
         self.users.append(users.detach().long().flatten().cpu())
 
     def compute(self) -> dict[str, float]:
-        """The metrics over every rank's samples (NaN when no rank has any)."""
+        """The metrics over every rank's samples (NaN when no rank has any, or when a logit
+        is NaN or infinite: see the module doc)."""
         logits, labels = _gathered(self.logits), _gathered(self.labels)
         users = _gathered(self.users, torch.long)
-        if len(labels) == 0:
-            return {
-                "auc": float("nan"),
-                "logloss": float("nan"),
-                "gauc": float("nan"),
-                "samples": 0.0,
-            }
+        nonfinite = int((~torch.isfinite(logits)).sum())
+        if len(labels) == 0 or nonfinite:
+            return _undefined(len(labels), nonfinite)
         probabilities = torch.sigmoid(logits)
         auc, weight = grouped_auc(probabilities, labels, users)
         return {
@@ -115,6 +125,18 @@ class CTRMetrics:
         self.users = [state["users"]]
 
 
+def _undefined(samples: int, nonfinite: int) -> dict[str, float]:
+    """CTR metrics that cannot be computed: no samples, or some logits NaN or infinite."""
+    nan = float("nan")
+    results = {"auc": nan, "logloss": nan, "gauc": nan, "samples": float(samples)}
+    if nonfinite:
+        log.warning(
+            "%d of %d logits are NaN or infinite: AUC, logloss, gAUC are NaN", nonfinite, samples
+        )
+        results["nonfinite_logits"] = float(nonfinite)
+    return results
+
+
 def _cat(parts: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
 
@@ -136,14 +158,15 @@ class PretrainMetrics:
         # States on the device the model computes on: updates stay there, and the sync's
         # collectives get tensors the backend takes (nccl takes no CPU tensors).
         self.device = torch.device(device)
-        self.loss = MeanMetric().to(device)
+        self.loss = MeanMetric(nan_strategy=KEEP_NAN).to(device)
         self.hits = SumMetric().to(device)
         self.targets = SumMetric().to(device)
         for metric in (self.loss, self.hits, self.targets):
             metric.persistent(True)
 
     def update(self, loss: torch.Tensor, hits: torch.Tensor, targets: torch.Tensor) -> None:
-        self.loss.update(loss.detach(), weight=targets.detach().float())
+        # A copy: torchmetrics writes its NaN replacement into the tensor it is given.
+        self.loss.update(loss.detach().clone(), weight=targets.detach().float())
         self.hits.update(hits.detach().float())
         self.targets.update(targets.detach().float())
 

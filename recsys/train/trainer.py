@@ -11,14 +11,26 @@ Every rank has the same number of batches in an epoch (the stream sizes each rea
 so); the epoch's length is still taken as the fewest any rank has, so collectives stay
 matched whatever the loader. SIGTERM (preemption) makes every rank save at the next step or
 epoch end and stop; ``recsys.train.faults`` injects failures for the recovery tests.
+
+A NaN or infinite loss or dense gradient norm is never averaged away. After every step the
+ranks agree, in the one all-reduce that also carries the SIGTERM flag, on whether any rank
+saw one: with ``nonfinite="stop"`` (the default) every rank raises :class:`NonFinite`
+naming the step, rank and value before anything of that step is saved. With ``"skip"`` the
+ranks agree on the loss before backward (one more small all-reduce per step), because the
+tables' fused optimizer updates them inside backward: a step with a non-finite loss makes no
+update at all; a non-finite gradient norm behind a finite loss skips the dense step only (the
+tables were updated in backward by then). Skipped steps are counted in the epoch's
+``train_nonfinite_steps``.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import random
 import signal
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,11 +42,12 @@ from torch import nn
 
 from recsys.checkpoint.manager import CheckpointManager, keys
 from recsys.distributed.env import collective_device
+from recsys.errors import UserError
 from recsys.train.faults import Faults
 from recsys.train.host import reuse_freed_memory
 from recsys.train.log import RunLog, SampleLog
 from recsys.train.metrics import CTRMetrics, PretrainMetrics
-from recsys.train.optim import OptimConfig, clip
+from recsys.train.optim import OptimConfig, clip, dense_parameters
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +87,14 @@ class TrainConfig:
             raise ValueError(f"task must be ctr or pretrain, got {self.task!r}")
         if self.epochs < 1 or self.checkpoint_every < 0:
             raise ValueError("epochs must be >= 1 and checkpoint_every >= 0")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.nonfinite!r}"
+            )
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+"""What a step with a NaN or infinite loss or dense gradient norm does (``TrainConfig``)."""
 
 
 def _blob(value: Any) -> bytes:
@@ -129,6 +150,61 @@ def every_batch(batches: Iterator) -> Iterator:
         yield last, batch is not None
 
 
+@dataclass(frozen=True)
+class NonFiniteValue:
+    """A NaN or infinite value one rank saw in a step: the loss or the dense gradient norm."""
+
+    what: str
+    """``loss`` or ``gradient norm``."""
+    value: float
+    rank: int
+
+    WHATS = ("gradient norm", "loss")  # the loss ranks first: it is where a NaN starts
+    VALUES = (math.nan, math.inf, -math.inf)
+
+    def code(self, world_size: int) -> int:
+        """A positive integer whose MAX over ranks picks the loss over the gradient norm,
+        then the lowest rank; 0 stands for "finite" (see :meth:`decode`)."""
+        kind = 1 + 3 * self.WHATS.index(self.what) + _value_index(self.value)
+        return kind * world_size + (world_size - 1 - self.rank)
+
+    @classmethod
+    def decode(cls, code: int, world_size: int) -> NonFiniteValue | None:
+        if code <= 0:
+            return None
+        kind, rank = divmod(code, world_size)
+        what, value = divmod(kind - 1, 3)
+        return cls(cls.WHATS[what], cls.VALUES[value], world_size - 1 - rank)
+
+    def __str__(self) -> str:
+        return f"the {self.what} is {self.value} on rank {self.rank}"
+
+
+def _value_index(value: float) -> int:
+    return 0 if math.isnan(value) else (1 if value > 0 else 2)
+
+
+def nonfinite(what: str, value: float | None, rank: int) -> NonFiniteValue | None:
+    """``value`` as a :class:`NonFiniteValue` if it is NaN or infinite (None when finite or
+    not measured)."""
+    if value is None or math.isfinite(value):
+        return None
+    return NonFiniteValue(what, value, rank)
+
+
+class NonFinite(UserError, FloatingPointError):
+    """A step's loss or dense gradient norm was NaN or infinite and ``run.nonfinite`` is
+    ``stop``: every rank stopped before saving anything of that step."""
+
+    def __init__(self, step: int, bad: NonFiniteValue, latest) -> None:
+        saved = f"the latest checkpoint is {latest}" if latest is not None else "no checkpoint"
+        super().__init__(
+            f"step {step}: {bad} (run.nonfinite=stop): stopped without saving "
+            f"this step, {saved}; run.nonfinite=skip skips such steps instead"
+        )
+        self.step, self.bad = step, bad
+
+
 class Preempted(RuntimeError):
     """The run stopped on SIGTERM after saving a checkpoint; run it again to resume."""
 
@@ -160,6 +236,8 @@ class Trainer:
         if self.device.type == "cpu":
             reuse_freed_memory()  # steps reuse the last step's pages (recsys.train.host)
         self.step = self.epoch = self.epoch_step = 0
+        self.nonfinite_steps = 0
+        """Steps of the current epoch skipped for a non-finite value (``nonfinite="skip"``)."""
         self.results: dict[str, float] = {}
         """The metrics of the last epoch that ended (what :meth:`train` returns)."""
         self.samples = 0
@@ -193,6 +271,7 @@ class Trainer:
                     "schedule": self.schedule.state_dict(),
                     "world_size": self.world_size,
                     "results": self.results,
+                    "nonfinite_steps": self.nonfinite_steps,
                 }
             ),
         }
@@ -227,11 +306,13 @@ class Trainer:
     def _resume(self) -> int | None:
         """Load the latest usable checkpoint; the size of metrics.jsonl it saw (rank 0's,
         None when unknown)."""
-        self.dense.init_state()  # AdamW's state is lazy: make room for the saved one
         loaded: dict[str, Any] = {}
 
         def state_for(path) -> dict[str, Any]:
-            saved_ranks = {k for k in keys(path) if k.startswith("rank")}
+            saved = keys(path)
+            if "dense" in saved:  # (none before the first dense step: skipped steps)
+                self.dense.init_state()  # AdamW's state is lazy: make room for the saved one
+            saved_ranks = {k for k in saved if k.startswith("rank")}
             same_world = len(saved_ranks) == self.world_size
             loaded.clear()
             loaded.update(self.state(with_rank_state=same_world))
@@ -241,6 +322,7 @@ class Trainer:
         shared = _unblob(loaded["trainer"])
         self.step, self.epoch = int(shared["step"]), int(shared["epoch"])
         self.epoch_step = int(shared["epoch_step"])
+        self.nonfinite_steps = int(shared.get("nonfinite_steps", 0))
         self.results = dict(shared.get("results") or {})  # the last ended epoch's metrics
         self.schedule.load_state_dict(shared["schedule"])
         # The optimizer's current learning rate is plain Python state too: set it from the
@@ -287,10 +369,18 @@ class Trainer:
 
     def _preempted(self) -> bool:
         """Whether any rank got SIGTERM (all ranks agree, so they save together)."""
-        flag = torch.tensor([int(self._sigterm)], device=collective_device())
+        return self._agree(None)[0]
+
+    def _agree(self, bad: NonFiniteValue | None) -> tuple[bool, NonFiniteValue | None]:
+        """Whether any rank got SIGTERM, and the non-finite value any rank saw (the loss
+        before the gradient norm, then the lowest rank): one all-reduce for both, so the
+        check of every step costs no collective of its own."""
+        code = bad.code(self.world_size) if bad is not None else 0
+        flags = torch.tensor([int(self._sigterm), code], device=collective_device())
         if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        sigterm, code = flags.tolist()
+        return bool(sigterm), NonFiniteValue.decode(code, self.world_size)
 
     def _train(self) -> dict[str, float]:
         seed_everything(self.config.seed, self.rank)
@@ -318,7 +408,7 @@ class Trainer:
                 break  # max_steps reached inside the epoch: it is not over
             self.results = self._end_epoch()
             self._stop_if_preempted()
-        if not self._saved_now():
+        if self.step > 0 and not self._saved_now():  # a run that trained nothing saves nothing
             self.checkpoints.save(self.step, self.state())
         self._close_logs()
         return self.results
@@ -327,9 +417,12 @@ class Trainer:
         latest = self.checkpoints.latest()
         return latest is not None and latest.name == f"step-{self.step:08d}"
 
-    def _stop_if_preempted(self) -> None:
-        """After a step or an epoch's end: if any rank got SIGTERM, save and stop."""
-        if self._preempted():
+    def _stop_if_preempted(self, preempted: bool | None = None) -> None:
+        """After a step or an epoch's end: if any rank got SIGTERM, save and stop
+        (``preempted``: what the ranks agreed after the step, None: ask them now)."""
+        if preempted is None:
+            preempted = self._preempted()
+        if preempted:
             path = self.checkpoints.latest() if self._saved_now() else None
             if path is None:
                 path = self.checkpoints.save(self.step, self.state())
@@ -346,16 +439,18 @@ class Trainer:
         self._set_epoch(self.epoch)
         length = self._epoch_length()
         for batch in self._aligned(self._batches()):
-            self._train_step(batch)
+            bad = self._train_step(batch)
             self.epoch_step += 1
             self.faults.after_step(self.step)
+            preempted = self._after_step(bad)  # before anything of this step is saved
             if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                 self.checkpoints.save(self.step, self.state())
+                preempted = self._preempted()  # a SIGTERM during the save counts too
             if length is not None and self.epoch_step >= length:
                 return True  # every rank's share is done
             if self._done():
                 return False
-            self._stop_if_preempted()  # (at an epoch's end, after the epoch is ended)
+            self._stop_if_preempted(preempted)  # (at an epoch's end, after the epoch is ended)
         if length is not None and self.epoch_step < length:
             log.warning(
                 "epoch %d ended after %d of %d steps: a rank's data ran out (rows of bad row "
@@ -387,25 +482,81 @@ class Trainer:
             dist.all_reduce(length, op=dist.ReduceOp.MIN)
         return int(length)
 
-    def _train_step(self, batch) -> None:
+    def _train_step(self, batch) -> NonFiniteValue | None:
+        """One step; the non-finite value this rank saw and has not yet counted (None:
+        finite, or skipped before backward and counted already)."""
         self.model.train()
         out = self._forward(batch)
+        out = out._replace(loss=self.faults.poison_loss(self.step + 1, out.loss))
+        lr = self.schedule.get_last_lr()[0]  # the rate this step uses
+        skip = self.config.nonfinite == "skip"
+        if skip and self._skipped_before_backward(loss := out.loss.item()):
+            self._advance(batch, {"loss": loss, "lr": lr}, trained=False)
+            return None
         self.dense.zero_grad()
         out.loss.backward()  # the tables' optimizer runs inside backward
+        norm = self._grad_norm()
+        bad = None
+        if skip:  # the dense step waits for the norm (the default path does not wait)
+            bad = nonfinite("gradient norm", float(norm), self.rank)
+        if bad is None:
+            self.dense.step()
+        loss = out.loss.item()
+        values = {"loss": loss, "lr": lr, "grad_norm": float(norm)}
+        bad = bad or nonfinite("loss", loss, self.rank)
+        bad = bad or nonfinite("gradient norm", values["grad_norm"], self.rank)
+        if bad is None:
+            self._update(self.train_metrics, out, batch)  # a non-finite step adds nothing
+        self._advance(batch, values, trained=bad is None)
+        return bad
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The dense gradients' norm, clipped to ``clip_norm`` when set. Without clipping it
+        is still measured, so a non-finite gradient behind a finite loss is caught too."""
         norm = clip(self.model, self.optim)
-        lr = self.schedule.get_last_lr()[0]  # the rate this step used
-        self.dense.step()
-        self.schedule.step()
+        if norm is None:
+            grads = [p.grad for p in dense_parameters(self.model).values() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+        return norm
+
+    def _advance(self, batch, values: dict[str, float], trained: bool = True) -> None:
+        """Count a step (trained or skipped): schedule, logs, sample record."""
+        with warnings.catch_warnings():
+            # A skipped first step advances the schedule before any optimizer step.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+            self.schedule.step()
         self.step += 1
-        self.samples += len(batch)
-        self._update(self.train_metrics, out, batch)
-        values = {"loss": out.loss.item(), "lr": lr}
-        if norm is not None:
-            values["grad_norm"] = float(norm)
+        if trained:
+            self.samples += len(batch)
         self.log.record(self.step, "step", values)
         if self.samples_log is not None:
             self.samples_log.record(self.step, self.epoch, batch.row_ids.tolist())
         self.log.progress(self.step, values)
+
+    def _skipped_before_backward(self, loss: float) -> bool:
+        """``nonfinite="skip"``: whether any rank's loss is non-finite, agreed before backward
+        (every rank skips it together: backward is collective, and it updates the tables)."""
+        _, bad = self._agree(nonfinite("loss", loss, self.rank))
+        if bad is not None:
+            self._count_skipped(self.step + 1, bad, "no update")
+        return bad is not None
+
+    def _after_step(self, bad: NonFiniteValue | None) -> bool:
+        """Agree with every rank on SIGTERM and on non-finite values of this step; whether to
+        stop for SIGTERM. A non-finite value stops every rank (``stop``) or is counted
+        (``skip``)."""
+        preempted, bad = self._agree(bad)
+        if bad is not None and self.config.nonfinite == "stop":
+            self._close_logs()
+            raise NonFinite(self.step, bad, self.checkpoints.latest())
+        if bad is not None:
+            what = "no update" if bad.what == "loss" else "dense step skipped, tables updated"
+            self._count_skipped(self.step, bad, what)
+        return preempted
+
+    def _count_skipped(self, step: int, bad: NonFiniteValue, what: str) -> None:
+        self.nonfinite_steps += 1
+        log.warning("step %d: %s: skipped (%s; run.nonfinite=skip)", step, bad, what)
 
     def _skipped_rows(self) -> int:
         """Rows of bad row groups the ranks' training streams skipped this epoch (their
@@ -429,6 +580,9 @@ class Trainer:
         if skipped:
             log.warning("epoch %d: %d rows of bad row groups skipped", self.epoch, skipped)
             results["train_skipped_rows"] = skipped
+        if self.config.nonfinite == "skip":
+            results["train_nonfinite_steps"] = self.nonfinite_steps
+        self.nonfinite_steps = 0
         if self.valid_loader is not None:
             valid = self.evaluate(self.valid_loader)
             results.update({f"valid_{k}": v for k, v in valid.items()})

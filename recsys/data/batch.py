@@ -1,10 +1,12 @@
 """Arrow row groups → validated NumPy columns → TorchRec batches, without per-row Python.
 
-This module owns the value-level contract of a dataset (no nulls, ids in range, labels 0/1,
-side-feature lists aligned with item lists), the ``hash`` id mode, truncation of sequences to
-their most recent ``max_len`` events, and the :class:`Batch` handed to models: a
-``KeyedJaggedTensor`` of sparse features plus dense tensors. Every step works on whole Arrow
-offset and value buffers with vectorised NumPy: :func:`decode` validates a decoded chunk,
+This module owns the conversion of decoded Arrow chunks into batches: where the value-level
+checks of a dataset run (the rules themselves, no nulls, ids in range, labels 0/1,
+side-feature lists aligned with item lists, are :mod:`recsys.data.checks`), the ``hash`` id
+mode, truncation of sequences to their most recent ``max_len`` events, and the :class:`Batch`
+handed to models: a ``KeyedJaggedTensor`` of sparse features plus dense tensors. Every step
+works on whole Arrow offset and value buffers with vectorised NumPy: :func:`decode` validates
+a decoded chunk,
 :func:`assemble` makes a batch of runs or gathered rows of chunks (file order), and for
 shuffled reading :func:`scatter` copies the rows of a whole buffer's chunks straight into the
 batches they go to.
@@ -26,17 +28,16 @@ import pyarrow as pa
 import torch
 from torchrec import KeyedJaggedTensor
 
+from recsys.data import checks
+from recsys.data.checks import Locate, Report
 from recsys.data.memory import Slabs
-from recsys.data.schema import DataError, DatasetMeta, list_columns, scalar_columns
+from recsys.data.schema import DatasetMeta, list_columns, scalar_columns
 from recsys.data.segments import Scatter, copy_segments
 
 INT64 = np.dtype(np.int64)
 
 ROW_ID = "__row_id"
 """Column added to every decoded row group: the row's index in the whole dataset."""
-
-Locate = Callable[[int, str], str]
-"""``locate(row_in_group, column)`` → 'file, row group, row, column' for error messages."""
 
 
 @dataclass
@@ -181,25 +182,16 @@ def hash_ids(values: np.ndarray, size: int) -> np.ndarray:
     return (x % np.uint64(size)).astype(np.int64)
 
 
-def _first(mask: np.ndarray) -> int:
-    return int(np.argmax(mask))
-
-
-def _within(bounds: tuple[int, int] | None, size: int) -> bool:
-    """Whether a row group's footer bounds put every value of a column in [0, ``size``)."""
-    return bounds is not None and bounds[0] >= 0 and bounds[1] < size
-
-
-def _check_ids(
+def _ids(
     values: np.ndarray,
     vocab: str,
     meta: DatasetMeta,
     column: str,
     row_of: Callable[[int], int],
-    locate: Locate,
+    report: Report,
     bounds: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Validate (remap) or hash (hash mode) the ids of one column; return the ids (int64).
+    """Check (remap) or hash (hash mode) the ids of one column; return the ids (int64).
     ``bounds``: the smallest and largest id of the column's row group, from its footer (no
     scan when they lie in range)."""
     if not vocab:
@@ -207,52 +199,33 @@ def _check_ids(
     size = meta.vocab[vocab]
     if meta.id_mode == "hash":  # raw ids (uint64 too) in, int64 out, even when empty
         return hash_ids(values, size)
-    if values.size == 0 or _within(bounds, size):
-        return values
-    # One pass for both bounds (negative ids read as unsigned are >= 2^63); the offending
-    # row is searched only on failure.
-    if values.view(np.uint64).max() < size:
-        return values
-    if values.min() < 0:
-        i = _first(values < 0)
-        raise DataError(
-            f"{locate(row_of(i), column)}: id {values[i]} is negative; ids must lie in [0, {size})"
-        )
-    if values.max() >= size:
-        i = _first(values >= size)
-        raise DataError(
-            f"{locate(row_of(i), column)}: id {values[i]} is not below the vocab "
-            f"size {size} of {vocab!r} (dataset.json); remap ids densely or use "
-            "id_mode 'hash'"
-        )
+    for bad in checks.ids(values, size, vocab, column, row_of, bounds):
+        report(bad)
     return values
-
-
-INT64_MAX = np.iinfo(np.int64).max
 
 
 def _int64(
     array: pa.Array,
     column: str,
-    locate: Locate,
     row_of: Callable[[int], int],
+    report: Report,
     raw: bool = False,
 ) -> np.ndarray:
     """The column's values as int64 (``raw``: unsigned 64-bit ids kept as they are, for
-    hashing)."""
-    if array.null_count:
-        i = _first(np.asarray(array.is_null()))
-        raise DataError(f"{locate(row_of(i), column)}: null value; nulls are not allowed")
+    hashing). Bad values that ``report`` lets through are read as 0, so that the rest of
+    the column is checked."""
+    bad = checks.null_values(array, column, row_of)
+    if bad is not None:
+        report(bad)
+        array = array.fill_null(0)
     if pa.types.is_uint64(array.type):
         values = np.asarray(array)
         if raw:
             return values
-        if values.size and values.max() > INT64_MAX:
-            i = _first(values > INT64_MAX)
-            raise DataError(
-                f"{locate(row_of(i), column)}: value {values[i]} does not fit "
-                "int64 (raw 64-bit ids need id_mode 'hash')"
-            )
+        bad = checks.fits_int64(values, column, row_of)
+        if bad is not None:
+            report(bad)
+            values = np.where(bad.mask, 0, values)
         return values.astype(np.int64)
     return np.asarray(array if array.type == pa.int64() else array.cast(pa.int64()))
 
@@ -272,6 +245,7 @@ def decode(
     bounds: Mapping[str, tuple[int, int]] = MappingProxyType({}),
     columns: Collection[str] | None = None,
     layout: Layout | None = None,
+    report: Report | None = None,
 ) -> Columns:
     """Validate rows of a row group and view them as NumPy columns: list values without a
     copy where the Arrow buffers are already int64, scalars copied into one table
@@ -286,9 +260,14 @@ def decode(
     footer records them (:func:`recsys.data.files.column_bounds`): a column whose bounds are
     in range is not scanned (ids, labels); the others are, value by value.
 
+    ``report``: what to do with bad values (:mod:`recsys.data.checks`); by default the first
+    raises its :class:`DataError`, placed by ``locate``. A report that returns gets every bad
+    value of the chunk, and the columns returned are then of no use.
+
     List ids stay views of Arrow's buffers (int64), narrowed to :attr:`Layout.ids` as they
     are copied into a batch."""
     n = table.num_rows
+    report = report or checks.raising(locate)
     lists, scalar_names = list_columns(meta, conditions), scalar_columns(meta)
     if columns is not None:
         lists = {c: v for c, v in lists.items() if c in columns}
@@ -298,54 +277,45 @@ def decode(
             raise ValueError("decode: columns must hold every scalar column or none")
     layout = layout or Layout.of(meta, conditions)
     offsets: np.ndarray | None = None
+    first = next(iter(lists), "")
+    nulls: np.ndarray | None = None  # rows of null lists, when a report let them through
     values: dict[str, np.ndarray] = {}
     for column, vocab in lists.items():
         array = _array(table.column(column))
-        if array.null_count:
-            i = _first(np.asarray(array.is_null()))
-            raise DataError(f"{locate(i, column)}: null list; use an empty list instead")
+        bad = checks.null_lists(array, column)
+        if bad is not None:
+            report(bad)
+            nulls = bad.mask if nulls is None else nulls | bad.mask
         raw = np.asarray(array.offsets, dtype=np.int64)
         flat = array.values.slice(raw[0], raw[-1] - raw[0])
         own = raw - raw[0] if raw[0] else raw
         if offsets is None:
             offsets = own
-        elif not np.array_equal(own, offsets):
-            lengths, item_lengths = np.diff(own), np.diff(offsets)
-            i = _first(lengths != item_lengths)
-            first = next(iter(lists))
-            raise DataError(
-                f"{locate(i, column)}: list of {lengths[i]} values but "
-                f"{first!r} has {item_lengths[i]}; side-feature lists must align "
-                "with the item list"
-            )
+        else:
+            bad = checks.aligned(own, offsets, column, first, nulls)
+            if bad is not None:
+                report(bad)
 
         def row_of(position: int, own: np.ndarray = own) -> int:
             return int(np.searchsorted(own, position, side="right") - 1)
 
-        ids = _int64(flat, column, locate, row_of, raw=bool(vocab) and meta.id_mode == "hash")
+        ids = _int64(flat, column, row_of, report, raw=bool(vocab) and meta.id_mode == "hash")
         if not vocab:  # checked (nulls, alignment), but no batch holds it: not kept
             continue
-        values[column] = _check_ids(ids, vocab, meta, column, row_of, locate, bounds.get(column))
+        values[column] = _ids(ids, vocab, meta, column, row_of, report, bounds.get(column))
     rows = layout.scalars if scalar_names else ()
     scalars = np.empty((len(rows), n), dtype=np.int64)
     where = {name: i for i, name in enumerate(rows)}
     for column, vocab in scalar_names.items():
         raw = bool(vocab) and meta.id_mode == "hash"
-        ids = _int64(_array(table.column(column)), column, locate, int, raw=raw)
+        ids = _int64(_array(table.column(column)), column, int, report, raw=raw)
         if column == "user_id" and meta.id_mode == "remap" and "user" in meta.vocab:
-            _check_ids(ids, "user", meta, column, int, locate, bounds.get(column))  # never hashed
-        # One pass each for min and max; the offending row is searched only on failure.
-        if (
-            column == "label"
-            and n
-            and not _within(bounds.get(column), 2)
-            and (ids.min() < 0 or ids.max() > 1)
-        ):
-            i = _first((ids != 0) & (ids != 1))
-            raise DataError(f"{locate(i, column)}: label {ids[i]}; labels must be 0 or 1")
-        scalars[where[column]] = _check_ids(
-            ids, vocab, meta, column, int, locate, bounds.get(column)
-        )
+            _ids(ids, "user", meta, column, int, report, bounds.get(column))  # never hashed
+        if column == "label":
+            bad = checks.labels(ids, column, bounds.get(column))
+            if bad is not None:
+                report(bad)
+        scalars[where[column]] = _ids(ids, vocab, meta, column, int, report, bounds.get(column))
     if rows:
         scalars[where[ROW_ID]] = np.arange(first_row_id, first_row_id + n, dtype=np.int64)
     assert offsets is not None, "decode: no list column"

@@ -1,27 +1,30 @@
 """``recsys data ...``: convert public logs, generate synthetic ones, inspect a dataset.
 
-This module owns the sub-commands' arguments and their progress display; the work is done by
-the converters, the generator and ``inspect``, imported when a sub-command runs.
+This module owns the sub-commands' arguments, their progress display and their exit codes;
+the work is done by the converters, the generator and ``inspect``, imported when a
+sub-command runs. Bad input, bad arguments and OS errors (an ``--out`` that is a file,
+read-only, on a full disk) end a command with one line on stderr and exit code 2;
+``inspect --check`` exits 1 when it finds problems.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 
 def _reporting_errors(run):
-    """Bad input or arguments end the command with the message on stderr and exit code 2,
-    no traceback (DataError is a ValueError; so are the configs' checks of arguments)."""
+    """Bad input, arguments or paths end the command with one line on stderr and exit code 2,
+    no traceback (DataError is a UserError; the configs' checks of arguments raise
+    ValueError; a path that cannot be written, OSError)."""
+    from recsys.errors import EXIT_USER_ERROR, UserError, report
 
     def wrapped(args: argparse.Namespace) -> int:
         try:
             return run(args)
-        except (ValueError, FileExistsError) as err:
-            print(f"recsys data {args.data_command}: error: {err}", file=sys.stderr)
-            return 2
+        except (ValueError, UserError, OSError) as err:
+            report(err, prefix=f"recsys data {args.data_command}: error")
+            return EXIT_USER_ERROR
 
     return wrapped
 
@@ -95,9 +98,10 @@ def _run(args: argparse.Namespace, produce) -> int:
     from tqdm import tqdm
 
     from recsys.data.protocol import write_split
+    from recsys.data.writer import check_target
 
-    if Path(args.out).exists() and not args.overwrite:  # before any work, not after it
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    check_target(args.out, args.overwrite)  # before any work, not after it
+    # The bar is closed, its line ended, when the block ends, by an error too.
     with tqdm(total=2, desc=f"recsys data {args.data_command}", unit="stage") as bar:
         bar.set_postfix_str("read + split")
         result, source = produce()
@@ -156,6 +160,11 @@ def _synth(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from recsys.data import inspect
 
+    if args.check:
+        findings = inspect.check(args.path, limit=args.show)
+        as_json = json.dumps(findings.as_dict(), indent=2)
+        print(as_json if args.json else inspect.render_check(findings, args.path))
+        return 1 if findings.count() else 0
     summary = inspect.summarise(args.path)
     print(json.dumps(summary, indent=2) if args.json else inspect.render(summary))
     return 0
@@ -253,8 +262,23 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     ins = sub.add_parser(
         "inspect",
         help="schema, rows, vocab sizes, length histogram",
-        description="Summarise a dataset directory (or file, or URI).",
+        description="Summarise a dataset directory (or file, or URI), or check every value "
+        "of it (--check): exit code 0 when the stream would read it all, 1 with a line per "
+        "problem found (file, row group, row, column), 2 when it cannot be checked at all.",
     )
     ins.add_argument("path")
-    ins.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ins.add_argument("--json", action="store_true", help="print the summary (or check) as JSON")
+    ins.add_argument(
+        "--check",
+        action="store_true",
+        help="read every row group of every file and report every value, row group and file "
+        "the stream would refuse, instead of the summary",
+    )
+    ins.add_argument(
+        "--show",
+        type=int,
+        default=20,
+        metavar="N",
+        help="--check: problems shown per column, the rest counted (default: %(default)s)",
+    )
     ins.set_defaults(run=_reporting_errors(_inspect))

@@ -2,15 +2,16 @@
 
 This module owns what a recsys dataset is: the columns of each kind and their Arrow types,
 the metadata file written beside the Parquet files, and the schema-level validation done when
-a dataset is opened (missing column, wrong type, files with different schemas). Value-level
-checks (nulls, id ranges, labels, list lengths) run per batch in ``batch``. The layout is
+a dataset is opened (a ``dataset.json`` that is not JSON or holds a key of the wrong type, a
+missing column, a column of the wrong type). Value-level checks (nulls, id ranges, labels,
+list lengths) are ``checks``, run on every decoded chunk by ``batch``. The layout is
 documented in docs/data.md.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -70,24 +71,25 @@ class DatasetMeta:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if not isinstance(self.kind, str) or self.kind not in KINDS:
+            raise DataError(f"dataset kind must be one of {KINDS}, got {self.kind!r}")
         if not isinstance(self.vocab, dict) or not all(isinstance(k, str) for k in self.vocab):
             raise DataError(f"vocab must map feature names to table sizes, got {self.vocab!r}")
-        if not isinstance(self.side_features, list) or not all(
-            isinstance(f, str) for f in self.side_features
-        ):
-            raise DataError(
-                f"side_features must be a list of feature names, got {self.side_features!r}"
-            )
+        _names("side_features", self.side_features)
+        _names("conditions", self.conditions)
+        if not isinstance(self.id_mode, str) or self.id_mode not in ID_MODES:
+            raise DataError(f"id_mode must be one of {ID_MODES}, got {self.id_mode!r}")
+        _count("rows", self.rows)
         if not isinstance(self.files, dict):
             raise DataError(f"files must map file names to row counts, got {self.files!r}")
-        if self.kind not in KINDS:
-            raise DataError(f"dataset kind must be one of {KINDS}, got {self.kind!r}")
-        if self.id_mode not in ID_MODES:
-            raise DataError(f"id_mode must be one of {ID_MODES}, got {self.id_mode!r}")
-        if not isinstance(self.conditions, list) or not all(
-            isinstance(f, str) for f in self.conditions
-        ):
-            raise DataError(f"conditions must be a list of feature names, got {self.conditions!r}")
+        for name, rows in self.files.items():
+            _count(f"files[{name!r}]", rows)
+        if not isinstance(self.has_timestamps, bool):
+            raise DataError(f"has_timestamps must be true or false, got {self.has_timestamps!r}")
+        if not isinstance(self.protocol, dict):
+            raise DataError(f"protocol must be a JSON object, got {self.protocol!r}")
+        if not _integer(self.format_version):
+            raise DataError(f"format_version must be an integer, got {self.format_version!r}")
         clash = sorted(set(self.conditions) & {"item", *self.side_features})
         if clash:
             raise DataError(f"conditions {clash} are also item features")
@@ -95,7 +97,7 @@ class DatasetMeta:
         missing = [f for f in needed if f not in self.vocab]
         if missing:
             raise DataError(f"vocab has no size for features {missing}")
-        small = {f: n for f, n in self.vocab.items() if not isinstance(n, int) or n < 1}
+        small = {f: n for f, n in self.vocab.items() if not _integer(n) or n < 1}
         if small:
             raise DataError(f"vocab sizes must be positive integers: {small}")
 
@@ -103,29 +105,54 @@ class DatasetMeta:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, source: str) -> DatasetMeta:
+    def from_json(cls, text: str | bytes, source: str) -> DatasetMeta:
+        """The metadata in ``text`` (the content of ``source``, UTF-8 when bytes)."""
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{source}: not UTF-8 text ({err.reason} at byte {err.start})"
+                ) from None
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{source}: not valid JSON ({err})") from None
         if not isinstance(raw, dict):
-            raise DataError(f"{source}: expected a JSON object")
+            raise DataError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         version = raw.get("format_version", FORMAT_VERSION)
-        if version != FORMAT_VERSION:
+        if version != FORMAT_VERSION or not _integer(version):
             raise DataError(
-                f"{source}: format_version {version} is not supported "
+                f"{source}: format_version {version!r} is not supported "
                 f"(this recsys reads {FORMAT_VERSION})"
             )
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - known)
+        fields = cls.__dataclass_fields__
+        unknown = sorted(set(raw) - set(fields))
         if unknown:
             raise DataError(f"{source}: unknown keys {unknown}")
+        required = sorted(k for k, f in fields.items() if f.default is f.default_factory is MISSING)
+        missing = [k for k in required if k not in raw]
+        if missing:
+            raise DataError(f"{source}: missing keys {missing}")
         try:
             return cls(**raw)
-        except TypeError as err:
-            raise DataError(f"{source}: {err}") from None
         except DataError as err:
             raise DataError(f"{source}: {err}") from None
+
+
+def _integer(value: Any) -> bool:
+    """Whether ``value`` is a JSON integer (``true`` is not one, though Python's bool is)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _count(key: str, value: Any) -> None:
+    if not _integer(value) or value < 0:
+        raise DataError(f"{key} must be a row count (an integer >= 0), got {value!r}")
+
+
+def _names(key: str, value: Any) -> None:
+    if not isinstance(value, list) or not all(isinstance(f, str) for f in value):
+        raise DataError(f"{key} must be a list of feature names, got {value!r}")
 
 
 def columns(meta: DatasetMeta) -> dict[str, pa.DataType]:
@@ -163,22 +190,32 @@ def _compatible(found: pa.DataType, expected: pa.DataType) -> bool:
     return found == expected
 
 
-def check_schema(path: str, schema: pa.Schema, meta: DatasetMeta) -> None:
-    """Raise :class:`DataError` naming the file and column if ``schema`` cannot serve ``meta``.
+def schema_problems(schema: pa.Schema, meta: DatasetMeta) -> list[tuple[str, str]]:
+    """``(column, problem)`` for every required column ``schema`` lacks or holds with a type
+    that cannot serve ``meta``.
 
     Integer columns of any width are accepted (they are widened to int64 when read);
     anything else must match exactly.
     """
+    problems = []
     for name, expected in columns(meta).items():
         index = schema.get_field_index(name)
         if index < 0:
-            raise DataError(
-                f"{describe(path, column=name)}: missing; a {meta.kind} dataset "
-                f"needs columns {list(columns(meta))}"
+            problems.append(
+                (name, f"missing; a {meta.kind} dataset needs columns {list(columns(meta))}")
             )
+            continue
         found = schema.field(index).type
         if not _compatible(found, expected):
-            raise DataError(f"{describe(path, column=name)}: type {found}, expected {expected}")
+            problems.append((name, f"type {found}, expected {expected}"))
+    return problems
+
+
+def check_schema(path: str, schema: pa.Schema, meta: DatasetMeta) -> None:
+    """Raise :class:`DataError` naming the file and column of the first of
+    :func:`schema_problems`."""
+    for column, problem in schema_problems(schema, meta):
+        raise DataError(f"{describe(path, column=column)}: {problem}")
 
 
 def list_columns(meta: DatasetMeta, conditions: bool = False) -> dict[str, str]:

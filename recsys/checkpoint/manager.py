@@ -319,8 +319,7 @@ def read(state: dict[str, Any], path: str | Path) -> None:
 
 def keys(path: str | Path) -> set[str]:
     """The top-level keys a checkpoint holds (``model``, ``dense``, ``rank0``, ...)."""
-    metadata = FileSystemReader(str(path)).read_metadata()
-    return {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
+    return {key.split(".", 1)[0] for key in _metadata(Path(path)).state_dict_metadata}
 
 
 def verify(path: str | Path, rank: int = 0, world_size: int = 1) -> None:
@@ -359,6 +358,15 @@ def _manifest(path: Path, warn: bool) -> dict[str, manifest.Entry] | None:
     return files
 
 
+def _metadata(path: Path) -> Any:
+    """The DCP metadata of ``path``; any failure to read it is a CheckpointError naming it."""
+    try:
+        return FileSystemReader(str(path)).read_metadata()
+    # Unpickling damaged bytes raises nearly anything (UnpicklingError, EOFError, KeyError).
+    except Exception as err:
+        raise CheckpointError(f"{path / '.metadata'}: cannot be read ({err})") from err
+
+
 def _raise_if(problem: str | None) -> None:
     if problem:
         raise CheckpointError(problem)
@@ -366,10 +374,7 @@ def _raise_if(problem: str | None) -> None:
 
 def _check_sizes(path: Path) -> None:
     """Every file the DCP metadata refers to is there and long enough."""
-    try:
-        metadata = FileSystemReader(str(path)).read_metadata()
-    except Exception as err:
-        raise CheckpointError(f"{path / '.metadata'}: cannot be read ({err})") from err
+    metadata = _metadata(path)
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         needed[info.relative_path] = max(
@@ -424,10 +429,14 @@ def export(path: str | Path, out: str | Path) -> Path:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise _naming(err, out) from err
-    except CheckpointException as err:
+    # Reading goes through DCP, which reports its failures as CheckpointException (a
+    # BaseException); writing is to a Python file, whose failures are OSErrors.
+    except (CheckpointException, Exception) as err:
         tmp.unlink(missing_ok=True)
         broken = _broken_file(path, err)
-        raise CheckpointError(f"{broken}: cannot be read ({_first_line(err)})") from err
+        raise CheckpointError(
+            f"{broken}: cannot be read ({type(err).__name__}: {_first_line(err)})"
+        ) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -48,8 +48,9 @@ def saved_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """The names and full shapes of the weights saved at ``path``."""
     try:
         metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    except (OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: not a readable weights checkpoint: {err}") from None
+    # Unpickling damaged bytes raises nearly anything (UnpicklingError, EOFError, KeyError).
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable weights checkpoint: {err}") from err
     return {
         name: tuple(entry.size)
         for name, entry in metadata.state_dict_metadata.items()

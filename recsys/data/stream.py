@@ -273,8 +273,9 @@ class ParquetStream(IterableDataset):
         }
 
     def _check_resume(self, resume: dict[str, Any], reader: tuple[int, int]) -> None:
+        # DataError (a user error): the guard prints these as one line, no traceback.
         if resume["reader"] is not None and resume["reader"] != reader:
-            raise ValueError(
+            raise DataError(
                 f"the saved data cursor belongs to reader {resume['reader'][0]} of "
                 f"{resume['reader'][1]} but this is reader {reader[0]} of {reader[1]}: "
                 "resume with the same world size and number of loader workers"
@@ -282,7 +283,7 @@ class ParquetStream(IterableDataset):
         saved, current = resume.get("settings"), self._settings()
         if saved is not None and saved != current:
             changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
-            raise ValueError(
+            raise DataError(
                 "the saved data cursor was made with other stream settings or files "
                 f"(saved, now): {changed}; resume with the same ones or start the epoch over"
             )

@@ -18,7 +18,8 @@ from torch import nn
 
 from recsys.models.fused import attention, compute_dtype, rms_norm, rotary_heads, swiglu
 
-NAME = re.compile(r"^L(\d+)H(\d+)A(\d+)$")
+# ASCII digits and nothing after them (``\d`` takes other scripts' digits, ``$`` a newline).
+NAME = re.compile(r"L([0-9]+)H([0-9]+)A([0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class TowerConfig:
 
     def __post_init__(self) -> None:
         if min(self.layers, self.hidden, self.heads) < 1:
-            raise ValueError("layers, hidden and heads must be >= 1")
+            raise ValueError(f"layers, hidden and heads must be >= 1, got {self.name}")
         if self.hidden % self.heads or (self.hidden // self.heads) % 2:
             raise ValueError(
                 f"hidden {self.hidden} must split into {self.heads} heads of an "
@@ -50,10 +51,10 @@ class TowerConfig:
     @classmethod
     def from_name(cls, name: str, **overrides) -> TowerConfig:
         """``L{layers}H{hidden}A{heads}``, e.g. ``L4H64A4`` or ``L12H768A12``."""
-        match = NAME.match(name)
+        match = NAME.fullmatch(name)
         if not match:
             raise ValueError(
-                f"model size {name!r} is not of the form L<layers>H<hidden>A<heads> (e.g. L4H64A4)"
+                f"{name!r} is not of the form L<layers>H<hidden>A<heads> (e.g. L4H64A4)"
             )
         layers, hidden, heads = (int(g) for g in match.groups())
         return cls(layers=layers, hidden=hidden, heads=heads, **overrides)

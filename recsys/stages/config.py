@@ -13,14 +13,16 @@ lum:   {temperature: 0.05, queries: {liked: [0, 1]}}    # LumSection (LUM's stag
 ```
 
 plus optionally ``stages: {pretrain: {run: {epochs: 20}}, finetune: {...}}``: sections that
-apply to one stage only, over the shared ones. Unknown sections or keys, and values of the
-wrong type, are errors naming them. Values of overrides are parsed as YAML
+apply to one stage only, over the shared ones. Unknown sections or keys, a key given twice,
+values of the wrong type or out of range are errors of one line naming the key, raised here,
+before a stage writes anything. Values of overrides are parsed as YAML
 (``optim.lr=3e-4``, ``run.max_steps=null``, ``plan.sharding_types={item: [table_wise]}``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,14 +31,31 @@ from typing import Any
 
 import yaml
 
+from recsys.distributed.planning import SHARDING_TYPES
 from recsys.errors import UserError
+from recsys.models.tower import TowerConfig
 from recsys.train.optim import OptimConfig
 
 ARCHS = ("gpsd", "deepfm", "din")
+NONFINITE = ("stop", "skip")
+SEED_LIMIT = 2**31
+"""Seeds lie below it: each rank seeds NumPy with ``seed + rank``, which must stay < 2**32."""
 
 
 class ConfigError(UserError, ValueError):
     """A config file or override that cannot be used; the message names the key."""
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    """``key: must be RULE, got VALUE`` as a ValueError unless ``ok``. A section's checks
+    name their own key; :func:`_section` puts the section's name in front."""
+    if not ok:
+        raise ValueError(f"{key}: must be {rule}, got {_shown(value)}")
+
+
+def _positive(value: float) -> bool:
+    """A finite number > 0 (NaN and infinities are neither)."""
+    return math.isfinite(value) and value > 0
 
 
 @dataclass(frozen=True)
@@ -55,8 +74,27 @@ class ModelSection:
     ``din`` (their tables as wide as the size's width, so pretrained tables transfer)."""
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        _size(self.size)
+        # Pretraining predicts each event from those before it: one event leaves no target.
+        _require(self.max_len >= 2, "max_len", ">= 2", self.max_len)
+        _require(self.negatives >= 1, "negatives", ">= 1", self.negatives)
+        _require(0 <= self.dropout < 1, "dropout", "in [0, 1)", self.dropout)
+        _require(self.arch in ARCHS, "arch", f"one of {', '.join(ARCHS)}", self.arch)
+
+
+def _size(name: str) -> None:
+    """Refuse a ``model.size`` the tower or the embedding tables cannot take."""
+    try:
+        tower = TowerConfig.from_name(name)
+    except ValueError as err:
+        raise ValueError(f"size: {err}") from None
+    # Every table is as wide as the model, and FBGEMM's fused tables (TorchRec's kernels,
+    # on CPU and GPU) take only widths that are multiples of 4.
+    if tower.hidden % 4:
+        raise ValueError(
+            f"size: width H{tower.hidden} must be a multiple of 4 (the embedding tables are "
+            f"as wide as the model), got {name!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -73,6 +111,12 @@ class DataSection:
     skip_bad_row_groups: bool = False
     """Skip row groups that cannot be read or hold invalid values, counting their rows
     (``train_skipped_rows`` in each epoch's metrics), instead of stopping the job."""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        _require(
+            self.workers >= 0, "workers", ">= 0 (0: read in the training process)", self.workers
+        )
 
 
 @dataclass(frozen=True)
@@ -98,6 +142,18 @@ class RunSection:
     one line naming the step, rank and value (no checkpoint, no DONE), or ``skip`` the step
     (no update) and count it (``train_nonfinite_steps``)."""
 
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "epochs", ">= 1", self.epochs)
+        steps = self.max_steps
+        _require(steps is None or steps >= 1, "max_steps", ">= 1, or null for no limit", steps)
+        every = self.checkpoint_every
+        _require(every >= 0, "checkpoint_every", ">= 0 (0: only at the end)", every)
+        _require(self.keep >= 1, "keep", ">= 1", self.keep)
+        seed_range = f"in [0, {SEED_LIMIT - 1}]"
+        _require(0 <= self.seed < SEED_LIMIT, "seed", seed_range, self.seed)
+        choices = " or ".join(NONFINITE)
+        _require(self.nonfinite in NONFINITE, "nonfinite", choices, self.nonfinite)
+
 
 @dataclass(frozen=True)
 class PlanSection:
@@ -107,6 +163,13 @@ class PlanSection:
     """A plan written by ``recsys plan --out`` (docs/plan.md): used as it is instead of
     planning; it must match the model's tables and the job's world size and device.
     ``plan=PATH`` on the command line is short for ``plan.file=PATH``."""
+
+    def __post_init__(self) -> None:
+        # The planner gets these as constraints; an empty list leaves a table no placement.
+        rule = f"a non-empty list of {', '.join(SHARDING_TYPES)}"
+        for table, kinds in self.sharding_types.items():
+            known = bool(kinds) and all(kind in SHARDING_TYPES for kind in kinds)
+            _require(known, f"sharding_types.{table}", rule, kinds)
 
 
 @dataclass(frozen=True)
@@ -132,11 +195,13 @@ class LumSection:
     """Step 3: the cosine similarity of each output with the candidate's item embedding."""
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0 or self.negatives < 0 or self.pack < 0:
-            raise ValueError("temperature must be > 0, negatives and pack >= 0")
+        temperature = self.temperature
+        _require(_positive(temperature), "temperature", "a finite number > 0", temperature)
+        _require(self.negatives >= 0, "negatives", ">= 0", self.negatives)
+        _require(self.pack >= 0, "pack", ">= 0 (0: one user per row)", self.pack)
         sizes = {len(v) for v in self.queries.values()}
-        if len(sizes) > 1 or 0 in sizes:
-            raise ValueError(f"queries must give the same number (>= 1) of values: {self.queries}")
+        rule = "conditions that each give the same number (>= 1) of values"
+        _require(len(sizes) <= 1 and 0 not in sizes, "queries", rule, self.queries)
 
 
 @dataclass(frozen=True)
@@ -160,6 +225,9 @@ class StageConfig:
         if self.run.nonfinite == "stop":  # the default keeps earlier stages' fingerprints
             out["run"].pop("nonfinite")
         return out
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(StageConfig) if f.name != "given")
 
 
 def _check(value: Any, kind: Any, where: str) -> Any:
@@ -188,23 +256,23 @@ def _check(value: Any, kind: Any, where: str) -> Any:
     if kind in (int, float, str, bool):
         if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
             return value
-        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {_shown(value)}")
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_shown(value)}")
         args = typing.get_args(kind)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_check(v, args[0], where) for v in value)
         if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+            raise ConfigError(f"{where}: expected {len(args)} values, got {_shown(value)}")
         return tuple(_check(v, a, where) for v, a in zip(value, args, strict=True))
     if origin is list:
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_shown(value)}")
         return [_check(v, typing.get_args(kind)[0], where) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_shown(value)}")
         key_kind, value_kind = typing.get_args(kind)
         return {
             _check(k, key_kind, where): _check(v, value_kind, f"{where}.{k}")
@@ -216,14 +284,86 @@ def _check(value: Any, kind: Any, where: str) -> Any:
 def _section(cls: type, values: dict[str, Any], name: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - known, key=str)
     if unknown:
         raise ConfigError(f"{name}: unknown keys {unknown}; known: {sorted(known)}")
     checked = {k: _check(v, hints[k], f"{name}.{k}") for k, v in values.items()}
     try:
         return cls(**checked)
-    except ValueError as err:
-        raise ConfigError(f"{name}: {err}") from None
+    except ValueError as err:  # a section's own check, its message starting with the key
+        raise ConfigError(f"{name}.{err}") from None
+
+
+def _mapping(value: Any, where: str, of: str) -> dict[Any, Any]:
+    """``value`` as a mapping of ``of`` (None, an empty entry: an empty one), or a
+    ConfigError naming ``where``."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of {of}, got {_shown(value)}")
+    return value
+
+
+def _sections(raw: Any, where: str = "") -> dict[str, dict[str, Any]]:
+    """``{section: {key: value}}`` (at the top, or under ``where``: ``stages.pretrain``):
+    known section names, each a mapping of keys; copied, so merging leaves ``raw`` as it is."""
+    raw = _mapping(raw, where or "config", "sections")
+    unknown = sorted(set(raw) - set(SECTIONS), key=str)
+    if unknown:
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}unknown config sections {unknown}; known: {sorted(SECTIONS)}")
+    prefix = f"{where}." if where else ""
+    return {name: dict(_mapping(v, f"{prefix}{name}", "keys")) for name, v in raw.items()}
+
+
+def _shown(value: Any, most: int = 80) -> str:
+    """``repr(value)``, cut to ``most`` characters: a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= most else f"{text[: most - 3]}..."
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML would keep the
+    last one silently, so the line a reader sees first would not be the one in effect)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base`` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = first.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the base class refuses it
+                continue
+            if seen is not key_node:
+                at = seen.start_mark
+                first_at = f"line {at.line + 1}, column {at.column + 1}"
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} given twice (first at {first_at})",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``text`` as YAML, or a ConfigError of one line naming ``where`` and the position."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        problem = err.problem or err.context or "cannot be parsed"
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
+    except yaml.reader.ReaderError as err:  # a character YAML text cannot hold (binary data)
+        code = err.character if isinstance(err.character, int) else ord(err.character)
+        raise ConfigError(
+            f"{where}: not YAML text: character U+{code:04X} at offset {err.position}"
+        ) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(err).split())}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -233,10 +373,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         key = "plan.file"
     if not sep or not key or "." not in key:
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from None
+    value = _parse_yaml(raw, f"override {text!r}") if raw else ""
     return key.split("."), value
 
 
@@ -252,6 +389,31 @@ STAGE_NAMES = (
 )
 
 
+def _read(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of the config file ``path`` (an empty file: no settings)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise ConfigError(f"{path}: cannot be read: {reason[:1].lower()}{reason[1:]}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start}); a config is YAML text"
+        ) from None
+    return _mapping(_parse_yaml(text, str(path)), str(path), "sections at the top")
+
+
+def _per_stage(raw: Any) -> dict[str, dict[str, dict[str, Any]]]:
+    """The ``stages`` section: stage name → its sections (every stage's, not only the one
+    loaded, so a mistake in any of them shows at the first stage)."""
+    per_stage = _mapping(raw, "stages", "stage names")
+    unknown = sorted(set(per_stage) - set(STAGE_NAMES), key=str)
+    if unknown:
+        raise ConfigError(f"stages: unknown stages {unknown}; stages: {list(STAGE_NAMES)}")
+    return {stage: _sections(v, f"stages.{stage}") for stage, v in per_stage.items()}
+
+
 def load(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -260,24 +422,10 @@ def load(
     """The config of ``path`` (None: all defaults) for ``stage``, with ``overrides`` applied
     in order. A file may hold a ``stages`` section whose ``stages.<stage>`` sections are
     merged over the shared ones (e.g. more epochs for pretraining than for finetuning)."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot be read: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top")
-    per_stage = raw.pop("stages", None) or {}
-    unknown = sorted(set(per_stage) - set(STAGE_NAMES))
-    if unknown:
-        raise ConfigError(f"stages: unknown stages {unknown}; stages: {list(STAGE_NAMES)}")
-    raw = {k: dict(v or {}) for k, v in raw.items()}
-    for section, values in (per_stage.get(stage) or {}).items() if stage else ():
-        if not isinstance(values, dict):
-            raise ConfigError(f"stages.{stage}.{section}: expected a mapping of keys")
+    raw = _read(path) if path is not None else {}
+    per_stage = _per_stage(raw.pop("stages", None))
+    raw = _sections(raw)
+    for section, values in per_stage.get(stage, {}).items() if stage else ():
         raw.setdefault(section, {}).update(values)
     for text in overrides:
         keys, value = parse_override(text)
@@ -289,11 +437,19 @@ def load(
 
 def from_dict(raw: dict[str, Any]) -> StageConfig:
     """A config from ``{section: {key: value}}`` (as in a file, or a stage.json's record)."""
-    sections = {f.name: f for f in dataclasses.fields(StageConfig) if f.name != "given"}
-    unknown = sorted(set(raw) - set(sections))
-    if unknown:
-        raise ConfigError(f"unknown config sections {unknown}; known: {sorted(sections)}")
+    raw = _sections(raw)
     hints = typing.get_type_hints(StageConfig)
-    built = {name: _section(hints[name], raw.get(name) or {}, name) for name in sections}
-    given = frozenset(f"{s}.{k}" for s, values in raw.items() for k in values or {})
+    built = {name: _section(hints[name], raw.get(name, {}), name) for name in SECTIONS}
+    _check_together(built["model"], built["lum"])
+    given = frozenset(f"{s}.{k}" for s, values in raw.items() for k in values)
     return StageConfig(**built, given=given)
+
+
+def _check_together(model: ModelSection, lum: LumSection) -> None:
+    """Settings of two sections that must fit each other."""
+    least = 2 * model.max_len  # LUM's tokens: a condition and an item per event
+    if lum.pack and lum.pack < least:
+        raise ConfigError(
+            f"lum.pack: must be 0 or at least 2 × model.max_len = {least} to hold one user, "
+            f"got {lum.pack}"
+        )

@@ -42,16 +42,44 @@ class OptimConfig:
     sparse_lr: float = 0.01
 
     def __post_init__(self) -> None:
+        # Each message starts with the key it names; a stage config puts ``optim.`` before it.
         if self.sparse not in SPARSE_OPTIMIZERS:
             raise ValueError(
-                f"sparse optimizer must be one of {sorted(SPARSE_OPTIMIZERS)}, got {self.sparse!r}"
+                f"sparse: the sparse optimizer must be one of "
+                f"{', '.join(sorted(SPARSE_OPTIMIZERS))}, got {self.sparse!r}"
             )
-        if self.lr <= 0 or self.sparse_lr <= 0:
-            raise ValueError("learning rates must be positive")
-        if self.warmup_steps < 0 or self.total_steps < 1:
-            raise ValueError("warmup_steps must be >= 0 and total_steps >= 1")
+        _require(_positive(self.lr), "lr", "a finite number > 0", self.lr)
+        _require(_positive(self.sparse_lr), "sparse_lr", "a finite number > 0", self.sparse_lr)
+        for beta in self.betas:  # AdamW's running averages decay by β each step
+            _require(0 <= beta < 1, "betas", "two numbers in [0, 1)", list(self.betas))
+        decay = self.weight_decay
+        _require(math.isfinite(decay) and decay >= 0, "weight_decay", "finite and >= 0", decay)
+        _require(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
+        _require(self.total_steps >= 1, "total_steps", ">= 1", self.total_steps)
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+            raise ValueError(
+                "min_lr_ratio: the schedule ends at min_lr_ratio × lr; min_lr_ratio must lie "
+                f"in [0, 1], got {self.min_lr_ratio!r}"
+            )
+        # A negative norm reverses the dense update's direction and 0 freezes it: off is None.
+        clip = self.clip_norm
+        _require(
+            clip is None or _positive(clip),
+            "clip_norm",
+            "a finite number > 0, or null for no clipping",
+            clip,
+        )
+
+
+def _positive(value: float) -> bool:
+    """A finite number > 0 (NaN and infinities are neither)."""
+    return math.isfinite(value) and value > 0
+
+
+def _require(ok: bool, key: str, rule: str, value: object) -> None:
+    """``key: must be RULE, got VALUE`` as a ValueError unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{key}: must be {rule}, got {value!r}")
 
 
 def lr_factor(step: int, config: OptimConfig) -> float:

@@ -31,7 +31,7 @@ def test_file_and_overrides_resolve_in_order(tmp_path: Path) -> None:
         (["trainer.epochs=2"], "unknown config sections ['trainer']"),
         (["epochs=2"], "is not of the form section.key=value"),
         (["run.epochs=true"], "run.epochs: expected int, got True"),
-        (["optim.sparse=sgd"], "optim: sparse optimizer must be one of"),
+        (["optim.sparse=sgd"], "optim.sparse: the sparse optimizer must be one of"),
     ],
 )
 def test_bad_configs_name_the_key(overrides: list[str], message: str) -> None:

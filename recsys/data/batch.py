@@ -1,12 +1,11 @@
 """Arrow row groups → validated NumPy columns → TorchRec batches, without per-row Python.
 
-This module owns the conversion of decoded Arrow chunks into batches: where the value-level
-checks of a dataset run (the rules themselves, no nulls, ids in range, labels 0/1,
-side-feature lists aligned with item lists, are :mod:`recsys.data.checks`), the ``hash`` id
-mode, truncation of sequences to their most recent ``max_len`` events, and the :class:`Batch`
-handed to models: a ``KeyedJaggedTensor`` of sparse features plus dense tensors. Every step
-works on whole Arrow offset and value buffers with vectorised NumPy: :func:`decode` validates
-a decoded chunk,
+This module owns the way from decoded Arrow chunks to batches: the value-level checks of
+every chunk (the rules, no nulls, ids in range, labels 0/1, side-feature lists aligned with
+item lists, are :mod:`recsys.data.checks`), the ``hash`` id mode, truncation of sequences to
+their most recent ``max_len`` events, and the :class:`Batch` handed to models: a
+``KeyedJaggedTensor`` of sparse features plus dense tensors. Every step works on whole Arrow
+offset and value buffers with vectorised NumPy: :func:`decode` validates a decoded chunk,
 :func:`assemble` makes a batch of runs or gathered rows of chunks (file order), and for
 shuffled reading :func:`scatter` copies the rows of a whole buffer's chunks straight into the
 batches they go to.

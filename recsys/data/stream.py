@@ -39,6 +39,7 @@ import pyarrow as pa
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
+from recsys.data import checks
 from recsys.data.batch import (
     Batch,
     Columns,
@@ -591,10 +592,7 @@ class ParquetStream(IterableDataset):
             except StopIteration:
                 break
             except (OSError, pa.ArrowException) as err:
-                error = DataError(
-                    f"{describe(part.path, row_group=unit.row_group)}: cannot be read "
-                    f"(corrupt data?): {err}"
-                )
+                error = DataError(checks.unreadable(part.path, unit.row_group, err))
                 if not skip_bad:
                     raise error from None
                 yield self._skip(unit, done, error)

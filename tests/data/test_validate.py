@@ -141,6 +141,16 @@ def test_check_says_what_the_stream_says(tmp_path: Path, changes: dict) -> None:
     assert [p.line for p in findings.in_order()] == [str(refused.value)]
 
 
+def test_an_unreadable_row_group_is_one_line_in_the_stream_and_in_check(tmp_path: Path) -> None:
+    d = write(tmp_path / "d", {"part.parquet": table()})
+    corrupt_row_group(d / "part.parquet", 1)
+    with pytest.raises(DataError) as refused:
+        list(ParquetStream(str(d), StreamConfig(batch_size=3, shuffle=False)))
+    assert "\n" not in str(refused.value) and str(refused.value).isprintable()
+    findings = inspect.check(str(d))
+    assert [p.line for p in findings.in_order()] == [str(refused.value)]
+
+
 def test_check_of_clean_datasets_is_one_line(
     tmp_path: Path, synth_split, capsys: pytest.CaptureFixture[str]
 ) -> None:

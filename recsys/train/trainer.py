@@ -89,7 +89,7 @@ class TrainConfig:
             raise ValueError("epochs must be >= 1 and checkpoint_every >= 0")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
-                f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.nonfinite!r}"
+                f"nonfinite: must be {' or '.join(NONFINITE_POLICIES)}, got {self.nonfinite!r}"
             )
 
 
@@ -549,9 +549,10 @@ class Trainer:
         if bad is not None and self.config.nonfinite == "stop":
             self._close_logs()
             raise NonFinite(self.step, bad, self.checkpoints.latest())
-        if bad is not None:
-            what = "no update" if bad.what == "loss" else "dense step skipped, tables updated"
-            self._count_skipped(self.step, bad, what)
+        if bad is not None:  # skipping: the loss was finite, checked before backward
+            self._count_skipped(
+                self.step, bad, "no dense step; the tables were updated in backward"
+            )
         return preempted
 
     def _count_skipped(self, step: int, bad: NonFiniteValue, what: str) -> None:

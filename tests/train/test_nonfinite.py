@@ -15,7 +15,7 @@ from recsys.distributed.launch import RankFailedError, run_on_ranks
 from recsys.stages import pretrain
 from recsys.stages.common import run_stage
 from recsys.train.metrics import CTRMetrics, PretrainMetrics
-from recsys.train.trainer import NonFiniteValue, TrainConfig
+from recsys.train.trainer import NonFiniteValue, TrainConfig, Trainer
 
 TINY = ["model.size=L1H16A2", "model.max_len=12", "model.negatives=8", "data.batch_size=16"]
 
@@ -70,6 +70,28 @@ def test_skip_leaves_the_weights_of_a_nan_step_untouched_and_counts_it(
                            after["sparse.sequence.embeddings.item.weight"])  # fmt: skip
 
 
+def test_skip_of_a_nan_gradient_norm_leaves_the_dense_part_untouched(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measured = Trainer._grad_norm
+
+    def nan_at_step_4(self: Trainer) -> torch.Tensor:
+        norm = measured(self)
+        return torch.tensor(math.nan) if self.step + 1 == 4 else norm
+
+    monkeypatch.setattr(Trainer, "_grad_norm", nan_at_step_4)
+    out = tmp_path / "p"
+    every = ["run.checkpoint_every=1", "run.keep=10", "run.nonfinite=skip"]
+    record = pretrain.main(["--out", str(out), *TINY, f"data.train={data / 'seq'}", *every])
+    assert record["results"]["train_nonfinite_steps"] == 1
+    before, skipped = (
+        torch.load(export(out / f"checkpoint/step-{s:08d}", tmp_path / f"{s}.pt"))["model"]
+        for s in (3, 4)
+    )
+    for name, value in before.items():  # the loss was finite: backward updated the tables
+        assert torch.equal(value, skipped[name]) == (".embeddings." not in name), name
+
+
 def stop_on_rank(data: str, out: str) -> str:
     """A pretrain stage on this rank whose fault is rank 1's; the error it stopped with."""
     from recsys.train.trainer import NonFinite
@@ -105,7 +127,7 @@ def test_the_ranks_agree_on_the_loss_first_then_the_lowest_rank() -> None:
     agreed = NonFiniteValue.decode(max(v.code(4) for v in seen), 4)
     assert str(agreed) == "the loss is -inf on rank 2"
     assert NonFiniteValue.decode(0, 4) is None
-    with pytest.raises(ValueError, match="nonfinite must be one of stop, skip"):
+    with pytest.raises(ValueError, match="nonfinite: must be stop or skip, got 'ignore'"):
         TrainConfig("run", nonfinite="ignore")
 
 

@@ -120,7 +120,7 @@ def read_meta(fs: pafs.FileSystem, directory: str) -> DatasetMeta:
             "(written by `recsys data ...`; see docs/data.md)"
         )
     with fs.open_input_stream(path) as f:
-        return DatasetMeta.from_json(f.read().decode(), path)
+        return DatasetMeta.from_json(f.read(), path)
 
 
 def open_dataset(source: str | Sequence[str], meta: DatasetMeta | None = None) -> Dataset:

@@ -269,6 +269,17 @@ def test_a_wrong_type_in_dataset_json_is_one_line(
     )
 
 
+def test_a_dataset_json_that_is_not_utf8_is_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = write(tmp_path / "d", {"a.parquet": table()})
+    (d / "dataset.json").write_bytes(b'{"kind": "\xff"}')
+    assert main(["data", "inspect", str(d)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"recsys data inspect: error: {d / 'dataset.json'}: not UTF-8 text"
+    )
+
+
 SYNTH = ["data", "synth", "--users", "40", "--items", "20", "--categories", "4"]
 
 

@@ -172,7 +172,7 @@ class StageDir:
         if bad:
             raise StageError(
                 f"{self.path}: stage {self.stage} ended with non-finite results: {bad}; "
-                "nothing recorded (no stage.json, no DONE)"
+                "nothing recorded (no stage.json, no DONE; run.resume=false starts over)"
             )
 
 

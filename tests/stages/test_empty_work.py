@@ -83,7 +83,8 @@ def test_a_result_that_is_not_finite_is_not_recorded(tmp_path: Path) -> None:
         stage.finish({"fingerprint": "f", "steps": 3, "results": results})
     assert str(err.value) == (
         f"{stage.path}: stage finetune ended with non-finite results: valid_auc=nan, "
-        "valid_logloss=nan, valid_samples=0; nothing recorded (no stage.json, no DONE)"
+        "valid_logloss=nan, valid_samples=0; nothing recorded (no stage.json, no DONE; "
+        "run.resume=false starts over)"
     )
     assert_nothing_recorded(stage.path)
     # gAUC alone may be undefined (no user with both labels): that result is recorded.

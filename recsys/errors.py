@@ -39,10 +39,21 @@ def describe_os_error(err: OSError) -> str:
 
 
 def one_line(err: BaseException) -> str:
-    """The message of a user error (an OSError as its path and reason)."""
+    """The message of a user error (an OSError as its path and reason). An error raised in a
+    data-loader worker comes back from torch as the same type whose message is "Caught X in
+    DataLoader worker process N." and the worker's traceback: its own message is the last
+    line, after "X: "."""
     if isinstance(err, OSError) and not isinstance(err, UserError):
         return describe_os_error(err)
-    return str(err).strip() or type(err).__name__
+    text = str(err).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+        for name in (prefix, f"{type(err).__qualname__}: "):
+            if last.startswith(name):
+                return last[len(name) :]
+        return last
+    return text or type(err).__name__
 
 
 def is_user_error(err: BaseException) -> bool:

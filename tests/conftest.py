@@ -7,6 +7,7 @@ import them.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers():
+    """Entry points (``run_stage``, ``recsys.cli.main``) point log handlers at the stderr of
+    their time, which pytest replaces between tests: restore the handlers after each test."""
+    loggers = [logging.getLogger(), logging.getLogger("recsys")]
+    saved = [(list(lg.handlers), lg.level) for lg in loggers]
+    yield
+    for logger, (handlers, level) in zip(loggers, saved, strict=True):
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -95,11 +95,6 @@ def lum_model(model: ModelSection, lum: LumSection, meta: DatasetMeta) -> LUM:
             "the dataset declares no condition features (dataset.json 'conditions'); LUM "
             "needs one (e.g. MovieLens' 'liked', recsys data synth --conditions K)"
         )
-    if lum.pack and lum.pack < 2 * model.max_len:
-        raise StageError(
-            f"lum.pack={lum.pack} cannot hold one user of model.max_len={model.max_len} "
-            f"events (2 tokens each): use at least {2 * model.max_len}"
-        )
     config = LUMConfig(
         TowerConfig.from_name(
             model.size,

@@ -35,7 +35,7 @@ from typing import Any
 import torch.distributed as dist
 
 from recsys.errors import UserError, guarded
-from recsys.stages.config import ConfigError, StageConfig, load
+from recsys.stages.config import StageConfig, load
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,10 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
 def arguments(
     p: argparse.ArgumentParser, argv: list[str] | None = None
 ) -> tuple[argparse.Namespace, StageConfig]:
+    """The command line and the config it names; a bad setting is a ConfigError (one line)."""
     args = p.parse_args(argv)
     stage = p.prog.rsplit(".", 1)[-1]
-    try:
-        config = load(args.config, args.overrides, stage)
-    except ConfigError as err:
-        p.error(str(err))
-    return args, config
+    return args, load(args.config, args.overrides, stage)
 
 
 def _sha(value: Any) -> str:

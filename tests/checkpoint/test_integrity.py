@@ -26,17 +26,6 @@ from recsys.cli import main
 from recsys.errors import guarded
 
 
-@pytest.fixture(autouse=True)
-def _recsys_log_handlers():
-    """Drop the stderr handler each ``recsys.cli.main`` call adds to the ``recsys`` logger: it
-    writes to that test's captured stderr, closed once the test ends."""
-    logger = logging.getLogger("recsys")
-    handlers, level = list(logger.handlers), logger.level
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
-
-
 class Tiny(nn.Module):
     """Every weight is ``value``, so its bytes are easy to find in a saved file."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import subprocess
 import sys
@@ -14,17 +13,6 @@ import pytest
 from recsys.errors import EXIT_USER_ERROR, UserError, guarded
 from recsys.stages import pretrain
 from recsys.stages.common import run_stage
-
-
-@pytest.fixture
-def stage_logging():
-    """run_stage logs to the stderr of its time; forget that handler after the test (pytest
-    replaces stderr between tests)."""
-    yield
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if type(handler) is logging.StreamHandler:
-            root.removeHandler(handler)
 
 
 def lines(text: str) -> list[str]:
@@ -66,7 +54,7 @@ def test_recsys_debug_shows_the_traceback_of_a_user_error(
 
 @pytest.mark.parametrize("where", ["a file", "under a file"])
 def test_a_stage_whose_out_cannot_be_a_directory_says_so_in_one_line(
-    where: str, tmp_path: Path, capsys: pytest.CaptureFixture, synth_split, stage_logging
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture, synth_split
 ) -> None:
     data = synth_split(tmp_path / "data", 16, users=40, items=20, min_events=4, max_events=8)
     blocker = tmp_path / "blocker"
@@ -98,3 +86,20 @@ def test_a_failed_job_under_the_launcher_is_its_ranks_lines_and_one_summary(
     ours = [line for line in lines(done.stderr) if line.startswith("error")]
     assert len(ours) == 2 and str(tmp_path / "nowhere") in ours[0]
     assert ours[1].startswith("error: recsys.stages.pretrain failed (rank 0 first, exit code 2")
+
+
+def _refuse(_: int) -> int:
+    raise UserError("cursor saved with batch_size 8, this run has 4")
+
+
+def test_an_error_of_a_loader_worker_is_its_own_line(capsys: pytest.CaptureFixture) -> None:
+    from torch.utils.data import DataLoader
+
+    def load() -> int:
+        next(iter(DataLoader(range(2), batch_size=None, num_workers=1, collate_fn=_refuse)))
+        return 0
+
+    assert guarded(load) == EXIT_USER_ERROR
+    assert lines(capsys.readouterr().err) == [
+        "error: cursor saved with batch_size 8, this run has 4"
+    ]

@@ -2,11 +2,13 @@
 
     recsys pipeline run --experiment configs/ml100k/2026-12-01-study.yaml
 
-This module owns reading and checking an experiment file and running it: making its data when
-missing, then each of its arms (a :class:`pipelines.gpsd.Study`) in order on one scheduler
-profile, all under the experiment's ``out`` directory, so that arms of the same size and seed
-share their pretraining. It does not run stages itself (``pipelines.gpsd`` does) nor write the
-report (``recsys.report``). The format (see ``configs/README.md``)::
+This module owns reading and checking an experiment file (types and keys, a key given twice)
+and running it: checking every arm's stages, making its data when missing, then each of its
+arms (a :class:`pipelines.gpsd.Study`) in order on one scheduler profile, all under the
+experiment's ``out`` directory, so that arms of the same size and seed share their
+pretraining. No arm is submitted until the stages of every arm have passed their checks. It
+does not run stages itself (``pipelines.gpsd`` does) nor write the report
+(``recsys.report``). The format (see ``configs/README.md``)::
 
     out: runs/ml100k-study              # every stage, the logs and the report
     config: configs/ml100k/...yaml      # the stage config every arm starts from
@@ -34,10 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from pipelines import yamlfile
 from pipelines.gpsd import BASELINES, STRATEGIES, PipelineError, Study
 from pipelines.lum import DEFAULT_VARIANTS, LumStudy
+from pipelines.profiles import load_profile
+from recsys.errors import describe_os_error
 
 ARM_KEYS = {
     "name",
@@ -57,6 +60,8 @@ ARM_KEYS = {
 }
 LUM_KEYS = {"rankers", "variants"}
 TOP_KEYS = {"out", "config", "data", "seeds", "arms", "report", "profile"}
+DATA_KEYS = {"path", "make"}
+REPORT_KEYS = {"title", "out", "notes"}
 
 
 @dataclass(frozen=True)
@@ -80,12 +85,56 @@ def _fail(path: Path, where: str, message: str) -> PipelineError:
     return PipelineError(f"{path}: {where}: {message}")
 
 
+def _shown(value: Any, most: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= most else f"{text[: most - 3]}..."
+
+
 def _strings(path: Path, where: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(v for v in value.split(",") if v)
-    if not isinstance(value, list) or not all(isinstance(v, str | int | float) for v in value):
-        raise _fail(path, where, f"expected a list of strings, got {value!r}")
+    if not isinstance(value, list) or not all(
+        isinstance(v, str | int | float) and not isinstance(v, bool) for v in value
+    ):
+        raise _fail(path, where, f"expected a list of strings, got {_shown(value)}")
     return tuple(str(v) for v in value)
+
+
+def _text(path: Path, where: str, value: Any) -> str:
+    """A non-empty string (a path, a name)."""
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(path, where, f"expected a non-empty string, got {_shown(value)}")
+    return value
+
+
+def _seeds(path: Path, where: str, value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise _fail(path, where, f"expected a list of integers >= 0, got {_shown(value)}")
+    return tuple(value)
+
+
+def _mapping(path: Path, where: str, value: Any, known: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(path, where, f"expected a mapping, got {_shown(value)}")
+    unknown = sorted(set(value) - known, key=str)
+    if unknown:
+        raise _fail(path, where, f"unknown keys {unknown}; known: {sorted(known)}")
+    return value
+
+
+def _command(path: Path, where: str, line: str) -> list[str]:
+    """A command line's words (shell quoting), at least one."""
+    try:
+        words = shlex.split(line)
+    except ValueError as err:
+        raise _fail(path, where, f"{_shown(line)}: {err}") from None
+    if not words:
+        raise _fail(path, where, "an empty command")
+    return words
 
 
 def _tag(train: str) -> str:
@@ -98,111 +147,120 @@ def _tag(train: str) -> str:
 def load(path: str | Path) -> Experiment:
     """Read and check an experiment file; every mistake names the file and the key."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise PipelineError(f"{path}: cannot be read: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise PipelineError(f"{path}: not valid YAML: {err}") from None
+    raw = yamlfile.read(path, PipelineError)
     if not isinstance(raw, dict):
-        raise PipelineError(f"{path}: expected a mapping at the top")
-    unknown = sorted(set(raw) - TOP_KEYS)
+        raise PipelineError(f"{path}: expected a mapping of {sorted(TOP_KEYS)} at the top")
+    unknown = sorted(set(raw) - TOP_KEYS, key=str)
     if unknown:
         raise _fail(path, "top level", f"unknown keys {unknown}; known: {sorted(TOP_KEYS)}")
     for key in ("out", "data", "arms"):
         if key not in raw:
             raise _fail(path, key, "missing")
+    out = _text(path, "out", raw["out"])
     data = raw["data"] if isinstance(raw["data"], dict) else {"path": raw["data"]}
+    data = _mapping(path, "data", data, DATA_KEYS)
     if "path" not in data:
         raise _fail(path, "data.path", "missing")
+    data_path = _text(path, "data.path", data["path"])
     make = data.get("make") or []
     make = (make,) if isinstance(make, str) else _strings(path, "data.make", make)
+    for i, line in enumerate(make):
+        _command(path, f"data.make[{i}]", line)
     config = raw.get("config")
-    if config is not None and not Path(config).is_file():
+    if config is not None and not Path(_text(path, "config", config)).is_file():
         raise _fail(path, "config", f"{config} is not a file")
-    default_seeds = tuple(int(s) for s in raw.get("seeds") or ())
-    arms, names = [], []
+    default_seeds = _seeds(path, "seeds", raw.get("seeds"))
     if not isinstance(raw["arms"], list) or not raw["arms"]:
         raise _fail(path, "arms", "expected a non-empty list of arms")
+    common = {"experiment": out, "data": data_path, "config": config}
+    arms, names = [], []
     for i, arm in enumerate(raw["arms"]):
-        where = f"arms[{i}]"
-        if not isinstance(arm, dict):
-            raise _fail(path, where, "expected a mapping")
-        unknown = sorted(set(arm) - ARM_KEYS)
-        if unknown:
-            raise _fail(path, where, f"unknown keys {unknown}; known: {sorted(ARM_KEYS)}")
-        name = str(arm.get("name", f"arm{i}"))
+        name, study = _arm(path, i, arm, common, default_seeds)
         if name in names:
-            raise _fail(path, f"{where}.name", f"{name!r} is used twice")
-        pipeline = arm.get("pipeline", "gpsd")
-        if pipeline not in ("gpsd", "lum"):
-            raise _fail(path, f"{where}.pipeline", f"{pipeline!r}: choose gpsd or lum")
-        common = {
-            "experiment": str(raw["out"]),
-            "data": str(data["path"]),
-            "config": config,
-            "sizes": _strings(path, f"{where}.sizes", arm.get("sizes") or []),
-            "overrides": _strings(path, f"{where}.overrides", arm.get("overrides") or []),
-            "pretrain_overrides": _strings(path, f"{where}.pretrain", arm.get("pretrain") or []),
-            "finetune_overrides": _strings(path, f"{where}.finetune", arm.get("finetune") or []),
-            "seeds": tuple(int(s) for s in arm.get("seeds", default_seeds) or ()),
-            "train": str(arm.get("train", "ctr_train")),
-            "test": str(arm.get("eval", "ctr_test")),
-        }
-        if pipeline == "lum":
-            wrong = sorted(set(arm) & {"strategies", "baselines", "gpsd"})
-            if wrong:
-                raise _fail(path, where, f"keys {wrong} are for pipeline gpsd, not lum")
-            try:
-                arms.append(
-                    LumStudy(
-                        **common,
-                        rankers=_strings(
-                            path, f"{where}.rankers", arm.get("rankers", ["gpsd", "din"])
-                        ),
-                        variants=_strings(
-                            path,
-                            f"{where}.variants",
-                            arm.get("variants", list(DEFAULT_VARIANTS)),
-                        ),
-                    )
-                )
-            except PipelineError as err:
-                raise _fail(path, where, str(err)) from None
-            names.append(name)
-            continue
-        wrong = sorted(set(arm) & LUM_KEYS)
-        if wrong:
-            raise _fail(path, where, f"keys {wrong} are for pipeline lum, not gpsd")
-        strategies = arm.get("strategies", ["ST&SF"])
-        strategies = STRATEGIES if strategies == "all" else _strings(path, where, strategies)
-        baselines = _strings(path, f"{where}.baselines", arm.get("baselines") or [])
-        if any(b not in BASELINES for b in baselines):
-            raise _fail(path, f"{where}.baselines", f"{baselines}: choose among {BASELINES}")
-        try:
-            study = Study(
-                **common,
-                strategies=strategies,
-                baselines=baselines,
-                tag=_tag(common["train"]),
-                gpsd=bool(arm.get("gpsd", True)),
-            )
-        except PipelineError as err:
-            raise _fail(path, where, str(err)) from None
+            raise _fail(path, f"arms[{i}].name", f"{name!r} is used twice")
         arms.append(study)
         names.append(name)
-    report = raw.get("report") or {}
-    if not isinstance(report, dict):
-        raise _fail(path, "report", "expected a mapping")
+    report = _mapping(path, "report", raw.get("report") or {}, REPORT_KEYS)
+    for key, value in report.items():
+        _text(path, f"report.{key}", value)
+    profile = raw.get("profile")
+    if profile is not None:
+        _text(path, "profile", profile)
     return Experiment(
         path=path,
-        out=Path(raw["out"]),
-        data=Path(data["path"]),
+        out=Path(out),
+        data=Path(data_path),
         make=make,
         arms=tuple(arms),
         names=tuple(names),
-        profile=raw.get("profile"),
+        profile=profile,
         report=report,
+    )
+
+
+def _arm(
+    path: Path, index: int, arm: Any, common: dict[str, Any], default_seeds: tuple[int, ...]
+) -> tuple[str, Study | LumStudy]:
+    """The name and study of the arm ``arms[index]``."""
+    where = f"arms[{index}]"
+    arm = _mapping(path, where, arm, ARM_KEYS)
+    name = arm.get("name", f"arm{index}")
+    if not isinstance(name, str | int) or isinstance(name, bool) or not str(name).strip():
+        raise _fail(path, f"{where}.name", f"expected a non-empty string, got {_shown(name)}")
+    pipeline = arm.get("pipeline", "gpsd")
+    if pipeline not in ("gpsd", "lum"):
+        raise _fail(path, f"{where}.pipeline", f"{_shown(pipeline)}: choose gpsd or lum")
+    common = {
+        **common,
+        "sizes": _strings(path, f"{where}.sizes", arm.get("sizes") or []),
+        "overrides": _strings(path, f"{where}.overrides", arm.get("overrides") or []),
+        "pretrain_overrides": _strings(path, f"{where}.pretrain", arm.get("pretrain") or []),
+        "finetune_overrides": _strings(path, f"{where}.finetune", arm.get("finetune") or []),
+        "seeds": _seeds(path, f"{where}.seeds", arm["seeds"]) if "seeds" in arm else default_seeds,
+        "train": _text(path, f"{where}.train", arm.get("train", "ctr_train")),
+        "test": _text(path, f"{where}.eval", arm.get("eval", "ctr_test")),
+    }
+    try:
+        if pipeline == "lum":
+            return str(name), _lum_arm(path, where, arm, common)
+        return str(name), _gpsd_arm(path, where, arm, common)
+    except PipelineError as err:
+        if str(err).startswith(f"{path}: "):
+            raise
+        raise _fail(path, where, str(err)) from None
+
+
+def _lum_arm(path: Path, where: str, arm: dict[str, Any], common: dict[str, Any]) -> LumStudy:
+    wrong = sorted(set(arm) & {"strategies", "baselines", "gpsd"})
+    if wrong:
+        raise _fail(path, where, f"keys {wrong} are for pipeline gpsd, not lum")
+    return LumStudy(
+        **common,
+        rankers=_strings(path, f"{where}.rankers", arm.get("rankers", ["gpsd", "din"])),
+        variants=_strings(path, f"{where}.variants", arm.get("variants", list(DEFAULT_VARIANTS))),
+    )
+
+
+def _gpsd_arm(path: Path, where: str, arm: dict[str, Any], common: dict[str, Any]) -> Study:
+    wrong = sorted(set(arm) & LUM_KEYS)
+    if wrong:
+        raise _fail(path, where, f"keys {wrong} are for pipeline lum, not gpsd")
+    strategies = arm.get("strategies", ["ST&SF"])
+    strategies = (
+        STRATEGIES if strategies == "all" else _strings(path, f"{where}.strategies", strategies)
+    )
+    baselines = _strings(path, f"{where}.baselines", arm.get("baselines") or [])
+    if any(b not in BASELINES for b in baselines):
+        raise _fail(path, f"{where}.baselines", f"{baselines}: choose among {BASELINES}")
+    gpsd = arm.get("gpsd", True)
+    if not isinstance(gpsd, bool):
+        raise _fail(path, f"{where}.gpsd", f"expected true or false, got {_shown(gpsd)}")
+    return Study(
+        **common,
+        strategies=strategies,
+        baselines=baselines,
+        tag=_tag(common["train"]),
+        gpsd=gpsd,
     )
 
 
@@ -215,18 +273,23 @@ def make_data(experiment: Experiment) -> bool:
             f"{experiment.path}: data.path {experiment.data} holds no dataset and no "
             "data.make command is given"
         )
-    for line in experiment.make:
-        command = shlex.split(line)
+    for i, line in enumerate(experiment.make):
+        command = _command(experiment.path, f"data.make[{i}]", line)
         if command[0] == "recsys":  # this interpreter's, whatever is on PATH
             command = [
                 sys.executable,
                 "-c",
                 "from recsys.cli import main; raise SystemExit(main())",
+                *command[1:],
             ]
-            command += shlex.split(line)[1:]
         elif command[0] == "python":
             command[0] = sys.executable
-        result = subprocess.run(command, check=False)
+        try:
+            result = subprocess.run(command, check=False)
+        except OSError as err:
+            raise PipelineError(
+                f"{experiment.path}: data.make[{i}] cannot start: {describe_os_error(err)}"
+            ) from None
         if result.returncode:
             raise PipelineError(
                 f"{experiment.path}: data.make failed (exit {result.returncode}): {line}"
@@ -235,19 +298,23 @@ def make_data(experiment: Experiment) -> bool:
 
 
 def run(experiment: Experiment, profile: str | None, profiles_path: str | Path, console=None):
-    """Make the data if needed, then run every arm; the steps of all arms."""
-    from pipelines import lum
-    from pipelines.gpsd import run as run_gpsd
+    """Check every arm's stages, make the data if needed and check it, then run every arm;
+    the steps of all arms. Nothing is submitted unless every stage of every arm passes."""
+    from pipelines import gpsd, lum
 
+    chosen = load_profile(profile or experiment.profile or "local_cwd", profiles_path)
+    arms = [
+        (name, lum.plan(arm) if isinstance(arm, LumStudy) else gpsd.plan(arm))
+        for name, arm in zip(experiment.names, experiment.arms, strict=True)
+    ]
+    every = [step for _, steps in arms for step in steps]
+    gpsd.apply_profile(every, chosen)
+    configs = gpsd.check_configs(every)
+    gpsd.check_experiment(experiment.out)
     make_data(experiment)
-    steps = []
-    for name, arm in zip(experiment.names, experiment.arms, strict=True):
+    gpsd.check_data(every, configs, chosen)
+    done = []
+    for name, steps in arms:
         print(f"experiment {experiment.path}: arm {name}", file=sys.stderr)
-        run_study = lum.run if isinstance(arm, LumStudy) else run_gpsd
-        steps += run_study(
-            arm,
-            profile or experiment.profile or "local_cwd",
-            profiles_path,
-            console=console if console is not None else sys.stdout,
-        )
-    return steps
+        done += gpsd.submit(steps, str(experiment.out), chosen, console or sys.stdout)
+    return done

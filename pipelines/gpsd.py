@@ -11,7 +11,12 @@ replica; the log of each job's first replica streams to the console and to
 ``EXPERIMENT/logs/<stage>.log``. A stage whose directory is DONE with the fingerprint this
 run would give it (same config, options and inputs) is skipped; a DONE stage with another
 fingerprint runs again; an interrupted one resumes from its own checkpoint. A failed job stops
-the pipeline with a :class:`PipelineError` naming the stage, the job and its log.
+the pipeline with a :class:`StageFailed` naming the stage, the job and its log. Before any job
+is submitted, every stage's merged config (file, ``stages.<stage>`` section, profile and study
+overrides) and model size are loaded as the stage will load them, every dataset a stage reads
+(where this host sees it) is opened, and the experiment directory must take files: a mistake
+stops the pipeline with one :class:`PipelineError` line naming the stage and what is wrong,
+and nothing runs.
 
 Layout: ``EXPERIMENT/<size>/{pretrain, transfer-<nt|st|ft>, freeze-<st|ft>,
 finetune-<strategy>}`` and the report (``recsys.report``) in ``EXPERIMENT/report*``.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -29,10 +35,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pipelines import slurm
-from pipelines.profiles import Profile, load_profile
-from recsys.errors import UserError
+from pipelines.profiles import CONTAINER_SCHEDULERS, Profile, load_profile
+from recsys.errors import UserError, describe_os_error, one_line
 from recsys.stages.common import StageError, fingerprint, read_stage
-from recsys.stages.config import StageConfig, load
+from recsys.stages.config import ConfigError, StageConfig, load
 from recsys.train.faults import Faults
 
 log = logging.getLogger(__name__)
@@ -44,9 +50,29 @@ STRATEGIES = ("NT", "FT", "ST", "FT&SF", "ST&SF")
 BASELINES = ("deepfm", "din")
 """Baseline CTR models the pipeline can run beside GPSD's ranker (NT and ST&SF)."""
 
+DATA_KINDS = {
+    "pretrain": "seq",
+    "lum_pretrain": "seq",
+    "lum_query": "seq",
+    "transfer": "ctr",
+    "freeze": "ctr",
+    "finetune": "ctr",
+    "lum_finetune": "ctr",
+}
+"""The kind of dataset each stage reads (``data.train``, and ``data.valid`` where it
+validates)."""
+
+VALIDATES = ("pretrain", "finetune", "lum_pretrain", "lum_finetune")
+"""Stages that read ``data.valid`` when it is set."""
+
 
 class PipelineError(UserError, RuntimeError):
     """A stage failed or cannot start; the message names it."""
+
+
+class StageFailed(PipelineError):
+    """A submitted stage's job ended without success; the message names the stage, the job,
+    its log and the stage's own error lines."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +114,29 @@ class Study:
         wrong = [b for b in self.baselines if b not in BASELINES]
         if wrong:
             raise PipelineError(f"baselines {wrong}: choose among {', '.join(BASELINES)}")
+        check_sizes(self.sizes)
+
+
+def check_sizes(sizes: tuple[str, ...]) -> None:
+    """Each of ``sizes`` is ``L<layers>H<width>A<heads>`` of a tower that can be built."""
+    from recsys.models.tower import NAME, TowerConfig
+
+    for size in sizes:
+        if not NAME.fullmatch(size):
+            raise PipelineError(
+                f"sizes: {size!r} is not of the form L<layers>H<width>A<heads>, e.g. L4H64A4"
+            )
+        try:
+            TowerConfig.from_name(size)
+        except ValueError as err:
+            raise PipelineError(f"sizes: {size!r}: {err}") from None
+
+
+def join(data: str, name: str) -> str:
+    """The dataset ``name`` under ``data``, a directory or a URI (``s3://bucket/data``)."""
+    if "://" in data:
+        return f"{data.rstrip('/')}/{name}"
+    return str(Path(data) / name)
 
 
 def slug(strategy: str) -> str:
@@ -120,8 +169,7 @@ class Step:
 
 def plan(study: Study) -> list[Step]:
     """The steps of ``study`` in the order they run."""
-    data = Path(study.data)
-    seq, train, test = str(data / "seq"), str(data / study.train), str(data / study.test)
+    seq, train, test = (join(study.data, n) for n in ("seq", study.train, study.test))
     sizes = study.sizes or (load(study.config, study.overrides).model.size,)
     steps: list[Step] = []
     chains = [(size, seed) for size in sizes for seed in (study.seeds or (None,))]
@@ -368,7 +416,7 @@ def run_step(step: Step, profile: Profile, runner, console: TextIO | None = sys.
         lines = log_path.read_text().splitlines() if log_path.exists() else []
         # A stage states its error in one line; otherwise show the end of the log.
         reasons = list(dict.fromkeys(line for line in lines if "error (rank" in line))
-        raise PipelineError(
+        raise StageFailed(
             f"stage {step.stage} ({name}) failed: job {handle} ended {state}; log: {log_path}\n"
             + "\n".join(reasons[:3] or lines[-15:])
         )
@@ -392,12 +440,93 @@ def run_steps(
     profiles_path: str | Path = "torchx.yaml",
     console: TextIO | None = sys.stdout,
 ) -> list[Step]:
-    """Run every one of ``steps`` (of any pipeline) that is not DONE, in order."""
+    """Check every one of ``steps`` (of any pipeline), then run those not DONE, in order."""
+    chosen = profile if isinstance(profile, Profile) else load_profile(profile, profiles_path)
+    apply_profile(steps, chosen)
+    configs = check_configs(steps)
+    check_data(steps, configs, chosen)
+    check_experiment(experiment)
+    return submit(steps, experiment, chosen, console)
+
+
+def apply_profile(steps: list[Step], profile: Profile) -> None:
+    """The profile's stage arguments before each step's overrides (the study's win)."""
+    for step in steps:
+        step.overrides = [*profile.stage_args, *step.overrides]
+
+
+def _refused(step: Step, problem: str) -> PipelineError:
+    return PipelineError(f"stage {step.stage} ({step.name}): {problem}; no job was submitted")
+
+
+def check_configs(steps: list[Step]) -> list[StageConfig]:
+    """The config each step's stage will load (its file, its ``stages.<stage>`` section and
+    its overrides), checked as the stage checks it at its start, model size included."""
+    from recsys.stages.build import tower
+
+    configs = []
+    for step in steps:
+        try:
+            config = load(step.config, step.overrides, step.stage)
+        except ConfigError as err:
+            where = f"config {step.config}" if step.config else "config"
+            raise _refused(step, f"{where}: {err}") from None
+        try:
+            tower(config.model)
+        except ValueError as err:
+            raise _refused(step, f"model.size={config.model.size}: {err}") from None
+        configs.append(config)
+    return configs
+
+
+def check_data(steps: list[Step], configs: list[StageConfig], profile: Profile) -> None:
+    """Every dataset a stage will read exists, of the kind it reads, with a readable
+    ``dataset.json``. Jobs of container schedulers and URIs (``s3://``) see storage this host
+    may not: those are left to the stages."""
+    from recsys.stages.build import dataset_meta
+
+    if profile.scheduler in CONTAINER_SCHEDULERS:
+        return
+    seen: set[tuple[str, str]] = set()
+    for step, config in zip(steps, configs, strict=True):
+        kind = DATA_KINDS.get(step.stage)
+        read = [("data.train", config.data.train)]
+        if step.stage in VALIDATES:
+            read.append(("data.valid", config.data.valid))
+        for key, path in read:
+            if kind is None or not path or "://" in path or (path, kind) in seen:
+                continue
+            try:
+                dataset_meta(path, kind, key)
+            except StageError as err:
+                raise _refused(step, str(err)) from None
+            except (UserError, OSError) as err:
+                raise _refused(step, f"{key}: {one_line(err)}") from None
+            seen.add((path, kind))
+
+
+def check_experiment(experiment: str | Path) -> None:
+    """The experiment directory exists or can be made, and takes files."""
+    path = Path(experiment)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under {existing}, a file"
+        raise PipelineError(f"experiment directory {path} {where}; give a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        reason = describe_os_error(err).removeprefix(f"{path}: ")
+        raise PipelineError(f"experiment directory {path} cannot be written: {reason}") from None
+
+
+def submit(
+    steps: list[Step], experiment: str, profile: Profile, console: TextIO | None = sys.stdout
+) -> list[Step]:
+    """Run every one of ``steps`` that is not DONE, in order, on ``profile``."""
     from torchx.runner import get_runner
 
-    chosen = profile if isinstance(profile, Profile) else load_profile(profile, profiles_path)
-    for step in steps:  # the profile's stage arguments come first, the study's win
-        step.overrides = [*chosen.stage_args, *step.overrides]
     faults = Faults(experiment, rank=0)  # `stage` faults stop the pipeline itself
     finished = 0
     with get_runner() as runner:
@@ -406,7 +535,7 @@ def run_steps(
                 step.skipped = True
                 log.info("%s: done with the same inputs and config, skipped", step.name)
                 continue
-            run_step(step, chosen, runner, console)
+            run_step(step, profile, runner, console)
             finished += 1
             faults.after_stage(finished)
     return steps

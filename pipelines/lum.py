@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.gpsd import PipelineError, Step, placed
+from pipelines.gpsd import PipelineError, Step, check_sizes, join, placed
 from recsys.stages.config import load
 
 RANKERS = ("gpsd", "din", "deepfm")
@@ -55,6 +55,7 @@ class LumStudy:
         wrong = [v for v in self.variants if v not in VARIANTS]
         if wrong or not self.variants:
             raise PipelineError(f"variants {wrong}: choose among {', '.join(VARIANTS)}")
+        check_sizes(self.sizes)
 
 
 def slug(variant: str) -> str:
@@ -66,8 +67,7 @@ def slug(variant: str) -> str:
 
 def plan(study: LumStudy) -> list[Step]:
     """The steps of ``study`` in the order they run."""
-    data = Path(study.data)
-    seq, train, test = str(data / "seq"), str(data / study.train), str(data / study.test)
+    seq, train, test = (join(study.data, n) for n in ("seq", study.train, study.test))
     sizes = study.sizes or (load(study.config, study.overrides).model.size,)
     experiment = Path(study.experiment)
     # Another training set than ctr_train: its name in the rankers' directories, so arms on

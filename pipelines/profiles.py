@@ -14,8 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from pipelines import yamlfile
 from recsys.errors import UserError
 
 DEFAULT_PATH = Path("torchx.yaml")
@@ -98,8 +97,7 @@ def load_profiles(path: str | Path = DEFAULT_PATH) -> dict[str, Profile]:
         raise ProfileError(
             f"{path}: no such file (scheduler profiles live in torchx.yaml at the repository root)"
         )
-    with path.open() as f:
-        document = yaml.safe_load(f) or {}
+    document = yamlfile.read(path, ProfileError) or {}
     profiles = document.get("profiles") if isinstance(document, dict) else None
     if not isinstance(profiles, dict) or not profiles:
         raise ProfileError(f"{path}: expected a mapping 'profiles: {{NAME: {{...}}}}'")

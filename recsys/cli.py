@@ -13,6 +13,19 @@ import sys
 from recsys import __version__
 
 
+def _seconds(text: str) -> float:
+    """A time limit in seconds: a finite number > 0 (argparse's type)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds > 0")
+    return value
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from recsys import doctor
 
@@ -21,15 +34,15 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _experiment(args: argparse.Namespace) -> int:
     from pipelines import experiment
-    from pipelines.gpsd import PipelineError
-    from pipelines.profiles import ProfileError
+    from pipelines.gpsd import StageFailed
     from recsys import report
+    from recsys.errors import report as report_error
 
+    spec = experiment.load(args.experiment)
     try:
-        spec = experiment.load(args.experiment)
         steps = experiment.run(spec, args.profile, args.profiles)
-    except (PipelineError, ProfileError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except StageFailed as err:  # the job ran and failed: its lines, exit code 1
+        report_error(err, f"recsys {args.command}")
         return 1
     skipped = sum(s.skipped for s in steps)
     print(f"{len(steps)} stages, {skipped} skipped (done with the same inputs and config)")
@@ -42,37 +55,55 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(text: str | None) -> tuple[str, ...]:
+    """``a,b,,c`` → ``("a", "b", "c")``."""
+    return tuple(name.strip() for name in (text or "").split(",") if name.strip())
+
+
+def _data_directory(data: str) -> None:
+    """``--data`` is a directory (URIs are left to the stages, which read them)."""
+    from pathlib import Path
+
+    from pipelines.gpsd import PipelineError
+
+    if "://" in data or Path(data).is_dir():
+        return
+    problem = "is not a directory" if Path(data).exists() else "no such directory"
+    raise PipelineError(
+        f"--data {data}: {problem}; give the directory holding seq/, ctr_train/ and "
+        "ctr_test/ (made by `recsys data movielens` or `recsys data synth`)"
+    )
+
+
 def _pipeline(args: argparse.Namespace) -> int:
-    from pipelines.gpsd import STRATEGIES, PipelineError, Study, run
-    from pipelines.profiles import ProfileError
+    from pipelines.gpsd import STRATEGIES, PipelineError, StageFailed, Study, run
     from recsys import report
+    from recsys.errors import report as report_error
 
     if args.experiment.endswith((".yaml", ".yml")):
         if args.data or args.config or args.sizes or args.baselines or args.overrides:
-            print(
-                "error: an experiment file gives data, config, sizes and arms itself; "
-                "--data, --config, --sizes, --baselines and overrides go with a directory",
-                file=sys.stderr,
+            raise PipelineError(
+                "an experiment file gives data, config, sizes and arms itself; "
+                "--data, --config, --sizes, --baselines and overrides go with a directory"
             )
-            return 1
         return _experiment(args)
     if not args.data:
-        print("error: --data is required with an experiment directory", file=sys.stderr)
-        return 1
-    strategies = STRATEGIES if args.strategies == "all" else tuple(args.strategies.split(","))
+        raise PipelineError("--data is required with an experiment directory")
+    _data_directory(args.data)
+    strategies = STRATEGIES if args.strategies.strip() == "all" else _names(args.strategies)
+    study = Study(
+        experiment=args.experiment,
+        data=args.data,
+        config=args.config,
+        strategies=strategies,
+        sizes=_names(args.sizes),
+        overrides=tuple(args.overrides),
+        baselines=_names(args.baselines),
+    )
     try:
-        study = Study(
-            experiment=args.experiment,
-            data=args.data,
-            config=args.config,
-            strategies=strategies,
-            sizes=tuple(s for s in (args.sizes or "").split(",") if s),
-            overrides=tuple(args.overrides),
-            baselines=tuple(b for b in (args.baselines or "").split(",") if b),
-        )
         steps = run(study, args.profile or "local_cwd", args.profiles)
-    except (PipelineError, ProfileError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except StageFailed as err:  # the job ran and failed: its lines, exit code 1
+        report_error(err, f"recsys {args.command}")
         return 1
     skipped = sum(s.skipped for s in steps)
     print(f"{len(steps)} stages, {skipped} skipped (done with the same inputs and config)")
@@ -89,23 +120,18 @@ def _report(args: argparse.Namespace) -> int:
     experiment = args.experiment
     if experiment.endswith((".yaml", ".yml")):  # an experiment file: its out and report
         from pipelines import experiment as experiments
-        from pipelines.gpsd import PipelineError
 
-        try:
-            spec = experiments.load(experiment)
-        except PipelineError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+        spec = experiments.load(experiment)
         experiment, options = str(spec.out), dict(spec.report)
     if args.out:
         options["out"] = args.out
     if args.title:
         options["title"] = args.title
-    table, rows = report.write(experiment, **options)
+    table, _ = report.write(experiment, **options)
     print(table)
     if "out" in options:
         print(f"report: {options['out']}")
-    return 0 if rows else 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=300.0,
         metavar="SECONDS",
         help="limit for the 2-rank job (default: %(default)s)",

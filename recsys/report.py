@@ -22,6 +22,7 @@ import functools
 import json
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,17 @@ from recsys.analysis.stats import (
     fit_power_law,
     mean_std,
 )
+from recsys.errors import UserError, describe_os_error
 
 ORDER = ("NT", "FT", "ST", "FT&SF", "ST&SF", "DLRM", "+LUM", "+LUM match", "+LUM+match")
 """GPSD's strategies, then LUM's step-3 variants (``pipelines.lum``)."""
+
+FINETUNES = ("finetune-*", "lum_finetune-*")
+"""Directory names of the stages a report reads (at any depth under the experiment)."""
+
+
+class ReportError(UserError, ValueError):
+    """No report can be made of what was given; the message names the directory or file."""
 
 
 def law_caveat(law: dict | None) -> str:
@@ -93,26 +102,72 @@ def _seconds(stage: Path) -> float:
         return 0.0
 
 
+def _record(stage: Path) -> dict[str, Any]:
+    """The ``stage.json`` of a finished finetune stage, with the keys a report reads."""
+    path = stage / "stage.json"
+    try:
+        record = json.loads(path.read_text())
+    except OSError as err:
+        raise ReportError(
+            f"cannot read a finished stage's record: {describe_os_error(err)}"
+        ) from None
+    except ValueError as err:
+        raise ReportError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(record, dict):
+        raise ReportError(f"{path}: expected a JSON object, the record of a finetune stage")
+    config = record.get("config")
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict) or "size" not in model or "strategy" not in record:
+        raise ReportError(
+            f"{path}: not the record of a finished finetune stage (no config.model.size or "
+            "strategy)"
+        )
+    return record
+
+
+def finished(experiment: str | Path) -> list[Path]:
+    """The finished finetune stages under ``experiment``; a ReportError naming the directory
+    when it is missing or holds none."""
+    root = Path(experiment)
+    if not root.is_dir():
+        problem = "is not a directory" if root.exists() else "no such directory"
+        raise ReportError(f"{root}: {problem}; give an experiment directory or file")
+    stages = sorted(s for pattern in FINETUNES for s in root.glob(f"**/{pattern}") if s.is_dir())
+    done = [s for s in stages if (s / "DONE").is_file()]
+    if not done:
+        what = {0: "no finetune stage", 1: "1 finetune stage, not finished"}.get(
+            len(stages), f"{len(stages)} finetune stages, none finished"
+        )
+        raise ReportError(
+            f"{root}: {what} (a stage is finished when its DONE file is written); "
+            "run `recsys pipeline run` first"
+        )
+    return done
+
+
+def _chain(stage: Path, inputs: dict[str, Any]) -> list[Path]:
+    """The stages of a finetune stage's chain: its init (freeze or transfer), a freeze's
+    transfer, a transfer's pretraining (as far as their records can be read)."""
+    chain = [stage]
+    init = inputs.get("init") or inputs.get("features")
+    while isinstance(init, str) and init and Path(init) not in chain:
+        chain.append(Path(init))
+        try:
+            before = json.loads((Path(init) / "stage.json").read_text())["inputs"]
+            init = before.get("init") or before.get("pretrained")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            init = None
+    return chain
+
+
 def collect(experiment: str | Path) -> list[dict[str, Any]]:
     """One row per finished finetune stage, ordered by sets, size, model, strategy, seed."""
     rows = []
-    root = Path(experiment)
-    finished = [*root.glob("**/finetune-*/DONE"), *root.glob("**/lum_finetune-*/DONE")]
-    for done in sorted(finished):
-        record = json.loads((done.parent / "stage.json").read_text())
-        results, config = record.get("results", {}), record["config"]
-        inputs = record.get("inputs", {})
-        # The chain's stages: its init (freeze or transfer), a freeze's transfer, a
-        # transfer's pretraining.
-        chain = [done.parent]
-        init = inputs.get("init") or inputs.get("features")
-        while init:
-            chain.append(Path(init))
-            try:
-                before = json.loads((Path(init) / "stage.json").read_text())["inputs"]
-                init = before.get("init") or before.get("pretrained")
-            except (OSError, ValueError, KeyError):
-                init = None
+    for stage in finished(experiment):
+        record = _record(stage)
+        results, config = record.get("results") or {}, record["config"]
+        inputs = record.get("inputs") or {}
+        chain = _chain(stage, inputs)
         rows.append(
             {
                 "size": config["model"]["size"],
@@ -131,7 +186,7 @@ def collect(experiment: str | Path) -> list[dict[str, Any]]:
                 "seconds": record.get("seconds"),
                 "chain_seconds": sum(_seconds(s) for s in chain),
                 "epochs": record.get("epochs", []),
-                "stage": str(done.parent),
+                "stage": str(stage),
             }
         )
     rank = {s: i for i, s in enumerate(ORDER)}
@@ -587,8 +642,9 @@ def write(
     the main tables' markdown and the runs. ``notes``: markdown put under the title, or the
     path of a ``.md`` file holding it."""
     experiment = Path(experiment)
+    out = None if out is None else _target(Path(out))
     if notes and notes.strip().endswith(".md") and "\n" not in notes.strip():
-        notes = Path(notes.strip()).read_text()  # notes kept in their own markdown file
+        notes = _notes(Path(notes.strip()))
     rows = collect(experiment)
     cells = aggregate(rows)
     pops = popularity(rows)
@@ -600,17 +656,63 @@ def write(
     payload = {"runs": rows, "cells": cells, "popularity": pops, "fits": fitted}
     (experiment / "report.json").write_text(json.dumps(payload, indent=2) + "\n")
     if out is not None:
-        out = Path(out)
-        assets = out.parent / out.stem
-        assets.mkdir(parents=True, exist_ok=True)
-        links = {}
-        for name, path in figures.items():
-            target = assets / path.name
-            target.write_bytes(path.read_bytes())
-            links[name] = f"{assets.name}/{path.name}"
-        out.write_text(render(rows, cells, pops, fitted, links, title, notes))
+
+        def text(links: dict[str, str]) -> str:
+            return render(rows, cells, pops, fitted, links, title, notes)
+
+        try:
+            _copy(out, figures, text)
+        except OSError as err:
+            raise ReportError(
+                f"report file {out}: cannot be written: {describe_os_error(err)}"
+            ) from None
     summary = "".join(
         table3([c for c in cells if (c["train"], c["eval"]) == key], pops.get(key[1]))
         for key in dict.fromkeys((c["train"], c["eval"]) for c in cells)
     )
     return summary, rows
+
+
+def _target(out: Path) -> Path:
+    """``out``, checked to be a file name a report and its figures' folder can take."""
+    if out.is_dir():
+        raise ReportError(
+            f"report file {out}: is a directory; give a markdown file, e.g. {out / 'results.md'}"
+        )
+    if not out.suffix:
+        raise ReportError(
+            f"report file {out}: give a name with a suffix, e.g. {out}.md (the figures go "
+            f"into the folder {out.name}/ beside it)"
+        )
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ReportError(f"report file {out}: lies under {above}, a file")
+    assets = out.parent / out.stem
+    if assets.exists() and not assets.is_dir():
+        raise ReportError(f"report file {out}: its figures' folder {assets} is a file")
+    return out
+
+
+def _notes(path: Path) -> str:
+    """The markdown of a notes file."""
+    try:
+        return path.read_text()
+    except OSError as err:
+        raise ReportError(f"report notes: {describe_os_error(err)}") from None
+
+
+def _copy(out: Path, figures: dict[str, Path], text: Callable[[dict[str, str]], str]) -> None:
+    """The report ``text`` (given the figures' links) to ``out``, its figures into the folder
+    of ``out``'s name beside it; the file is written whole or not at all."""
+    assets = out.parent / out.stem
+    assets.mkdir(parents=True, exist_ok=True)
+    links = {}
+    for name, path in figures.items():
+        (assets / path.name).write_bytes(path.read_bytes())
+        links[name] = f"{assets.name}/{path.name}"
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        partial.write_text(text(links))
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from recsys.plan.hosts import HOSTS
 
@@ -115,45 +116,78 @@ def quiet_planner() -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from recsys.plan import planfile, show
-    from recsys.plan.hosts import cluster
-    from recsys.plan.make import PlanError, Request, make, parse_table
-    from recsys.stages.config import ConfigError, load
+    from recsys.errors import UserError, report
 
     quiet_planner()
     try:
-        if args.compare:
-            a, b = (planfile.read(p) for p in args.compare)
-            lines = show.compare(a, b, tuple(args.compare))
-            print("\n".join(lines) if lines else "the plans place every table the same way")
-            return 1 if lines else 0
-        if args.show:
-            print(show.render(planfile.read(args.show), args.format))
-            return 0
-        config = load(args.config, args.overrides, args.stage)
-        ranks = cluster(
-            args.host,
-            world_size=args.world_size,
-            job=args.job,
-            device=args.device,
-            hbm_gb=args.hbm_gb,
-            ddr_gb=args.ddr_gb,
-        )
-        tables = dict(parse_table(t) for t in args.table)
-        request = Request(
-            stage=args.stage,
-            tables=tables,
-            frozen=tuple(t for t in args.frozen.split(",") if t),
-            sharding_types=_sharding_types(args.sharding_types),
-            compute_kernels=tuple(k for k in args.compute_kernels.split(",") if k),
-            batch_size=args.batch_size,
-        )
-        doc = make(config, request, ranks)
-    except (PlanError, ConfigError, planfile.PlanFileError, ValueError) as err:
-        print(f"recsys plan: {err}", file=sys.stderr)
+        return _run(args)
+    except UserError as err:
+        report(err, "recsys plan")
         return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from recsys.plan import planfile, show
+    from recsys.plan.hosts import cluster
+    from recsys.plan.make import Request, make, parse_tables
+    from recsys.stages.config import load
+
+    if args.compare:
+        a, b = (planfile.read(p) for p in args.compare)
+        lines = show.compare(a, b, tuple(args.compare))
+        print("\n".join(lines) if lines else "the plans place every table the same way")
+        return 1 if lines else 0
+    if args.show:
+        print(show.render(planfile.read(args.show), args.format))
+        return 0
+    if args.out:
+        check_out(Path(args.out))
+    config = load(args.config, args.overrides, args.stage)
+    ranks = cluster(
+        args.host,
+        world_size=args.world_size,
+        job=args.job,
+        device=args.device,
+        hbm_gb=args.hbm_gb,
+        ddr_gb=args.ddr_gb,
+    )
+    request = Request(
+        stage=args.stage,
+        tables=parse_tables(args.table),
+        frozen=tuple(t for t in args.frozen.split(",") if t),
+        sharding_types=_sharding_types(args.sharding_types),
+        compute_kernels=tuple(k for k in args.compute_kernels.split(",") if k),
+        batch_size=args.batch_size,
+    )
+    doc = make(config, request, ranks)
+    if args.out:
+        write(doc, Path(args.out))
     print(show.render(doc, args.format))
     if args.out:
-        planfile.write(doc, args.out)
         print(f"plan written to {args.out}", file=sys.stderr)
     return 0
+
+
+def check_out(path: Path) -> None:
+    """``--out`` names a file that can be written: not a directory, not under a file."""
+    from recsys.plan.make import PlanError
+
+    if path.is_dir():
+        raise PlanError(f"--out {path}: is a directory; give a file, e.g. {path / 'plan.json'}")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise PlanError(f"--out {path}: lies under {above}, a file")
+
+
+def write(doc: dict, path: Path) -> None:
+    """The plan to ``path`` (whole or not at all), or a PlanError naming ``--out`` (not the
+    temporary file the plan is written to first)."""
+    from recsys.plan import planfile
+    from recsys.plan.make import PlanError
+
+    try:
+        planfile.write(doc, path)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        reason = reason[:1].lower() + reason[1:]
+        raise PlanError(f"--out {path}: cannot be written: {reason}") from None

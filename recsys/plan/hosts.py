@@ -13,11 +13,27 @@ p5.48xlarge (8× H100 80 GB, 2048 GiB, 3200 Gb/s).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 
+from recsys.errors import UserError
+
 GB = 1024**3
 """Bytes per GiB: the planner's and this tool's "GB"."""
+
+MAX_WORLD_SIZE = 65536
+"""The most ranks a plan is made for: TorchRec's planner takes about 3 ms per rank on a CPU
+(32,768 ranks: 100 s), and its topology holds one record per rank."""
+
+MAX_MEMORY_GB = (2**63 - 1) / GB
+"""The most memory a rank is given, in GB: 2^63 - 1 bytes (8 EiB), what a byte count in
+int64 holds."""
+
+
+class ClusterError(UserError, ValueError):
+    """A job shape or a memory figure that cannot be planned for; the message names the
+    option."""
 
 
 @dataclass(frozen=True)
@@ -117,38 +133,60 @@ def cluster(
     """The ranks of ``host`` hosts given by ``job`` (``NNODESxNPROC``, TorchX's ``-j``) or
     ``world_size`` (filling hosts of the preset's size), with overrides."""
     if host not in HOSTS:
-        raise ValueError(f"unknown host {host!r}; presets: {', '.join(HOSTS)}")
+        raise ClusterError(f"unknown host {host!r}; presets: {', '.join(HOSTS)}")
     preset = HOSTS[host]
     if device is not None:
         if device not in ("cuda", "cpu"):
-            raise ValueError(f"device must be cuda or cpu, got {device!r}")
+            raise ClusterError(f"device must be cuda or cpu, got {device!r}")
         if device != preset.device:
             preset = replace(preset, device=device)
     if hbm_gb is not None:
-        if hbm_gb <= 0:
-            raise ValueError(f"--hbm-gb must be > 0, got {hbm_gb:g}")
-        preset = replace(preset, hbm_gb=hbm_gb)
+        preset = replace(preset, hbm_gb=_memory("--hbm-gb", hbm_gb))
     if ddr_gb is not None:
-        if ddr_gb <= 0:
-            raise ValueError(f"--ddr-gb must be > 0, got {ddr_gb:g}")
-        preset = replace(preset, ddr_gb=ddr_gb)
-    if world_size is not None and world_size < 1:
-        raise ValueError(f"--world-size must be >= 1, got {world_size}")
+        preset = replace(preset, ddr_gb=_memory("--ddr-gb", ddr_gb))
+    if world_size is not None:
+        _ranks("--world-size", world_size)
     if job is not None:
         if world_size is not None:
-            raise ValueError("give the job shape (-j NNODESxNPROC) or --world-size, not both")
+            raise ClusterError("give the job shape (-j NNODESxNPROC) or --world-size, not both")
         match = re.fullmatch(r"(\d+)x(\d+)", job)
         if not match:
-            raise ValueError(f"-j {job!r}: expected NNODESxNPROC, e.g. 4x8")
+            raise ClusterError(f"-j {job!r}: expected NNODESxNPROC, e.g. 4x8")
         nodes, procs = int(match[1]), int(match[2])
         if nodes < 1 or procs < 1:
-            raise ValueError(f"-j {job!r}: nodes and processes must be >= 1")
+            raise ClusterError(f"-j {job!r}: nodes and processes must be >= 1")
+        _ranks(f"-j {job}", nodes * procs)
         return Cluster(preset, nodes * procs, procs)
     world = world_size or preset.ranks_per_host
     local = min(world, preset.ranks_per_host)
     if world % local:
-        raise ValueError(
+        raise ClusterError(
             f"--world-size {world} is not a whole number of {host} hosts of "
             f"{preset.ranks_per_host} ranks; give -j NNODESxNPROC"
         )
     return Cluster(preset, world, local)
+
+
+def _memory(option: str, gb: float) -> float:
+    """A memory figure in GB: finite, > 0, at most :data:`MAX_MEMORY_GB`."""
+    if not math.isfinite(gb):
+        raise ClusterError(f"{option} must be a finite number > 0, got {gb:g}")
+    if gb <= 0:
+        raise ClusterError(f"{option} must be > 0, got {gb:g}")
+    if gb > MAX_MEMORY_GB:
+        raise ClusterError(
+            f"{option} {gb:g}: at most {MAX_MEMORY_GB:,.0f} GB (2^63 - 1 bytes, what a byte "
+            "count in int64 holds)"
+        )
+    return gb
+
+
+def _ranks(option: str, ranks: int) -> None:
+    """A number of ranks in [1, :data:`MAX_WORLD_SIZE`]."""
+    if ranks < 1:
+        raise ClusterError(f"{option} must be >= 1, got {ranks}")
+    if ranks > MAX_WORLD_SIZE:
+        raise ClusterError(
+            f"{option}: {ranks:,} ranks; plans are made for at most {MAX_WORLD_SIZE:,} "
+            "(TorchRec's planner takes about 3 ms per rank)"
+        )

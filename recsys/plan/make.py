@@ -14,13 +14,15 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 
+import torch
 from torch import nn
 
 from recsys.data.schema import DatasetMeta
 from recsys.distributed.planning import constraints_for, run_planner
 from recsys.errors import UserError
-from recsys.plan.hosts import GB, Cluster
+from recsys.plan.hosts import GB, MAX_WORLD_SIZE, Cluster
 from recsys.stages.config import StageConfig
 
 STAGES = {"pretrain": "seq", "finetune": "ctr"}
@@ -29,6 +31,18 @@ STAGES = {"pretrain": "seq", "finetune": "ctr"}
 COMPUTE_KERNELS = ("fused", "fused_uvm_caching", "fused_uvm")
 """Kernels a plan may use: tables in HBM (``fused``, the only one on CPU), in host memory
 with an HBM cache (``fused_uvm_caching``) or in host memory (``fused_uvm``)."""
+
+
+TENSOR_BYTES = 2**63 - 1
+"""The most bytes one tensor holds: PyTorch counts a storage's bytes in int64 (a larger
+table fails to build, even on the meta device)."""
+
+FP32 = 4
+"""Bytes per element of every table (float32)."""
+
+CONFIRM_RANKS = 8192
+"""The largest job a can't-fit explanation plans to confirm it (TorchRec's planner takes
+about 3 ms per rank on a CPU; beyond this the job is estimated, not planned)."""
 
 
 class PlanError(UserError, ValueError):
@@ -54,19 +68,81 @@ class Request:
     """Per-rank batch (the config's ``data.batch_size`` when None)."""
 
 
+TABLE = re.compile(r"([A-Za-z_]\w*)=([-+0-9.eE_,]+)(?:x([-+]?\d+))?")
+
+
 def parse_table(text: str) -> tuple[str, tuple[int, int | None]]:
-    """``item=4e9x64`` or ``item=4e9`` → ``("item", (4000000000, 64 | None))``."""
-    match = re.fullmatch(r"([A-Za-z_][\w]*)=([0-9.eE+_,]+)(?:x(\d+))?", text.strip())
+    """``item=4e9x64`` or ``item=4e9`` → ``("item", (4000000000, 64 | None))``, exactly
+    (``9007199254740993`` stays that number)."""
+    match = TABLE.fullmatch(text.strip())
     if not match:
         raise PlanError(f"--table {text!r}: expected NAME=ROWS or NAME=ROWSxDIM, e.g. item=4e9x64")
     name, rows_text, dim = match[1], match[2].replace("_", "").replace(",", ""), match[3]
     try:
-        rows = float(rows_text)
-    except ValueError:
+        rows = Decimal(rows_text)
+    except InvalidOperation:
         raise PlanError(f"--table {text!r}: rows {rows_text!r} is not a number") from None
-    if rows < 1 or rows != int(rows):
+    if rows < 1 or rows != rows.to_integral_value():
         raise PlanError(f"--table {text!r}: rows must be a whole number >= 1")
+    if rows > TENSOR_BYTES:  # compared before int(): 1e999999 would take minutes to convert
+        raise PlanError(
+            f"--table {text!r}: {rows_text} rows is over 2^63 - 1, the most rows a tensor "
+            "holds (PyTorch counts in int64)"
+        )
+    if dim is not None and int(dim) < 1:
+        raise PlanError(f"--table {text!r}: the width must be >= 1 (and the model's)")
     return name, (int(rows), int(dim) if dim else None)
+
+
+def parse_tables(texts: list[str]) -> dict[str, tuple[int, int | None]]:
+    """Every ``--table``; a table given twice is refused."""
+    tables: dict[str, tuple[int, int | None]] = {}
+    for text in texts:
+        name, size = parse_table(text)
+        if name in tables:
+            raise PlanError(f"--table {name} is given twice; give each table once")
+        if hasattr(nn.ModuleDict(), name):  # TorchRec keeps tables in one, by name
+            raise PlanError(
+                f"--table {name}: a table cannot be named like an attribute of torch's "
+                f"ModuleDict ({name!r}), where TorchRec keeps tables; rename it"
+            )
+        tables[name] = size
+    return tables
+
+
+def most_rows(width: int) -> int:
+    """The most rows a table of ``width`` fp32 columns can have (:data:`TENSOR_BYTES`)."""
+    return TENSOR_BYTES // (width * FP32)
+
+
+def check_table_sizes(vocab: dict[str, int], width: int, source: str) -> None:
+    """Each table of ``vocab`` (rows per table) at ``width`` fits one tensor."""
+    for name, rows in vocab.items():
+        if rows > most_rows(width):
+            raise PlanError(
+                f"table {name!r} ({source}): {rows:,} rows × {width} × {FP32} bytes (fp32) is "
+                f"over 2^63 - 1 bytes, the most a tensor holds (PyTorch counts bytes in "
+                f"int64); at width {width} a table has at most {most_rows(width):,} rows"
+            )
+
+
+def check_batch(batch: int, config: StageConfig, given: bool) -> None:
+    """The per-rank batch is >= 1 and its embeddings (batch × (max_len + 1) tokens × width
+    fp32) fit one tensor."""
+    from recsys.stages import build
+
+    name = "--batch-size" if given else "data.batch_size"
+    if batch < 1:
+        raise PlanError(f"{name} {batch}: the per-rank batch must be >= 1")
+    tokens = config.model.max_len + 1
+    width = build.tower(config.model).hidden
+    most = TENSOR_BYTES // (tokens * width * FP32)
+    if batch > most:
+        raise PlanError(
+            f"{name} {batch:,}: a batch's embeddings ({tokens} tokens × width {width} × "
+            f"{FP32} bytes per row) would be over 2^63 - 1 bytes, the most a tensor holds; "
+            f"at most {most:,} rows per rank"
+        )
 
 
 def vocabularies(config: StageConfig, request: Request) -> DatasetMeta:
@@ -81,8 +157,10 @@ def vocabularies(config: StageConfig, request: Request) -> DatasetMeta:
     if config.data.train:
         try:
             meta = dataset_meta(config.data.train, kind, "data.train")
-        except StageError as err:
+        except StageError as err:  # names data.train itself
             raise PlanError(str(err)) from None
+        except UserError as err:
+            raise PlanError(f"data.train: {err}") from None
         known = ["item", *meta.side_features]
         unknown = sorted(set(rows) - set(known))
         if unknown:
@@ -108,8 +186,14 @@ def meta_model(config: StageConfig, request: Request) -> nn.Module:
 
     if request.stage not in STAGES:
         raise PlanError(f"--stage {request.stage!r}: expected one of {', '.join(STAGES)}")
+    try:
+        width = build.tower(config.model).hidden
+    except ValueError as err:
+        raise PlanError(f"model.size={config.model.size}: {err}") from None
     meta = vocabularies(config, request)
-    width = build.tower(config.model).hidden
+    given = {n for n in meta.vocab if n in request.tables}
+    check_table_sizes({n: meta.vocab[n] for n in given}, width, "--table")
+    check_table_sizes({n: r for n, r in meta.vocab.items() if n not in given}, width, "data.train")
     for name, (_, dim) in request.tables.items():
         if dim is not None and dim != width:
             raise PlanError(
@@ -121,12 +205,13 @@ def meta_model(config: StageConfig, request: Request) -> nn.Module:
     unknown = sorted(set(request.frozen) - set(tables))
     if unknown:
         raise PlanError(f"--frozen {', '.join(unknown)}: no such table; tables: {tables}")
-    if request.stage == "pretrain":
-        model = build.generative_model(config.model, meta)
-        if request.frozen:
-            raise PlanError("--frozen applies to the finetune model (sparse freezing)")
-    else:
-        model = build.ctr_model(config.model, meta, frozen=tuple(request.frozen))
+    if request.stage == "pretrain" and request.frozen:
+        raise PlanError("--frozen applies to the finetune model (sparse freezing)")
+    with torch.device("meta"):  # the dense part too: no memory, whatever the width
+        if request.stage == "pretrain":
+            model = build.generative_model(config.model, meta)
+        else:
+            model = build.ctr_model(config.model, meta, frozen=tuple(request.frozen))
     attach_sparse_optimizer(model, config.optim)
     return model
 
@@ -181,7 +266,9 @@ def make(config: StageConfig, request: Request, cluster: Cluster) -> dict:
         constraints = constraints_for(model, types, request.compute_kernels)
     except ValueError as err:
         raise PlanError(f"--sharding-types: {err}") from None
-    batch = request.batch_size or config.data.batch_size
+    given = request.batch_size is not None
+    batch = request.batch_size if given else config.data.batch_size
+    check_batch(batch, config, given)
     start = time.perf_counter()
     try:
         _, options = run_planner(model, cluster.topology(), constraints, batch)
@@ -189,14 +276,15 @@ def make(config: StageConfig, request: Request, cluster: Cluster) -> dict:
         placement = (PlannerErrorType.INSUFFICIENT_STORAGE, PlannerErrorType.STRICT_CONSTRAINTS)
         if err.error_type in placement:
 
-            def fits(ranks: Cluster) -> bool:
+            def fits(ranks: Cluster, rows: int = batch) -> bool:
                 try:
-                    run_planner(model, ranks.topology(), constraints, batch)
+                    run_planner(model, ranks.topology(), constraints, rows)
                 except PlannerError:
                     return False
                 return True
 
-            raise DoesNotFit(explain(model, config, request, cluster, types, fits)) from None
+            text = explain(model, config, request, cluster, types, fits, batch)
+            raise DoesNotFit(text) from None
         raise PlanError(f"TorchRec's planner found no plan: {err}") from None
     seconds = time.perf_counter() - start
     return document(
@@ -216,6 +304,35 @@ def make(config: StageConfig, request: Request, cluster: Cluster) -> dict:
     )
 
 
+def _smaller_batch(
+    cluster: Cluster, fits: Callable[..., bool] | None, batch: int | None
+) -> int | None:
+    """The largest power of two below ``batch`` rows per rank that the planner fits on
+    ``cluster``, or None (none does, or the job is too large to plan again and again)."""
+    if fits is None or not batch or batch < 2 or cluster.world_size > CONFIRM_RANKS:
+        return None
+    if not fits(cluster, 1):
+        return None
+    low, high = 0, (batch - 1).bit_length() - 1  # 2**low fits; 2**high < batch
+    while low < high:  # about log2(log2(batch)) plans
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(cluster, 2**middle) else (low, middle - 1)
+    return 2**low
+
+
+DENSE_COPIES = 6
+"""How many times its fp32 weights TorchRec's planner reserves for a model's dense part on
+every rank (its heuristic storage reservation: weights, gradients, optimizer state)."""
+
+
+def _dense_bytes(model: nn.Module) -> int:
+    """Bytes of the fp32 weights outside the embedding tables."""
+    from recsys.distributed.planning import embedding_modules
+
+    tables = {id(p) for m in embedding_modules(model).values() for p in m.parameters()}
+    return sum(p.numel() * FP32 for p in model.parameters() if id(p) not in tables)
+
+
 RESERVE = 0.15
 """Share of each rank's memory TorchRec's planner keeps back for the dense part, inputs and
 activations (its default storage reservation)."""
@@ -227,10 +344,13 @@ def explain(
     request: Request,
     cluster: Cluster,
     sharding_types: dict[str, list[str]],
-    fits: Callable[[Cluster], bool] | None = None,
+    fits: Callable[..., bool] | None = None,
+    batch: int | None = None,
 ) -> str:
     """Why the tables do not fit ``cluster`` and what would: the biggest table and its
-    needs, the memory the ranks have, and the changes that would make room."""
+    needs, the memory the ranks have, and the changes that would make room. ``fits(ranks,
+    rows)`` plans again (``rows``: the per-rank ``batch`` when not given) to confirm a
+    proposal; jobs over :data:`CONFIRM_RANKS` ranks are estimated only."""
     frozen = set(model.sparse.config.frozen)
     optimizer = config.optim.sparse
     needs = {}
@@ -257,6 +377,15 @@ def explain(
         f"{held / GB:,.1f} GB in all.",
         "What would fit:",
     ]
+    dense = _dense_bytes(model) * DENSE_COPIES
+    if dense > usable:  # on every rank, however many there are
+        lines.append(
+            f"- a smaller model.size: the dense part of {config.model.size} needs "
+            f"{dense / GB:,.1f} GB on every rank as TorchRec counts it ({DENSE_COPIES}× its "
+            f"fp32 weights: gradients, optimizer state, copies), more than a rank's "
+            f"{usable / GB:,.1f} GB"
+        )
+        return "\n".join(lines)
     only_whole = [
         n for n, types in sharding_types.items() if "row_wise" not in types and n in needs
     ]
@@ -268,7 +397,13 @@ def explain(
             f"few ranks, and no rank holds {too_big[0]!r} (--sharding-types {too_big[0]}=row_wise)"
         )
     if total * 1.05 <= held:  # memory suffices in all: only the placement constraints fail
-        if not too_big:
+        smaller = _smaller_batch(cluster, fits, batch) if not too_big else None
+        if smaller is not None:
+            lines.append(
+                f"- a smaller --batch-size: {smaller:,} rows per rank fit; TorchRec counts "
+                f"input and output buffers for {batch:,}, which do not"
+            )
+        elif not too_big:
             lines.append("- fewer constraints (--sharding-types): TorchRec could not meet these")
         return "\n".join(lines)
     if too_big:  # no number of ranks holds these whole: plan them with the row-wise ones
@@ -277,17 +412,23 @@ def explain(
     hosts = max(math.ceil(ranks / cluster.local_world_size), 1)
     checked = False
     for _ in range(4):  # confirm with the planner, a few hosts more each time
-        if fits is None:
+        if fits is None or hosts * cluster.local_world_size > CONFIRM_RANKS:
             break
         bigger = Cluster(cluster.host, hosts * cluster.local_world_size, cluster.local_world_size)
         if bigger.world_size > cluster.world_size and fits(bigger):
             checked = True
             break
         hosts = max(hosts + 1, math.ceil(hosts * 1.25))
+    more = hosts * cluster.local_world_size
+    if checked:
+        how = " fit, as planned with these constraints"
+    elif more > MAX_WORLD_SIZE:
+        how = f", more than a plan is made for ({MAX_WORLD_SIZE:,}): smaller tables"
+    else:
+        how = ", the large tables row_wise"
     lines.append(
-        f"- more ranks: {'' if checked else 'about '}{hosts * cluster.local_world_size} "
-        f"(-j {hosts}x{cluster.local_world_size})"
-        + (" fit, as planned with these constraints" if checked else ", the large tables row_wise")
+        f"- more ranks: {'' if checked else 'about '}{more:,} "
+        f"(-j {hosts}x{cluster.local_world_size}){how}"
     )
     capacity = cluster.world_size * usable / 1.05
     width = table.dim

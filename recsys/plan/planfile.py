@@ -176,9 +176,10 @@ def read(path: str | Path) -> dict[str, Any]:
         raise PlanFileError(
             f"{path}: plan format version {doc.get('version')!r}; this recsys reads {VERSION}"
         )
-    for key in ("cluster", "tables", "ranks"):
+    for key in ("cluster", "model", "tables", "ranks"):
         if key not in doc:
             raise PlanFileError(f"{path}: plan file without {key!r}")
+    _check_layout(doc, str(path))
     return doc
 
 
@@ -192,26 +193,103 @@ def _model_tables(model: nn.Module) -> dict[str, tuple[str, tuple[int, int]]]:
     return out
 
 
-TABLE_KEYS = ("name", "rows", "dim", "frozen", "sharding_type", "compute_kernel", "shards")
-SHARD_KEYS = ("rank", "offsets", "sizes")
+PAIR = "pair"
+"""Two whole numbers >= 0 (a shard's offsets or sizes)."""
+WHOLES = "wholes"
+"""A list of whole numbers >= 0 (a table's ranks)."""
+
+CLUSTER_KEYS = {
+    "host": str,
+    "device": str,
+    "world_size": 1,
+    "local_world_size": 1,
+    "hbm_bytes_per_rank": 0,
+    "ddr_bytes_per_rank": 0,
+}
+MODEL_KEYS = {"stage": str, "arch": str, "size": str, "batch_size": 1, "sparse_optimizer": str}
+TABLE_KEYS = {
+    "name": str,
+    "rows": 1,
+    "dim": 1,
+    "frozen": bool,
+    "sharding_type": str,
+    "compute_kernel": str,
+    "ranks": WHOLES,
+    "shards": list,
+    "optimizer_bytes_saved": 0,
+}
+SHARD_KEYS = {
+    "rank": 0,
+    "offsets": PAIR,
+    "sizes": PAIR,
+    "hbm_bytes": 0,
+    "ddr_bytes": 0,
+    "weight_bytes": 0,
+    "optimizer_bytes": 0,
+}
+RANK_KEYS = {
+    "rank": 0,
+    "hbm_bytes": 0,
+    "ddr_bytes": 0,
+    "weight_bytes": 0,
+    "optimizer_bytes": 0,
+    "other_bytes": 0,
+}
+"""What each part of a version-1 plan holds: a type, a whole number's least value, or a
+list (:data:`PAIR`, :data:`WHOLES`). Keys not listed are ignored (docs/plan.md)."""
+
+
+def _whole(value: Any, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    if kind == PAIR:
+        return isinstance(value, list) and len(value) == 2 and all(_whole(v) for v in value)
+    if kind == WHOLES:
+        return isinstance(value, list) and all(_whole(v) for v in value)
+    if isinstance(kind, type):
+        return isinstance(value, kind)
+    return _whole(value, kind)
+
+
+def _wanted(kind: Any) -> str:
+    names = {str: "text", bool: "true or false", list: "a list", PAIR: "two whole numbers"}
+    if kind == WHOLES:
+        return "a list of whole numbers"
+    return names.get(kind) or f"a whole number >= {kind}"
+
+
+def _check_entry(entry: Any, keys: dict[str, Any], where: str) -> None:
+    """``entry`` is an object holding ``keys`` of their kinds, or a PlanFileError naming
+    ``where`` and the key."""
+    if not isinstance(entry, dict):
+        raise PlanFileError(f"{where} is not an object")
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise PlanFileError(f"{where} lacks {', '.join(missing)}")
+    for key, kind in keys.items():
+        if not _fits(entry[key], kind):
+            shown = json.dumps(entry[key])
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise PlanFileError(f"{where}: {key} must be {_wanted(kind)}, got {shown}")
 
 
 def _check_layout(doc: dict[str, Any], where: str) -> None:
-    """Every table and shard entry has the keys the plan needs."""
-    if not isinstance(doc["cluster"], dict) or not {"world_size", "device"} <= set(doc["cluster"]):
-        raise PlanFileError(f"{where}: 'cluster' needs world_size and device")
-    if not isinstance(doc["tables"], list):
-        raise PlanFileError(f"{where}: 'tables' must be a list")
+    """Every part of the plan holds the keys a reader needs, of their kinds."""
+    _check_entry(doc["cluster"], CLUSTER_KEYS, f"{where}: 'cluster'")
+    _check_entry(doc.get("model"), MODEL_KEYS, f"{where}: 'model'")
+    for key in ("tables", "ranks"):
+        if not isinstance(doc[key], list):
+            raise PlanFileError(f"{where}: '{key}' must be a list")
     for i, table in enumerate(doc["tables"]):
-        missing = [k for k in TABLE_KEYS if not isinstance(table, dict) or k not in table]
-        if missing:
-            raise PlanFileError(f"{where}: table entry {i} lacks {', '.join(missing)}")
+        name = table.get("name") if isinstance(table, dict) else None
+        label = f"table {name!r}" if isinstance(name, str) else f"table entry {i}"
+        _check_entry(table, TABLE_KEYS, f"{where}: {label}")
         for j, shard in enumerate(table["shards"]):
-            missing = [k for k in SHARD_KEYS if not isinstance(shard, dict) or k not in shard]
-            if missing:
-                raise PlanFileError(
-                    f"{where}: table {table['name']!r}, shard {j} lacks {', '.join(missing)}"
-                )
+            _check_entry(shard, SHARD_KEYS, f"{where}: {label}, shard {j}")
+    for i, rank in enumerate(doc["ranks"]):
+        _check_entry(rank, RANK_KEYS, f"{where}: rank entry {i}")
 
 
 def check(doc: dict[str, Any], model: nn.Module, world_size: int, device: str, where: str) -> None:

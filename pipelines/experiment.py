@@ -41,6 +41,7 @@ from pipelines.gpsd import BASELINES, STRATEGIES, PipelineError, Study
 from pipelines.lum import DEFAULT_VARIANTS, LumStudy
 from pipelines.profiles import load_profile
 from recsys.errors import describe_os_error
+from recsys.stages.config import ConfigError
 
 ARM_KEYS = {
     "name",
@@ -303,10 +304,12 @@ def run(experiment: Experiment, profile: str | None, profiles_path: str | Path, 
     from pipelines import gpsd, lum
 
     chosen = load_profile(profile or experiment.profile or "local_cwd", profiles_path)
-    arms = [
-        (name, lum.plan(arm) if isinstance(arm, LumStudy) else gpsd.plan(arm))
-        for name, arm in zip(experiment.names, experiment.arms, strict=True)
-    ]
+    arms = []
+    for i, (name, arm) in enumerate(zip(experiment.names, experiment.arms, strict=True)):
+        try:
+            arms.append((name, lum.plan(arm) if isinstance(arm, LumStudy) else gpsd.plan(arm)))
+        except ConfigError as err:  # the config read for the arm's default size
+            raise _fail(experiment.path, f"arms[{i}] ({name})", str(err)) from None
     every = [step for _, steps in arms for step in steps]
     gpsd.apply_profile(every, chosen)
     configs = gpsd.check_configs(every)

@@ -468,9 +468,9 @@ def check_configs(steps: list[Step]) -> list[StageConfig]:
     for step in steps:
         try:
             config = load(step.config, step.overrides, step.stage)
-        except ConfigError as err:
-            where = f"config {step.config}" if step.config else "config"
-            raise _refused(step, f"{where}: {err}") from None
+        except ConfigError as err:  # named with the config file unless the message names it
+            named = not step.config or str(err).startswith(str(step.config))
+            raise _refused(step, str(err) if named else f"config {step.config}: {err}") from None
         try:
             tower(config.model)
         except ValueError as err:
@@ -481,28 +481,57 @@ def check_configs(steps: list[Step]) -> list[StageConfig]:
 
 def check_data(steps: list[Step], configs: list[StageConfig], profile: Profile) -> None:
     """Every dataset a stage will read exists, of the kind it reads, with a readable
-    ``dataset.json``. Jobs of container schedulers and URIs (``s3://``) see storage this host
-    may not: those are left to the stages."""
-    from recsys.stages.build import dataset_meta
-
+    ``dataset.json``; a plan file (``plan.file``) reads as one, made for the profile's ranks.
+    Jobs of container schedulers and URIs (``s3://``) see storage this host may not: those
+    are left to the stages."""
     if profile.scheduler in CONTAINER_SCHEDULERS:
         return
     seen: set[tuple[str, str]] = set()
     for step, config in zip(steps, configs, strict=True):
-        kind = DATA_KINDS.get(step.stage)
-        read = [("data.train", config.data.train)]
-        if step.stage in VALIDATES:
-            read.append(("data.valid", config.data.valid))
-        for key, path in read:
-            if kind is None or not path or "://" in path or (path, kind) in seen:
-                continue
-            try:
-                dataset_meta(path, kind, key)
-            except StageError as err:
-                raise _refused(step, str(err)) from None
-            except (UserError, OSError) as err:
-                raise _refused(step, f"{key}: {one_line(err)}") from None
-            seen.add((path, kind))
+        _check_datasets(step, config, seen)
+        _check_plan_file(step, config, profile, seen)
+
+
+def _check_datasets(step: Step, config: StageConfig, seen: set[tuple[str, str]]) -> None:
+    from recsys.stages.build import dataset_meta
+
+    kind = DATA_KINDS.get(step.stage)
+    read = [("data.train", config.data.train)]
+    if step.stage in VALIDATES:
+        read.append(("data.valid", config.data.valid))
+    for key, path in read:
+        if kind is None or not path or "://" in path or (path, kind) in seen:
+            continue
+        try:
+            dataset_meta(path, kind, key)
+        except StageError as err:  # names the key itself
+            raise _refused(step, str(err)) from None
+        except (UserError, OSError) as err:
+            raise _refused(step, f"{key}: {one_line(err)}") from None
+        seen.add((path, kind))
+
+
+def _check_plan_file(
+    step: Step, config: StageConfig, profile: Profile, seen: set[tuple[str, str]]
+) -> None:
+    from recsys.plan import planfile
+
+    path = config.plan.file
+    if not path or "://" in path or (path, "plan") in seen:
+        return
+    try:
+        doc = planfile.read(path)
+    except (UserError, OSError) as err:
+        raise _refused(step, f"plan.file: {one_line(err)}") from None
+    ranks = profile.nnodes * profile.nproc_per_node
+    if doc["cluster"]["world_size"] != ranks:
+        raise _refused(
+            step,
+            f"plan.file {path} was made for {doc['cluster']['world_size']} ranks; profile "
+            f"{profile.name!r} runs {ranks} (-j {profile.j}): plan again with "
+            f"--world-size {ranks}",
+        )
+    seen.add((path, "plan"))
 
 
 def check_experiment(experiment: str | Path) -> None:

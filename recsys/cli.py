@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from recsys import __version__
 
@@ -34,11 +35,17 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _experiment(args: argparse.Namespace) -> int:
     from pipelines import experiment
-    from pipelines.gpsd import StageFailed
+    from pipelines.gpsd import PipelineError, StageFailed
     from recsys import report
     from recsys.errors import report as report_error
 
     spec = experiment.load(args.experiment)
+    try:  # the report's settings fail now, not after the study
+        if "out" in spec.report:
+            report.check_out(Path(spec.report["out"]))
+        report.read_notes(spec.report.get("notes", ""))
+    except report.ReportError as err:
+        raise PipelineError(f"{spec.path}: {err}") from None
     try:
         steps = experiment.run(spec, args.profile, args.profiles)
     except StageFailed as err:  # the job ran and failed: its lines, exit code 1
@@ -62,8 +69,6 @@ def _names(text: str | None) -> tuple[str, ...]:
 
 def _data_directory(data: str) -> None:
     """``--data`` is a directory (URIs are left to the stages, which read them)."""
-    from pathlib import Path
-
     from pipelines.gpsd import PipelineError
 
     if "://" in data or Path(data).is_dir():

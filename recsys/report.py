@@ -642,9 +642,8 @@ def write(
     the main tables' markdown and the runs. ``notes``: markdown put under the title, or the
     path of a ``.md`` file holding it."""
     experiment = Path(experiment)
-    out = None if out is None else _target(Path(out))
-    if notes and notes.strip().endswith(".md") and "\n" not in notes.strip():
-        notes = _notes(Path(notes.strip()))
+    out = None if out is None else check_out(Path(out))
+    notes = read_notes(notes)
     rows = collect(experiment)
     cells = aggregate(rows)
     pops = popularity(rows)
@@ -673,7 +672,7 @@ def write(
     return summary, rows
 
 
-def _target(out: Path) -> Path:
+def check_out(out: Path) -> Path:
     """``out``, checked to be a file name a report and its figures' folder can take."""
     if out.is_dir():
         raise ReportError(
@@ -693,10 +692,13 @@ def _target(out: Path) -> Path:
     return out
 
 
-def _notes(path: Path) -> str:
-    """The markdown of a notes file."""
+def read_notes(notes: str) -> str:
+    """The markdown of ``notes``: itself, or the file it names (one line ending in ``.md``)."""
+    name = notes.strip()
+    if not name.endswith(".md") or "\n" in name:
+        return notes
     try:
-        return path.read_text()
+        return Path(name).read_text()
     except OSError as err:
         raise ReportError(f"report notes: {describe_os_error(err)}") from None
 

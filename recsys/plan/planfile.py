@@ -167,7 +167,8 @@ def read(path: str | Path) -> dict[str, Any]:
     try:
         doc = json.loads(Path(path).read_text())
     except OSError as err:
-        raise PlanFileError(f"{path}: cannot be read: {err.strerror}") from None
+        reason = err.strerror or str(err)
+        raise PlanFileError(f"{path}: cannot be read: {reason[:1].lower()}{reason[1:]}") from None
     except json.JSONDecodeError as err:
         raise PlanFileError(f"{path}: not a plan file (invalid JSON: {err})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:

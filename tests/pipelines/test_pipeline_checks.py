@@ -154,6 +154,21 @@ def test_a_mistake_in_one_stage_section_stops_before_the_first_stage(
     assert no_jobs == ["L1H16A2-pretrain"]
 
 
+def test_a_plan_file_the_stages_cannot_use_is_named(
+    tmp_path: Path, data: Path, config: Path, capsys: pytest.CaptureFixture
+) -> None:
+    plan = tmp_path / "plan4.json"
+    tables = ["--table", "item=30", "--table", "category=3", "--host", "cpu"]
+    assert cli(["plan", *tables, "-j", "1x4", "--out", str(plan), "model.size=L1H16A2"]) == 0
+    capsys.readouterr()
+    line = refused(capsys, *study(tmp_path, data, config), f"plan={plan}")
+    assert f"plan.file {plan} was made for 4 ranks; profile 'local_cwd' runs 2 (-j 1x2)" in line
+    missing = tmp_path / "missing.json"
+    line = refused(capsys, *study(tmp_path, data, config), f"plan.file={missing}")
+    assert f"plan.file: {missing}: cannot be read: no such file or directory" in line
+    nothing_ran(tmp_path / "exp")
+
+
 def test_an_experiment_directory_that_cannot_be_one_is_named(
     tmp_path: Path, data: Path, config: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -204,6 +219,11 @@ def experiment_file(tmp_path: Path, data: Path, config: Path, body: str) -> Path
         ("arms: [{name: a}]\nreport: {title: [x]}\n", "report.title: expected a non-empty"),
         ("arms: [{name: a}]\nreport: [x]\n", "report: expected a mapping"),
         ("arms: [{name: a}]\nprofile: [x]\n", "profile: expected a non-empty string"),
+        ("arms: [{name: a}]\nreport: {out: /}\n", "report file /: is a directory"),
+        (
+            "arms: [{name: a}]\nreport: {notes: /nowhere/notes.md}\n",
+            "report notes: /nowhere/notes.md: no such file or directory",
+        ),
         ("arms: [{name: a, sizes: [L4H64A5]}]\n", "arms[0]: sizes: 'L4H64A5'"),
         (
             "arms: [{name: a, sizes: [L1H16A2]}, {name: b, overrides: [optim.lr=fast]}]\n",

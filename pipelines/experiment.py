@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines import yamlfile
 from pipelines.gpsd import BASELINES, STRATEGIES, PipelineError, Study
 from pipelines.lum import DEFAULT_VARIANTS, LumStudy
 from pipelines.profiles import load_profile
+from recsys import yamltext
 from recsys.errors import describe_os_error
 from recsys.stages.config import ConfigError
 
@@ -148,7 +148,7 @@ def _tag(train: str) -> str:
 def load(path: str | Path) -> Experiment:
     """Read and check an experiment file; every mistake names the file and the key."""
     path = Path(path)
-    raw = yamlfile.read(path, PipelineError)
+    raw = yamltext.read(path, PipelineError)
     if not isinstance(raw, dict):
         raise PipelineError(f"{path}: expected a mapping of {sorted(TOP_KEYS)} at the top")
     unknown = sorted(set(raw) - TOP_KEYS, key=str)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pipelines import yamlfile
+from recsys import yamltext
 from recsys.errors import UserError
 
 DEFAULT_PATH = Path("torchx.yaml")
@@ -97,7 +97,7 @@ def load_profiles(path: str | Path = DEFAULT_PATH) -> dict[str, Profile]:
         raise ProfileError(
             f"{path}: no such file (scheduler profiles live in torchx.yaml at the repository root)"
         )
-    document = yamlfile.read(path, ProfileError) or {}
+    document = yamltext.read(path, ProfileError) or {}
     profiles = document.get("profiles") if isinstance(document, dict) else None
     if not isinstance(profiles, dict) or not profiles:
         raise ProfileError(f"{path}: expected a mapping 'profiles: {{NAME: {{...}}}}'")

@@ -224,10 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _log_to_stderr() -> None:
-    """recsys's own INFO logs (counts, progress notes) on stderr; other libraries' stay quiet."""
+    """recsys's own INFO logs (counts, progress notes) on stderr; other libraries' stay quiet.
+    Called again in one process (tests, a caller of main()), it replaces its own handler."""
+    logger = logging.getLogger("recsys")
+    for old in [h for h in logger.handlers if getattr(h, "recsys_cli", False)]:
+        logger.removeHandler(old)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("recsys")
+    handler.recsys_cli = True
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 

@@ -11,6 +11,7 @@ user error too.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -86,6 +87,12 @@ def guarded(run: Callable[[], int | None], prefix: str = "error") -> int:
         _fresh_line()
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`recsys plan ... | head`): nothing left to tell.
+        # Point stdout at /dev/null so that Python's flush at exit does not fail again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a shell reports a command ended by SIGPIPE
     except BaseException as err:
         if not is_user_error(err):
             raise

@@ -116,14 +116,8 @@ def quiet_planner() -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from recsys.errors import UserError, report
-
     quiet_planner()
-    try:
-        return _run(args)
-    except UserError as err:
-        report(err, "recsys plan")
-        return 1
+    return _run(args)  # a user error: one line and exit code 2 (recsys.cli's guard)
 
 
 def _run(args: argparse.Namespace) -> int:

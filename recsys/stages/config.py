@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from recsys import yamltext
 from recsys.distributed.planning import SHARDING_TYPES
 from recsys.errors import UserError
 from recsys.models.tower import TowerConfig
@@ -322,48 +321,9 @@ def _shown(value: Any, most: int = 80) -> str:
     return text if len(text) <= most else f"{text[: most - 3]}..."
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML would keep the
-    last one silently, so the line a reader sees first would not be the one in effect)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first: dict[Any, yaml.Node] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base`` may be overridden
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                seen = first.setdefault(key, key_node)
-            except TypeError:  # an unhashable key: the base class refuses it
-                continue
-            if seen is not key_node:
-                at = seen.start_mark
-                first_at = f"line {at.line + 1}, column {at.column + 1}"
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"key {key!r} given twice (first at {first_at})",
-                    key_node.start_mark,
-                )
-        return super().construct_mapping(node, deep=deep)
-
-
 def _parse_yaml(text: str, where: str) -> Any:
     """``text`` as YAML, or a ConfigError of one line naming ``where`` and the position."""
-    try:
-        return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        problem = err.problem or err.context or "cannot be parsed"
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
-    except yaml.reader.ReaderError as err:  # a character YAML text cannot hold (binary data)
-        code = err.character if isinstance(err.character, int) else ord(err.character)
-        raise ConfigError(
-            f"{where}: not YAML text: character U+{code:04X} at offset {err.position}"
-        ) from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(err).split())}") from None
+    return yamltext.parse(text, where, ConfigError)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -391,17 +351,8 @@ STAGE_NAMES = (
 
 def _read(path: str | Path) -> dict[str, Any]:
     """The top-level mapping of the config file ``path`` (an empty file: no settings)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        reason = err.strerror or str(err)
-        raise ConfigError(f"{path}: cannot be read: {reason[:1].lower()}{reason[1:]}") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(
-            f"{path}: not a UTF-8 text file (byte {err.object[err.start]:#04x} at offset "
-            f"{err.start}); a config is YAML text"
-        ) from None
-    return _mapping(_parse_yaml(text, str(path)), str(path), "sections at the top")
+    raw = yamltext.read(path, ConfigError, "a config is YAML text")
+    return _mapping(raw, str(path), "sections at the top")
 
 
 def _per_stage(raw: Any) -> dict[str, dict[str, dict[str, Any]]]:

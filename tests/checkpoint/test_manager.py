@@ -183,5 +183,5 @@ def test_the_checkpoint_command_lists_and_exports_full_tables(
     assert main(["checkpoint", "export", str(saved), str(tmp_path / "one.pt")]) == 0
     plain = torch.load(tmp_path / "one.pt", weights_only=False)
     assert plain["model"]["sparse.sequence.embeddings.item.weight"].shape == (40, 16)
-    assert main(["checkpoint", "ls", str(tmp_path / "nothing")]) == 1
+    assert main(["checkpoint", "ls", str(tmp_path / "nothing")]) == 2
     assert "nothing: no such file or directory" in capsys.readouterr().err

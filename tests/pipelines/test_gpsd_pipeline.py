@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -110,15 +112,37 @@ def test_a_rerun_skips_every_stage(chain: dict) -> None:
 
 
 def test_a_failing_stage_stops_the_pipeline_with_its_name(chain: dict) -> None:
+    """A stage that fails once running (a row group whose pages are damaged: its footer, which
+    the pipeline's checks read before submitting, is intact)."""
+    data = chain["root"] / "damaged-data"
+    shutil.copytree(chain["root"] / "data", data)
+    (part,) = sorted((data / "seq").glob("*.parquet"))[:1]
+    raw = bytearray(part.read_bytes())
+    start = pq.ParquetFile(part).metadata.row_group(0).column(0).data_page_offset
+    raw[start : start + 40] = b"\xff" * 40
+    part.write_bytes(bytes(raw))
     study = Study(
         experiment=str(chain["root"] / "broken"),
-        data=str(chain["root"] / "missing-data"),
+        data=str(data),
         config=chain["study"].config,
         strategies=("ST",),
     )
     with pytest.raises(PipelineError, match=r"stage pretrain \(L1H16A2-pretrain\) failed") as err:
         run(study, "local_cwd", console=io.StringIO())
-    assert "no such file or directory" in str(err.value)
+    assert f"{part}, row group 0" in str(err.value) and "cannot be read" in str(err.value)
+    assert "Traceback" not in str(err.value)
+
+
+def test_missing_data_is_refused_before_any_job(chain: dict) -> None:
+    study = Study(
+        experiment=str(chain["root"] / "unsubmitted"),
+        data=str(chain["root"] / "missing-data"),
+        config=chain["study"].config,
+        strategies=("ST",),
+    )
+    with pytest.raises(PipelineError, match="no such file or directory; no job was submitted"):
+        run(study, "local_cwd", console=io.StringIO())
+    assert not (chain["root"] / "unsubmitted" / "L1H16A2-pretrain").exists()
 
 
 def test_evaluate_scores_every_test_sample_on_two_ranks(chain: dict) -> None:

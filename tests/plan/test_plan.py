@@ -72,7 +72,7 @@ def test_frozen_tables_are_planned_without_optimizer_state(tmp_path: Path) -> No
 
 
 def test_a_plan_that_cannot_fit_says_what_would(capsys: pytest.CaptureFixture) -> None:
-    assert cli(["plan", *BIG, "-j", "1x8"]) == 1
+    assert cli(["plan", *BIG, "-j", "1x8"]) == 2
     message = capsys.readouterr().err
     assert "do not fit 8 ranks = 1 × 8 on a100-40gb" in message
     assert "table 'item' (4,000,000,000 × 64, fp32) needs 953.7 GB of weights" in message
@@ -81,7 +81,7 @@ def test_a_plan_that_cannot_fit_says_what_would(capsys: pytest.CaptureFixture) -
     assert "- more ranks: 32 (-j 4x8) fit" in message
     assert "a smaller width: 16" in message and "freezing item, category" in message
     # Constrained to table_wise, the table is too big for any one rank.
-    assert cli(["plan", *BIG, "-j", "1x8", "--sharding-types", "table_wise"]) == 1
+    assert cli(["plan", *BIG, "-j", "1x8", "--sharding-types", "table_wise"]) == 2
     assert "row_wise for item: allowed only table_wise" in capsys.readouterr().err
 
 
@@ -224,7 +224,7 @@ def test_a_stage_given_a_plan_for_another_job_stops_with_the_difference(
 def test_a_table_no_rank_holds_gets_row_wise_advice_when_memory_suffices(
     capsys: pytest.CaptureFixture,
 ) -> None:
-    assert cli(["plan", *BIG, "-j", "8x8", "--sharding-types", "item=table_wise"]) == 1
+    assert cli(["plan", *BIG, "-j", "8x8", "--sharding-types", "item=table_wise"]) == 2
     err = capsys.readouterr().err
     assert "under these constraints (in all, memory suffices)" in err
     assert "row_wise for item: allowed only table_wise" in err
@@ -255,12 +255,12 @@ def test_compare_sees_the_same_shards_on_other_ranks(tmp_path: Path) -> None:
 
 
 def test_memory_and_devices_are_checked(capsys: pytest.CaptureFixture) -> None:
-    assert cli(["plan", "--table", "item=1000", "--hbm-gb", "-5"]) == 1
+    assert cli(["plan", "--table", "item=1000", "--hbm-gb", "-5"]) == 2
     assert "--hbm-gb must be > 0" in capsys.readouterr().err
-    assert cli(["plan", "--table", "item=1000", "--host", "cpu", "--device", "cuda"]) == 1
+    assert cli(["plan", "--table", "item=1000", "--host", "cpu", "--device", "cuda"]) == 2
     assert "have no HBM: give --hbm-gb" in capsys.readouterr().err
     args = ["--sharding-types", "row_wise", "--sharding-types", "itme=table_wise"]
-    assert cli(["plan", "--table", "item=1000", *args]) == 1
+    assert cli(["plan", "--table", "item=1000", *args]) == 2
     assert "names tables the model does not have: itme" in capsys.readouterr().err
 
 

@@ -18,7 +18,7 @@ WIDTH = 64  # the default model.size, L4H64A4
 
 def refused(capsys: pytest.CaptureFixture, *args: str) -> str:
     """The one line `recsys plan ARGS` stops with."""
-    assert cli(["plan", *args]) == 1
+    assert cli(["plan", *args]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
@@ -57,7 +57,7 @@ def test_table_sizes_beyond_a_tensor_are_refused_naming_the_table(
 
 
 def test_the_largest_table_is_planned_and_explained(capsys: pytest.CaptureFixture) -> None:
-    assert cli(["plan", "--table", f"item={most_rows(WIDTH)}x64", *SIDE]) == 1
+    assert cli(["plan", "--table", f"item={most_rows(WIDTH)}x64", *SIDE]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "the tables do not fit 8 ranks" in err
@@ -100,7 +100,7 @@ def test_settings_beyond_a_plan_are_refused(
 def test_a_huge_batch_that_the_planner_cannot_fit_gets_a_batch_that_fits(
     capsys: pytest.CaptureFixture,
 ) -> None:
-    assert cli(["plan", "--table", "item=100", "--batch-size", str(10**14)]) == 1
+    assert cli(["plan", "--table", "item=100", "--batch-size", str(10**14)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "- a smaller --batch-size: 67,108,864 rows per rank fit" in err
@@ -110,7 +110,7 @@ def test_a_dense_part_no_rank_holds_is_named_without_allocating_it(
     capsys: pytest.CaptureFixture,
 ) -> None:
     # 4 × 13 × 1e12 fp32 dense weights: 208 TB if it were allocated instead of on meta.
-    assert cli(["plan", "--table", "item=100", "model.size=L4H1000000A4"]) == 1
+    assert cli(["plan", "--table", "item=100", "model.size=L4H1000000A4"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "- a smaller model.size: the dense part of L4H1000000A4 needs" in err

@@ -103,3 +103,27 @@ def test_an_error_of_a_loader_worker_is_its_own_line(capsys: pytest.CaptureFixtu
     assert lines(capsys.readouterr().err) == [
         "error: cursor saved with batch_size 8, this run has 4"
     ]
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys: pytest.CaptureFixture) -> None:
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    assert guarded(interrupted, prefix="recsys x") == 130
+    assert lines(capsys.readouterr().err) == ["recsys x: interrupted"]
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """``recsys plan ... | head``: stdout closed early is no error to print."""
+    code = (
+        "import sys\nfrom recsys.errors import guarded\n"
+        "def talk():\n    for _ in range(100_000):\n        print('x' * 100)\n"
+        "sys.exit(guarded(talk))\n"
+    )
+    job = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    job.stdout.read(10)
+    job.stdout.close()
+    assert job.wait(timeout=60) == 141
+    assert job.stderr.read() == b""

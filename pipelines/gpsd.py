@@ -25,6 +25,7 @@ finetune-<strategy>}`` and the report (``recsys.report``) in ``EXPERIMENT/report
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,10 @@ validates)."""
 
 VALIDATES = ("pretrain", "finetune", "lum_pretrain", "lum_finetune")
 """Stages that read ``data.valid`` when it is set."""
+
+
+STAGE_ERROR = re.compile(r"\berror \(rank \d+\): ")
+"""A stage's own error line (``recsys.errors``), not a line of source code in a traceback."""
 
 
 class PipelineError(UserError, RuntimeError):
@@ -415,7 +420,7 @@ def run_step(step: Step, profile: Profile, runner, console: TextIO | None = sys.
     if state != AppState.SUCCEEDED.name:
         lines = log_path.read_text().splitlines() if log_path.exists() else []
         # A stage states its error in one line; otherwise show the end of the log.
-        reasons = list(dict.fromkeys(line for line in lines if "error (rank" in line))
+        reasons = list(dict.fromkeys(line for line in lines if STAGE_ERROR.search(line)))
         raise StageFailed(
             f"stage {step.stage} ({name}) failed: job {handle} ended {state}; log: {log_path}\n"
             + "\n".join(reasons[:3] or lines[-15:])

@@ -2,7 +2,8 @@
 
 This module owns the line between a user's mistake and a bug. Every error class that means
 "what you gave cannot be used" (a config, a dataset, a checkpoint, a plan, a path) derives from
-:class:`UserError`; an ``OSError`` (a path that is a file, read-only, a full disk) is one too.
+:class:`UserError`; an ``OSError`` (a path that is a file, read-only, a full disk) is one too,
+and so is running out of host memory (a size asked for that this host cannot hold).
 :func:`guarded` runs an entry point (a ``recsys`` sub-command, a stage, the launcher) and turns
 those into one line on stderr, starting on a line of its own, and a non-zero exit code. Any
 other exception is a bug and keeps its traceback. ``RECSYS_DEBUG=1`` shows the traceback of a
@@ -46,6 +47,12 @@ def one_line(err: BaseException) -> str:
     line, after "X: "."""
     if isinstance(err, OSError) and not isinstance(err, UserError):
         return describe_os_error(err)
+    if _out_of_memory(err):
+        said = " ".join(str(err).split())
+        return (
+            f"out of memory ({type(err).__name__}: {said[:160]}): a size asked for (rows, "
+            "batch, negatives, users, items) is more than this host holds"
+        )
     text = str(err).strip()
     if text.startswith("Caught ") and "Original Traceback" in text:
         last = text.splitlines()[-1]
@@ -57,8 +64,16 @@ def one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """The host has not the memory a setting asks for: Python's MemoryError, or torch's CPU
+    allocator refusing (a RuntimeError: "DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(err, MemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
 def is_user_error(err: BaseException) -> bool:
-    return isinstance(err, UserError | OSError)
+    return isinstance(err, UserError | OSError) or _out_of_memory(err)
 
 
 def _fresh_line() -> None:

@@ -287,3 +287,10 @@ def test_a_broken_profiles_file_is_named(
     assert "Traceback" not in err
     assert f"{profiles}: not valid YAML at line 3, column 3: key 'local_cwd' given twice" in err
     nothing_ran(tmp_path / "exp")
+
+
+def test_a_failed_stage_is_told_by_its_error_line_not_by_source_in_a_traceback() -> None:
+    from pipelines.gpsd import STAGE_ERROR
+
+    assert STAGE_ERROR.search("[0]:error (rank 1): data.train: /d/seq: no such file")
+    assert not STAGE_ERROR.search('[0]:[rank0]:   return guarded(run, prefix=f"error (rank {r})")')

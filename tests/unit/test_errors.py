@@ -127,3 +127,18 @@ def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
     job.stdout.close()
     assert job.wait(timeout=60) == 141
     assert job.stderr.read() == b""
+
+
+def test_asking_for_more_memory_than_the_host_has_is_one_line(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    import torch
+
+    def huge() -> int:
+        torch.empty(1 << 50, dtype=torch.uint8)  # 1 PiB
+        return 0
+
+    assert guarded(huge, prefix="recsys x") == EXIT_USER_ERROR
+    (line,) = lines(capsys.readouterr().err)
+    assert line.startswith("recsys x: out of memory (RuntimeError: ")
+    assert line.endswith("is more than this host holds")

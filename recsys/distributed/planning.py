@@ -25,6 +25,8 @@ from torchrec.distributed.sharding_plan import (
 )
 from torchrec.distributed.types import ShardingPlan
 
+from recsys.errors import UserError
+
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise")
 """Sharding types a manual plan may name; all three work on CPU with the fused kernel."""
 
@@ -151,6 +153,10 @@ def constraints_for(
     }
 
 
+class NoPlan(UserError, RuntimeError):
+    """TorchRec's planner found no plan that fits the job's ranks."""
+
+
 def run_planner(model: nn.Module, topology, constraints: dict, batch_size: int | None = None):
     """TorchRec's planner on ``model`` (which may live on the meta device) for ``topology``:
     the ``ShardingPlan`` and the chosen ``ShardingOption`` of every table (its shards with
@@ -183,11 +189,21 @@ def planned(
     plan everywhere (``plan`` is deterministic for a model and topology).
     """
     from torchrec.distributed.planner import Topology
+    from torchrec.distributed.planner.types import PlannerError
 
     topology = Topology(
         world_size=world_size,
         compute_device=device_type,
         local_world_size=local_world_size or world_size,
     )
-    plan, _ = run_planner(model, topology, constraints_for(model, sharding_types), batch_size)
+    constraints = constraints_for(model, sharding_types)
+    try:
+        plan, _ = run_planner(model, topology, constraints, batch_size)
+    except PlannerError as err:
+        said = " ".join(str(err).split())
+        raise NoPlan(
+            f"no sharding plan fits this model's tables on {world_size} {device_type} rank(s) "
+            f"(TorchRec's planner: {said[:300]}); `recsys plan` with the same config shows "
+            "what each rank would hold and what would fit"
+        ) from None
     return plan

@@ -146,3 +146,24 @@ def test_torchrec_planner_follows_constraints() -> None:
     assert plan.plan["pooled"]["user"].compute_kernel == "fused"
     with pytest.raises(ValueError, match=r"tables the model does not have: \['price'\]"):
         planned(Model(), world_size=2, sharding_types={"price": ["row_wise"]})
+
+
+def test_tables_no_plan_fits_are_one_line_naming_the_job() -> None:
+    """A dataset.json edited to 1e13 items: 1e13 × 16 × 4 bytes fits no CPU rank."""
+    from recsys.distributed.planning import NoPlan, planned
+
+    class Huge(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sequence = EmbeddingCollection(
+                device=torch.device("meta"),
+                tables=[
+                    EmbeddingConfig(
+                        name="item", embedding_dim=16, num_embeddings=10**13, feature_names=["h"]
+                    )
+                ],
+            )
+
+    with pytest.raises(NoPlan, match=r"^no sharding plan fits this model's tables on 2 cpu") as e:
+        planned(Huge(), world_size=2, sharding_types={"item": ["table_wise"]})
+    assert "\n" not in str(e.value) and "`recsys plan`" in str(e.value)

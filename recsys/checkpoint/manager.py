@@ -85,7 +85,7 @@ def _gather(value: Any) -> list[Any]:
     return values
 
 
-def _agree(error: str | None) -> str | None:
+def agree(error: str | None) -> str | None:
     """The first error of any rank (by rank) on every rank, so that all take the same branch."""
     return next((e for e in _gather(error) if e), None)
 
@@ -297,7 +297,7 @@ def check(path: str | Path) -> None:
         verify(path, _rank(), _world_size())
     except CheckpointError as err:
         error = str(err)
-    error = _agree(error)
+    error = agree(error)
     if error:
         raise CheckpointError(error)
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from recsys.checkpoint.manager import CheckpointError, check, read, record, write
+from recsys.checkpoint.manager import CheckpointError, agree, check, read, record, write
 from recsys.distributed.env import collective_device
 from recsys.distributed.shards import local_shards
 
@@ -62,10 +62,37 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
     """Every weight of ``model`` to ``path`` with their manifest (every rank calls it); a
     failure (a full disk) is the same CheckpointError on every rank."""
     path = Path(path)
-    write(named_weights(model), path, f"{path}: cannot save the weights")
+    weights = named_weights(model)
+    bad = agree(_nonfinite(weights))  # collective: every rank refuses, or none
+    if bad:
+        raise CheckpointError(
+            f"{path}: not saved: {bad} holds NaN or infinite values (training diverged; "
+            "lower optim.lr or optim.sparse_lr, or keep run.nonfinite=stop to stop at the step)"
+        )
+    write(weights, path, f"{path}: cannot save the weights")
     error = record(path)  # collective: after every rank has written its files
     if error:
         raise CheckpointError(error)
+
+
+ROWS_AT_ONCE = 1 << 16
+"""Rows of a table checked at a time (its bool mask stays small, whatever the table)."""
+
+
+@torch.no_grad()
+def _nonfinite(weights: dict[str, torch.Tensor]) -> str | None:
+    """The first weight (of this rank's shards) holding a NaN or an infinity, or None."""
+    for name, value in sorted(weights.items()):
+        parts = (
+            [s.tensor for s in value.local_shards()] if hasattr(value, "local_shards") else [value]
+        )
+        for part in parts:
+            if not part.is_floating_point():
+                continue
+            for rows in part.split(ROWS_AT_ONCE) if part.dim() else [part]:
+                if not bool(torch.isfinite(rows).all()):
+                    return name
+    return None
 
 
 def load_weights(model: nn.Module, path: str | Path, names: Iterable[str]) -> list[str]:

@@ -200,3 +200,14 @@ def test_the_ranks_share_the_checksums_by_size() -> None:
     shares = [manifest.share(files, rank, 2) for rank in range(2)]
     assert shares == [["a"], ["b", "c"]]
     assert manifest.share(files, 0, 1) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_that_diverged_are_not_saved(tmp_path: Path, value: float) -> None:
+    """What a stage hands on is finite: a diverged model leaves no weights/ to build on."""
+    model = Tiny(1.5)
+    with torch.no_grad():
+        model.weight[31, 7] = value
+    with pytest.raises(CheckpointError, match=r"not saved: dense/weight holds NaN or infinite"):
+        save_weights(model, tmp_path / "weights")
+    assert not (tmp_path / "weights").exists()

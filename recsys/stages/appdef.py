@@ -45,6 +45,7 @@ def stage_app(
 ) -> specs.AppDef:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    _check_job(j, h)
     app = ddp(
         *stage_args,
         m=f"recsys.stages.{stage}",
@@ -71,6 +72,27 @@ def stage_app(
             for a in role.args
         ]
     return app
+
+
+def _check_job(j: str, h: str | None) -> None:
+    """The job's shape and host type, or one line and exit code 2: ``torchx run`` shows a
+    traceback for any other error of a component."""
+    from torchx.components.dist import parse_nnodes
+
+    try:
+        min_nodes, max_nodes, nproc, _ = parse_nnodes(j)
+    except ValueError:
+        raise SystemExit(f"error: --j {j!r}: expected NNODESxNPROC_PER_NODE, e.g. 2x8") from None
+    if min(min_nodes, max_nodes, nproc) < 1:
+        raise SystemExit(f"error: --j {j!r}: nodes and processes per node must be >= 1")
+    if h is not None:
+        try:
+            specs.resource(h=h)
+        except KeyError:
+            raise SystemExit(
+                f"error: --h {h!r}: not a named resource of TorchX (e.g. aws_p4d.24xlarge, "
+                "or one registered by an entry point)"
+            ) from None
 
 
 def options(**values: object) -> list[str]:

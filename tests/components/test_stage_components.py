@@ -47,3 +47,21 @@ def test_freeze_defaults_to_every_table_and_takes_a_list() -> None:
     assert "--sparse" in freeze(init="runs/t").roles[0].args[-1]
     args = freeze(init="runs/t", tables="item").roles[0].args[-1]
     assert "--tables item" in args and "--sparse" not in args
+
+
+@pytest.mark.parametrize(
+    ("option", "said"),
+    [
+        (["--j", "axb"], "error: --j 'axb': expected NNODESxNPROC_PER_NODE, e.g. 2x8"),
+        (["--j", "0x2"], "error: --j '0x2': nodes and processes per node must be >= 1"),
+        (["--h", "nonexistent"], "error: --h 'nonexistent': not a named resource of TorchX"),
+    ],
+)
+def test_a_job_shape_torchx_cannot_take_is_one_line(option: list[str], said: str) -> None:
+    """``torchx run`` shows a traceback for a component's errors; these exit with one line."""
+    from components.pretrain import pretrain
+
+    flag, value = option
+    with pytest.raises(SystemExit) as stop:
+        pretrain(**{flag.lstrip("-"): value}, out="runs/x")
+    assert str(stop.value.code).startswith(said)

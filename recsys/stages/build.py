@@ -52,6 +52,19 @@ def dataset_meta(path: str, kind: str, key: str) -> DatasetMeta:
     return meta
 
 
+def valid_meta(path: str, kind: str, train: DatasetMeta, train_path: str) -> DatasetMeta:
+    """The metadata of ``data.valid``, which must have ``data.train``'s vocabularies (an id
+    past a table's end would be clamped silently, and the metrics recorded wrong)."""
+    meta = dataset_meta(path, kind, "data.valid")
+    if meta.vocab != train.vocab:
+        raise StageError(
+            f"data.valid={path} has vocabularies {meta.vocab}, but data.train={train_path} "
+            f"has {train.vocab}: ids would mean other items; give a validation set made "
+            "with the training set"
+        )
+    return meta
+
+
 def tower(model: ModelSection) -> TowerConfig:
     # One more position than the history: the CTR model appends the candidate token.
     return TowerConfig.from_name(

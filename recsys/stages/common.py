@@ -61,7 +61,8 @@ def arguments(
     p: argparse.ArgumentParser, argv: list[str] | None = None
 ) -> tuple[argparse.Namespace, StageConfig]:
     """The command line and the config it names; a bad setting is a ConfigError (one line)."""
-    args = p.parse_args(argv)
+    # Intermixed: overrides may come before, between or after the options.
+    args = p.parse_intermixed_args(argv)
     stage = p.prog.rsplit(".", 1)[-1]
     return args, load(args.config, args.overrides, stage)
 
@@ -89,12 +90,62 @@ def fingerprint(
     return _sha([stage, options, config.to_dict(), prints])
 
 
-def read_stage(path: str | Path) -> dict[str, Any]:
-    """The record of a finished stage; a StageError if it has not finished."""
+REQUIRED = ("stage", "config", "fingerprint")
+"""Keys every stage.json holds (what the next stage and the fingerprints read)."""
+
+
+def read_stage(path: str | Path, option: str = "") -> dict[str, Any]:
+    """The record of a finished stage (``option``: how the user named it, e.g. ``--init``);
+    a StageError if it is no directory, has not finished, or its stage.json is unreadable."""
+    name = (
+        (f"{option} {path}" if option.startswith("--") else f"{option}={path}")
+        if option
+        else str(path)
+    )
     path = Path(path)
+    if not path.exists():
+        raise StageError(f"{name}: no such directory; give a finished stage's directory")
+    if not path.is_dir():
+        raise StageError(f"{name}: not a directory; give a finished stage's directory")
     if not (path / "DONE").exists():
-        raise StageError(f"{path}: not a finished stage (no DONE): run that stage first")
-    return json.loads((path / "stage.json").read_text())
+        raise StageError(f"{name}: not a finished stage (no DONE): run that stage first")
+    record_file = path / "stage.json"
+    if not record_file.is_file():
+        raise StageError(f"{record_file}: missing (the stage has DONE): run that stage again")
+    try:
+        record = json.loads(record_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StageError(f"{record_file}: not valid JSON ({err}); run that stage again") from None
+    if not isinstance(record, dict):
+        raise StageError(
+            f"{record_file}: holds a {type(record).__name__}, not a stage record (an object); "
+            "run that stage again"
+        )
+    missing = [key for key in REQUIRED if key not in record]
+    if missing:
+        raise StageError(
+            f"{record_file}: lacks {', '.join(missing)}; not a stage record: run that stage again"
+        )
+    return record
+
+
+INPUT_OPTIONS = {"train": "data.train", "valid": "data.valid", "features": "lum.features"}
+"""How the user names a stage's input (the key of its ``inputs``); others are ``--key``."""
+
+
+def _input_name(key: str, path: str) -> str:
+    option = INPUT_OPTIONS.get(key)
+    return f"{option}={path}" if option else f"--{key} {path}"
+
+
+def _stage_name(path: Path) -> str | None:
+    """The ``stage`` a directory's stage.json names; None when it has no readable one."""
+    try:
+        record = json.loads((path / "stage.json").read_text())
+    except (OSError, ValueError):
+        return None
+    stage = record.get("stage") if isinstance(record, dict) else None
+    return stage if isinstance(stage, str) else None
 
 
 def _main() -> bool:
@@ -110,6 +161,7 @@ class StageDir:
     """One stage's directory: refuse to redo a finished stage, record the result last."""
 
     def __init__(self, path: str | Path, stage: str, force: bool = False) -> None:
+        self.out = str(path)  # as given: Path("") would be the current directory
         self.path, self.stage, self.force = Path(path), stage, force
         self.started = time.time()
 
@@ -117,8 +169,11 @@ class StageDir:
     def weights(self) -> Path:
         return self.path / "weights"
 
-    def begin(self) -> None:
-        """Check the directory (every rank calls it)."""
+    def begin(self, inputs: dict[str, Any] | None = None) -> None:
+        """Check the directory against the stage's ``inputs`` (name → path, as recorded),
+        then make it (every rank calls it; every check comes before anything is written or
+        deleted)."""
+        self.refuse(inputs or {})
         if (self.path / "DONE").exists():
             if not self.force:
                 raise StageError(
@@ -132,6 +187,52 @@ class StageDir:
         if _main():
             self.path.mkdir(parents=True, exist_ok=True)
         _barrier()
+
+    def refuse(self, inputs: dict[str, Any]) -> None:
+        """A StageError when ``--out`` is empty, is, contains or lies inside an input, holds
+        a dataset, or (with ``--force`` over a finished one) is not a stage of this name."""
+        if not self.out.strip():
+            raise StageError(
+                f"--out is empty; give this stage's own directory (e.g. runs/NAME/{self.stage})"
+            )
+        out = self.path.resolve()
+        for key, given in inputs.items():
+            if not given:
+                continue
+            source = Path(given).resolve()
+            where = (
+                "is"
+                if out == source
+                else "contains"
+                if out in source.parents
+                else "lies inside"
+                if source in out.parents
+                else None
+            )
+            if where:
+                raise StageError(
+                    f"--out {self.out} {where} the input {_input_name(key, str(given))}; "
+                    "give another --out"
+                )
+        if (self.path / "dataset.json").exists():
+            raise StageError(f"--out {self.out} holds a dataset (dataset.json); give another --out")
+        if (self.path / "DONE").exists() and self.force:
+            other = _stage_name(self.path)
+            if other is None:
+                raise StageError(
+                    f"--out {self.out} is not a stage directory (DONE, but no readable "
+                    "stage.json naming its stage); --force would delete it: give another --out"
+                )
+            if other != self.stage:
+                raise StageError(
+                    f"--out {self.out} holds a {other} stage, not {self.stage}; --force "
+                    "would delete it: give another --out"
+                )
+            if any(self.path.rglob("dataset.json")):
+                raise StageError(
+                    f"--out {self.out} holds a dataset (a dataset.json inside); --force "
+                    "would delete it: give another --out"
+                )
 
     def finish(self, record: dict[str, Any]) -> dict[str, Any]:
         """Write stage.json, then DONE (rank 0, after every rank got here); a

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", required=True, help="ctr dataset to score")
     args, config = arguments(p, argv)
     with distributed() as env:
-        source = read_stage(args.model)
+        source = read_stage(args.model, "--model")
         if source["stage"] != "finetune":
             raise StageError(f"--model {args.model} is a {source['stage']} stage, not finetune")
         meta = build.dataset_meta(args.data, "ctr", "--data")
@@ -112,14 +112,14 @@ def main(argv: list[str] | None = None) -> dict:
         config = dataclasses.replace(config, model=model_section)
         inputs = {"model": args.model, "data": args.data}
         print_ = fingerprint(NAME, {}, config, inputs)
-        stage = StageDir(args.out, NAME, args.force)
-        stage.begin()
         trained_meta = build.dataset_meta(source["config"]["data"]["train"], "ctr", "data.train")
         if trained_meta.vocab != meta.vocab:
             raise StageError(
                 f"--data {args.data} has vocabularies {meta.vocab}, but the model was trained "
                 f"with {trained_meta.vocab}: ids would mean other items"
             )
+        stage = StageDir(args.out, NAME, args.force)
+        stage.begin(inputs)
         model = build.ctr_model(model_section, meta, tuple(source["frozen"]))
         sharded = build.place(model, config.plan, env)
         load_weights(sharded, f"{args.model}/weights", named_weights(sharded))

@@ -52,15 +52,15 @@ def main(argv: list[str] | None = None) -> dict:
     args, config = arguments(p, argv)
     inputs = {"train": config.data.train, "valid": config.data.valid, "init": args.init}
     with distributed() as env:
-        source = read_stage(args.init)
+        source = read_stage(args.init, "--init")
         if source["stage"] not in ("transfer", "freeze"):
             raise StageError(f"--init {args.init} is a {source['stage']} stage")
         meta = build.dataset_meta(config.data.train, "ctr", "data.train")
         if config.data.valid:
-            build.dataset_meta(config.data.valid, "ctr", "data.valid")
+            build.valid_meta(config.data.valid, "ctr", meta, config.data.train)
         print_ = fingerprint(NAME, {}, config, inputs)
         stage = StageDir(args.out, NAME, args.force)
-        stage.begin()
+        stage.begin(inputs)
         frozen = tuple(source["frozen"])
         torch.manual_seed(config.run.seed)
         model = build.ctr_model(config.model, meta, frozen)

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     which.add_argument("--tables", help="comma-separated tables to freeze")
     args, config = arguments(p, argv)
     with distributed() as env:
-        source = read_stage(args.init)
+        source = read_stage(args.init, "--init")
         if source["stage"] != "transfer":
             raise StageError(f"--init {args.init} is a {source['stage']} stage, not transfer")
         meta = build.dataset_meta(config.data.train, "ctr", "data.train")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
         inputs = {"train": config.data.train, "init": args.init}
         print_ = fingerprint(NAME, {"tables": args.tables or "all"}, config, inputs)
         stage = StageDir(args.out, NAME, args.force)
-        stage.begin()
+        stage.begin(inputs)
         torch.manual_seed(config.run.seed)
         model = build.place(build.ctr_model(config.model, meta, tuple(frozen)), config.plan, env)
         load_weights(model, f"{args.init}/weights", named_weights(model))

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     with distributed() as env:
         meta = build.dataset_meta(config.data.train, "ctr", "data.train")
         if config.data.valid:
-            build.dataset_meta(config.data.valid, "ctr", "data.valid")
+            build.valid_meta(config.data.valid, "ctr", meta, config.data.train)
         features = None
         if lum.features and not (lum.direct or lum.matching):
             raise StageError("lum.features is set but lum.direct and lum.matching are both false")
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "positions' targets (docs/lum.md): train on the one-target-per-user set"
             )
         if lum.features:
-            if read_stage(lum.features)["stage"] != "lum_query":
+            if read_stage(lum.features, "lum.features")["stage"] != "lum_query":
                 raise StageError(f"lum.features={lum.features} is not a lum_query stage")
             features = UserFeatures.load(f"{lum.features}/features", lum.direct, lum.matching)
             if len(features.items) != meta.vocab["item"]:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
         print_ = fingerprint(NAME, {}, config, inputs)
         stage = StageDir(args.out, NAME, args.force)
-        stage.begin()
+        stage.begin(inputs)
         torch.manual_seed(config.run.seed)
         model = build.ctr_model(config.model, meta, extra=features.width if features else 0)
         missing = (

@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> dict:
     with distributed() as env:
         meta = build.dataset_meta(config.data.train, "seq", "data.train")
         if config.data.valid:
-            build.dataset_meta(config.data.valid, "seq", "data.valid")
+            build.valid_meta(config.data.valid, "seq", meta, config.data.train)
         print_ = fingerprint(NAME, {}, config, inputs)
         stage = StageDir(args.out, NAME, args.force)
-        stage.begin()
+        stage.begin(inputs)
         torch.manual_seed(config.run.seed)
         model = build.lum_model(config.model, config.lum, meta)
         seed = config.run.seed

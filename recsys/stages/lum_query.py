@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, config = arguments(p, argv)
     inputs = {"train": config.data.train, "init": args.init}
     with distributed() as env:
-        source = read_stage(args.init)
+        source = read_stage(args.init, "--init")
         if source["stage"] != "lum_pretrain":
             raise StageError(f"--init {args.init} is a {source['stage']} stage, not lum_pretrain")
         meta = build.dataset_meta(config.data.train, "seq", "data.train")
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         asked = queries(config.lum.queries, source["conditions"])
         print_ = fingerprint(NAME, {}, config, inputs)  # asked follows from both
         stage = StageDir(args.out, NAME, args.force)
-        stage.begin()
+        stage.begin(inputs)
         features = stage.path / "features"
         if env.is_main and features.exists():  # an interrupted run's parts, maybe more ranks
             shutil.rmtree(features)

@@ -63,12 +63,12 @@ def main(argv: list[str] | None = None) -> dict:
     with distributed() as env:
         meta = build.dataset_meta(config.data.train, "ctr", "data.train")
         if pretrained:
-            source = read_stage(pretrained)
+            source = read_stage(pretrained, "--pretrained")
             if source["stage"] != "pretrain":
                 raise StageError(f"--pretrained {pretrained} is a {source['stage']} stage")
         print_ = fingerprint(NAME, {"strategy": args.strategy}, config, inputs)
         stage = StageDir(args.out, NAME, args.force)
-        stage.begin()
+        stage.begin(inputs)
         torch.manual_seed(config.run.seed)
         model = build.place(build.ctr_model(config.model, meta), config.plan, env)
         names = transferred(args.strategy, sorted(named_weights(model)))

@@ -98,7 +98,7 @@ def _size_key(size: str) -> tuple[int, ...]:
 def _seconds(stage: Path) -> float:
     try:
         return float(json.loads((stage / "stage.json").read_text()).get("seconds") or 0.0)
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError, AttributeError):
         return 0.0
 
 
@@ -122,7 +122,45 @@ def _record(stage: Path) -> dict[str, Any]:
             f"{path}: not the record of a finished finetune stage (no config.model.size or "
             "strategy)"
         )
+    for key in ("results", "inputs"):
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            raise ReportError(f"{path}: {key} must be an object, got {json.dumps(record[key])}")
+    for key, value in (record.get("results") or {}).items():
+        if key in RESULT_KEYS and not _number_or_null(value):
+            raise ReportError(
+                f"{path}: results.{key} must be a number (or null), got {_shown(value)}"
+            )
+    for key, value in (record.get("inputs") or {}).items():
+        if key in INPUT_KEYS and value is not None and not isinstance(value, str):
+            raise ReportError(f"{path}: inputs.{key} must be a path (or null), got {_shown(value)}")
+    if not _number_or_null(record.get("seconds")):
+        raise ReportError(
+            f"{path}: seconds must be a number (or null), got {_shown(record['seconds'])}"
+        )
     return record
+
+
+RESULT_KEYS = (
+    "valid_auc",
+    "valid_gauc",
+    "valid_logloss",
+    "train_auc",
+    "gap_auc",
+    "valid_samples",
+)
+"""The results a report reads from a stage's record: numbers, or null."""
+
+INPUT_KEYS = ("train", "valid", "init", "features", "pretrained")
+"""The inputs a report reads from a stage's record: paths, or null."""
+
+
+def _number_or_null(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def finished(experiment: str | Path) -> list[Path]:
@@ -174,8 +212,8 @@ def collect(experiment: str | Path) -> list[dict[str, Any]]:
                 "model": MODELS.get(config["model"].get("arch", "gpsd"), "?"),
                 "strategy": record["strategy"],
                 "seed": config.get("run", {}).get("seed", 0),
-                "train": Path(inputs.get("train", "?")).name,
-                "eval": Path(inputs.get("valid", "?")).name,
+                "train": Path(inputs.get("train") or "?").name,
+                "eval": Path(inputs.get("valid") or "?").name,
                 "eval_path": inputs.get("valid"),
                 "auc": results.get("valid_auc"),
                 "gauc": results.get("valid_gauc"),

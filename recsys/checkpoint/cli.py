@@ -6,7 +6,8 @@ writes it as one plain ``torch.save`` file. Both need no process group and accep
 checkpoint directory, a stage's ``weights/``, a stage directory or a run's ``checkpoint/``
 directory (its latest complete checkpoint). Both verify the checkpoint's files first (sizes,
 and checksums where it has a manifest), so a damaged file is named and nothing is listed or
-written from it; ``export`` replaces an existing file only with ``--force``.
+written from it; ``export`` replaces an existing file only with ``--force``, and never writes
+inside the checkpoint or the directory named (not even with ``--force``).
 """
 
 from __future__ import annotations
@@ -103,6 +104,15 @@ def _export(path: Path, args: argparse.Namespace) -> None:
     from recsys.errors import UserError
 
     out = Path(args.out)
+    target = out.resolve()
+    # Never write into what is read: --force would replace one of the checkpoint's own files
+    # (or a stage's or run's record), and the export would read a half-replaced checkpoint.
+    for source in dict.fromkeys((path.resolve(), Path(args.path).resolve())):
+        if target == source or source in target.parents:
+            raise UserError(
+                f"{out}: lies inside the source {source}, which an export must not overwrite; "
+                "give an OUT outside it"
+            )
     if out.exists() and not out.is_dir() and not args.force:
         raise UserError(f"{out}: exists already; pass --force to replace it")
     out = export(path, out)

@@ -272,6 +272,43 @@ def split(events: Events, config: ProtocolConfig | None = None) -> Split:
     return result
 
 
+EMPTY_HINTS = {
+    "seq": "no user has --min-events events: lower --min-events or give more events",
+    "ctr_train": "every user is a test user: raise --test-quantile (below 1) or give more users",
+    "ctr_test": "no user is a test user: lower --test-quantile or give more users",
+    "ctr_valid": "no validation user: raise --valid-users or give more users",
+    "ctr_fit": "every training user is a validation user: lower --valid-users",
+}
+"""What to change when a split would have no rows, by split name."""
+
+
+def _refuse_empty(result: Split, source: dict[str, Any]) -> None:
+    """A DataError naming the first split that has no rows and the option to change: a
+    dataset of 0 rows cannot be read back."""
+    for name, table in (
+        ("seq", result.seq),
+        ("ctr_train", result.ctr_train),
+        ("ctr_test", result.ctr_test),
+        *result.extra.items(),
+    ):
+        if table.num_rows:
+            continue
+        if name.endswith("_dense"):
+            hint = "no training user has 2 events or more: raise --min-events to 2 or more"
+        else:
+            hint = EMPTY_HINTS.get(name, "give more events")
+        if source.get("converter") == "synth":
+            hint = hint.replace("give more users", "raise --users").replace(
+                "give more events", "raise --users or --min-len"
+            )
+        counts = ", ".join(
+            f"{k} {result.counts[k]:,}"
+            for k in ("users", "train_users", "test_users")
+            if k in result.counts
+        )
+        raise DataError(f"split {name} would have 0 rows ({counts}); {hint}")
+
+
 def write_split(
     out: str | os.PathLike,
     result: Split,
@@ -283,6 +320,7 @@ def write_split(
     """Write ``out/seq``, ``out/ctr_train``, ``out/ctr_test`` and the optional ``ctr``
     datasets of the split (``ctr_valid``, ...) together, all or nothing."""
     protocol = {**result.protocol, "counts": result.counts, **source}
+    _refuse_empty(result, source)
     written = {}
     with atomic_directory(out, overwrite) as tmp:
         for name, table, kind in (

@@ -171,6 +171,11 @@ def read(path: str | Path) -> dict[str, Any]:
         raise PlanFileError(f"{path}: cannot be read: {reason[:1].lower()}{reason[1:]}") from None
     except json.JSONDecodeError as err:
         raise PlanFileError(f"{path}: not a plan file (invalid JSON: {err})") from None
+    except UnicodeDecodeError as err:
+        raise PlanFileError(
+            f"{path}: not a plan file (not UTF-8 text: byte {err.start}); give the JSON file "
+            "that `recsys plan --out` wrote"
+        ) from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise PlanFileError(f'{path}: not a plan file (no "format": "{FORMAT}")')
     if doc.get("version") != VERSION:
@@ -276,6 +281,19 @@ def _check_entry(entry: Any, keys: dict[str, Any], where: str) -> None:
             raise PlanFileError(f"{where}: {key} must be {_wanted(kind)}, got {shown}")
 
 
+def _check_choices(table: dict[str, Any], where: str) -> None:
+    """The table's sharding type and compute kernel are ones this project places (checked
+    here, not left to TorchRec's ValueError when the plan is applied)."""
+    from recsys.distributed.planning import SHARDING_TYPES
+    from recsys.plan.make import COMPUTE_KERNELS
+
+    for key, known in (("sharding_type", SHARDING_TYPES), ("compute_kernel", COMPUTE_KERNELS)):
+        if table[key] not in known:
+            raise PlanFileError(
+                f"{where}: {key} {json.dumps(table[key])[:40]} is not one of {', '.join(known)}"
+            )
+
+
 def _check_layout(doc: dict[str, Any], where: str) -> None:
     """Every part of the plan holds the keys a reader needs, of their kinds."""
     _check_entry(doc["cluster"], CLUSTER_KEYS, f"{where}: 'cluster'")
@@ -287,6 +305,7 @@ def _check_layout(doc: dict[str, Any], where: str) -> None:
         name = table.get("name") if isinstance(table, dict) else None
         label = f"table {name!r}" if isinstance(name, str) else f"table entry {i}"
         _check_entry(table, TABLE_KEYS, f"{where}: {label}")
+        _check_choices(table, f"{where}: {label}")
         for j, shard in enumerate(table["shards"]):
             _check_entry(shard, SHARD_KEYS, f"{where}: {label}, shard {j}")
     for i, rank in enumerate(doc["ranks"]):

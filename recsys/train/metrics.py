@@ -6,7 +6,8 @@ pretraining metrics are torchmetrics sums, so a job on N ranks reports exactly w
 process would on the same samples. States are checkpointed, so a run resumed mid-epoch
 reports the epoch's metrics as if it had not stopped.
 
-- AUC: exact, tie-aware (torchmetrics' ``binary_auroc`` without thresholds).
+- AUC: exact, tie-aware (torchmetrics' ``binary_auroc`` without thresholds); NaN (undefined)
+  when every sample has the same label (torchmetrics would say 0.0), so a stage refuses it.
 - logloss: mean binary cross-entropy of the predicted probabilities.
 - gAUC: the AUC of each user's samples, averaged over users weighted by their number of
   samples; users whose samples all share one label have no AUC and are left out (the usual
@@ -102,7 +103,7 @@ class CTRMetrics:
         probabilities = torch.sigmoid(logits)
         auc, weight = grouped_auc(probabilities, labels, users)
         return {
-            "auc": float(binary_auroc(probabilities, labels.long(), validate_args=False)),
+            "auc": _auc(probabilities, labels),
             "logloss": float(F.binary_cross_entropy_with_logits(logits.double(), labels.double())),
             "gauc": float((auc * weight).sum() / weight.sum()) if len(auc) else float("nan"),
             "samples": float(len(labels)),
@@ -123,6 +124,17 @@ class CTRMetrics:
     def load_state_dict(self, state: dict) -> None:
         self.logits, self.labels = [state["logits"]], [state["labels"]]
         self.users = [state["users"]]
+
+
+def _auc(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
+    """Exact AUC; NaN when the samples are all one class (no positive-negative pair)."""
+    positives = int((labels > 0.5).sum())
+    if positives in (0, len(labels)):
+        log.warning(
+            "all %d samples have label %d: AUC is undefined (NaN)", len(labels), labels[0] > 0.5
+        )
+        return float("nan")
+    return float(binary_auroc(probabilities, labels.long(), validate_args=False))
 
 
 def _undefined(samples: int, nonfinite: int) -> dict[str, float]:

@@ -108,7 +108,7 @@ def guarded(run: Callable[[], int | None], prefix: str = "error") -> int:
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13  # as a shell reports a command ended by SIGPIPE
-    except BaseException as err:
+    except BaseException as err:  # sorted below: user errors vs bugs
         if not is_user_error(err):
             raise
         report(err, prefix)

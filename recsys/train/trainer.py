@@ -205,6 +205,19 @@ class NonFinite(UserError, FloatingPointError):
         self.step, self.bad = step, bad
 
 
+def stop_workers(loader) -> None:
+    """Stop the worker processes of ``loader``'s current iterator now. A run that stops on an
+    error must not leave them to the interpreter's exit: the workers ignore SIGTERM (the
+    training process stops them, see ``recsys.stages.build``), so multiprocessing's exit
+    handler would wait on them forever. The loader keeps its iterator (for its state) and
+    offers no public way to stop it: its iterator's ``_shutdown_workers`` is what torch's own
+    clean-up calls."""
+    iterator = getattr(loader, "_iterator", None)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 class Preempted(RuntimeError):
     """The run stopped on SIGTERM after saving a checkpoint; run it again to resume."""
 
@@ -360,6 +373,10 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             return self._train()
+        except BaseException:
+            for loader in (self.train_loader, self.valid_loader):
+                stop_workers(loader)
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
 

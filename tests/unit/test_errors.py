@@ -142,3 +142,26 @@ def test_asking_for_more_memory_than_the_host_has_is_one_line(
     (line,) = lines(capsys.readouterr().err)
     assert line.startswith("recsys x: out of memory (RuntimeError: ")
     assert line.endswith("is more than this host holds")
+
+
+def test_a_stage_whose_loader_worker_fails_exits(tmp_path: Path, synth_split) -> None:
+    """Loader workers ignore SIGTERM: a stage stopped by their error must stop them itself,
+    or the interpreter's exit waits on them forever."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = synth_split(tmp_path / "data", 64, users=60, items=30, min_events=4, max_events=20)
+    (part,) = sorted((data / "seq").glob("*.parquet"))[:1]
+    table = pq.read_table(part)
+    users = table.column("user_id").to_pylist()
+    column = pa.array([None, *users[1:]], type=table.schema.field("user_id").type)
+    pq.write_table(table.set_column(0, "user_id", column), part, row_group_size=64)
+    command = [
+        *(sys.executable, "-m", "recsys.stages.pretrain", "--out", str(tmp_path / "p")),
+        *("model.size=L1H16A2", "model.max_len=12", "model.negatives=8", "data.batch_size=16"),
+        *(f"data.train={data / 'seq'}", "data.workers=1", "run.max_steps=2"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=90)
+    assert done.returncode == EXIT_USER_ERROR, done.stderr
+    assert f"error (rank 0): {part}, row group 0, row 0, column 'user_id': null" in done.stderr

@@ -45,11 +45,13 @@ class Source:
             ]
 
     def find(self, *patterns: str) -> str | None:
-        """The first file whose base name matches one of ``patterns`` (in pattern order); a
-        file the user named itself wins over its neighbours."""
-        named = self._zip is None and self.path.is_file()
-        if named and any(fnmatch.fnmatch(self.path.name, p) for p in patterns):
-            return self.path.name
+        """The first file whose base name matches one of ``patterns`` (in pattern order). A
+        file the user named is the only candidate: it is used when it matches, and a file
+        beside it is never read in its place (its neighbours serve only as companions,
+        through :meth:`sibling`)."""
+        if self._zip is None and self.path.is_file():
+            matches = any(fnmatch.fnmatch(self.path.name, p) for p in patterns)
+            return self.path.name if matches else None
         for pattern in patterns:
             for name in self._names:
                 if fnmatch.fnmatch(Path(name).name, pattern):
@@ -104,5 +106,10 @@ class Source:
 
     def require(self, name: str | None, what: str) -> str:
         if name is None:
+            if self._zip is None and self.path.is_file():
+                raise DataError(
+                    f"{self.path}: its name is not one a {what} has; rename it, or give the "
+                    "directory that holds it"
+                )
             raise DataError(f"{self.path}: no {what} found here")
         return name

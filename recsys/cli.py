@@ -33,7 +33,22 @@ def _doctor(args: argparse.Namespace) -> int:
     return doctor.main(as_json=args.json, timeout=args.timeout)
 
 
+def _stopped(err, args: argparse.Namespace) -> int:
+    """A pipeline stopped by a signal: one line, and the signal's exit code."""
+    from recsys.errors import fresh_line
+
+    fresh_line()
+    print(
+        f"recsys {args.command}: stopped by {err.sigval.name} (its jobs end with it); the same "
+        "command resumes the study",
+        file=sys.stderr,
+    )
+    return 128 + int(err.sigval)
+
+
 def _experiment(args: argparse.Namespace) -> int:
+    from torchx.schedulers.local_scheduler import SignalException
+
     from pipelines import experiment
     from pipelines.gpsd import PipelineError, StageFailed
     from recsys import report
@@ -51,6 +66,8 @@ def _experiment(args: argparse.Namespace) -> int:
     except StageFailed as err:  # the job ran and failed: its lines, exit code 1
         report_error(err, f"recsys {args.command}")
         return 1
+    except SignalException as err:  # Ctrl-C or SIGTERM while TorchX's local scheduler waits
+        return _stopped(err, args)
     skipped = sum(s.skipped for s in steps)
     print(f"{len(steps)} stages, {skipped} skipped (done with the same inputs and config)")
     table, _ = report.write(spec.out, **spec.report)
@@ -81,6 +98,8 @@ def _data_directory(data: str) -> None:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
+    from torchx.schedulers.local_scheduler import SignalException
+
     from pipelines.gpsd import STRATEGIES, PipelineError, StageFailed, Study, run
     from recsys import report
     from recsys.errors import report as report_error
@@ -110,6 +129,8 @@ def _pipeline(args: argparse.Namespace) -> int:
     except StageFailed as err:  # the job ran and failed: its lines, exit code 1
         report_error(err, f"recsys {args.command}")
         return 1
+    except SignalException as err:  # Ctrl-C or SIGTERM while TorchX's local scheduler waits
+        return _stopped(err, args)
     skipped = sum(s.skipped for s in steps)
     print(f"{len(steps)} stages, {skipped} skipped (done with the same inputs and config)")
     table, _ = report.write(args.experiment)

@@ -76,7 +76,7 @@ def is_user_error(err: BaseException) -> bool:
     return isinstance(err, UserError | OSError) or _out_of_memory(err)
 
 
-def _fresh_line() -> None:
+def fresh_line() -> None:
     """End a progress bar's line on stderr so the error starts on a line of its own."""
     from recsys.train import log as run_log
 
@@ -88,7 +88,7 @@ def _fresh_line() -> None:
 
 def report(err: BaseException, prefix: str = "error") -> None:
     """Print a user error as one line on stderr (its traceback too with RECSYS_DEBUG=1)."""
-    _fresh_line()
+    fresh_line()
     if debug():
         traceback.print_exception(err, file=sys.stderr)
     print(f"{prefix}: {one_line(err)}", file=sys.stderr, flush=True)
@@ -99,7 +99,7 @@ def guarded(run: Callable[[], int | None], prefix: str = "error") -> int:
     try:
         return int(run() or 0)
     except KeyboardInterrupt:
-        _fresh_line()
+        fresh_line()
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

@@ -294,3 +294,27 @@ def test_a_failed_stage_is_told_by_its_error_line_not_by_source_in_a_traceback()
 
     assert STAGE_ERROR.search("[0]:error (rank 1): data.train: /d/seq: no such file")
     assert not STAGE_ERROR.search('[0]:[rank0]:   return guarded(run, prefix=f"error (rank {r})")')
+
+
+def test_a_pipeline_stopped_by_ctrl_c_is_one_line(
+    tmp_path: Path,
+    data: Path,
+    config: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TorchX's local scheduler turns SIGINT into its SignalException while a job runs."""
+    import signal
+
+    from torchx.schedulers.local_scheduler import SignalException
+
+    def interrupted(step, *args, **kwargs):
+        raise SignalException("Process 1 got signal: SIGINT", sigval=signal.SIGINT)
+
+    monkeypatch.setattr(pipelines.gpsd, "run_step", interrupted)
+    assert cli(["pipeline", "run", "--profiles", PROFILES, *study(tmp_path, data, config)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "recsys pipeline: stopped by SIGINT (its jobs end with it); the same command resumes "
+        "the study"
+    ]

@@ -118,7 +118,10 @@ def load_weights(model: nn.Module, path: str | Path, names: Iterable[str]) -> li
                 f"{list(mine[name].shape)}"
             )
     if problems:
-        raise CheckpointError(f"{path}: cannot load these weights:\n  " + "\n  ".join(problems))
+        raise CheckpointError(
+            f"{path}: cannot load {len(problems)} weight(s) into this model; was it built with "
+            f"another model section (size, arch, max_len)? Use the same: {'; '.join(problems)}"
+        )
     if names:
         read({n: mine[n] for n in names}, path)
     return names

@@ -65,7 +65,7 @@ def pretrained(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_transfer_names_every_weight_whose_shape_differs(
+def test_transfer_names_every_weight_whose_shape_differs_in_one_line(
     data: Path, pretrained: Path, tmp_path: Path
 ) -> None:
     args = ["--strategy", "FT", "--pretrained", str(pretrained), "--out", str(tmp_path / "t")]
@@ -74,7 +74,8 @@ def test_transfer_names_every_weight_whose_shape_differs(
         transfer.main([*args, *TINY, ctr, "model.size=L1H32A2"])
     message = str(err.value)
     assert "table/item: saved with shape [60, 16], the model has [60, 32]" in message
-    assert "dense/tower.blocks.0.attention.qkv.weight" in message
+    assert "dense/tower.blocks.0.attention.qkv.weight" in message and "\n" not in message
+    assert "another model section (size, arch, max_len)" in message
 
 
 def test_finetune_fails_loudly_when_a_frozen_table_changed(

@@ -35,6 +35,22 @@ def _log_handlers():
         logger.setLevel(level)
 
 
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Path:
+    """A directory in which no file can be made: a read-only one, or /sys where the tests run
+    as root (for whom permissions do not refuse)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    for candidate in (locked, Path("/sys")):
+        try:
+            (candidate / "probe").mkdir()
+        except OSError:
+            return candidate
+        (candidate / "probe").rmdir()
+    pytest.skip("no directory here refuses new files")
+
+
 @pytest.fixture(scope="session")
 def synth_split():
     """A function writing ``out``/seq, ctr_train, ctr_test of a synthetic log: tiny datasets

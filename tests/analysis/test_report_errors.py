@@ -89,22 +89,10 @@ def test_a_broken_stage_record_is_named(
     no_report(tmp_path)
 
 
-def read_only_dir(tmp_path: Path) -> Path:
-    """A directory in which no file can be made (a read-only one; as root, /sys)."""
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    for candidate in (locked, Path("/sys")):
-        try:
-            (candidate / "probe").mkdir()
-        except OSError:
-            return candidate
-        (candidate / "probe").rmdir()
-    pytest.skip("no directory here refuses new files")
-
-
 def test_an_out_file_that_cannot_be_written_is_named(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    read_only_dir: Path,
 ) -> None:
     experiment = tmp_path / "exp"
     finetune_stage(experiment)
@@ -120,7 +108,7 @@ def test_an_out_file_that_cannot_be_written_is_named(
     bare = tmp_path / "results"
     line = refused(capsys, str(experiment), "--out", str(bare))
     assert f"report file {bare}: give a name with a suffix, e.g. {bare}.md" in line
-    locked = read_only_dir(tmp_path)
+    locked = read_only_dir
     line = refused(capsys, str(experiment), "--out", str(locked / "results.md"))
     assert f"report file {locked / 'results.md'}: cannot be written: " in line
     assert not (locked / "results.md").exists()

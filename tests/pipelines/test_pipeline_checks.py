@@ -170,7 +170,11 @@ def test_a_plan_file_the_stages_cannot_use_is_named(
 
 
 def test_an_experiment_directory_that_cannot_be_one_is_named(
-    tmp_path: Path, data: Path, config: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path,
+    data: Path,
+    config: Path,
+    capsys: pytest.CaptureFixture,
+    read_only_dir: Path,
 ) -> None:
     run = ["--data", str(data), "--config", str(config), "--experiment"]
     afile = tmp_path / "afile"
@@ -179,23 +183,9 @@ def test_an_experiment_directory_that_cannot_be_one_is_named(
     assert f"experiment directory {afile} is a file; give a directory" in line
     line = refused(capsys, *run, str(afile / "exp"))
     assert f"experiment directory {afile / 'exp'} lies under {afile}, a file" in line
-    locked = read_only_dir(tmp_path)
+    locked = read_only_dir
     line = refused(capsys, *run, str(locked / "exp"))
     assert f"experiment directory {locked / 'exp'} cannot be written: " in line
-
-
-def read_only_dir(tmp_path: Path) -> Path:
-    """A directory in which no file can be made (a read-only one; as root, /sys)."""
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    for candidate in (locked, Path("/sys")):
-        try:
-            (candidate / "probe").mkdir()
-        except OSError:
-            return candidate
-        (candidate / "probe").rmdir()
-    pytest.skip("no directory here refuses new files")
 
 
 def experiment_file(tmp_path: Path, data: Path, config: Path, body: str) -> Path:

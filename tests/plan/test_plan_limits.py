@@ -116,21 +116,9 @@ def test_a_dense_part_no_rank_holds_is_named_without_allocating_it(
     assert "- a smaller model.size: the dense part of L4H1000000A4 needs" in err
 
 
-def read_only_dir(tmp_path: Path) -> Path:
-    """A directory in which no file can be made (a read-only one; as root, /sys)."""
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    for candidate in (locked, Path("/sys")):
-        try:
-            (candidate / "probe").mkdir()
-        except OSError:
-            return candidate
-        (candidate / "probe").rmdir()
-    pytest.skip("no directory here refuses new files")
-
-
-def test_out_where_no_file_can_be_written(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_out_where_no_file_can_be_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture, read_only_dir: Path
+) -> None:
     plan = ["--table", "item=1000", *SIDE, "--out"]
     folder = tmp_path / "plans"
     folder.mkdir()
@@ -141,7 +129,7 @@ def test_out_where_no_file_can_be_written(tmp_path: Path, capsys: pytest.Capture
     line = refused(capsys, *plan, str(afile / "plan.json"))
     assert f"--out {afile / 'plan.json'}: lies under {afile}, a file" in line
     assert afile.read_text() == "x"
-    locked = read_only_dir(tmp_path)
+    locked = read_only_dir
     line = refused(capsys, *plan, str(locked / "plan.json"))
     assert f"--out {locked / 'plan.json'}: cannot be written: " in line
     assert not [p for p in os.listdir(locked) if "plan.json" in p]  # no half-written file

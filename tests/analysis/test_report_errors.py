@@ -1,5 +1,6 @@
-"""`recsys report` on what holds no report, or writes where it cannot: one line naming the
-directory or file, exit code 2, no traceback, and no empty report left behind."""
+"""`recsys report` on what holds no report, on records it cannot read (a result that is no
+number, an input that is no path), or writing where it cannot: one line naming the directory,
+file or key, exit code 2, no traceback, and no empty report left behind."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from recsys.cli import main as cli
+from recsys.report import collect
 
 
 def finetune_stage(root: Path, strategy: str = "NT", auc: float = 0.7, done: bool = True) -> Path:
@@ -118,3 +120,32 @@ def test_an_out_file_that_cannot_be_written_is_named(
     assert cli(["report", str(experiment), "--out", str(out), "--title", "Tiny"]) == 0
     assert out.read_text().startswith("# Tiny") and (out.parent / "results" / "gap.png").exists()
     assert not list(out.parent.glob(".*.partial"))
+
+
+def edited(stage: Path, **changes) -> Path:
+    """The stage's record with ``changes`` merged into its sections; its stage.json."""
+    path = stage / "stage.json"
+    record = json.loads(path.read_text())
+    for key, value in changes.items():
+        record[key] = {**record[key], **value}
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_a_result_that_is_no_number_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    record = edited(finetune_stage(tmp_path), results={"valid_auc": "high"})
+    line = refused(capsys, str(tmp_path))
+    assert f'{record}: results.valid_auc must be a number (or null), got "high"' in line
+
+
+def test_an_input_that_is_no_path_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    record = edited(finetune_stage(tmp_path), inputs={"valid": 5})
+    assert f"{record}: inputs.valid must be a path (or null), got 5" in refused(
+        capsys, str(tmp_path)
+    )
+
+
+def test_a_null_valid_input_is_unknown(tmp_path: Path) -> None:
+    edited(finetune_stage(tmp_path), inputs={"valid": None})
+    (row,) = collect(tmp_path)
+    assert row["eval"] == "?" and row["eval_path"] is None and row["auc"] == 0.7

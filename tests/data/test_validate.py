@@ -15,37 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+# The planted datasets of the stream's own bad-input tests (tests/data is on the import path).
+from test_bad_input import META, good_rows, table, write
+
 from recsys.cli import main
 from recsys.data import inspect
 from recsys.data.schema import DataError, DatasetMeta
 from recsys.data.stream import ParquetStream, StreamConfig
-
-META = DatasetMeta(kind="ctr", vocab={"item": 10, "category": 3}, side_features=["category"])
-
-
-def good_rows(n: int = 4) -> dict[str, list]:
-    return {
-        "user_id": list(range(n)),
-        "history_item_ids": [[1, 2, 3]] * n,
-        "history_category_ids": [[0, 1, 2]] * n,
-        "item_id": [4] * n,
-        "category_id": [1] * n,
-        "label": [1, 0] * (n // 2),
-        "timestamp": [100] * n,
-    }
-
-
-def table(**changes) -> pa.Table:
-    return pa.table({**good_rows(), **changes})
-
-
-def write(directory: Path, tables: dict[str, pa.Table], meta: DatasetMeta = META) -> Path:
-    """A dataset of the given files, in row groups of 2 rows."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, rows in tables.items():
-        pq.write_table(rows, directory / name, row_group_size=2)
-    (directory / "dataset.json").write_text(meta.to_json())
-    return directory
 
 
 def corrupt_row_group(path: Path, row_group: int) -> None:

@@ -32,10 +32,15 @@ def debug() -> bool:
     return os.environ.get("RECSYS_DEBUG", "") not in ("", "0")
 
 
+def os_reason(err: OSError) -> str:
+    """The OS's reason for ``err`` as it reads inside a sentence (``no space left on device``)."""
+    reason = err.strerror or (errno.errorcode.get(err.errno, "") if err.errno else "") or str(err)
+    return reason[:1].lower() + reason[1:]
+
+
 def describe_os_error(err: OSError) -> str:
     """``PATH: reason`` of an OS error (``no space left on device``), whoever raised it."""
-    reason = err.strerror or (errno.errorcode.get(err.errno, "") if err.errno else "") or str(err)
-    reason = reason[:1].lower() + reason[1:]
+    reason = os_reason(err)
     names = [str(n) for n in (err.filename, err.filename2) if n is not None]
     return f"{' → '.join(names)}: {reason}" if names else reason
 

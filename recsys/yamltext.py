@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from recsys.errors import os_reason
+
 
 class _Loader(yaml.SafeLoader):
     """The safe loader, refusing a key given twice in one mapping."""
@@ -63,8 +65,7 @@ def read(path: str | Path, error: type[Exception], what: str = "YAML text") -> A
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
-        reason = err.strerror or str(err)
-        raise error(f"{path}: cannot be read: {reason[:1].lower()}{reason[1:]}") from None
+        raise error(f"{path}: cannot be read: {os_reason(err)}") from None
     except UnicodeDecodeError as err:
         raise error(
             f"{path}: not a UTF-8 text file (byte {err.object[err.start]:#04x} at offset "

@@ -176,12 +176,11 @@ def check_out(path: Path) -> None:
 def write(doc: dict, path: Path) -> None:
     """The plan to ``path`` (whole or not at all), or a PlanError naming ``--out`` (not the
     temporary file the plan is written to first)."""
+    from recsys.errors import os_reason
     from recsys.plan import planfile
     from recsys.plan.make import PlanError
 
     try:
         planfile.write(doc, path)
     except OSError as err:
-        reason = err.strerror or str(err)
-        reason = reason[:1].lower() + reason[1:]
-        raise PlanError(f"--out {path}: cannot be written: {reason}") from None
+        raise PlanError(f"--out {path}: cannot be written: {os_reason(err)}") from None

@@ -30,7 +30,7 @@ from typing import Any
 
 from torch import nn
 
-from recsys.errors import UserError
+from recsys.errors import UserError, os_reason
 from recsys.plan.hosts import Cluster
 
 log = logging.getLogger(__name__)
@@ -167,8 +167,7 @@ def read(path: str | Path) -> dict[str, Any]:
     try:
         doc = json.loads(Path(path).read_text())
     except OSError as err:
-        reason = err.strerror or str(err)
-        raise PlanFileError(f"{path}: cannot be read: {reason[:1].lower()}{reason[1:]}") from None
+        raise PlanFileError(f"{path}: cannot be read: {os_reason(err)}") from None
     except json.JSONDecodeError as err:
         raise PlanFileError(f"{path}: not a plan file (invalid JSON: {err})") from None
     except UnicodeDecodeError as err:

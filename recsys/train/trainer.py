@@ -507,7 +507,8 @@ class Trainer:
         out = out._replace(loss=self.faults.poison_loss(self.step + 1, out.loss))
         lr = self.schedule.get_last_lr()[0]  # the rate this step uses
         skip = self.config.nonfinite == "skip"
-        if skip and self._skipped_before_backward(loss := out.loss.item()):
+        loss = out.loss.item() if skip else None  # skipping: agreed on before backward
+        if skip and self._skipped_before_backward(loss):
             self._advance(batch, {"loss": loss, "lr": lr}, trained=False)
             return None
         self.dense.zero_grad()
@@ -518,7 +519,8 @@ class Trainer:
             bad = nonfinite("gradient norm", float(norm), self.rank)
         if bad is None:
             self.dense.step()
-        loss = out.loss.item()
+        if loss is None:
+            loss = out.loss.item()
         values = {"loss": loss, "lr": lr, "grad_norm": float(norm)}
         bad = bad or nonfinite("loss", loss, self.rank)
         bad = bad or nonfinite("gradient norm", values["grad_norm"], self.rank)

@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from recsys.plan.hosts import HOSTS
+from recsys.plan.hosts import HOSTS, cluster
 
 EPILOG = """examples:
   recsys plan --config configs/ml100k/2026-11-23-demo.yaml -j 1x2 --device cpu --host cpu
@@ -122,9 +122,6 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from recsys.plan import planfile, show
-    from recsys.plan.hosts import cluster
-    from recsys.plan.make import Request, make, parse_tables
-    from recsys.stages.config import load
 
     if args.compare:
         a, b = (planfile.read(p) for p in args.compare)
@@ -134,6 +131,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.show:
         print(show.render(planfile.read(args.show), args.format))
         return 0
+    # Making a plan builds the stage's model: only now are models and stages imported.
+    from recsys.plan.make import Request, make, parse_tables
+    from recsys.stages.config import load
+
     if args.out:
         check_out(Path(args.out))
     config = load(args.config, args.overrides, args.stage)

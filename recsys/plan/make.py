@@ -20,18 +20,18 @@ import torch
 from torch import nn
 
 from recsys.data.schema import DatasetMeta
-from recsys.distributed.planning import constraints_for, run_planner
+from recsys.distributed.planning import constraints_for, embedding_modules, run_planner
 from recsys.errors import UserError
+from recsys.models import build as models
 from recsys.plan.hosts import GB, MAX_WORLD_SIZE, Cluster
+from recsys.plan.planfile import COMPUTE_KERNELS, document, optimizer_bytes
+from recsys.stages.build import dataset_meta
+from recsys.stages.common import StageError
 from recsys.stages.config import StageConfig
+from recsys.train.optim import attach_sparse_optimizer
 
 STAGES = {"pretrain": "seq", "finetune": "ctr"}
 """Stages whose model can be planned, and the dataset kind each reads."""
-
-COMPUTE_KERNELS = ("fused", "fused_uvm_caching", "fused_uvm")
-"""Kernels a plan may use: tables in HBM (``fused``, the only one on CPU), in host memory
-with an HBM cache (``fused_uvm_caching``) or in host memory (``fused_uvm``)."""
-
 
 TENSOR_BYTES = 2**63 - 1
 """The most bytes one tensor holds: PyTorch counts a storage's bytes in int64 (a larger
@@ -129,13 +129,11 @@ def check_table_sizes(vocab: dict[str, int], width: int, source: str) -> None:
 def check_batch(batch: int, config: StageConfig, given: bool) -> None:
     """The per-rank batch is >= 1 and its embeddings (batch × (max_len + 1) tokens × width
     fp32) fit one tensor."""
-    from recsys.stages import build
-
     name = "--batch-size" if given else "data.batch_size"
     if batch < 1:
         raise PlanError(f"{name} {batch}: the per-rank batch must be >= 1")
     tokens = config.model.max_len + 1
-    width = build.tower(config.model).hidden
+    width = models.tower(config.model).hidden
     most = TENSOR_BYTES // (tokens * width * FP32)
     if batch > most:
         raise PlanError(
@@ -149,9 +147,6 @@ def vocabularies(config: StageConfig, request: Request) -> DatasetMeta:
     """The tables' sizes: the dataset of ``data.train`` when it is set, then ``--table``.
 
     Without a dataset, ``--table`` names every table: ``item`` and the side features."""
-    from recsys.stages.build import dataset_meta
-    from recsys.stages.common import StageError
-
     kind = STAGES[request.stage]
     rows = {name: r for name, (r, _) in request.tables.items()}
     if config.data.train:
@@ -181,13 +176,10 @@ def vocabularies(config: StageConfig, request: Request) -> DatasetMeta:
 
 def meta_model(config: StageConfig, request: Request) -> nn.Module:
     """The stage's model on the meta device, its trainable tables with the fused optimizer."""
-    from recsys.stages import build
-    from recsys.train.optim import attach_sparse_optimizer
-
     if request.stage not in STAGES:
         raise PlanError(f"--stage {request.stage!r}: expected one of {', '.join(STAGES)}")
     try:
-        width = build.tower(config.model).hidden
+        width = models.tower(config.model).hidden
     except ValueError as err:
         raise PlanError(f"model.size={config.model.size}: {err}") from None
     meta = vocabularies(config, request)
@@ -209,28 +201,16 @@ def meta_model(config: StageConfig, request: Request) -> nn.Module:
         raise PlanError("--frozen applies to the finetune model (sparse freezing)")
     with torch.device("meta"):  # the dense part too: no memory, whatever the width
         if request.stage == "pretrain":
-            model = build.generative_model(config.model, meta)
+            model = models.generative_model(config.model, meta)
         else:
-            model = build.ctr_model(config.model, meta, frozen=tuple(request.frozen))
+            model = models.ctr_model(config.model, meta, frozen=tuple(request.frozen))
     attach_sparse_optimizer(model, config.optim)
     return model
-
-
-def optimizer_bytes(rows: int, dim: int, element: int, optimizer: str) -> int:
-    """Bytes of fused-optimizer state of a ``rows × dim`` block (TorchRec's own estimate:
-    row-wise Adagrad keeps one value per row, Adam two per element)."""
-    if optimizer == "rowwise_adagrad":
-        return rows * element
-    if optimizer == "adam":
-        return 2 * rows * dim * element
-    raise PlanError(f"unknown sparse optimizer {optimizer!r}")
 
 
 def make(config: StageConfig, request: Request, cluster: Cluster) -> dict:
     """The plan document (``recsys.plan.planfile``'s format) of ``request`` on ``cluster``."""
     from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
-
-    from recsys.plan.planfile import document
 
     if cluster.host.device == "cpu":
         bad = [k for k in request.compute_kernels if k != "fused"]
@@ -327,8 +307,6 @@ every rank (its heuristic storage reservation: weights, gradients, optimizer sta
 
 def _dense_bytes(model: nn.Module) -> int:
     """Bytes of the fp32 weights outside the embedding tables."""
-    from recsys.distributed.planning import embedding_modules
-
     tables = {id(p) for m in embedding_modules(model).values() for p in m.parameters()}
     return sum(p.numel() * FP32 for p in model.parameters() if id(p) not in tables)
 

@@ -14,7 +14,10 @@ format (``"format": "recsys-plan"``, ``"version": 1``; documented in docs/plan.m
 - ``planner``: the TorchRec version and the seconds planning took.
 
 :func:`sharding_plan` turns a document back into a TorchRec ``ShardingPlan`` for a model and
-a job, after checking that they match it (table names, shapes, world size, device).
+a job, after checking that they match it (table names, shapes, world size, device). The
+arithmetic both sides share lives here too: the compute kernels a plan may use and the bytes
+of optimizer state a shard holds (:func:`optimizer_bytes`). Planning (``recsys.plan.make``)
+and training (``recsys.stages.build.place``) stand on this module; it imports neither.
 """
 
 from __future__ import annotations
@@ -38,9 +41,24 @@ log = logging.getLogger(__name__)
 FORMAT = "recsys-plan"
 VERSION = 1
 
+COMPUTE_KERNELS = ("fused", "fused_uvm_caching", "fused_uvm")
+"""Kernels a plan may use: tables in HBM (``fused``, the only one on CPU), in host memory
+with an HBM cache (``fused_uvm_caching``) or in host memory (``fused_uvm``)."""
+
 
 class PlanFileError(UserError, ValueError):
     """A plan file that cannot be read or does not match the model or job."""
+
+
+def optimizer_bytes(rows: int, dim: int, element: int, optimizer: str) -> int:
+    """Bytes of fused-optimizer state of a ``rows × dim`` block (TorchRec's own estimate:
+    row-wise Adagrad keeps one value per row, Adam two per element): the config's
+    ``optim.sparse`` takes no other."""
+    if optimizer == "rowwise_adagrad":
+        return rows * element
+    if optimizer == "adam":
+        return 2 * rows * dim * element
+    raise ValueError(f"unknown sparse optimizer {optimizer!r}")
 
 
 def _optimizer_name(tensor: Any) -> str | None:
@@ -53,8 +71,6 @@ def document(
 ) -> dict[str, Any]:
     """The plan document of the planner's chosen ``options`` for ``model`` on ``cluster``."""
     import torchrec
-
-    from recsys.plan.make import optimizer_bytes
 
     frozen = set(model.sparse.config.frozen)
     optimizer = about["sparse_optimizer"]
@@ -284,7 +300,6 @@ def _check_choices(table: dict[str, Any], where: str) -> None:
     """The table's sharding type and compute kernel are ones this project places (checked
     here, not left to TorchRec's ValueError when the plan is applied)."""
     from recsys.distributed.planning import SHARDING_TYPES
-    from recsys.plan.make import COMPUTE_KERNELS
 
     for key, known in (("sharding_type", SHARDING_TYPES), ("compute_kernel", COMPUTE_KERNELS)):
         if table[key] not in known:

@@ -1,9 +1,12 @@
-"""Building what a stage trains: models for a dataset, placed on the job's ranks, and loaders.
+"""Building what a stage trains: its datasets checked, its model placed on the job's ranks,
+its optimizers and loaders.
 
-This module owns turning config sections into objects: the tower from ``model``, the tables
-from the dataset's vocabularies, the sharding plan from ``plan`` (TorchRec's planner), the
-optimizers from ``optim`` (with the schedule's length filled in from the data when the config
-leaves it out), and a stateful loader from ``data``.
+This module owns turning config sections into running objects: the datasets ``data`` names
+(of the kind the stage reads, ``data.valid`` with ``data.train``'s vocabularies), the
+sharding plan from ``plan`` (TorchRec's planner, or a plan file), the optimizers from
+``optim`` (with the schedule's length filled in from the data when the config leaves it
+out), a stateful loader from ``data``, and the trainer from ``run``. The models themselves
+are built by ``recsys.models.build``.
 """
 
 from __future__ import annotations
@@ -22,24 +25,12 @@ from recsys.data.stream import ParquetStream, StreamConfig
 from recsys.distributed.env import DistEnv, collective_device
 from recsys.distributed.planning import planned
 from recsys.distributed.wrap import shard
-from recsys.models.baselines import DIN, BaselineConfig, DeepFM
-from recsys.models.ctr import CTRConfig, CTRModel
-from recsys.models.generative import GenerativeConfig, GenerativeModel
-from recsys.models.lum import LUM, LUMConfig
-from recsys.models.tower import TowerConfig
+from recsys.models.build import tower as tower  # pipelines.gpsd checks model.size with it
 from recsys.plan import planfile
 from recsys.stages.common import StageError
-from recsys.stages.config import (
-    DataSection,
-    LumSection,
-    ModelSection,
-    PlanSection,
-    StageConfig,
-)
+from recsys.stages.config import DataSection, ModelSection, PlanSection, StageConfig
 from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
 from recsys.train.trainer import TrainConfig, Trainer
-
-META = torch.device("meta")
 
 
 def dataset_meta(path: str, kind: str, key: str) -> DatasetMeta:
@@ -65,64 +56,13 @@ def valid_meta(path: str, kind: str, train: DatasetMeta, train_path: str) -> Dat
     return meta
 
 
-def tower(model: ModelSection) -> TowerConfig:
-    # One more position than the history: the CTR model appends the candidate token.
-    return TowerConfig.from_name(
-        model.size, max_len=model.max_len + 1, causal=model.causal, dropout=model.dropout
-    )
-
-
-def side_features(meta: DatasetMeta) -> dict[str, int]:
-    return {name: meta.vocab[name] for name in meta.side_features}
-
-
-def generative_model(model: ModelSection, meta: DatasetMeta) -> GenerativeModel:
-    config = GenerativeConfig(
-        tower(model), meta.vocab["item"], side_features(meta), negatives=model.negatives
-    )
-    return GenerativeModel(config, sparse_device=META)
-
-
-def ctr_model(
-    model: ModelSection, meta: DatasetMeta, frozen: tuple[str, ...] = (), extra: int = 0
-) -> nn.Module:
-    """The CTR model ``model.arch`` names, its tables sized by the dataset's vocabularies
-    (``extra``: dense features per sample its head takes, LUM's step 3)."""
-    if model.arch == "gpsd":
-        config = CTRConfig(
-            tower(model), meta.vocab["item"], side_features(meta), frozen=frozen, extra=extra
-        )
-        return CTRModel(config, sparse_device=META)
-    width = tower(model).hidden
-    baseline = BaselineConfig(
-        meta.vocab["item"], side_features(meta), dim=width, frozen=frozen, extra=extra
-    )
-    return {"deepfm": DeepFM, "din": DIN}[model.arch](baseline, sparse_device=META)
-
-
-def lum_model(model: ModelSection, lum: LumSection, meta: DatasetMeta) -> LUM:
-    """LUM's user model for a ``seq`` dataset with condition features: two tokens per event,
-    so the tower covers twice ``model.max_len`` positions and the query after them."""
-    if not meta.conditions:
-        raise StageError(
-            "the dataset declares no condition features (dataset.json 'conditions'); LUM "
-            "needs one (e.g. MovieLens' 'liked', recsys data synth --conditions K)"
-        )
-    config = LUMConfig(
-        TowerConfig.from_name(
-            model.size,
-            max_len=max(2 * model.max_len + 1, lum.pack),
-            causal=True,
-            dropout=model.dropout,
-        ),
-        meta.vocab["item"],
-        side_features(meta),
-        {name: meta.vocab[name] for name in meta.conditions},
-        negatives=lum.negatives,
-        temperature=lum.temperature,
-        pack=lum.pack,
-    )
-    return LUM(config, sparse_device=META)
+def training_meta(data: DataSection, kind: str) -> DatasetMeta:
+    """The metadata of ``data.train`` (a ``kind`` dataset), with ``data.valid`` checked
+    against it when given."""
+    meta = dataset_meta(data.train, kind, "data.train")
+    if data.valid:
+        valid_meta(data.valid, kind, meta, data.train)
+    return meta
 
 
 def place(model: nn.Module, plan: PlanSection, env: DistEnv, optim: OptimConfig | None = None):
@@ -221,8 +161,9 @@ def optim_config(config: StageConfig, steps_per_epoch: int) -> OptimConfig:
     return dataclasses.replace(config.optim, **changes)
 
 
-def trained(model: nn.Module, optim: OptimConfig, plan: PlanSection, env: DistEnv):
-    """The sharded model with its fused table optimizer, AdamW and its schedule."""
+def sharded_with_optimizers(model: nn.Module, optim: OptimConfig, plan: PlanSection, env: DistEnv):
+    """``model`` sharded with its fused table optimizer, and its dense optimizer (AdamW) and
+    schedule: what training starts from (nothing is trained here)."""
     sharded = place(model, plan, env, optim)
     dense, schedule = dense_optimizer(sharded, optim)
     return sharded, dense, schedule
@@ -240,7 +181,7 @@ def trainer(
     """``model`` sharded with its optimizers (schedule fitted to ``train``) and the
     :class:`Trainer` of a training stage, set up by the config's ``run`` section."""
     optim = optim_config(config, steps_per_epoch(train))
-    sharded, dense, schedule = trained(model, optim, config.plan, env)
+    sharded, dense, schedule = sharded_with_optimizers(model, optim, config.plan, env)
     run = config.run
     settings = TrainConfig(
         run_dir,

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from recsys.errors import UserError, guarded
@@ -158,11 +159,21 @@ def _barrier() -> None:
 
 
 class StageDir:
-    """One stage's directory: refuse to redo a finished stage, record the result last."""
+    """One stage's directory: refuse to redo a finished stage, record the result last.
 
-    def __init__(self, path: str | Path, stage: str, force: bool = False) -> None:
+    ``about``: what :meth:`finish` records first, after the stage's name (:func:`start`
+    gives the fingerprint, the inputs and the resolved config)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        stage: str,
+        force: bool = False,
+        about: dict[str, Any] | None = None,
+    ) -> None:
         self.out = str(path)  # as given: Path("") would be the current directory
         self.path, self.stage, self.force = Path(path), stage, force
+        self.about = about or {}
         self.started = time.time()
 
     @property
@@ -237,6 +248,7 @@ class StageDir:
     def finish(self, record: dict[str, Any]) -> dict[str, Any]:
         """Write stage.json, then DONE (rank 0, after every rank got here); a
         :class:`StageError` instead when the result cannot be right (:meth:`check`)."""
+        record = {**self.about, **record}
         self.check(record)  # every rank: its record's steps and results are the same on all
         _barrier()
         record = {
@@ -293,6 +305,30 @@ def nonfinite_results(results: dict[str, Any]) -> str:
         return ""
     context = {n: v for n, v in results.items() if n.endswith(("samples", "nonfinite_logits"))}
     return ", ".join(f"{n}={v:g}" for n, v in {**bad, **context}.items())
+
+
+def start(
+    name: str,
+    args: argparse.Namespace,
+    config: StageConfig,
+    inputs: dict[str, Any],
+    options: dict[str, Any] | None = None,
+) -> StageDir:
+    """The stage's directory ``args.out``, begun: called on every rank once the stage has
+    checked its inputs (their errors name them better than a fingerprint would). Takes the
+    stage's fingerprint (its ``options``, ``config`` and ``inputs``), checks and makes the
+    directory (:meth:`StageDir.begin`), and seeds torch with ``run.seed``, so that a dense
+    part built next starts the same on every run. The directory's :meth:`StageDir.finish`
+    records the fingerprint, the inputs and the config ahead of the stage's own results."""
+    about = {
+        "fingerprint": fingerprint(name, options or {}, config, inputs),
+        "inputs": inputs,
+        "config": config.to_dict(),
+    }
+    stage = StageDir(args.out, name, args.force, about)
+    stage.begin(inputs)
+    torch.manual_seed(config.run.seed)
+    return stage
 
 
 def run_stage(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:

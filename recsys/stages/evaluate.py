@@ -25,16 +25,9 @@ import torch
 
 from recsys.checkpoint.weights import load_weights, named_weights
 from recsys.distributed.env import distributed
+from recsys.models import build as models
 from recsys.stages import build
-from recsys.stages.common import (
-    StageDir,
-    StageError,
-    arguments,
-    fingerprint,
-    parser,
-    read_stage,
-    run_stage,
-)
+from recsys.stages.common import StageError, arguments, parser, read_stage, run_stage, start
 from recsys.stages.config import ModelSection
 from recsys.train.metrics import CTRMetrics
 from recsys.train.trainer import every_batch
@@ -111,16 +104,14 @@ def main(argv: list[str] | None = None) -> dict:
         model_section = ModelSection(**source["config"]["model"])
         config = dataclasses.replace(config, model=model_section)
         inputs = {"model": args.model, "data": args.data}
-        print_ = fingerprint(NAME, {}, config, inputs)
         trained_meta = build.dataset_meta(source["config"]["data"]["train"], "ctr", "data.train")
         if trained_meta.vocab != meta.vocab:
             raise StageError(
                 f"--data {args.data} has vocabularies {meta.vocab}, but the model was trained "
                 f"with {trained_meta.vocab}: ids would mean other items"
             )
-        stage = StageDir(args.out, NAME, args.force)
-        stage.begin(inputs)
-        model = build.ctr_model(model_section, meta, tuple(source["frozen"]))
+        stage = start(NAME, args, config, inputs)
+        model = models.ctr_model(model_section, meta, tuple(source["frozen"]))
         sharded = build.place(model, config.plan, env)
         load_weights(sharded, f"{args.model}/weights", named_weights(sharded))
         data = dataclasses.replace(config.data, workers=0)
@@ -132,15 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         pq.write_table(predictions, out / f"part-{env.rank:05d}.parquet")
         if env.is_main:
             (stage.path / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        return stage.finish(
-            {
-                "fingerprint": print_,
-                "inputs": inputs,
-                "config": config.to_dict(),
-                "strategy": source["strategy"],
-                "results": metrics,
-            }
-        )
+        return stage.finish({"strategy": source["strategy"], "results": metrics})
 
 
 if __name__ == "__main__":

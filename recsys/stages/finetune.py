@@ -13,37 +13,14 @@ the freeze stage recorded: a changed frozen table stops the stage with its name.
 
 from __future__ import annotations
 
-import json
-
-import torch
-
-from recsys.checkpoint.weights import load_weights, named_weights, save_weights, table_digests
+from recsys.checkpoint.weights import load_weights, named_weights, table_digests
 from recsys.distributed.env import distributed
+from recsys.models import build as models
 from recsys.stages import build
-from recsys.stages.common import (
-    StageDir,
-    StageError,
-    arguments,
-    fingerprint,
-    parser,
-    read_stage,
-    run_stage,
-)
+from recsys.stages.common import StageError, arguments, parser, read_stage, run_stage, start
+from recsys.stages.training import Training
 
 NAME = "finetune"
-
-
-def epoch_history(run_dir) -> list[dict]:
-    """Each epoch's last record in the run's metrics.jsonl (a resumed run may repeat one)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    epochs: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("split") == "epoch":
-            epochs[int(record["epoch"])] = record
-    return [epochs[k] for k in sorted(epochs)]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,28 +32,14 @@ def main(argv: list[str] | None = None) -> dict:
         source = read_stage(args.init, "--init")
         if source["stage"] not in ("transfer", "freeze"):
             raise StageError(f"--init {args.init} is a {source['stage']} stage")
-        meta = build.dataset_meta(config.data.train, "ctr", "data.train")
-        if config.data.valid:
-            build.valid_meta(config.data.valid, "ctr", meta, config.data.train)
-        print_ = fingerprint(NAME, {}, config, inputs)
-        stage = StageDir(args.out, NAME, args.force)
-        stage.begin(inputs)
+        meta = build.training_meta(config.data, "ctr")
+        stage = start(NAME, args, config, inputs)
         frozen = tuple(source["frozen"])
-        torch.manual_seed(config.run.seed)
-        model = build.ctr_model(config.model, meta, frozen)
-        seed = config.run.seed
-        train = build.loader(config.data.train, config.data, config.model, seed, train=True)
-        valid = (
-            build.loader(config.data.valid, config.data, config.model, seed, train=False)
-            if config.data.valid
-            else None
-        )
-        sharded, trainer = build.trainer(
-            model, train, valid, config, env, str(stage.path), task="ctr"
-        )
-        if not (config.run.resume and trainer.checkpoints.latest()):  # not a resumed run
+        run = Training(stage, models.ctr_model(config.model, meta, frozen), config, env, "ctr")
+        sharded = run.sharded
+        if not (config.run.resume and run.trainer.checkpoints.latest()):  # not a resumed run
             load_weights(sharded, f"{args.init}/weights", named_weights(sharded))
-        results = trainer.train()
+        run.train()
         digests = table_digests(sharded, frozen)
         changed = sorted(t for t in frozen if digests[t] != source["digests"].get(t))
         if changed:
@@ -85,20 +48,12 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{ {t: digests[t] for t in changed} }, recorded by {args.init}: "
                 f"{ {t: source['digests'].get(t) for t in changed} })"
             )
-        save_weights(sharded, stage.weights)
-        return stage.finish(
+        return run.finish(
             {
-                "fingerprint": print_,
-                "inputs": inputs,
-                "config": config.to_dict(),
                 "strategy": source["strategy"],
                 "transferred": source["transferred"],
                 "frozen": list(frozen),
                 "digests": digests,
-                "steps": trainer.step,
-                "sharding": build.sharding(sharded),
-                "results": results,
-                "epochs": epoch_history(stage.path) if env.is_main else [],
             }
         )
 

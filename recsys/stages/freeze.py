@@ -13,20 +13,11 @@ digests) and ``DONE``.
 
 from __future__ import annotations
 
-import torch
-
 from recsys.checkpoint.weights import load_weights, named_weights, save_weights, table_digests
 from recsys.distributed.env import distributed
+from recsys.models import build as models
 from recsys.stages import build
-from recsys.stages.common import (
-    StageDir,
-    StageError,
-    arguments,
-    fingerprint,
-    parser,
-    read_stage,
-    run_stage,
-)
+from recsys.stages.common import StageError, arguments, parser, read_stage, run_stage, start
 
 NAME = "freeze"
 
@@ -43,25 +34,19 @@ def main(argv: list[str] | None = None) -> dict:
         if source["stage"] != "transfer":
             raise StageError(f"--init {args.init} is a {source['stage']} stage, not transfer")
         meta = build.dataset_meta(config.data.train, "ctr", "data.train")
-        tables = ["item", *build.side_features(meta)]
+        tables = ["item", *models.side_features(meta)]
         frozen = sorted(tables if args.sparse else args.tables.split(","))
         unknown = sorted(set(frozen) - set(tables))
         if unknown:
             raise StageError(f"--tables: no table {unknown}; the CTR model has {sorted(tables)}")
         inputs = {"train": config.data.train, "init": args.init}
-        print_ = fingerprint(NAME, {"tables": args.tables or "all"}, config, inputs)
-        stage = StageDir(args.out, NAME, args.force)
-        stage.begin(inputs)
-        torch.manual_seed(config.run.seed)
-        model = build.place(build.ctr_model(config.model, meta, tuple(frozen)), config.plan, env)
+        stage = start(NAME, args, config, inputs, {"tables": args.tables or "all"})
+        model = build.place(models.ctr_model(config.model, meta, tuple(frozen)), config.plan, env)
         load_weights(model, f"{args.init}/weights", named_weights(model))
         digests = table_digests(model, frozen)
         save_weights(model, stage.weights)
         return stage.finish(
             {
-                "fingerprint": print_,
-                "inputs": inputs,
-                "config": config.to_dict(),
                 "strategy": f"{source['strategy']}&SF",
                 "transferred": source["transferred"],
                 "frozen": frozen,

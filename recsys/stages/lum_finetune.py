@@ -21,21 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recsys.checkpoint.weights import save_weights
 from recsys.data.files import open_dataset
 from recsys.distributed.env import distributed
+from recsys.models import build as models
 from recsys.models.lum_features import UserFeatures, WithFeatures
 from recsys.stages import build
-from recsys.stages.common import (
-    StageDir,
-    StageError,
-    arguments,
-    fingerprint,
-    parser,
-    read_stage,
-    run_stage,
-)
-from recsys.stages.finetune import epoch_history
+from recsys.stages.common import StageError, arguments, parser, read_stage, run_stage, start
+from recsys.stages.training import Training
 
 NAME = "lum_finetune"
 
@@ -64,9 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     lum = config.lum
     inputs = {"train": config.data.train, "valid": config.data.valid, "features": lum.features}
     with distributed() as env:
-        meta = build.dataset_meta(config.data.train, "ctr", "data.train")
-        if config.data.valid:
-            build.valid_meta(config.data.valid, "ctr", meta, config.data.train)
+        meta = build.training_meta(config.data, "ctr")
         features = None
         if lum.features and not (lum.direct or lum.matching):
             raise StageError("lum.features is set but lum.direct and lum.matching are both false")
@@ -85,39 +75,19 @@ def main(argv: list[str] | None = None) -> dict:
                     f"lum.features={lum.features} embeds {len(features.items)} items, "
                     f"data.train has {meta.vocab['item']}: ids would mean other items"
                 )
-        print_ = fingerprint(NAME, {}, config, inputs)
-        stage = StageDir(args.out, NAME, args.force)
-        stage.begin(inputs)
-        torch.manual_seed(config.run.seed)
-        model = build.ctr_model(config.model, meta, extra=features.width if features else 0)
+        stage = start(NAME, args, config, inputs)
+        model = models.ctr_model(config.model, meta, extra=features.width if features else 0)
         missing = (
             features.missing(torch.from_numpy(train_users(config.data.train))) if features else 0
         )
-        seed = config.run.seed
-
-        def loader(path: str, train: bool):
-            plain = build.loader(path, config.data, config.model, seed, train=train)
-            return WithFeatures(plain, features) if features else plain
-
-        train = loader(config.data.train, True)
-        valid = loader(config.data.valid, False) if config.data.valid else None
-        sharded, trainer = build.trainer(
-            model, train, valid, config, env, str(stage.path), task="ctr"
-        )
-        results = trainer.train()
-        save_weights(sharded, stage.weights)
-        return stage.finish(
+        wrap = (lambda plain: WithFeatures(plain, features)) if features else None
+        run = Training(stage, model, config, env, "ctr", wrap=wrap)
+        run.train()
+        return run.finish(
             {
-                "fingerprint": print_,
-                "inputs": inputs,
-                "config": config.to_dict(),
                 "strategy": variant(lum.features, lum.direct, lum.matching),
                 "features": features.width if features else 0,
                 "users_without_features": missing,
-                "steps": trainer.step,
-                "sharding": build.sharding(sharded),
-                "results": results,
-                "epochs": epoch_history(stage.path) if env.is_main else [],
             }
         )
 

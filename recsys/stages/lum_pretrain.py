@@ -13,12 +13,11 @@ checkpoints and resumes like ``pretrain``. Writes ``weights/``, ``stage.json`` a
 
 from __future__ import annotations
 
-import torch
-
-from recsys.checkpoint.weights import save_weights
 from recsys.distributed.env import distributed
+from recsys.models import build as models
 from recsys.stages import build
-from recsys.stages.common import StageDir, arguments, fingerprint, parser, run_stage
+from recsys.stages.common import arguments, parser, run_stage, start
+from recsys.stages.training import Training
 
 NAME = "lum_pretrain"
 
@@ -27,36 +26,15 @@ def main(argv: list[str] | None = None) -> dict:
     args, config = arguments(parser(NAME, __doc__.splitlines()[0]), argv)
     inputs = {"train": config.data.train, "valid": config.data.valid}
     with distributed() as env:
-        meta = build.dataset_meta(config.data.train, "seq", "data.train")
-        if config.data.valid:
-            build.valid_meta(config.data.valid, "seq", meta, config.data.train)
-        print_ = fingerprint(NAME, {}, config, inputs)
-        stage = StageDir(args.out, NAME, args.force)
-        stage.begin(inputs)
-        torch.manual_seed(config.run.seed)
-        model = build.lum_model(config.model, config.lum, meta)
-        seed = config.run.seed
-
-        def loader(path: str, train: bool):
-            return build.loader(path, config.data, config.model, seed, train=train, conditions=True)
-
-        train = loader(config.data.train, True)
-        valid = loader(config.data.valid, False) if config.data.valid else None
-        sharded, trainer = build.trainer(
-            model, train, valid, config, env, str(stage.path), task="pretrain"
-        )
-        results = trainer.train()
-        save_weights(sharded, stage.weights)
-        return stage.finish(
+        meta = build.training_meta(config.data, "seq")
+        stage = start(NAME, args, config, inputs)
+        model = models.lum_model(config.model, config.lum, meta)
+        run = Training(stage, model, config, env, task="pretrain", conditions=True)
+        run.train()
+        return run.finish(
             {
-                "fingerprint": print_,
-                "inputs": inputs,
-                "config": config.to_dict(),
                 "conditions": {name: meta.vocab[name] for name in meta.conditions},
                 "tables": [t.name for t in model.sparse.config.tables],
-                "steps": trainer.step,
-                "sharding": build.sharding(sharded),
-                "results": results,
             }
         )
 

@@ -25,17 +25,10 @@ from torchrec.distributed.model_parallel import get_unwrapped_module
 
 from recsys.checkpoint.weights import load_weights, named_weights
 from recsys.distributed.env import distributed
+from recsys.models import build as models
 from recsys.models import lum_features
 from recsys.stages import build
-from recsys.stages.common import (
-    StageDir,
-    StageError,
-    arguments,
-    fingerprint,
-    parser,
-    read_stage,
-    run_stage,
-)
+from recsys.stages.common import StageError, arguments, parser, read_stage, run_stage, start
 from recsys.stages.config import from_dict
 from recsys.train.trainer import every_batch
 
@@ -104,15 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
         meta = build.dataset_meta(config.data.train, "seq", "data.train")
         trained = from_dict(source["config"])  # the model as it was pretrained
         asked = queries(config.lum.queries, source["conditions"])
-        print_ = fingerprint(NAME, {}, config, inputs)  # asked follows from both
-        stage = StageDir(args.out, NAME, args.force)
-        stage.begin(inputs)
+        stage = start(NAME, args, config, inputs)  # asked follows from these: not fingerprinted
         features = stage.path / "features"
         if env.is_main and features.exists():  # an interrupted run's parts, maybe more ranks
             shutil.rmtree(features)
         if dist.is_initialized():
             dist.barrier()
-        model = build.lum_model(trained.model, trained.lum, meta)
+        model = models.lum_model(trained.model, trained.lum, meta)
         sharded = build.place(model, config.plan, env)
         load_weights(sharded, f"{args.init}/weights", named_weights(sharded))
         user_model = get_unwrapped_module(sharded)  # its query(), past DMP and DDP
@@ -128,14 +119,14 @@ def main(argv: list[str] | None = None) -> dict:
             conditions=True,
         )
         users, outputs = [], []
-        start = time.perf_counter()
+        began = time.perf_counter()
         with torch.no_grad():
             for batch, scored in every_batch(iter(loader)):
                 out = user_model.query(batch.features.to(device), conditions)
                 if scored:
                     users.append(batch.user_ids.numpy())
                     outputs.append(out.float().cpu().numpy())
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - began
             items = []  # every rank takes part in each (collective) lookup
             for first in range(0, meta.vocab["item"], ITEM_CHUNK):
                 ids = torch.arange(first, min(first + ITEM_CHUNK, meta.vocab["item"]))
@@ -161,9 +152,6 @@ def main(argv: list[str] | None = None) -> dict:
             )
         return stage.finish(
             {
-                "fingerprint": print_,
-                "inputs": inputs,
-                "config": config.to_dict(),
                 "queries": asked,
                 "results": {
                     "users": int(count),

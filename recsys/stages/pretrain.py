@@ -11,12 +11,11 @@ names, for ``transfer``), ``stage.json`` and ``DONE``.
 
 from __future__ import annotations
 
-import torch
-
-from recsys.checkpoint.weights import save_weights
 from recsys.distributed.env import distributed
+from recsys.models import build as models
 from recsys.stages import build
-from recsys.stages.common import StageDir, arguments, fingerprint, parser, run_stage
+from recsys.stages.common import arguments, parser, run_stage, start
+from recsys.stages.training import Training
 
 NAME = "pretrain"
 
@@ -25,37 +24,12 @@ def main(argv: list[str] | None = None) -> dict:
     args, config = arguments(parser(NAME, __doc__.splitlines()[0]), argv)
     inputs = {"train": config.data.train, "valid": config.data.valid}
     with distributed() as env:
-        meta = build.dataset_meta(config.data.train, "seq", "data.train")
-        if config.data.valid:
-            build.valid_meta(config.data.valid, "seq", meta, config.data.train)
-        print_ = fingerprint(NAME, {}, config, inputs)
-        stage = StageDir(args.out, NAME, args.force)
-        stage.begin(inputs)
-        torch.manual_seed(config.run.seed)  # the dense part starts the same on every run
-        model = build.generative_model(config.model, meta)
-        seed = config.run.seed
-        train = build.loader(config.data.train, config.data, config.model, seed, train=True)
-        valid = (
-            build.loader(config.data.valid, config.data, config.model, seed, train=False)
-            if config.data.valid
-            else None
-        )
-        sharded, trainer = build.trainer(
-            model, train, valid, config, env, str(stage.path), task="pretrain"
-        )
-        results = trainer.train()
-        save_weights(sharded, stage.weights)
-        return stage.finish(
-            {
-                "fingerprint": print_,
-                "inputs": inputs,
-                "config": config.to_dict(),
-                "tables": [t.name for t in model.sparse.config.tables],
-                "steps": trainer.step,
-                "sharding": build.sharding(sharded),
-                "results": results,
-            }
-        )
+        meta = build.training_meta(config.data, "seq")
+        stage = start(NAME, args, config, inputs)
+        model = models.generative_model(config.model, meta)
+        run = Training(stage, model, config, env, task="pretrain")
+        run.train()
+        return run.finish({"tables": [t.name for t in model.sparse.config.tables]})
 
 
 if __name__ == "__main__":

@@ -20,20 +20,11 @@ transferred) and ``DONE``.
 
 from __future__ import annotations
 
-import torch
-
 from recsys.checkpoint.weights import load_weights, named_weights, save_weights
 from recsys.distributed.env import distributed
+from recsys.models import build as models
 from recsys.stages import build
-from recsys.stages.common import (
-    StageDir,
-    StageError,
-    arguments,
-    fingerprint,
-    parser,
-    read_stage,
-    run_stage,
-)
+from recsys.stages.common import StageError, arguments, parser, read_stage, run_stage, start
 
 NAME = "transfer"
 STRATEGIES = ("NT", "ST", "FT")
@@ -66,20 +57,14 @@ def main(argv: list[str] | None = None) -> dict:
             source = read_stage(pretrained, "--pretrained")
             if source["stage"] != "pretrain":
                 raise StageError(f"--pretrained {pretrained} is a {source['stage']} stage")
-        print_ = fingerprint(NAME, {"strategy": args.strategy}, config, inputs)
-        stage = StageDir(args.out, NAME, args.force)
-        stage.begin(inputs)
-        torch.manual_seed(config.run.seed)
-        model = build.place(build.ctr_model(config.model, meta), config.plan, env)
+        stage = start(NAME, args, config, inputs, {"strategy": args.strategy})
+        model = build.place(models.ctr_model(config.model, meta), config.plan, env)
         names = transferred(args.strategy, sorted(named_weights(model)))
         if pretrained:
             load_weights(model, f"{pretrained}/weights", names)
         save_weights(model, stage.weights)
         return stage.finish(
             {
-                "fingerprint": print_,
-                "inputs": inputs,
-                "config": config.to_dict(),
                 "strategy": args.strategy,
                 "transferred": names,
                 "frozen": [],

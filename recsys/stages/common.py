@@ -1,7 +1,10 @@
-"""What every stage shares: its command line and its directory.
+"""What every stage shares: its command line, its directory and the record it leaves there.
 
 A stage runs as ``python -m recsys.stages.<name> --config FILE --out DIR [options]
-[section.key=value ...]`` on every rank of a job. It writes into its own directory::
+[section.key=value ...]`` on every rank of a job (:func:`parser`, :func:`arguments`,
+:func:`run_stage`). Once it has checked its inputs, :func:`start` takes its fingerprint,
+claims its directory and seeds torch; :meth:`StageDir.finish` records the result. It writes
+into its own directory::
 
     DIR/checkpoint/    trainer checkpoints (stages that train), resumed after a crash
     DIR/weights/       the model's weights under stable names (DCP), what the next stage reads

@@ -2,7 +2,8 @@
 
 Unmarked blocks run in order, one workspace per page (docs_shell.py says how blocks are read
 and where they run), two pages at a time; a command the tests may not run (make, pip, docker,
-a cluster's) fails its block unless a ``# long: ...`` or ``# needs: ...`` comment marks it.
+a cluster's) or one with a placeholder (``...``, ``[--option]``, ``<name>``) fails its block
+unless a ``# long: ...`` or ``# needs: ...`` comment marks it (placeholders fail even then).
 Marked commands are listed at the end of the run and checked without running: their program
 is one the repository knows, the files, Makefile targets and components they name exist,
 ``recsys`` accepts their arguments and ``torchx run`` dry-runs them.
@@ -248,3 +249,31 @@ def test_blocks_read_as_documented() -> None:
     assert (inspect.line, inspect.marker) == (13, "needs: a dataset")
     assert (compare.marker, compare.expected_exit) == (None, 1)
     assert second.unmarked == (compare,)
+
+
+def test_commands_outside_the_project_or_with_placeholders_are_refused_unmarked() -> None:
+    (block,) = shell_blocks(
+        "page.md",
+        "```sh\nrecsys --help\nmake demo\nrecsys plan --out <file>\n"
+        "python -m pip install x\nmake test   # long: the suite\n```\n",
+    )
+    assert refusal(block).splitlines() == [
+        "page.md:3: 'make demo' is not one of the project's commands (recsys, torchx, python): "
+        "mark it '# long: why' or '# needs: what'",
+        "page.md:4: '<file>' is a placeholder: write a value that runs",
+        "page.md:5: 'python -m pip install x' is not one of the project's commands (recsys, "
+        "torchx, python): mark it '# long: why' or '# needs: what'",
+    ]
+
+
+def test_a_block_runs_in_one_shell_and_stops_at_an_unexpected_exit_code(tmp_path: Path) -> None:
+    (block,) = shell_blocks(
+        "page.md",
+        "```bash\ncd configs\npython -c 'import sys; sys.exit(1)'   # exit 1: as told\n"
+        "python -c 'import pathlib, sys; sys.exit(pathlib.Path.cwd().name != \"configs\")'\n"
+        "python -c 'import sys; sys.exit(3)'\npython -c 'print(\"never\")'\n```\n",
+    )
+    ok, transcript = Workspace(tmp_path / "ws").run(block)
+    assert not ok
+    assert "page.md:5: exit code 3, expected 0" in transcript
+    assert "never" not in transcript  # nor echoed: the block stopped before it

@@ -181,12 +181,16 @@ def all_blocks() -> list[Block]:
 
 def runnable(command: Command) -> bool:
     """Whether the tests may run this command unmarked: the project's own programs, from
-    this interpreter's environment; never pip (it would change that environment)."""
+    this interpreter's environment; ``python -m`` only on the repository's modules (not pip or
+    venv, which would change that environment)."""
     words = command.words
     program = words[0].removeprefix(".venv/bin/") if words else ""
     if program not in RUNNABLE:
         return False
-    return not (program.startswith("python") and words[1:3] == ["-m", "pip"])
+    if program.startswith("python") and words[1:2] == ["-m"]:
+        path = REPO / (words[2] if len(words) > 2 else "").replace(".", "/")
+        return path.with_suffix(".py").is_file() or (path / "__main__.py").is_file()
+    return True
 
 
 class Workspace:

@@ -59,7 +59,7 @@ def refusal(block: Block) -> str | None:
         if not runnable(command):
             lines.append(
                 f"{command.where}: {command.text!r} is not one of the project's commands "
-                "(recsys, torchx, python): mark it '# long: why' or '# needs: what'"
+                "(recsys, torchx, python on its files): mark it '# long: why' or '# needs: what'"
             )
     return "\n".join(lines) or None
 
@@ -255,14 +255,17 @@ def test_commands_outside_the_project_or_with_placeholders_are_refused_unmarked(
     (block,) = shell_blocks(
         "page.md",
         "```sh\nrecsys --help\nmake demo\nrecsys plan --out <file>\n"
-        "python -m pip install x\nmake test   # long: the suite\n```\n",
+        "python -m pip install x\npython -m venv .venv\npython -m recsys.cli --help\n"
+        "make test   # long: the suite\n```\n",
     )
     assert refusal(block).splitlines() == [
-        "page.md:3: 'make demo' is not one of the project's commands (recsys, torchx, python): "
-        "mark it '# long: why' or '# needs: what'",
+        "page.md:3: 'make demo' is not one of the project's commands (recsys, torchx, python "
+        "on its files): mark it '# long: why' or '# needs: what'",
         "page.md:4: '<file>' is a placeholder: write a value that runs",
         "page.md:5: 'python -m pip install x' is not one of the project's commands (recsys, "
-        "torchx, python): mark it '# long: why' or '# needs: what'",
+        "torchx, python on its files): mark it '# long: why' or '# needs: what'",
+        "page.md:6: 'python -m venv .venv' is not one of the project's commands (recsys, "
+        "torchx, python on its files): mark it '# long: why' or '# needs: what'",
     ]
 
 

@@ -38,7 +38,7 @@ MARKERS = ("long:", "needs:")
 BIN = Path(sys.executable).parent
 # The project's own commands, run from the environment of this interpreter; anything else a
 # page shows (make, pip, docker, torchrun, scripts/...) must carry a marker.
-RUNNABLE = {"recsys", "torchx", "python", "python3", ".", "source", "cd"}
+RUNNABLE = {"recsys", "torchx", "python", "python3", ".", "source", "cd", "export"}
 STATEFUL = {".", "source", "cd", "export"}  # builtins that must run in the block's own shell
 COMMAND_TIMEOUT_S = 90
 # What the workspace does not take from the repository: its history, outputs, environments.

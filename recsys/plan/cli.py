@@ -16,10 +16,11 @@ from pathlib import Path
 from recsys.plan.hosts import HOSTS, cluster
 
 EPILOG = """examples:
-  recsys plan --config configs/ml100k/2026-11-23-demo.yaml -j 1x2 --device cpu --host cpu
+  recsys plan --config configs/ml100k/2026-11-23-demo.yaml data.train=data/ml100k/ctr_train \
+      -j 1x2 --device cpu --host cpu
   recsys plan --table item=4e9x64 --table category=1e5 -j 8x8 --host a100-40gb --out plan.json
   recsys plan --table item=4e9x64 --world-size 32 --frozen item model.size=L4H64A4
-  recsys plan --compare a.json b.json
+  recsys plan --compare plan.json plan-80gb.json   (exit 1 when they differ)
 Training stages use a written plan with the override plan.file=plan.json (or plan=plan.json).
 """
 

@@ -90,3 +90,31 @@ def test_cpu_bf16_is_recorded_only_when_on() -> None:
     assert "cpu_bf16" not in load(None, []).to_dict()["run"]
     config = load(None, ["run.cpu_bf16=true"])
     assert config.run.cpu_bf16 and config.to_dict()["run"]["cpu_bf16"] is True
+
+
+def test_values_are_taken_as_written() -> None:
+    # OmegaConf would read these as an interpolation, an environment variable and a missing
+    # value: a setting is what it says.
+    for text in ("runs/${name}/seq", "${oc.env:HOME}", "???", "a\\${b", "\\???"):
+        assert load(None, [f"data.train='{text}'"]).data.train == text
+    refused = {
+        "data.train=123": "data.train: expected str, got 123",
+        "data.valid=[a]": "data.valid: expected str | null, got ['a']",
+        "lum.queries={liked: ['0']}": "lum.queries: expected dict[str, list[int]], got",
+        "optim.betas=[0.9]": "optim.betas: expected tuple[float, float], got [0.9]",
+        "run.epochs=${run.keep}": "run.epochs: expected int, got '${run.keep}'",
+    }
+    for override, message in refused.items():
+        with pytest.raises(ConfigError) as err:
+            load(None, [override])
+        assert str(err.value).startswith(message)
+    widened = load(None, ["optim.lr=1", "optim.sparse_lr=3e-4", "optim.betas=[0, 0.5]"]).optim
+    assert (widened.lr, widened.sparse_lr, widened.betas) == (1.0, 3e-4, (0.0, 0.5))
+    assert all(isinstance(v, float) for v in (widened.lr, *widened.betas))
+
+
+def test_every_stage_section_is_checked_by_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("stages:\n  finetune: {model: {layers: 4}}\n")
+    with pytest.raises(ConfigError, match=r"^stages\.finetune\.model: unknown keys \['layers'\]"):
+        load(path, stage="pretrain")

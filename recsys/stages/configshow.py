@@ -41,6 +41,7 @@ class Key:
     type: str
     """Its type as the dataclass declares it (``null`` for None)."""
     default: Any
+    """Its default, as plain YAML data."""
     doc: str
     """The docstring under its field (empty if it has none)."""
 

@@ -114,7 +114,7 @@ def train(
     from recsys.models.generative import GenerativeConfig, GenerativeModel
     from recsys.models.tower import TowerConfig
     from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
-    from recsys.train.trainer import TrainConfig, Trainer
+    from recsys.train.trainer import RunConfig, Trainer
 
     with distributed("cpu") as env:
         source = f"{data}/{'ctr_train' if task == 'ctr' else 'seq'}"
@@ -144,8 +144,10 @@ def train(
             dense,
             schedule,
             StatefulDataLoader(stream, batch_size=None),
-            TrainConfig(run_dir, task=task, epochs=epochs, resume=False, cpu_bf16=bf16),
+            RunConfig(epochs=epochs, resume=False, cpu_bf16=bf16),
             optim,
+            run_dir=run_dir,
+            task=task,
         )
         # Steady state: the intervals between the starts of consecutive training steps (the
         # step and the loading of the next batch), past the first steps (10, or a quarter of

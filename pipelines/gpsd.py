@@ -170,6 +170,8 @@ class Step:
     """The stage's name in logs: ``<size>[-seed-<n>]-<directory>``."""
     logs: Path = Path("logs")
     """Directory of the stage logs (``EXPERIMENT/logs``)."""
+    resolved: StageConfig | None = field(default=None, repr=False, compare=False)
+    """The config the stage will load, once :func:`check_configs` has read it."""
 
 
 def plan(study: Study) -> list[Step]:
@@ -284,7 +286,7 @@ def _ctr_steps(
 
 
 def expected_fingerprint(step: Step) -> str:
-    config = load(step.config, step.overrides, step.stage)
+    config = step.resolved or load(step.config, step.overrides, step.stage)
     return fingerprint(step.stage, step.options, config, step.inputs(config))
 
 
@@ -480,6 +482,7 @@ def check_configs(steps: list[Step]) -> list[StageConfig]:
             tower(config.model)
         except ValueError as err:
             raise _refused(step, f"model.size={config.model.size}: {err}") from None
+        step.resolved = config  # read once: the fingerprint before submitting uses it
         configs.append(config)
     return configs
 

@@ -237,10 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     from recsys.checkpoint.cli import add_command as add_checkpoint_command
     from recsys.data.cli import add_commands as add_data_commands
     from recsys.plan.cli import add_command as add_plan_command
+    from recsys.stages.configshow import add_command as add_config_command
 
     add_data_commands(commands)
     add_plan_command(commands)
     add_checkpoint_command(commands)
+    add_config_command(commands)
     return parser
 
 

@@ -11,7 +11,6 @@ are built by ``recsys.models.build``.
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 
 import torch
@@ -30,7 +29,7 @@ from recsys.plan import planfile
 from recsys.stages.common import StageError
 from recsys.stages.config import DataSection, ModelSection, PlanSection, StageConfig
 from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
-from recsys.train.trainer import TrainConfig, Trainer
+from recsys.train.trainer import Trainer
 
 
 def dataset_meta(path: str, kind: str, key: str) -> DatasetMeta:
@@ -147,18 +146,12 @@ def steps_per_epoch(train_loader: StatefulDataLoader) -> int:
 
 
 def optim_config(config: StageConfig, steps_per_epoch: int) -> OptimConfig:
-    """The ``optim`` section, its schedule fitted to the run unless the config set it:
-    cosine decay over every step, warm-up over the first 10% (at most 100 steps)."""
+    """The ``optim`` section, the schedule's lengths it leaves unset fitted to the run:
+    ``run.epochs`` × ``steps_per_epoch`` steps, or ``run.max_steps`` if fewer."""
     total = config.run.epochs * steps_per_epoch
     if config.run.max_steps is not None:
         total = min(total, config.run.max_steps)
-    total = max(1, total)
-    changes = {}
-    if "optim.total_steps" not in config.given:
-        changes["total_steps"] = total
-    if "optim.warmup_steps" not in config.given:
-        changes["warmup_steps"] = min(100, total // 10)
-    return dataclasses.replace(config.optim, **changes)
+    return config.optim.fitted(max(1, total))
 
 
 def sharded_with_optimizers(model: nn.Module, optim: OptimConfig, plan: PlanSection, env: DistEnv):
@@ -182,18 +175,7 @@ def trainer(
     :class:`Trainer` of a training stage, set up by the config's ``run`` section."""
     optim = optim_config(config, steps_per_epoch(train))
     sharded, dense, schedule = sharded_with_optimizers(model, optim, config.plan, env)
-    run = config.run
-    settings = TrainConfig(
-        run_dir,
-        task=task,
-        epochs=run.epochs,
-        max_steps=run.max_steps,
-        checkpoint_every=run.checkpoint_every,
-        keep=run.keep,
-        resume=run.resume,
-        seed=run.seed,
-        record_samples=run.record_samples,
-        cpu_bf16=run.cpu_bf16,
-        nonfinite=run.nonfinite,
+    loop = Trainer(
+        sharded, dense, schedule, train, config.run, optim, valid, run_dir=run_dir, task=task
     )
-    return sharded, Trainer(sharded, dense, schedule, train, settings, optim, valid)
+    return sharded, loop

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from recsys.checkpoint.manager import CheckpointManager, keys
+from recsys.checks import require
 from recsys.distributed.env import collective_device
 from recsys.errors import UserError
 from recsys.train.faults import Faults
@@ -53,48 +54,53 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """The loop's own settings."""
+class RunConfig:
+    """How a run goes: its length, checkpoints, seed and precision (a stage config's ``run``
+    section); the :class:`Trainer` is given it with the run's directory and task."""
 
-    run_dir: str
-    """Where checkpoints, metrics.jsonl, TensorBoard files and config.json go."""
-    task: str = "ctr"
-    """``ctr`` (labels, AUC/gAUC) or ``pretrain`` (next-item loss, hit rate)."""
     epochs: int = 1
+    """Passes over the training data."""
     max_steps: int | None = None
     """Stop after this many steps in all (None: after ``epochs``)."""
     checkpoint_every: int = 0
     """Steps between checkpoints (0: only at the end)."""
-    keep: int = 3
+    keep: int = 2
     """Checkpoints kept."""
     resume: bool = True
-    """Continue from the latest checkpoint of ``run_dir`` when there is one."""
+    """Continue from the run's latest checkpoint when there is one (False: start over)."""
     seed: int = 0
-    bf16: bool = True
-    """bf16 autocast of the forward pass on CUDA (on CPU only with ``cpu_bf16``)."""
-    cpu_bf16: bool = False
-    """bf16 autocast on CPU too (attention stays fp32, see ``recsys.models.tower.attend``):
-    ~1.4x faster CTR training steps (the tower alone ~1.7x) on CPUs with bf16 matrix units
-    (AMX: Xeon Sapphire Rapids and later), slower on CPUs without them."""
+    """Seed of Python's, NumPy's and torch's generators (``seed + rank`` on each rank)."""
     record_samples: bool = False
-    """Write the row ids of every trained batch to ``RUN/samples/rank<r>.jsonl``."""
+    """Audit: write each training step's dataset row ids to ``RUN/samples/rank<r>.jsonl``."""
+    cpu_bf16: bool = False
+    """bf16 autocast of the forward pass on CPU too (always on CUDA; attention stays fp32,
+    see ``recsys.models.tower.attend``): ~1.4x faster CTR training steps (the tower alone
+    ~1.7x) on CPUs with bf16 matrix units (AMX: Xeon Sapphire Rapids and later), slower on
+    CPUs without them (``recsys doctor`` tells)."""
     nonfinite: str = "stop"
-    """A non-finite loss or dense gradient norm: ``stop`` (raise :class:`NonFinite`) or
-    ``skip`` the step and count it."""
+    """A step whose loss or dense gradient norm is NaN or infinite: ``stop`` the run with
+    one line naming the step, rank and value (:class:`NonFinite`: no checkpoint, no DONE),
+    or ``skip`` the step (no update) and count it (``train_nonfinite_steps``)."""
 
     def __post_init__(self) -> None:
-        if self.task not in ("ctr", "pretrain"):
-            raise ValueError(f"task must be ctr or pretrain, got {self.task!r}")
-        if self.epochs < 1 or self.checkpoint_every < 0:
-            raise ValueError("epochs must be >= 1 and checkpoint_every >= 0")
-        if self.nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(
-                f"nonfinite: must be {' or '.join(NONFINITE_POLICIES)}, got {self.nonfinite!r}"
-            )
+        require(self.epochs >= 1, "epochs", ">= 1", self.epochs)
+        steps = self.max_steps
+        require(steps is None or steps >= 1, "max_steps", ">= 1, or null for no limit", steps)
+        every = self.checkpoint_every
+        require(every >= 0, "checkpoint_every", ">= 0 (0: only at the end)", every)
+        require(self.keep >= 1, "keep", ">= 1", self.keep)
+        seed_range = f"in [0, {SEED_LIMIT - 1}]"
+        require(0 <= self.seed < SEED_LIMIT, "seed", seed_range, self.seed)
+        choices = " or ".join(NONFINITE_POLICIES)
+        require(self.nonfinite in NONFINITE_POLICIES, "nonfinite", choices, self.nonfinite)
 
 
 NONFINITE_POLICIES = ("stop", "skip")
-"""What a step with a NaN or infinite loss or dense gradient norm does (``TrainConfig``)."""
+"""What a step with a NaN or infinite loss or dense gradient norm does (``RunConfig``)."""
+SEED_LIMIT = 2**31
+"""Seeds lie below it: each rank seeds NumPy with ``seed + rank``, which must stay < 2**32."""
+TASKS = ("ctr", "pretrain")
+"""``ctr`` (labels, AUC/gAUC) or ``pretrain`` (next-item loss, hit rate)."""
 
 
 def _blob(value: Any) -> bytes:
@@ -235,13 +241,21 @@ class Trainer:
         dense_optimizer,
         schedule,
         train_loader,
-        config: TrainConfig,
+        config: RunConfig,
         optim: OptimConfig,
         valid_loader=None,
+        *,
+        run_dir: str,
+        task: str = "ctr",
     ) -> None:
+        """``run_dir``: where checkpoints, metrics.jsonl, TensorBoard files and config.json
+        go; ``task``: one of :data:`TASKS`."""
+        if task not in TASKS:
+            raise ValueError(f"task must be {' or '.join(TASKS)}, got {task!r}")
         self.model, self.dense, self.schedule = model, dense_optimizer, schedule
         self.train_loader, self.valid_loader = train_loader, valid_loader
         self.config, self.optim = config, optim
+        self.run_dir, self.task = run_dir, task
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         dense = next(iter(self.dense.params.values()), None)
@@ -256,9 +270,9 @@ class Trainer:
         self.samples = 0
         """Rows this rank trained on since this process started (throughput; not saved)."""
         self.train_metrics = self._metrics()
-        self.faults = Faults(config.run_dir, self.rank)
+        self.faults = Faults(run_dir, self.rank)
         self.checkpoints = CheckpointManager(
-            f"{config.run_dir}/checkpoint", keep=config.keep, faults=self.faults
+            f"{run_dir}/checkpoint", keep=config.keep, faults=self.faults
         )
         self._sigterm = False  # set by the SIGTERM handler while train() runs
         self._fetched = 0  # training batches this process has taken from the loader
@@ -314,7 +328,7 @@ class Trainer:
         return f"rank{self.rank}"
 
     def _metrics(self):
-        return CTRMetrics() if self.config.task == "ctr" else PretrainMetrics(self.device)
+        return CTRMetrics() if self.task == "ctr" else PretrainMetrics(self.device)
 
     def _resume(self) -> int | None:
         """Load the latest usable checkpoint; the size of metrics.jsonl it saw (rank 0's,
@@ -408,17 +422,18 @@ class Trainer:
         # Steps run after the checkpoint by the interrupted run are logged again by this one:
         # the log forgets the earlier copies.
         self.log = RunLog(
-            self.config.run_dir,
+            self.run_dir,
             main=self.rank == 0,
             total_steps=self.config.max_steps,
-            config={"train": asdict(self.config), "optim": asdict(self.optim)},
+            config={
+                "train": {"run_dir": self.run_dir, "task": self.task, **asdict(self.config)},
+                "optim": asdict(self.optim),
+            },
             resumed_at=resumed,
             keep_bytes=log_bytes,
         )
         self.samples_log = (
-            SampleLog(self.config.run_dir, self.rank, resumed)
-            if self.config.record_samples
-            else None
+            SampleLog(self.run_dir, self.rank, resumed) if self.config.record_samples else None
         )
         while self.epoch < self.config.epochs and not self._done():
             if not self._run_epoch():
@@ -631,16 +646,16 @@ class Trainer:
         with torch.autocast(
             device_type=device.type,
             dtype=torch.bfloat16,
-            enabled=self.config.bf16 and (device.type == "cuda" or self.config.cpu_bf16),
+            enabled=device.type == "cuda" or self.config.cpu_bf16,
         ):
-            if self.config.task == "ctr" and batch.extra is not None:
+            if self.task == "ctr" and batch.extra is not None:
                 return self.model(batch.features, batch.labels, extra=batch.extra)
-            if self.config.task == "ctr":
+            if self.task == "ctr":
                 return self.model(batch.features, batch.labels)
             return self.model(batch.features)
 
     def _update(self, metrics, out, batch) -> None:
-        if self.config.task == "ctr":
+        if self.task == "ctr":
             metrics.update(out.logits, batch.labels, batch.user_ids)
         else:
             metrics.update(out.loss, out.hits, out.targets)

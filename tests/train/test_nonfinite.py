@@ -15,7 +15,7 @@ from recsys.distributed.launch import RankFailedError, run_on_ranks
 from recsys.stages import pretrain
 from recsys.stages.common import run_stage
 from recsys.train.metrics import CTRMetrics, PretrainMetrics
-from recsys.train.trainer import NonFiniteValue, TrainConfig, Trainer
+from recsys.train.trainer import NonFiniteValue, RunConfig, Trainer
 
 TINY = ["model.size=L1H16A2", "model.max_len=12", "model.negatives=8", "data.batch_size=16"]
 
@@ -128,7 +128,7 @@ def test_the_ranks_agree_on_the_loss_first_then_the_lowest_rank() -> None:
     assert str(agreed) == "the loss is -inf on rank 2"
     assert NonFiniteValue.decode(0, 4) is None
     with pytest.raises(ValueError, match="nonfinite: must be stop or skip, got 'ignore'"):
-        TrainConfig("run", nonfinite="ignore")
+        RunConfig(nonfinite="ignore")
 
 
 def test_a_nan_logit_or_loss_makes_the_metrics_nan() -> None:

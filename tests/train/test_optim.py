@@ -43,3 +43,17 @@ def test_bad_config_is_named() -> None:
         OptimConfig(sparse="sgd")
     with pytest.raises(ValueError, match="min_lr_ratio must lie in"):
         OptimConfig(min_lr_ratio=2.0)
+
+
+def test_unset_schedule_lengths_are_fitted_to_the_run() -> None:
+    unset = OptimConfig()
+    assert (unset.warmup_steps, unset.total_steps) == (None, None)
+    assert (unset.fitted(150).warmup_steps, unset.fitted(150).total_steps) == (15, 150)
+    assert (unset.fitted(5000).warmup_steps, unset.fitted(5000).total_steps) == (100, 5000)
+    assert unset.fitted(1).warmup_steps == 0  # a one-step run: no warm-up
+    given = OptimConfig(warmup_steps=3, total_steps=30)
+    assert given.fitted(150) == given
+    assert OptimConfig(total_steps=30).fitted(150).warmup_steps == 15  # 10% of the run
+    model = CTRModel(CTRConfig(TowerConfig.from_name("L1H16A2"), 50, {"category": 5}))
+    with pytest.raises(ValueError, match="the schedule's lengths are unset"):
+        dense_optimizer(model, unset)

@@ -23,7 +23,7 @@ from recsys.distributed.wrap import shard
 from recsys.models.ctr import CTRConfig, CTRModel
 from recsys.models.tower import TowerConfig
 from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
-from recsys.train.trainer import TrainConfig, Trainer
+from recsys.train.trainer import RunConfig, Trainer
 
 pytestmark = pytest.mark.dist
 
@@ -49,11 +49,10 @@ def run(data: str, run_dir: str, max_steps: int, epochs: int, checkpoint_every: 
             dense,
             schedule,
             StatefulDataLoader(stream, batch_size=None),
-            TrainConfig(
-                run_dir, epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every
-            ),
+            RunConfig(epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every),
             OPTIM,
             valid_loader=StatefulDataLoader(valid, batch_size=None),
+            run_dir=run_dir,
         )
         return {"results": trainer.train(), "step": trainer.step}
 

@@ -50,7 +50,7 @@ $(STAMP): pyproject.toml Makefile scripts/requirements.py recsys/data/_segments.
 	rm -f $(STAMP)
 	$(PIP) install --quiet packaging
 	$(PIP) install --quiet --no-deps -e .
-	$(PY) scripts/requirements.py no-deps > $(VENV)/requirements-no-deps.txt
+	$(PY) scripts/requirements.py no-deps --extras $(ACCEL) > $(VENV)/requirements-no-deps.txt
 	$(PIP) install --quiet --no-deps -r $(VENV)/requirements-no-deps.txt
 	$(PY) scripts/requirements.py deps --extras $(ACCEL),dev > $(VENV)/requirements.txt
 	@echo "(pip may say 'torchrec requires fbgemm-gpu, which is not installed': expected on CPU hosts, where fbgemm-gpu-cpu provides the same package)"

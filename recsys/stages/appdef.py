@@ -2,16 +2,17 @@
 
 This module owns what every stage component in ``components/`` shares, so that each component
 file is a typed signature of the stage's own options, its docstring and one call of
-:func:`stage_app`: the job's options (:class:`Job`: ``-j``, ``-h``, cpu/gpu/memMB, image, env,
-max_retries), which :func:`stage_component` adds to each component's signature and ``--help``,
-and the torchrun role. That role runs ``python -m recsys.distributed.torchrun`` (torchrun,
-with a failed job told in one line) on every host, with the job's rendezvous, resources,
-environment and restart policy: ``max_retries`` is both TorchX's retries of the role and
-torchrun's ``--max_restarts`` (after a worker dies, torchrun restarts all of the job's workers,
-which resume from the last checkpoint; local schedulers ignore TorchX's own retries). When no
-image is given (local_cwd and Slurm run the working tree) and TorchX itself runs from a virtual
-environment, the job's Python is that environment's, so that ``.venv/bin/torchx run -s
-local_cwd ...`` works without activating anything. It does not choose a scheduler nor submit.
+:func:`stage_app`: the job's options (:class:`Job`: ``-j``, ``-h``, cpu/gpu/memMB, image,
+env, max_retries, mounts), which :func:`stage_component` adds to each component's signature
+and ``--help``, and the torchrun role. That role runs ``python -m
+recsys.distributed.torchrun`` (torchrun, with a failed job told in one line) on every host,
+with the job's rendezvous, resources, environment, mounts and restart policy:
+``max_retries`` is both TorchX's retries of the role and torchrun's ``--max_restarts`` (after
+a worker dies, torchrun restarts all of the job's workers, which resume from the last
+checkpoint; local schedulers ignore TorchX's own retries). When no image is given (local_cwd
+and Slurm run the working tree) and TorchX itself runs from a virtual environment, the job's
+Python is that environment's, so that ``.venv/bin/torchx run -s local_cwd ...`` works
+without activating anything. It does not choose a scheduler nor submit.
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ class Job:
                   "torchrun restarts all workers in place; schedulers that retry whole jobs "
                   "(Slurm requeue, Volcano) do so on top"},
     )  # fmt: skip
+    mounts: list[str] | None = field(
+        default=None,
+        metadata={"help": "storage mounted into every container (container schedulers), "
+                  "e.g. type=bind,src=/data,dst=/data[,readonly] or type=volume,src=PVC,dst=/runs"},
+    )  # fmt: skip
 
     def shape(self) -> tuple[int, int, str, int]:
         """(min hosts, hosts, torchrun's ``--nnodes``, processes per host), or one line and
@@ -131,6 +137,8 @@ def _for_torchx(hint: typing.Any) -> typing.Any:
         return typing.Optional[_for_torchx(inner)]  # noqa: UP045
     if typing.get_origin(hint) is dict:
         return typing.Dict[typing.get_args(hint)]  # noqa: UP006
+    if typing.get_origin(hint) is list:
+        return typing.List[typing.get_args(hint)]  # noqa: UP006
     return hint
 
 
@@ -180,6 +188,7 @@ def torchrun_role(stage: str, stage_args: list[str], job: Job) -> specs.Role:
         env=env,
         max_retries=job.max_retries,
         port_map={"c10d": RDZV_PORT},
+        mounts=specs.parse_mounts(job.mounts) if job.mounts else [],
     )
 
 

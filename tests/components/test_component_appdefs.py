@@ -63,6 +63,18 @@ def test_force_is_a_bool_in_help_and_refuses_other_words() -> None:
     assert " --force" in args
 
 
+def test_mounts_reach_the_role() -> None:
+    from torchx.specs import BindMount, VolumeMount
+
+    component = get_component("components/finetune.py:finetune")
+    mounts = "type=bind,src=/data,dst=/data,readonly,type=volume,src=runs,dst=/runs"
+    (role,) = materialize_appdef(component.fn, ["--mounts", mounts]).roles
+    assert role.mounts == [
+        BindMount(src_path="/data", dst_path="/data", read_only=True),
+        VolumeMount(src="runs", dst_path="/runs", read_only=False),
+    ]
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_help_lists_every_option_with_its_type_and_text(stage: str) -> None:
     from torchx.specs.builders import _create_args_parser
@@ -74,6 +86,6 @@ def test_help_lists_every_option_with_its_type_and_text(stage: str) -> None:
     )
     for shown in ["-j str", "--cpu int", "--memMB int", "--env str", "--max_retries int"]:
         assert shown in text
-    assert "--force bool" in text
+    assert "--force bool" in text and "--mounts str" in text
     assert "hosts × processes per host" in text and "restarts after a failure" in text
     assert "(default: None)" in text and "(default: 8192)" in text

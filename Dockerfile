@@ -26,11 +26,10 @@ ENV VENV=/opt/venv \
     PYTHONPATH=/workspace/recsys
 WORKDIR /workspace/recsys
 
-# What the installation reads (pyproject.toml: readme, C sources, data-files), so that a change
-# to the rest of the code does not reinstall the stack ...
-COPY pyproject.toml Makefile README.md torchx.yaml ./
+# What the editable installation reads (pyproject.toml's readme, version and C sources), so
+# that a change to the rest of the code does not reinstall the stack ...
+COPY pyproject.toml Makefile README.md ./
 COPY scripts/requirements.py scripts/
-COPY components/ components/
 COPY recsys/__init__.py recsys/
 COPY recsys/data/_segments.c recsys/data/
 COPY recsys/models/_fused.c recsys/models/
@@ -39,8 +38,9 @@ RUN make setup ACCEL=cuda VENV=$VENV PYTHON=python3 \
 
 # ... then the code (installed in editable mode above, so these are the modules that run).
 COPY recsys/ recsys/
+COPY components/ components/
 COPY configs/ configs/
-COPY .torchxconfig ./
+COPY torchx.yaml .torchxconfig ./
 
 # Jobs run `torchrun -m recsys.stages.<stage>` (components/); this checks the stack imports and
 # that both C helpers were built.

@@ -6,9 +6,7 @@
 
 from typing import Optional  # TorchX reads typing's Optional, not `str | None`
 
-import torchx.specs as specs
-
-from recsys.stages.appdef import stage_app, stage_component
+from recsys.stages.appdef import AppDef, stage_app, stage_component
 
 
 @stage_component
@@ -20,7 +18,7 @@ def evaluate(
     out: str = "runs/evaluate",
     force: bool = False,
     **job: object,
-) -> specs.AppDef:
+) -> AppDef:
     """Score a ctr dataset with a finetuned model: predictions Parquet and metrics.
 
     Args:

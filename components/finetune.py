@@ -7,9 +7,7 @@
 
 from typing import Optional  # TorchX reads typing's Optional, not `str | None`
 
-import torchx.specs as specs
-
-from recsys.stages.appdef import stage_app, stage_component
+from recsys.stages.appdef import AppDef, stage_app, stage_component
 
 
 @stage_component
@@ -20,7 +18,7 @@ def finetune(
     out: str = "runs/finetune",
     force: bool = False,
     **job: object,
-) -> specs.AppDef:
+) -> AppDef:
     """Finetune the CTR model from a transfer or freeze stage.
 
     Args:

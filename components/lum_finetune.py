@@ -8,9 +8,7 @@
 
 from typing import Optional  # TorchX reads typing's Optional, not `str | None`
 
-import torchx.specs as specs
-
-from recsys.stages.appdef import stage_app, stage_component
+from recsys.stages.appdef import AppDef, stage_app, stage_component
 
 
 @stage_component
@@ -20,7 +18,7 @@ def lum_finetune(
     out: str = "runs/lum_finetune",
     force: bool = False,
     **job: object,
-) -> specs.AppDef:
+) -> AppDef:
     """Train a ranker with LUM features (lum.features; none: the ranker alone) and report AUC.
 
     Args:

@@ -7,9 +7,7 @@
 
 from typing import Optional  # TorchX reads typing's Optional, not `str | None`
 
-import torchx.specs as specs
-
-from recsys.stages.appdef import stage_app, stage_component
+from recsys.stages.appdef import AppDef, stage_app, stage_component
 
 
 @stage_component
@@ -19,7 +17,7 @@ def lum_pretrain(
     out: str = "runs/lum_pretrain",
     force: bool = False,
     **job: object,
-) -> specs.AppDef:
+) -> AppDef:
     """Pretrain LUM's user model (condition/item tokens, InfoNCE) on a seq dataset with conditions.
 
     Args:

@@ -7,9 +7,7 @@
 
 from typing import Optional  # TorchX reads typing's Optional, not `str | None`
 
-import torchx.specs as specs
-
-from recsys.stages.appdef import stage_app, stage_component
+from recsys.stages.appdef import AppDef, stage_app, stage_component
 
 
 @stage_component
@@ -20,7 +18,7 @@ def lum_query(
     out: str = "runs/lum_query",
     force: bool = False,
     **job: object,
-) -> specs.AppDef:
+) -> AppDef:
     """Ask the user model about every user of a seq dataset under N conditions; write features.
 
     Args:

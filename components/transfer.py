@@ -7,9 +7,7 @@
 
 from typing import Optional  # TorchX reads typing's Optional, not `str | None`
 
-import torchx.specs as specs
-
-from recsys.stages.appdef import stage_app, stage_component
+from recsys.stages.appdef import AppDef, stage_app, stage_component
 
 
 @stage_component
@@ -21,7 +19,7 @@ def transfer(
     out: str = "runs/transfer",
     force: bool = False,
     **job: object,
-) -> specs.AppDef:
+) -> AppDef:
     """Build the CTR model and load the chosen pretrained parameters into it.
 
     Args:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields
 
 import torchx.specs as specs
 from torchx.components.dist import parse_nnodes
-from torchx.specs import builders
+from torchx.specs import AppDef, builders  # AppDef: also the components' return type
 from torchx.util.types import decode_optional
 
 STAGES = (
@@ -110,7 +110,7 @@ class Job:
             ) from None
 
 
-def stage_component(fn: Callable[..., specs.AppDef]) -> Callable[..., specs.AppDef]:
+def stage_component(fn: Callable[..., AppDef]) -> Callable[..., AppDef]:
     """A stage component: ``fn`` declares the stage's own options and takes the job's as
     ``**job``; TorchX sees (in ``--help`` and when it parses arguments) the job's options after
     them, typed, with their defaults and help lines (a line ``fn`` documents itself wins)."""
@@ -121,7 +121,7 @@ def stage_component(fn: Callable[..., specs.AppDef]) -> Callable[..., specs.AppD
                           annotation=_for_torchx(hints[f.name]))
         for f in fields(Job)
     ]  # fmt: skip
-    fn.__signature__ = inspect.Signature([*own, *shared], return_annotation=specs.AppDef)
+    fn.__signature__ = inspect.Signature([*own, *shared], return_annotation=AppDef)
     doc = inspect.cleandoc(fn.__doc__ or "")
     documented = {line.split(":")[0].strip() for line in doc.splitlines() if ":" in line}
     lines = [f"    {f.name}: {f.metadata['help']}" for f in fields(Job) if f.name not in documented]
@@ -145,14 +145,14 @@ def _for_torchx(hint: typing.Any) -> typing.Any:
 def stage_app(
     stage: str, overrides: Sequence[str] = (), job: dict[str, typing.Any] | None = None,
     **options: object,
-) -> specs.AppDef:  # fmt: skip
+) -> AppDef:  # fmt: skip
     """The stage's job: ``options`` (the stage's own, as ``--name value`` in their order),
     ``overrides`` after them, on the :class:`Job` that ``job`` describes."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     stage_args = [*flags(**options), *overrides]
     role = torchrun_role(stage, stage_args, Job(**(job or {})))
-    return specs.AppDef(name=f"recsys-{stage}", roles=[role])
+    return AppDef(name=f"recsys-{stage}", roles=[role])
 
 
 def torchrun_role(stage: str, stage_args: list[str], job: Job) -> specs.Role:

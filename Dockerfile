@@ -7,11 +7,17 @@
 # PyPI's torch wheels for Linux carry their CUDA libraries (nvidia-* wheels), so a plain
 # Python base image is enough; the host needs only the NVIDIA driver (the GPU operator or the
 # device plugin of the cluster provides it). `make setup ACCEL=cuda` is the same recipe as on
-# a GPU host, so the image holds exactly the tested stack.
+# a GPU host, so the image holds exactly the tested stack. tests/test_dockerfile.py checks the
+# set-up step against what this file copies before it, and hadolint (`make lint`) the file.
 FROM python:3.11-slim-bookworm
 
+# make runs the set-up; gcc and the C library's headers build the C helpers of the stream and
+# the tower (recsys/data/_segments.c, recsys/models/_fused.c), which would silently fall back
+# to NumPy and torch without them. Debian's bookworm versions, not pinned: its point releases
+# replace them.
+# hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends make \
+ && apt-get install -y --no-install-recommends make gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 
 ENV VENV=/opt/venv \
@@ -20,19 +26,23 @@ ENV VENV=/opt/venv \
     PYTHONPATH=/workspace/recsys
 WORKDIR /workspace/recsys
 
-# What the installation reads first (a code change does not reinstall the stack) ...
+# What the editable installation reads (pyproject.toml's readme, version and C sources), so
+# that a change to the rest of the code does not reinstall the stack ...
 COPY pyproject.toml Makefile README.md ./
 COPY scripts/requirements.py scripts/
 COPY recsys/__init__.py recsys/
+COPY recsys/data/_segments.c recsys/data/
+COPY recsys/models/_fused.c recsys/models/
 RUN make setup ACCEL=cuda VENV=$VENV PYTHON=python3 \
  && rm -rf /root/.cache/pip
 
 # ... then the code (installed in editable mode above, so these are the modules that run).
 COPY recsys/ recsys/
-COPY pipelines/ pipelines/
 COPY components/ components/
 COPY configs/ configs/
 COPY torchx.yaml .torchxconfig ./
 
-# Jobs run `torchrun -m recsys.stages.<stage>` (components/); this checks the stack imports.
-RUN python -c "import torch, torchrec, fbgemm_gpu, recsys; print(torch.__version__, torch.version.cuda)"
+# Jobs run `torchrun -m recsys.stages.<stage>` (components/); this checks the stack imports and
+# that both C helpers were built.
+RUN python -c "import torch, torchrec, fbgemm_gpu, recsys.data._segments, recsys.models._fused; \
+print(torch.__version__, torch.version.cuda)"

@@ -4,7 +4,7 @@
 #   make setup               CPU hosts: torch 2.13.0 (CPU build), fbgemm-gpu-cpu 1.8.0, torchrec 1.9.2
 #   make setup ACCEL=cuda    GPU hosts: the CUDA builds of torch 2.13.0 and fbgemm-gpu 1.8.0
 #   make test                set-up, then the test suite
-#   make lint                set-up, then ruff
+#   make lint                set-up, then ruff and hadolint (the Dockerfile)
 #   make doctor              set-up, then `recsys doctor`
 #   make demo                set-up, MovieLens-100K, then the GPSD study (all strategies) on 2 ranks
 
@@ -50,7 +50,7 @@ $(STAMP): pyproject.toml Makefile scripts/requirements.py recsys/data/_segments.
 	rm -f $(STAMP)
 	$(PIP) install --quiet packaging
 	$(PIP) install --quiet --no-deps -e .
-	$(PY) scripts/requirements.py no-deps > $(VENV)/requirements-no-deps.txt
+	$(PY) scripts/requirements.py no-deps --extras $(ACCEL) > $(VENV)/requirements-no-deps.txt
 	$(PIP) install --quiet --no-deps -r $(VENV)/requirements-no-deps.txt
 	$(PY) scripts/requirements.py deps --extras $(ACCEL),dev > $(VENV)/requirements.txt
 	@echo "(pip may say 'torchrec requires fbgemm-gpu, which is not installed': expected on CPU hosts, where fbgemm-gpu-cpu provides the same package)"
@@ -63,6 +63,7 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
 
 doctor: setup
 	$(VENV)/bin/recsys doctor

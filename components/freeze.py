@@ -4,15 +4,12 @@
         --config configs/tiny.yaml --out runs/tiny/freeze-st data.train=data/tiny/ctr_train
 """
 
-# TorchX reads the signature to build `--help` and parse arguments: it needs typing's
-# Optional/Dict spelled out and real (not postponed) annotations.
-from typing import Dict, Optional
+from typing import Optional  # TorchX reads typing's Optional, not `str | None`
 
-import torchx.specs as specs
-
-from recsys.stages.appdef import options, stage_app
+from recsys.stages.appdef import AppDef, stage_app, stage_component
 
 
+@stage_component
 def freeze(
     *overrides: str,
     init: str = "runs/transfer",
@@ -20,15 +17,8 @@ def freeze(
     config: Optional[str] = None,
     out: str = "runs/freeze",
     force: bool = False,
-    j: str = "1x2",
-    h: Optional[str] = None,
-    cpu: int = 2,
-    gpu: int = 0,
-    memMB: int = 8192,
-    image: str = "",
-    env: Optional[Dict[str, str]] = None,
-    max_retries: int = 0,
-) -> specs.AppDef:
+    **job: object,
+) -> AppDef:
     """Freeze embedding tables of a transfer stage for finetuning.
 
     Args:
@@ -38,31 +28,6 @@ def freeze(
         config: YAML stage config
         out: the stage's directory (weights/, stage.json, DONE)
         force: run again over a finished stage
-        j: NNODESxNPROC, hosts × processes per host (e.g. 1x2, 4x8)
-        h: TorchX named resource of one host (e.g. aws_p4d.24xlarge); overrides cpu/gpu/memMB
-        cpu: CPUs per host
-        gpu: GPUs per host
-        memMB: memory per host in MB
-        image: container image holding the project (kubernetes); empty: the working tree
-        env: extra environment variables, e.g. OMP_NUM_THREADS=4
-        max_retries: restarts after a failure, each resuming from the last checkpoint:
-            torchrun restarts all workers in place; schedulers that retry whole jobs
-            (Slurm requeue, Volcano) do so on top
     """
-    return stage_app(
-        "freeze",
-        [
-            *options(
-                init=init, sparse=not tables, tables=tables, config=config, out=out, force=force
-            ),
-            *overrides,
-        ],
-        j=j,
-        h=h,
-        cpu=cpu,
-        gpu=gpu,
-        memMB=memMB,
-        image=image,
-        env=env,
-        max_retries=max_retries,
-    )
+    # --sparse (every table) when no list of tables is given, right after --init
+    return stage_app("freeze", **{"init": init, "sparse": not tables, **locals()})

@@ -6,29 +6,19 @@
     torchx run -s local_cwd components/lum_finetune.py:lum_finetune --help
 """
 
-# TorchX reads the signature to build `--help` and parse arguments: it needs typing's
-# Optional/Dict spelled out and real (not postponed) annotations.
-from typing import Dict, Optional
+from typing import Optional  # TorchX reads typing's Optional, not `str | None`
 
-import torchx.specs as specs
-
-from recsys.stages.appdef import options, stage_app
+from recsys.stages.appdef import AppDef, stage_app, stage_component
 
 
+@stage_component
 def lum_finetune(
     *overrides: str,
     config: Optional[str] = None,
     out: str = "runs/lum_finetune",
     force: bool = False,
-    j: str = "1x2",
-    h: Optional[str] = None,
-    cpu: int = 2,
-    gpu: int = 0,
-    memMB: int = 8192,
-    image: str = "",
-    env: Optional[Dict[str, str]] = None,
-    max_retries: int = 0,
-) -> specs.AppDef:
+    **job: object,
+) -> AppDef:
     """Train a ranker with LUM features (lum.features; none: the ranker alone) and report AUC.
 
     Args:
@@ -36,26 +26,5 @@ def lum_finetune(
         config: YAML stage config
         out: the stage's directory (checkpoint/, weights/, stage.json, DONE)
         force: run again over a finished stage
-        j: NNODESxNPROC, hosts × processes per host (e.g. 1x2, 4x8)
-        h: TorchX named resource of one host (e.g. aws_p4d.24xlarge); overrides cpu/gpu/memMB
-        cpu: CPUs per host
-        gpu: GPUs per host
-        memMB: memory per host in MB
-        image: container image holding the project (kubernetes); empty: the working tree
-        env: extra environment variables, e.g. OMP_NUM_THREADS=4
-        max_retries: restarts after a failure, each resuming from the last checkpoint:
-            torchrun restarts all workers in place; schedulers that retry whole jobs
-            (Slurm requeue, Volcano) do so on top
     """
-    return stage_app(
-        "lum_finetune",
-        [*options(config=config, out=out, force=force), *overrides],
-        j=j,
-        h=h,
-        cpu=cpu,
-        gpu=gpu,
-        memMB=memMB,
-        image=image,
-        env=env,
-        max_retries=max_retries,
-    )
+    return stage_app("lum_finetune", **locals())

@@ -49,10 +49,10 @@ def _stopped(err, args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     from torchx.schedulers.local_scheduler import SignalException
 
-    from pipelines import experiment
-    from pipelines.gpsd import PipelineError, StageFailed
     from recsys import report
     from recsys.errors import report as report_error
+    from recsys.pipelines import experiment
+    from recsys.pipelines.gpsd import PipelineError, StageFailed
 
     spec = experiment.load(args.experiment)
     try:  # the report's settings fail now, not after the study
@@ -86,7 +86,7 @@ def _names(text: str | None) -> tuple[str, ...]:
 
 def _data_directory(data: str) -> None:
     """``--data`` is a directory (URIs are left to the stages, which read them)."""
-    from pipelines.gpsd import PipelineError
+    from recsys.pipelines.gpsd import PipelineError
 
     if "://" in data or Path(data).is_dir():
         return
@@ -100,9 +100,9 @@ def _data_directory(data: str) -> None:
 def _pipeline(args: argparse.Namespace) -> int:
     from torchx.schedulers.local_scheduler import SignalException
 
-    from pipelines.gpsd import STRATEGIES, PipelineError, StageFailed, Study, run
     from recsys import report
     from recsys.errors import report as report_error
+    from recsys.pipelines.gpsd import STRATEGIES, PipelineError, StageFailed, Study, run
 
     if args.experiment.endswith((".yaml", ".yml")):
         if args.data or args.config or args.sizes or args.baselines or args.overrides:
@@ -145,7 +145,7 @@ def _report(args: argparse.Namespace) -> int:
     options: dict = {}
     experiment = args.experiment
     if experiment.endswith((".yaml", ".yml")):  # an experiment file: its out and report
-        from pipelines import experiment as experiments
+        from recsys.pipelines import experiment as experiments
 
         spec = experiments.load(experiment)
         experiment, options = str(spec.out), dict(spec.report)
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--baselines", help="also run these CTR baselines with NT and ST&SF: deepfm,din"
     )
     run.add_argument("--profile", help="profile of torchx.yaml (default: local_cwd)")
-    run.add_argument("--profiles", default="torchx.yaml", help="the profiles file")
+    run.add_argument("--profiles", help="the profiles file (default: the project's torchx.yaml)")
     run.add_argument("overrides", nargs="*", metavar="section.key=value")
     run.set_defaults(run=_pipeline)
 

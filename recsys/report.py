@@ -35,7 +35,7 @@ from recsys.analysis.stats import (
 from recsys.errors import UserError, describe_os_error
 
 ORDER = ("NT", "FT", "ST", "FT&SF", "ST&SF", "DLRM", "+LUM", "+LUM match", "+LUM+match")
-"""GPSD's strategies, then LUM's step-3 variants (``pipelines.lum``)."""
+"""GPSD's strategies, then LUM's step-3 variants (``recsys.pipelines.lum``)."""
 
 FINETUNES = ("finetune-*", "lum_finetune-*")
 """Directory names of the stages a report reads (at any depth under the experiment)."""

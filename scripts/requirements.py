@@ -3,11 +3,12 @@
 torchrec's metadata requires `fbgemm-gpu`, the CUDA build, which cannot even import on a host
 without a GPU. pip has no way to drop one dependency of a package, so setup installs torchrec
 with --no-deps (group `no-deps`) and then everything else (group `deps`): recsys's own
-requirements with the chosen extras, plus torchrec's requirements except `fbgemm-gpu`, whose
-place is taken by the build in the `cpu` or `cuda` extra.
+requirements with the chosen extras (the tested stack: torch, torchrec and the FBGEMM build of
+the `cpu` or `cuda` extra), plus torchrec's requirements except `fbgemm-gpu`, whose place is
+taken by the extra's build.
 
 Usage (after `pip install packaging` and `pip install --no-deps -e .`):
-    python scripts/requirements.py no-deps
+    python scripts/requirements.py no-deps --extras cpu
     python scripts/requirements.py deps --extras cpu,dev
 """
 

@@ -24,7 +24,6 @@ from recsys.data.stream import ParquetStream, StreamConfig
 from recsys.distributed.env import DistEnv, collective_device
 from recsys.distributed.planning import planned
 from recsys.distributed.wrap import shard
-from recsys.models.build import tower as tower  # pipelines.gpsd checks model.size with it
 from recsys.plan import planfile
 from recsys.stages.common import StageError
 from recsys.stages.config import DataSection, ModelSection, PlanSection, StageConfig

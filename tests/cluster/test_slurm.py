@@ -2,7 +2,7 @@
 
 The pretrain component through ``torchx run -s slurm``, its logs through ``torchx log``, the
 whole GPSD chain on the ``slurm`` profile, ``torchx cancel``, and jobs that can never start.
-Every wait is bounded (``pipelines.slurm.wait(timeout_s=...)`` cancels what overstays).
+Every wait is bounded (``recsys.pipelines.slurm.wait(timeout_s=...)`` cancels what overstays).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from torchx.specs import AppState
 
-from pipelines import slurm
-from pipelines.gpsd import PipelineError, Study, run
-from pipelines.profiles import load_profile
+from recsys.pipelines import slurm
+from recsys.pipelines.gpsd import PipelineError, Study, run
+from recsys.pipelines.profiles import load_profile
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -128,7 +128,7 @@ def test_torchx_cancel_ends_the_job_cancelled(slurm_cluster, in_repo) -> None:
     assert sacct(handle, "State")[0][0].startswith("CANCELLED by")
     assert slurm.wait(handle, timeout_s=10) == AppState.CANCELLED
     status = subprocess.run(
-        [sys.executable, "-m", "pipelines.slurm", "status", handle],
+        [sys.executable, "-m", "recsys.pipelines.slurm", "status", handle],
         capture_output=True, text=True, check=True, timeout=60,
     )  # fmt: skip
     assert status.stdout.strip() == "CANCELLED"

@@ -23,8 +23,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pipelines.gpsd import Study, appdef, component_args, plan
-from pipelines.profiles import ProfileError, load_profile, load_profiles
+from recsys.pipelines.gpsd import Study, appdef, component_args, plan
+from recsys.pipelines.profiles import ProfileError, load_profile, load_profiles
 from recsys.stages.appdef import STAGES
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import experiment
-from pipelines.gpsd import PipelineError, plan
+from recsys.pipelines import experiment
+from recsys.pipelines.gpsd import PipelineError, plan
 
 REPO = Path(__file__).resolve().parents[2]
 

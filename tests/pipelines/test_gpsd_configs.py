@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import gpsd
+from recsys.pipelines import gpsd
 from recsys.stages.common import fingerprint
 
 

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.gpsd import PipelineError, Study, run
 from recsys.checkpoint.manager import export
 from recsys.data.protocol import write_split
 from recsys.data.synth import SynthConfig, make
+from recsys.pipelines.gpsd import PipelineError, Study, run
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 

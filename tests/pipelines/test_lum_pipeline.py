@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import experiment
+from recsys.pipelines import experiment
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 

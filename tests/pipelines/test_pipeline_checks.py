@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import pipelines.gpsd
+import recsys.pipelines.gpsd
 from recsys.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ def no_jobs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         submitted.append(step.name)
         raise Submitted(step.name)
 
-    monkeypatch.setattr(pipelines.gpsd, "run_step", submit)
+    monkeypatch.setattr(recsys.pipelines.gpsd, "run_step", submit)
     return submitted
 
 
@@ -280,7 +280,7 @@ def test_a_broken_profiles_file_is_named(
 
 
 def test_a_failed_stage_is_told_by_its_error_line_not_by_source_in_a_traceback() -> None:
-    from pipelines.gpsd import STAGE_ERROR
+    from recsys.pipelines.gpsd import STAGE_ERROR
 
     assert STAGE_ERROR.search("[0]:error (rank 1): data.train: /d/seq: no such file")
     assert not STAGE_ERROR.search('[0]:[rank0]:   return guarded(run, prefix=f"error (rank {r})")')
@@ -301,7 +301,7 @@ def test_a_pipeline_stopped_by_ctrl_c_is_one_line(
     def interrupted(step, *args, **kwargs):
         raise SignalException("Process 1 got signal: SIGINT", sigval=signal.SIGINT)
 
-    monkeypatch.setattr(pipelines.gpsd, "run_step", interrupted)
+    monkeypatch.setattr(recsys.pipelines.gpsd, "run_step", interrupted)
     assert cli(["pipeline", "run", "--profiles", PROFILES, *study(tmp_path, data, config)]) == 130
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [

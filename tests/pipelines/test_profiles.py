@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.profiles import ProfileError, load_profile, load_profiles
+from recsys.pipelines.profiles import ProfileError, load_profile, load_profiles
 
 REPO = Path(__file__).resolve().parents[2]
 

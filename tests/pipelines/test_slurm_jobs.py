@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from torchx.specs import AppState
 
-from pipelines import slurm
-from pipelines.gpsd import Study, run
-from pipelines.profiles import ProfileError, load_profile
+from recsys.pipelines import slurm
+from recsys.pipelines.gpsd import Study, run
+from recsys.pipelines.profiles import ProfileError, load_profile
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -113,7 +113,7 @@ def test_baselines_take_pretrained_tables_and_keep_them_frozen(
 
 
 def test_the_pipeline_plans_baselines_beside_the_ranker(tmp_path: Path) -> None:
-    from pipelines.gpsd import Study, plan
+    from recsys.pipelines.gpsd import Study, plan
 
     study = Study(
         experiment=str(tmp_path),

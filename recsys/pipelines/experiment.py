@@ -4,10 +4,10 @@
 
 This module owns reading and checking an experiment file (types and keys, a key given twice)
 and running it: checking every arm's stages, making its data when missing, then each of its
-arms (a :class:`pipelines.gpsd.Study`) in order on one scheduler profile, all under the
+arms (a :class:`recsys.pipelines.gpsd.Study`) in order on one scheduler profile, all under the
 experiment's ``out`` directory, so that arms of the same size and seed share their
 pretraining. No arm is submitted until the stages of every arm have passed their checks. It
-does not run stages itself (``pipelines.gpsd`` does) nor write the report
+does not run stages itself (``recsys.pipelines.gpsd`` does) nor write the report
 (``recsys.report``). The format (see ``configs/README.md``)::
 
     out: runs/ml100k-study              # every stage, the logs and the report
@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.gpsd import BASELINES, STRATEGIES, PipelineError, Study
-from pipelines.lum import DEFAULT_VARIANTS, LumStudy
-from pipelines.profiles import load_profile
 from recsys import yamltext
 from recsys.errors import describe_os_error
+from recsys.pipelines.gpsd import BASELINES, STRATEGIES, PipelineError, Study
+from recsys.pipelines.lum import DEFAULT_VARIANTS, LumStudy
+from recsys.pipelines.profiles import load_profile
 from recsys.stages.config import ConfigError
 
 ARM_KEYS = {
@@ -298,10 +298,12 @@ def make_data(experiment: Experiment) -> bool:
     return True
 
 
-def run(experiment: Experiment, profile: str | None, profiles_path: str | Path, console=None):
+def run(
+    experiment: Experiment, profile: str | None, profiles_path: str | Path | None, console=None
+):
     """Check every arm's stages, make the data if needed and check it, then run every arm;
     the steps of all arms. Nothing is submitted unless every stage of every arm passes."""
-    from pipelines import gpsd, lum
+    from recsys.pipelines import gpsd, lum
 
     chosen = load_profile(profile or experiment.profile or "local_cwd", profiles_path)
     arms = []

@@ -1,6 +1,6 @@
 """Slurm jobs as the pipeline sees them: their state from ``sacct``, and waits that end.
 
-    python -m pipelines.slurm status slurm://torchx/42     # CANCELLED, SUCCEEDED, ...
+    python -m recsys.pipelines.slurm status slurm://torchx/42     # CANCELLED, SUCCEEDED, ...
 
 This module owns reading a Slurm job's state and waiting for it, because TorchX 0.7.0's own
 ``describe`` cannot be trusted for that: ``sacct`` reports a cancelled job as ``CANCELLED by
@@ -287,7 +287,8 @@ def follow(
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2 or args[0] != "status":
-        print("usage: python -m pipelines.slurm status slurm://SESSION/JOBID", file=sys.stderr)
+        usage = "usage: python -m recsys.pipelines.slurm status slurm://SESSION/JOBID"
+        print(usage, file=sys.stderr)
         return 64
     print(state(args[1]).name)
     return 0

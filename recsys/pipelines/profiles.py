@@ -16,8 +16,7 @@ from typing import Any
 
 from recsys import yamltext
 from recsys.errors import UserError
-
-DEFAULT_PATH = Path("torchx.yaml")
+from recsys.pipelines import files
 
 CONTAINER_SCHEDULERS = ("kubernetes", "kubernetes_mcad", "local_docker", "aws_batch", "gcp_batch")
 """Schedulers that run a container image, not the working tree: a profile must name one."""
@@ -90,9 +89,9 @@ class Profile:
         return {**self.env, **self.venv_env(path)}
 
 
-def load_profiles(path: str | Path = DEFAULT_PATH) -> dict[str, Profile]:
-    """Every profile of ``path``, validated."""
-    path = Path(path)
+def load_profiles(path: str | Path | None = None) -> dict[str, Profile]:
+    """Every profile of ``path`` (default: the project's torchx.yaml), validated."""
+    path = files.profiles() if path is None else Path(path)
     if not path.is_file():
         raise ProfileError(
             f"{path}: no such file (scheduler profiles live in torchx.yaml at the repository root)"
@@ -104,8 +103,9 @@ def load_profiles(path: str | Path = DEFAULT_PATH) -> dict[str, Profile]:
     return {name: _profile(path, name, body) for name, body in profiles.items()}
 
 
-def load_profile(name: str, path: str | Path = DEFAULT_PATH) -> Profile:
+def load_profile(name: str, path: str | Path | None = None) -> Profile:
     """The profile called ``name``; the error lists the profiles that exist."""
+    path = files.profiles() if path is None else Path(path)
     profiles = load_profiles(path)
     if name not in profiles:
         raise ProfileError(f"{path}: no profile {name!r}; profiles: {sorted(profiles)}")

@@ -5,7 +5,7 @@
 
 This module owns the order of the stages of a study and whether each must run. Every stage is
 submitted through the TorchX runner API (the component's ``AppDef``, ``run``, then ``wait``)
-on a profile of ``torchx.yaml``; Slurm jobs are followed by ``pipelines.slurm`` instead
+on a profile of ``torchx.yaml``; Slurm jobs are followed by ``recsys.pipelines.slurm`` instead
 (bounded waits, states TorchX 0.7.0 misreads), with a pre-check that some node can hold a
 replica; the log of each job's first replica streams to the console and to
 ``EXPERIMENT/logs/<stage>.log``. A stage whose directory is DONE with the fingerprint this
@@ -35,9 +35,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipelines import slurm
-from pipelines.profiles import CONTAINER_SCHEDULERS, Profile, load_profile
 from recsys.errors import UserError, describe_os_error, one_line
+from recsys.pipelines import files, slurm
+from recsys.pipelines.profiles import CONTAINER_SCHEDULERS, Profile, load_profile
 from recsys.stages.common import StageError, fingerprint, read_stage
 from recsys.stages.config import ConfigError, StageConfig, load
 from recsys.train.faults import Faults
@@ -309,7 +309,7 @@ def component_args(step: Step, profile: Profile, force: bool) -> list[str]:
             args += [f"--{key}", str(getattr(profile, key))]
     if profile.image and profile.scheduler not in ("local_cwd", "local_docker", "slurm"):
         args += ["--image", profile.image]
-    # Slurm jobs get the venv's environment from sbatch's own (see pipelines.slurm).
+    # Slurm jobs get the venv's environment from sbatch's own (see recsys.pipelines.slurm).
     env = profile.env if profile.scheduler == "slurm" else profile.job_env()
     if any("," in v for v in env.values()):
         raise PipelineError(f"profile {profile.name!r}: job environment values cannot hold ','")
@@ -347,7 +347,7 @@ def _writer(out: TextIO, console: TextIO | None) -> Callable[[str], None]:
 
 def _wait_slurm(handle: str, step: Step, profile: Profile, log_path: Path, console) -> str:
     """Follow a Slurm job's first replica's stderr into ``log_path`` until the bounded wait
-    (pipelines.slurm) ends; the final state's name."""
+    (recsys.pipelines.slurm) ends; the final state's name."""
     done = threading.Event()
     with log_path.open("a") as out:
         path = slurm.log_path(handle, step.stage)
@@ -379,7 +379,7 @@ def appdef(step: Step, args: list[str]):
     from torchx.specs.builders import materialize_appdef
     from torchx.specs.finder import get_component
 
-    component = get_component(f"components/{step.stage}.py:{step.stage}")
+    component = get_component(files.component(step.stage))
     return materialize_appdef(component.fn, args)
 
 
@@ -433,7 +433,7 @@ def run_step(step: Step, profile: Profile, runner, console: TextIO | None = sys.
 def run(
     study: Study,
     profile: str | Profile = "local_cwd",
-    profiles_path: str | Path = "torchx.yaml",
+    profiles_path: str | Path | None = None,
     console: TextIO | None = sys.stdout,
 ) -> list[Step]:
     """Run every step of ``study`` that is not DONE; the steps, with ``skipped`` set."""
@@ -444,7 +444,7 @@ def run_steps(
     steps: list[Step],
     experiment: str,
     profile: str | Profile = "local_cwd",
-    profiles_path: str | Path = "torchx.yaml",
+    profiles_path: str | Path | None = None,
     console: TextIO | None = sys.stdout,
 ) -> list[Step]:
     """Check every one of ``steps`` (of any pipeline), then run those not DONE, in order."""
@@ -469,7 +469,7 @@ def _refused(step: Step, problem: str) -> PipelineError:
 def check_configs(steps: list[Step]) -> list[StageConfig]:
     """The config each step's stage will load (its file, its ``stages.<stage>`` section and
     its overrides), checked as the stage checks it at its start, model size included."""
-    from recsys.stages.build import tower
+    from recsys.models.build import tower
 
     configs = []
     for step in steps:

@@ -6,7 +6,7 @@ This module owns the order of LUM's three steps (LUM, §4) for a study and the r
 step 3: each model of ``rankers`` (GPSD's Transformer ranker ``gpsd``, ``din``, ``deepfm``)
 alone (``DLRM``), with the user model's outputs as features (``+LUM``), and with the
 interest-matching similarities too (``+LUM+match``). Stages are submitted, skipped when DONE
-with the same fingerprint and resumed exactly as in ``pipelines.gpsd``, whose runner it uses.
+with the same fingerprint and resumed exactly as in ``recsys.pipelines.gpsd``, whose runner it uses.
 
 Layout: ``EXPERIMENT/<size>/[seed-<n>/]{lum_pretrain, lum_query,
 lum_finetune-[<train>-]<arch>-<dlrm|lum|match|lum_match>}``.
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.gpsd import PipelineError, Step, check_sizes, join, placed
+from recsys.pipelines.gpsd import PipelineError, Step, check_sizes, join, placed
 from recsys.stages.config import load
 
 RANKERS = ("gpsd", "din", "deepfm")
@@ -71,7 +71,7 @@ def plan(study: LumStudy) -> list[Step]:
     sizes = study.sizes or (load(study.config, study.overrides).model.size,)
     experiment = Path(study.experiment)
     # Another training set than ctr_train: its name in the rankers' directories, so arms on
-    # other sets never share them (as pipelines.gpsd does).
+    # other sets never share them (as recsys.pipelines.gpsd does).
     tag = "" if study.train == "ctr_train" else study.train.removeprefix("ctr_") + "-"
     asks = any(VARIANTS[v][0] for v in study.variants)
     steps: list[Step] = []
@@ -137,11 +137,11 @@ def plan(study: LumStudy) -> list[Step]:
     return placed(steps, experiment, study.config)
 
 
-def run(study: LumStudy, profile="local_cwd", profiles_path="torchx.yaml", console=None):
+def run(study: LumStudy, profile="local_cwd", profiles_path=None, console=None):
     """Run every step of ``study`` that is not DONE; the steps, with ``skipped`` set."""
     import sys
 
-    from pipelines.gpsd import run_steps
+    from recsys.pipelines.gpsd import run_steps
 
     return run_steps(
         plan(study),

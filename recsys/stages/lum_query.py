@@ -37,7 +37,7 @@ from recsys.stages.common import (
     run_stage,
 )
 from recsys.stages.config import from_dict
-from recsys.train.trainer import every_batch
+from recsys.train.ranks import until_every_rank_is_done
 
 NAME = "lum_query"
 ITEM_CHUNK = 4096
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         users, outputs = [], []
         start = time.perf_counter()
         with torch.no_grad():
-            for batch, scored in every_batch(iter(loader)):
+            for batch, scored in until_every_rank_is_done(iter(loader)):
                 out = user_model.query(batch.features.to(device), conditions)
                 if scored:
                     users.append(batch.user_ids.numpy())

@@ -44,8 +44,9 @@ class FileOrderReader:
 
     def read(self, share: ReaderShare, row_groups: RowGroups, cursor: Cursor) -> Iterator[Batch]:
         """The batches of ``share`` from ``cursor.rows_done`` on, counted on ``cursor``."""
-        layout, max_len = self.layout, self.max_len
-        chunk_rows = self.batch_size * max(1, IN_ORDER_ROWS // self.batch_size)
+        layout, max_len, batch_size = self.layout, self.max_len, self.batch_size
+        size = share.batch_size  # of the reader's batch of a given index
+        chunk_rows = batch_size * max(1, IN_ORDER_ROWS // batch_size)
         pending: list[tuple[Columns, Rows]] = []  # rows of the next batch
         pending_rows = 0
         for _, buffer, skip in share.buffers(self.buffer_row_groups, cursor.rows_done):
@@ -55,7 +56,7 @@ class FileOrderReader:
                         cursor.skip(chunk.rows)
                     left = chunk.rows
                     while left:
-                        target = share.batch_size(cursor.rows_done // self.batch_size)
+                        target = size(cursor.rows_done // batch_size)
                         if not target:
                             break
                         take = min(target - pending_rows, left)
@@ -70,7 +71,7 @@ class FileOrderReader:
                             pending, pending_rows = [], 0
                     continue
                 while at < len(chunk):
-                    target = share.batch_size(cursor.rows_done // self.batch_size)
+                    target = size(cursor.rows_done // batch_size)
                     if not target:
                         break  # every batch is out (drop_last leaves the rest)
                     take = min(target - pending_rows, len(chunk) - at)

@@ -30,7 +30,7 @@ from recsys.stages import build
 from recsys.stages.common import StageError, arguments, parser, read_stage, run_stage, start
 from recsys.stages.config import ModelSection
 from recsys.train.metrics import CTRMetrics
-from recsys.train.trainer import every_batch
+from recsys.train.ranks import until_every_rank_is_done
 
 NAME = "evaluate"
 
@@ -43,7 +43,7 @@ def score(model, loader, device) -> tuple[dict[str, float], pa.Table]:
     metrics = CTRMetrics()
     columns: dict[str, list[torch.Tensor]] = {"user_id": [], "candidate_item": [], "label": []}
     scores = []
-    for batch, scored in every_batch(iter(loader)):
+    for batch, scored in until_every_rank_is_done(iter(loader)):
         out = model(batch.features.to(device))
         if not scored:
             continue

@@ -30,7 +30,7 @@ from recsys.models import lum_features
 from recsys.stages import build
 from recsys.stages.common import StageError, arguments, parser, read_stage, run_stage, start
 from recsys.stages.config import from_dict
-from recsys.train.trainer import every_batch
+from recsys.train.ranks import until_every_rank_is_done
 
 NAME = "lum_query"
 ITEM_CHUNK = 4096
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         users, outputs = [], []
         began = time.perf_counter()
         with torch.no_grad():
-            for batch, scored in every_batch(iter(loader)):
+            for batch, scored in until_every_rank_is_done(iter(loader)):
                 out = user_model.query(batch.features.to(device), conditions)
                 if scored:
                     users.append(batch.user_ids.numpy())

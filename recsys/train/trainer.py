@@ -49,6 +49,7 @@ from recsys.train.host import reuse_freed_memory
 from recsys.train.log import RunLog, SampleLog
 from recsys.train.metrics import CTRMetrics, PretrainMetrics
 from recsys.train.optim import OptimConfig, clip, dense_parameters
+from recsys.train.ranks import until_every_rank_is_done, while_every_rank_has
 
 log = logging.getLogger(__name__)
 
@@ -128,32 +129,6 @@ def _iterate(loader) -> Iterator:
     that generator)."""
     with torch.random.fork_rng(devices=[]):
         return iter(loader)
-
-
-def every_batch(batches: Iterator) -> Iterator:
-    """Every batch of every rank, with whether to score it: a rank that has run out repeats
-    its last batch unscored while others finish (each forward of a sharded model is
-    collective)."""
-    last = None
-    while True:
-        batch = next(batches, None)
-        last = batch if batch is not None else last
-        if not dist.is_initialized():
-            if batch is None:
-                return
-            yield batch, True
-            continue
-        flags = torch.tensor(
-            [int(batch is not None), int(last is None)], device=collective_device()
-        )
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if not flags[0]:
-            return  # every rank is done
-        if flags[1]:
-            # A rank has had no batch at all, so it cannot take part: stop every rank.
-            log.warning("a rank has no evaluation data; evaluation stops at the shortest")
-            return
-        yield last, batch is not None
 
 
 @dataclass(frozen=True)
@@ -470,7 +445,7 @@ class Trainer:
         """Train through the rest of the current epoch; False if max_steps stopped it first."""
         self._set_epoch(self.epoch)
         length = self._epoch_length()
-        for batch in self._aligned(self._batches()):
+        for batch in while_every_rank_has(self._batches()):
             bad = self._train_step(batch)
             self.epoch_step += 1
             self.faults.after_step(self.step)
@@ -634,7 +609,7 @@ class Trainer:
         """Metrics of ``loader``'s data under the current weights, over all ranks."""
         self.model.eval()
         metrics = self._metrics()
-        for batch, scored in every_batch(_iterate(loader)):
+        for batch, scored in until_every_rank_is_done(_iterate(loader)):
             out = self._forward(batch)
             if scored:
                 self._update(metrics, out, batch)
@@ -659,21 +634,6 @@ class Trainer:
             metrics.update(out.logits, batch.labels, batch.user_ids)
         else:
             metrics.update(out.loss, out.hits, out.targets)
-
-    def _aligned(self, batches: Iterator) -> Iterator:
-        """Batches while every rank still has one (collectives need all ranks each step)."""
-        while True:
-            batch = next(batches, None)
-            if dist.is_initialized():
-                has = torch.tensor(
-                    [batch is not None], dtype=torch.int32, device=collective_device()
-                )
-                dist.all_reduce(has, op=dist.ReduceOp.MIN)
-                if not has.item():
-                    return
-            elif batch is None:
-                return
-            yield batch
 
     def _set_epoch(self, epoch: int) -> None:
         dataset = getattr(self.train_loader, "dataset", None)

@@ -424,10 +424,10 @@ def test_bounds_in_range_spare_the_scan(tmp_path: Path, monkeypatch: pytest.Monk
     # What the footer says is trusted, as query engines trust it to skip row groups: bounds
     # claiming every id in range let a bad id through unscanned (a file whose writer recorded
     # wrong statistics is corrupt).
-    import recsys.data.stream as stream_module
+    import recsys.data.rowgroups as rowgroups
 
     directory = write(tmp_path / "d", {"part.parquet": table(item_id=[4, 4, 10, 4])})
     with pytest.raises(DataError, match="not below the vocab size"):
         read_all(directory)
-    monkeypatch.setattr(stream_module, "column_bounds", lambda *_: {"item_id": (0, 9)})
+    monkeypatch.setattr(rowgroups, "column_bounds", lambda *_: {"item_id": (0, 9)})
     read_all(directory)

@@ -16,6 +16,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from recsys.data.batch import hash_ids
 from recsys.data.files import open_dataset
 from recsys.data.protocol import write_split
+from recsys.data.shuffled import ShuffledReader
 from recsys.data.stream import ParquetStream, StreamConfig
 from recsys.data.synth import SynthConfig, make
 
@@ -279,7 +280,8 @@ def test_decoding_in_small_chunks_changes_nothing(
     """Row groups are decoded in chunks (runs of a chunk in file order; shuffled, each
     chunk's rows scattered to their batches): batches that span chunks and row groups, cut lists and
     a resumed pass are the same whatever the chunk size."""
-    import recsys.data.stream as stream_module
+    import recsys.data.file_order as file_order
+    import recsys.data.shuffled as shuffled
 
     source = str(synth_dir / "ctr_train")
     config = StreamConfig(batch_size=10, max_len=6, shuffle=shuffle, buffer_row_groups=2)
@@ -297,8 +299,8 @@ def test_decoding_in_small_chunks_changes_nothing(
         return out
 
     whole = batches()  # row groups of 23 rows: each decoded in one chunk
-    monkeypatch.setattr(stream_module, "IN_ORDER_ROWS", 4)  # 10-row chunks in file order
-    monkeypatch.setattr(stream_module, "SHUFFLE_CHUNK_ROWS", 7)
+    monkeypatch.setattr(file_order, "IN_ORDER_ROWS", 4)  # 10-row chunks in file order
+    monkeypatch.setattr(shuffled, "SHUFFLE_CHUNK_ROWS", 7)
     assert batches() == whole
     stream = ParquetStream(source, config)
     it = iter(stream)
@@ -316,18 +318,18 @@ def test_item_lists_decoded_in_a_pass_of_their_own_change_nothing(
     source = str(synth_dir / "ctr_train")
     config = StreamConfig(batch_size=10, max_len=6, buffer_row_groups=2)
     passes = []
-    two_passes = ParquetStream._two_passes
+    two_passes = ShuffledReader._two_passes
 
     def counted(self, *args):
         passes.append(1)
         return two_passes(self, *args)
 
-    monkeypatch.setattr(ParquetStream, "_two_passes", counted)
+    monkeypatch.setattr(ShuffledReader, "_two_passes", counted)
 
     def batches(one_pass: bool, rank: int = 0, state=None) -> list[tuple[list[int], ...]]:
         stream = ParquetStream(source, config, rank=rank, world_size=2)
         if one_pass:
-            stream._late = None
+            stream._reader.late = None
         if state is not None:
             stream.load_state_dict(state)
         return [

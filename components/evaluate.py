@@ -4,8 +4,6 @@
         --data data/tiny/ctr_test --out runs/tiny/evaluate-st_sf
 """
 
-from typing import Optional  # TorchX reads typing's Optional, not `str | None`
-
 from recsys.stages.appdef import AppDef, stage_app, stage_component
 
 
@@ -14,9 +12,6 @@ def evaluate(
     *overrides: str,
     model: str = "runs/finetune",
     data: str = "",
-    config: Optional[str] = None,
-    out: str = "runs/evaluate",
-    force: bool = False,
     **job: object,
 ) -> AppDef:
     """Score a ctr dataset with a finetuned model: predictions Parquet and metrics.
@@ -27,6 +22,5 @@ def evaluate(
         data: ctr dataset to score
         config: YAML stage config (data.batch_size, plan)
         out: the stage's directory (predictions/, metrics.json, stage.json, DONE)
-        force: run again over a finished stage
     """
     return stage_app("evaluate", **locals())

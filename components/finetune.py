@@ -5,8 +5,6 @@
         data.train=data/tiny/ctr_train data.valid=data/tiny/ctr_test
 """
 
-from typing import Optional  # TorchX reads typing's Optional, not `str | None`
-
 from recsys.stages.appdef import AppDef, stage_app, stage_component
 
 
@@ -14,9 +12,6 @@ from recsys.stages.appdef import AppDef, stage_app, stage_component
 def finetune(
     *overrides: str,
     init: str = "runs/freeze",
-    config: Optional[str] = None,
-    out: str = "runs/finetune",
-    force: bool = False,
     **job: object,
 ) -> AppDef:
     """Finetune the CTR model from a transfer or freeze stage.
@@ -24,8 +19,5 @@ def finetune(
     Args:
         overrides: config overrides section.key=value, e.g. data.valid=data/x/ctr_test
         init: finished transfer or freeze stage directory
-        config: YAML stage config
-        out: the stage's directory (checkpoint/, weights/, stage.json, DONE)
-        force: run again over a finished stage
     """
     return stage_app("finetune", **locals())

@@ -14,9 +14,6 @@ def freeze(
     *overrides: str,
     init: str = "runs/transfer",
     tables: Optional[str] = None,
-    config: Optional[str] = None,
-    out: str = "runs/freeze",
-    force: bool = False,
     **job: object,
 ) -> AppDef:
     """Freeze embedding tables of a transfer stage for finetuning.
@@ -25,9 +22,7 @@ def freeze(
         overrides: config overrides section.key=value, e.g. data.train=data/x/ctr_train
         init: finished transfer stage directory
         tables: comma-separated tables to freeze; empty: every table (--sparse)
-        config: YAML stage config
         out: the stage's directory (weights/, stage.json, DONE)
-        force: run again over a finished stage
     """
     # --sparse (every table) when no list of tables is given, right after --init
     return stage_app("freeze", **{"init": init, "sparse": not tables, **locals()})

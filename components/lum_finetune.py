@@ -6,25 +6,14 @@
     torchx run -s local_cwd components/lum_finetune.py:lum_finetune --help
 """
 
-from typing import Optional  # TorchX reads typing's Optional, not `str | None`
-
 from recsys.stages.appdef import AppDef, stage_app, stage_component
 
 
 @stage_component
-def lum_finetune(
-    *overrides: str,
-    config: Optional[str] = None,
-    out: str = "runs/lum_finetune",
-    force: bool = False,
-    **job: object,
-) -> AppDef:
+def lum_finetune(*overrides: str, **job: object) -> AppDef:
     """Train a ranker with LUM features (lum.features; none: the ranker alone) and report AUC.
 
     Args:
         overrides: config overrides section.key=value, e.g. lum.temperature=0.1
-        config: YAML stage config
-        out: the stage's directory (checkpoint/, weights/, stage.json, DONE)
-        force: run again over a finished stage
     """
     return stage_app("lum_finetune", **locals())

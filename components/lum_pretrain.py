@@ -5,25 +5,14 @@
     torchx run -s local_cwd components/lum_pretrain.py:lum_pretrain --help
 """
 
-from typing import Optional  # TorchX reads typing's Optional, not `str | None`
-
 from recsys.stages.appdef import AppDef, stage_app, stage_component
 
 
 @stage_component
-def lum_pretrain(
-    *overrides: str,
-    config: Optional[str] = None,
-    out: str = "runs/lum_pretrain",
-    force: bool = False,
-    **job: object,
-) -> AppDef:
+def lum_pretrain(*overrides: str, **job: object) -> AppDef:
     """Pretrain LUM's user model (condition/item tokens, InfoNCE) on a seq dataset with conditions.
 
     Args:
         overrides: config overrides section.key=value, e.g. lum.temperature=0.1
-        config: YAML stage config
-        out: the stage's directory (checkpoint/, weights/, stage.json, DONE)
-        force: run again over a finished stage
     """
     return stage_app("lum_pretrain", **locals())

@@ -5,8 +5,6 @@
     torchx run -s local_cwd components/lum_query.py:lum_query --help
 """
 
-from typing import Optional  # TorchX reads typing's Optional, not `str | None`
-
 from recsys.stages.appdef import AppDef, stage_app, stage_component
 
 
@@ -14,9 +12,6 @@ from recsys.stages.appdef import AppDef, stage_app, stage_component
 def lum_query(
     *overrides: str,
     init: str = "runs/lum_pretrain",
-    config: Optional[str] = None,
-    out: str = "runs/lum_query",
-    force: bool = False,
     **job: object,
 ) -> AppDef:
     """Ask the user model about every user of a seq dataset under N conditions; write features.
@@ -24,9 +19,7 @@ def lum_query(
     Args:
         overrides: config overrides section.key=value, e.g. lum.temperature=0.1
         init: finished lum_pretrain stage directory
-        config: YAML stage config
         out: the stage's directory (features/, stage.json, DONE)
-        force: run again over a finished stage
         max_retries: restarts after a failure (the query starts over: it keeps no
             checkpoint); torchrun restarts all workers in place; schedulers that retry
             whole jobs (Slurm requeue, Volcano) do so on top

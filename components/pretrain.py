@@ -5,25 +5,14 @@
     torchx run -s local_cwd components/pretrain.py:pretrain --help
 """
 
-from typing import Optional  # TorchX reads typing's Optional, not `str | None`
-
 from recsys.stages.appdef import AppDef, stage_app, stage_component
 
 
 @stage_component
-def pretrain(
-    *overrides: str,
-    config: Optional[str] = None,
-    out: str = "runs/pretrain",
-    force: bool = False,
-    **job: object,
-) -> AppDef:
+def pretrain(*overrides: str, **job: object) -> AppDef:
     """Pretrain the generative model (next-item prediction) on a seq dataset.
 
     Args:
         overrides: config overrides section.key=value, e.g. data.train=data/x/seq run.epochs=2
-        config: YAML stage config
-        out: the stage's directory (checkpoint/, weights/, stage.json, DONE)
-        force: run again over a finished stage
     """
     return stage_app("pretrain", **locals())

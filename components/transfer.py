@@ -15,9 +15,6 @@ def transfer(
     *overrides: str,
     strategy: str = "ST",
     pretrained: Optional[str] = None,
-    config: Optional[str] = None,
-    out: str = "runs/transfer",
-    force: bool = False,
     **job: object,
 ) -> AppDef:
     """Build the CTR model and load the chosen pretrained parameters into it.
@@ -26,8 +23,6 @@ def transfer(
         overrides: config overrides section.key=value, e.g. data.train=data/x/ctr_train
         strategy: NT (nothing), ST (embedding tables) or FT (tables and tower)
         pretrained: finished pretrain stage directory (not needed for NT)
-        config: YAML stage config
         out: the stage's directory (weights/, stage.json, DONE)
-        force: run again over a finished stage
     """
     return stage_app("transfer", **locals())

@@ -2,9 +2,10 @@
 
 This module owns what every stage component in ``components/`` shares, so that each component
 file is a typed signature of the stage's own options, its docstring and one call of
-:func:`stage_app`: the job's options (:class:`Job`: ``-j``, ``-h``, cpu/gpu/memMB, image,
-env, max_retries, mounts), which :func:`stage_component` adds to each component's signature
-and ``--help``, and the torchrun role. That role runs ``python -m
+:func:`stage_app`: the options of every stage (:class:`StageFiles`: ``--config``, ``--out``,
+``--force``) and of every job (:class:`Job`: ``-j``, ``-h``, cpu/gpu/memMB, image, env,
+max_retries, mounts), which :func:`stage_component` adds to each component's signature and
+``--help``, and the torchrun role. That role runs ``python -m
 recsys.distributed.torchrun`` (torchrun, with a failed job told in one line) on every host,
 with the job's rendezvous, resources, environment, mounts and restart policy:
 ``max_retries`` is both TorchX's retries of the role and torchrun's ``--max_restarts`` (after
@@ -44,6 +45,19 @@ STAGES = (
 
 RDZV_PORT = 29500
 """The c10d store's port on the first host of a multi-host job (one host: a free port)."""
+
+
+@dataclass(frozen=True)
+class StageFiles:
+    """What every stage is told besides its own options: its config, its directory and
+    whether to run over a finished one (passed on to the stage after its own options)."""
+
+    config: str | None = field(default=None, metadata={"help": "YAML stage config"})
+    out: str = field(
+        default="",
+        metadata={"help": "the stage's directory (checkpoint/, weights/, stage.json, DONE)"},
+    )
+    force: bool = field(default=False, metadata={"help": "run again over a finished stage"})
 
 
 @dataclass(frozen=True)
@@ -111,20 +125,24 @@ class Job:
 
 
 def stage_component(fn: Callable[..., AppDef]) -> Callable[..., AppDef]:
-    """A stage component: ``fn`` declares the stage's own options and takes the job's as
-    ``**job``; TorchX sees (in ``--help`` and when it parses arguments) the job's options after
-    them, typed, with their defaults and help lines (a line ``fn`` documents itself wins)."""
+    """A stage component: ``fn`` declares the stage's own options and takes the others as
+    ``**job``; TorchX sees (in ``--help`` and when it parses arguments) the stage's
+    :class:`StageFiles` and the :class:`Job` options after them, typed, with their defaults
+    (``--out``: ``runs/<stage>``) and help lines (a line ``fn`` documents itself wins)."""
     own = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
-    hints = typing.get_type_hints(Job)
-    shared = [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+    shared = [*fields(StageFiles), *fields(Job)]
+    hints = {**typing.get_type_hints(StageFiles), **typing.get_type_hints(Job)}
+    defaults = {"out": f"runs/{fn.__name__}"}
+    added = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                          default=defaults.get(f.name, f.default),
                           annotation=_for_torchx(hints[f.name]))
-        for f in fields(Job)
+        for f in shared
     ]  # fmt: skip
-    fn.__signature__ = inspect.Signature([*own, *shared], return_annotation=AppDef)
+    fn.__signature__ = inspect.Signature([*own, *added], return_annotation=AppDef)
     doc = inspect.cleandoc(fn.__doc__ or "")
     documented = {line.split(":")[0].strip() for line in doc.splitlines() if ":" in line}
-    lines = [f"    {f.name}: {f.metadata['help']}" for f in fields(Job) if f.name not in documented]
+    lines = [f"    {f.name}: {f.metadata['help']}" for f in shared if f.name not in documented]
     fn.__doc__ = "\n".join([doc, *lines])  # its Args section ends the docstring
     return fn
 
@@ -147,11 +165,15 @@ def stage_app(
     **options: object,
 ) -> AppDef:  # fmt: skip
     """The stage's job: ``options`` (the stage's own, as ``--name value`` in their order),
-    ``overrides`` after them, on the :class:`Job` that ``job`` describes."""
+    then its :class:`StageFiles` and ``overrides``, on the :class:`Job`; ``job`` holds the
+    values of both (what :func:`stage_component` added)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    stage_args = [*flags(**options), *overrides]
-    role = torchrun_role(stage, stage_args, Job(**(job or {})))
+    job = dict(job or {})
+    files = {f.name: job.pop(f.name, f.default) for f in fields(StageFiles)}
+    files["out"] = files["out"] or f"runs/{stage}"
+    stage_args = [*flags(**options, **files), *overrides]
+    role = torchrun_role(stage, stage_args, Job(**job))
     return AppDef(name=f"recsys-{stage}", roles=[role])
 
 

@@ -14,6 +14,7 @@ rows before the cursor.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from recsys.data.batch import Batch, Columns, Layout, Rows, assemble
 from recsys.data.cursor import Cursor
@@ -25,22 +26,15 @@ IN_ORDER_ROWS = 2048
 batches into memory that is still in cache, about 1.3x faster than a large chunk."""
 
 
+@dataclass
 class FileOrderReader:
     """A reader's share in file order, a run of each decoded chunk's rows at a time."""
 
-    def __init__(
-        self,
-        layout: Layout,
-        batch_size: int,
-        max_len: int | None,
-        buffer_row_groups: int,
-        drop_last: bool,
-    ) -> None:
-        self.layout = layout
-        self.batch_size = batch_size
-        self.max_len = max_len
-        self.buffer_row_groups = buffer_row_groups
-        self.drop_last = drop_last
+    layout: Layout
+    batch_size: int
+    max_len: int | None
+    buffer_row_groups: int
+    drop_last: bool
 
     def read(self, share: ReaderShare, row_groups: RowGroups, cursor: Cursor) -> Iterator[Batch]:
         """The batches of ``share`` from ``cursor.rows_done`` on, counted on ``cursor``."""

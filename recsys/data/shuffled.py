@@ -16,7 +16,7 @@ cursor in the buffer it stopped in.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -48,29 +48,25 @@ class _Buffer:
     batches: int
 
 
+@dataclass
 class ShuffledReader:
     """A reader's share through shuffle buffers, each buffer's rows scattered to their
     batches."""
 
-    def __init__(
-        self,
-        layout: Layout,
-        lists: list[str],
-        seed: int,
-        batch_size: int,
-        max_len: int | None,
-        buffer_row_groups: int,
-        drop_last: bool,
-    ) -> None:
-        self.layout = layout
-        self.seed = seed
-        self.batch_size = batch_size
-        self.max_len = max_len
-        self.buffer_row_groups = buffer_row_groups
-        self.drop_last = drop_last
-        self.late: str | None = lists[0] if len(lists) > 1 else None
-        """The list column decoded in a pass of its own (:meth:`_two_passes`), where another
-        list column gives the rows' lengths first; None: every buffer in one pass."""
+    layout: Layout
+    lists: InitVar[list[str]]
+    """The list columns read (the first is decoded last when there are two)."""
+    seed: int
+    batch_size: int
+    max_len: int | None
+    buffer_row_groups: int
+    drop_last: bool
+    late: str | None = field(init=False)
+    """The list column decoded in a pass of its own (:meth:`_two_passes`), where another
+    list column gives the rows' lengths first; None: every buffer in one pass."""
+
+    def __post_init__(self, lists: list[str]) -> None:
+        self.late = lists[0] if len(lists) > 1 else None
 
     def read(self, share: ReaderShare, row_groups: RowGroups, cursor: Cursor) -> Iterator[Batch]:
         """The batches of ``share`` from ``cursor.rows_done`` on, counted on ``cursor``."""

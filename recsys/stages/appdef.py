@@ -32,16 +32,7 @@ from torchx.components.dist import parse_nnodes
 from torchx.specs import AppDef, builders  # AppDef: also the components' return type
 from torchx.util.types import decode_optional
 
-STAGES = (
-    "pretrain",
-    "transfer",
-    "freeze",
-    "finetune",
-    "evaluate",
-    "lum_pretrain",
-    "lum_query",
-    "lum_finetune",
-)
+from recsys.stages import STAGES
 
 RDZV_PORT = 29500
 """The c10d store's port on the first host of a multi-host job (one host: a free port)."""

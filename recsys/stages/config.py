@@ -55,9 +55,9 @@ from omegaconf.errors import OmegaConfBaseException
 from recsys import yamltext
 from recsys.checks import shown
 from recsys.errors import UserError
+from recsys.stages import STAGES as STAGE_NAMES
 from recsys.stages.sections import (
     SECTIONS,
-    STAGE_NAMES,
     DataSection,
     LumSection,
     ModelSection,

@@ -25,11 +25,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-STAGES_HELP = (
-    "pretrain, transfer, freeze, finetune, evaluate, lum_pretrain, lum_query or lum_finetune"
-)
-"""The stages a config serves (``recsys.stages.sections.STAGE_NAMES``, checked by a test),
-named here so that building the parser imports no stage."""
+from recsys.stages import STAGES
+
+STAGES_HELP = ", ".join(STAGES[:-1]) + f" or {STAGES[-1]}"
+"""The stages a config serves, for ``--help`` (the package's list: no stage imported)."""
 
 
 @dataclass(frozen=True)

@@ -24,18 +24,6 @@ from recsys.train.trainer import RunConfig
 
 ARCHS = ("gpsd", "deepfm", "din")
 
-STAGE_NAMES = (
-    "pretrain",
-    "transfer",
-    "freeze",
-    "finetune",
-    "evaluate",
-    "lum_pretrain",
-    "lum_query",
-    "lum_finetune",
-)
-"""The stages that read a config (``stages.<name>`` sections)."""
-
 
 @dataclass(frozen=True)
 class ModelSection:

@@ -33,7 +33,7 @@ COPY scripts/requirements.py scripts/
 COPY recsys/__init__.py recsys/
 COPY recsys/data/_segments.c recsys/data/
 COPY recsys/models/_fused.c recsys/models/
-RUN make setup ACCEL=cuda VENV=$VENV PYTHON=python3 \
+RUN make setup ACCEL=cuda EXTRAS=cuda VENV=$VENV PYTHON=python3 \
  && rm -rf /root/.cache/pip
 
 # ... then the code (installed in editable mode above, so these are the modules that run).

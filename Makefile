@@ -14,6 +14,9 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.installed-$(ACCEL)
+# The extras installed with the stack: the host build, and the tools of tests and lint (an
+# image passes EXTRAS=cuda: no test tools in it).
+EXTRAS  ?= $(ACCEL),dev
 PYTEST_ARGS ?=
 
 # Where pip finds the CPU build of torch: a directory of local wheels when it holds one for
@@ -52,7 +55,7 @@ $(STAMP): pyproject.toml Makefile scripts/requirements.py recsys/data/_segments.
 	$(PIP) install --quiet --no-deps -e .
 	$(PY) scripts/requirements.py no-deps --extras $(ACCEL) > $(VENV)/requirements-no-deps.txt
 	$(PIP) install --quiet --no-deps -r $(VENV)/requirements-no-deps.txt
-	$(PY) scripts/requirements.py deps --extras $(ACCEL),dev > $(VENV)/requirements.txt
+	$(PY) scripts/requirements.py deps --extras $(EXTRAS) > $(VENV)/requirements.txt
 	@echo "(pip may say 'torchrec requires fbgemm-gpu, which is not installed': expected on CPU hosts, where fbgemm-gpu-cpu provides the same package)"
 	$(PIP) install --quiet $(TORCH_SOURCE) -r $(VENV)/requirements.txt
 	touch $@

@@ -44,6 +44,9 @@ def main() -> None:
     own = requirements("recsys", extras)
     if args.group == "no-deps":
         lines = [r for r in own if r.name in NO_DEPS]
+        if not lines:  # torchrec comes with the extra of a host's stack
+            parser.error(f"no-deps: none of {sorted(NO_DEPS)} with extras {sorted(extras)}; "
+                         "name the host's build, e.g. --extras cpu")  # fmt: skip
     else:
         lines = [r for r in own if r.name not in NO_DEPS]
         for dist in sorted(NO_DEPS):

@@ -93,7 +93,8 @@ def setup_dry_run(text: str, context: Path) -> subprocess.CompletedProcess[str]:
 def test_the_setup_step_finds_what_it_needs(tmp_path: Path) -> None:
     done = setup_dry_run(DOCKERFILE.read_text(), tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "requirements.py deps --extras cuda,dev" in done.stdout
+    # the CUDA stack, without the tools of tests and lint
+    assert "requirements.py deps --extras cuda >" in done.stdout
 
 
 def test_a_setup_step_without_the_c_sources_is_caught(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ does not run stages itself (``recsys.pipelines.gpsd`` does) nor write the report
          finetune: [run.epochs=2]}          # its CTR stages: <size>/seed-<n>/finetune-dense-nt, ...
       - {name: tune, train: ctr_fit, eval: ctr_valid, ...}   # choices made without test users
       - {name: lum, pipeline: lum, sizes: [L4H64A4], rankers: [gpsd, din],
-         variants: [DLRM, +LUM, +LUM+match], pretrain: [lum.pack=200]}   # pipelines.lum
+         variants: [DLRM, +LUM, +LUM+match], pretrain: [lum.pack=200]}   # recsys.pipelines.lum
     report: {title: ..., out: docs/results.md}
 """
 

@@ -94,7 +94,8 @@ def load_profiles(path: str | Path | None = None) -> dict[str, Profile]:
     path = files.profiles() if path is None else Path(path)
     if not path.is_file():
         raise ProfileError(
-            f"{path}: no such file (scheduler profiles live in torchx.yaml at the repository root)"
+            f"{path}: no such file (scheduler profiles live in torchx.yaml: in RECSYS_HOME, the "
+            "checkout the package is imported from, or <environment>/share/recsys)"
         )
     document = yamltext.read(path, ProfileError) or {}
     profiles = document.get("profiles") if isinstance(document, dict) else None

@@ -30,7 +30,7 @@ from recsys.stages.common import StageError
 from recsys.stages.config import StageConfig
 from recsys.train.optim import attach_sparse_optimizer
 
-STAGES = {"pretrain": "seq", "finetune": "ctr"}
+PLANNABLE = {"pretrain": "seq", "finetune": "ctr"}
 """Stages whose model can be planned, and the dataset kind each reads."""
 
 TENSOR_BYTES = 2**63 - 1
@@ -147,7 +147,7 @@ def vocabularies(config: StageConfig, request: Request) -> DatasetMeta:
     """The tables' sizes: the dataset of ``data.train`` when it is set, then ``--table``.
 
     Without a dataset, ``--table`` names every table: ``item`` and the side features."""
-    kind = STAGES[request.stage]
+    kind = PLANNABLE[request.stage]
     rows = {name: r for name, (r, _) in request.tables.items()}
     if config.data.train:
         try:
@@ -176,8 +176,8 @@ def vocabularies(config: StageConfig, request: Request) -> DatasetMeta:
 
 def meta_model(config: StageConfig, request: Request) -> nn.Module:
     """The stage's model on the meta device, its trainable tables with the fused optimizer."""
-    if request.stage not in STAGES:
-        raise PlanError(f"--stage {request.stage!r}: expected one of {', '.join(STAGES)}")
+    if request.stage not in PLANNABLE:
+        raise PlanError(f"--stage {request.stage!r}: expected one of {', '.join(PLANNABLE)}")
     try:
         width = models.tower(config.model).hidden
     except ValueError as err:

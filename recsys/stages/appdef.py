@@ -51,6 +51,11 @@ class StageFiles:
     force: bool = field(default=False, metadata={"help": "run again over a finished stage"})
 
 
+def default_out(stage: str) -> str:
+    """A stage's directory when ``--out`` is not given."""
+    return f"runs/{stage}"
+
+
 @dataclass(frozen=True)
 class Job:
     """Where a stage runs and how big it is: the options every stage component shares, with
@@ -123,7 +128,7 @@ def stage_component(fn: Callable[..., AppDef]) -> Callable[..., AppDef]:
     own = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
     shared = [*fields(StageFiles), *fields(Job)]
     hints = {**typing.get_type_hints(StageFiles), **typing.get_type_hints(Job)}
-    defaults = {"out": f"runs/{fn.__name__}"}
+    defaults = {"out": default_out(fn.__name__)}
     added = [
         inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
                           default=defaults.get(f.name, f.default),
@@ -162,7 +167,7 @@ def stage_app(
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     job = dict(job or {})
     files = {f.name: job.pop(f.name, f.default) for f in fields(StageFiles)}
-    files["out"] = files["out"] or f"runs/{stage}"
+    files["out"] = files["out"] or default_out(stage)
     stage_args = [*flags(**options, **files), *overrides]
     role = torchrun_role(stage, stage_args, Job(**job))
     return AppDef(name=f"recsys-{stage}", roles=[role])

@@ -55,7 +55,7 @@ from omegaconf.errors import OmegaConfBaseException
 from recsys import yamltext
 from recsys.checks import shown
 from recsys.errors import UserError
-from recsys.stages import STAGES as STAGE_NAMES
+from recsys.stages import STAGES
 from recsys.stages.sections import (
     SECTIONS,
     DataSection,
@@ -67,19 +67,15 @@ from recsys.stages.sections import (
 from recsys.train.optim import OptimConfig
 from recsys.train.trainer import RunConfig
 
-RunSection = RunConfig
-"""The ``run`` section: the trainer's own settings."""
-
 __all__ = [
     "SECTIONS",
-    "STAGE_NAMES",
     "ConfigError",
     "DataSection",
     "LumSection",
     "ModelSection",
     "OptimConfig",
     "PlanSection",
-    "RunSection",
+    "RunConfig",
     "StageConfig",
     "field_type",
     "from_dict",
@@ -168,9 +164,9 @@ def _per_stage(raw: Any) -> dict[str, dict[str, dict[str, Any]]]:
     """The ``stages`` section: stage name → its sections (every stage's, not only the one
     loaded, so a mistake in any of them shows at the first stage)."""
     per_stage = _mapping(raw, "stages", "stage names")
-    unknown = sorted(set(per_stage) - set(STAGE_NAMES), key=str)
+    unknown = sorted(set(per_stage) - set(STAGES), key=str)
     if unknown:
-        raise ConfigError(f"stages: unknown stages {unknown}; stages: {list(STAGE_NAMES)}")
+        raise ConfigError(f"stages: unknown stages {unknown}; stages: {list(STAGES)}")
     return {stage: _sections(v, f"stages.{stage}") for stage, v in per_stage.items()}
 
 

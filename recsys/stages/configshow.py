@@ -82,10 +82,10 @@ def every_key() -> list[Key]:
 def show(stage: str, path: str | Path | None = None, overrides: tuple[str, ...] = ()) -> str:
     """The text ``recsys config show`` prints: the resolved config of ``stage`` as YAML,
     then every key with its type, default and doc."""
-    from recsys.stages.config import STAGE_NAMES, ConfigError, load
+    from recsys.stages.config import ConfigError, load
 
-    if stage not in STAGE_NAMES:
-        raise ConfigError(f"unknown stage {stage!r}; stages: {list(STAGE_NAMES)}")
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; stages: {list(STAGES)}")
     config = load(path, overrides, stage)
     given = " ".join([f"--config {path}" if path else "built-in defaults", *overrides])
     lines = [f"# the config of stage {stage} ({given})"]

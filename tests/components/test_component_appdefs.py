@@ -1,9 +1,9 @@
-"""The stage components build the jobs they built when each wrapped TorchX's ``dist.ddp``.
+"""The stage components build the recorded jobs.
 
 ``appdefs.json`` holds, for each component and a set of its command lines, the AppDef that
-``torchx run`` built from them with the components of December 2026 (``{python}`` stands
-for the interpreter that runs the test): command line, environment, resources, replicas, retry
-policy and ports. Every one must come out the same.
+``torchx run`` builds from them (``{python}`` stands for the interpreter that runs the test):
+command line, environment, resources, replicas, retry policy and ports. Every one must come
+out the same.
 """
 
 from __future__ import annotations

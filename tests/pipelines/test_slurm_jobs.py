@@ -1,4 +1,4 @@
-"""pipelines.slurm without a cluster: states, bounded waits, the venv's environment, logs.
+"""recsys.pipelines.slurm without a cluster: states, bounded waits, the venv's environment, logs.
 
 Slurm's commands are replaced by a fake that answers as Slurm 22.05 does (the cluster tests
 in tests/cluster run the real ones).

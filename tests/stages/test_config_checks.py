@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from recsys.errors import EXIT_USER_ERROR
-from recsys.stages import pretrain
+from recsys.stages import STAGES, pretrain
 from recsys.stages.common import run_stage
-from recsys.stages.config import STAGE_NAMES, ConfigError, load
+from recsys.stages.config import ConfigError, load
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 POSITIVE = "must be a finite number > 0"
@@ -199,7 +199,7 @@ def test_every_stage_config_in_configs_loads_for_every_stage() -> None:
     ]
     assert stage_configs  # experiment files (with arms) have their own reader
     for path in stage_configs:
-        for stage in STAGE_NAMES:
+        for stage in STAGES:
             load(path, (), stage)
 
 

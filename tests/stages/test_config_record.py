@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from recsys.stages import STAGES
 from recsys.stages.common import fingerprint
-from recsys.stages.config import STAGE_NAMES, load
+from recsys.stages.config import load
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "ml100k"
 DEMO = CONFIGS / "2026-11-23-demo.yaml"
@@ -88,7 +89,7 @@ PRINTS = {
     **{
         f"demo-{stage}": (DEMO, [], stage, value)
         for stage, value in zip(
-            STAGE_NAMES,
+            STAGES,
             [
                 "cfe4bfa17cf31bb8",
                 "b919cb266efadf32",

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from recsys.cli import main
-from recsys.stages import configshow
-from recsys.stages.config import SECTIONS, STAGE_NAMES, load, section_class
+from recsys.stages import STAGES, configshow
+from recsys.stages.config import SECTIONS, load, section_class
 
 DEMO = Path(__file__).parents[2] / "configs" / "ml100k" / "2026-11-23-demo.yaml"
 
@@ -69,5 +69,5 @@ def test_mistakes_are_one_line(argv: list[str], line: str, capsys: pytest.Captur
 
 
 def test_the_help_names_every_stage() -> None:
-    named = ", ".join(STAGE_NAMES[:-1]) + f" or {STAGE_NAMES[-1]}"
+    named = ", ".join(STAGES[:-1]) + f" or {STAGES[-1]}"
     assert named == configshow.STAGES_HELP

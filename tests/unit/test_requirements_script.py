@@ -19,7 +19,9 @@ def run(*args: str) -> list[str]:
 def test_no_deps_group_is_torchrec_alone() -> None:
     assert run("no-deps", "--extras", "cpu") == ["torchrec==1.9.2"]
     assert run("no-deps", "--extras", "cuda") == ["torchrec==1.9.2"]
-    assert run("no-deps") == []  # torchrec comes with an extra, never with the project alone
+    # torchrec comes with an extra, never with the project alone: without one, an error
+    alone = subprocess.run([sys.executable, str(SCRIPT), "no-deps"], capture_output=True, text=True)
+    assert alone.returncode == 2 and "--extras cpu" in alone.stderr
 
 
 def test_deps_group_replaces_fbgemm_gpu_with_the_host_build() -> None:

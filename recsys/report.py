@@ -144,6 +144,8 @@ RESULT_KEYS = (
     "valid_auc",
     "valid_gauc",
     "valid_logloss",
+    "valid_ne",
+    "valid_calibration",
     "train_auc",
     "gap_auc",
     "valid_samples",
@@ -218,6 +220,8 @@ def collect(experiment: str | Path) -> list[dict[str, Any]]:
                 "auc": results.get("valid_auc"),
                 "gauc": results.get("valid_gauc"),
                 "logloss": results.get("valid_logloss"),
+                "ne": results.get("valid_ne"),
+                "calibration": results.get("valid_calibration"),
                 "train_auc": results.get("train_auc"),
                 "gap_auc": results.get("gap_auc"),
                 "samples": results.get("valid_samples"),
@@ -374,9 +378,9 @@ def _params_text(size: str) -> str:
 
 def runs_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| train | eval | size | model | strategy | seed | AUC | Imp | gAUC | logloss | "
-        "train AUC | gap | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| train | eval | size | model | strategy | seed | AUC | Imp | gAUC | logloss | NE | "
+        "calibration | train AUC | gap | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         imp = (
@@ -387,7 +391,8 @@ def runs_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['train']} | {r['eval']} | {r['size']} | {r['model']} | {r['strategy']} | "
             f"{r['seed']} | {_fmt(r['auc'], '{:.4f}')} | {imp} | {_fmt(r['gauc'], '{:.4f}')} | "
-            f"{_fmt(r['logloss'], '{:.4f}')} | {_fmt(r['train_auc'], '{:.4f}')} | "
+            f"{_fmt(r['logloss'], '{:.4f}')} | {_fmt(r['ne'], '{:.4f}')} | "
+            f"{_fmt(r['calibration'], '{:.3f}')} | {_fmt(r['train_auc'], '{:.4f}')} | "
             f"{_fmt(r['gap_auc'], '{:+.4f}')} | {_fmt(r['seconds'], '{:.0f}')} |"
         )
     return "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@
 Rebuilds the model of a finished ``finetune`` stage (its recorded ``model`` section and frozen
 tables), loads its weights on this job's world size and plan, scores every sample of
 ``--data`` once, and writes ``predictions/part-<rank>.parquet`` (user_id, candidate_item,
-label, score = click probability), ``metrics.json`` (AUC, logloss, gAUC, samples),
+label, score = click probability), ``metrics.json`` (AUC, logloss, NE, calibration, gAUC, samples),
 ``stage.json`` and ``DONE``. ``--config`` may set ``data.batch_size`` and ``plan``. Scoring
 no sample, or a NaN or infinite score, stops the stage with the count and the first such
 sample instead: nothing is written.

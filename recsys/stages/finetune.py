@@ -5,9 +5,10 @@
         data.valid=data/ml100k/ctr_test
 
 Loads every weight of the ``--init`` stage (unless resuming from this stage's own checkpoint),
-trains with BCE on ``data.train``, reports train and validation AUC, logloss and gAUC and their
-gap after every epoch, and at the end checks that every frozen table's digest equals the one
-the freeze stage recorded: a changed frozen table stops the stage with its name. Writes
+trains with BCE on ``data.train``, reports train and validation AUC, logloss, NE, calibration
+and gAUC and their gap after every epoch, and at the end checks that every frozen table's
+digest equals the one the freeze stage recorded: a changed frozen table stops the stage with
+its name. Writes
 ``weights/``, ``stage.json`` (strategy, per-epoch metrics) and ``DONE``.
 """
 

@@ -10,8 +10,8 @@ with BCE, every sample joined with its user's ``lum_query`` outputs (``lum.featu
 directly (``lum.direct``: the N·d outputs), by interest matching (``lum.matching``: each
 output's cosine similarity with the candidate's item embedding), or both, fed to the
 ranker's head beside its own representation. Without ``lum.features`` it is the ranker alone
-(the DLRM baseline). Reports train and validation AUC, logloss and gAUC per epoch like
-``finetune``. Writes ``weights/``, ``stage.json`` and ``DONE``.
+(the DLRM baseline). Reports train and validation AUC, logloss, NE, calibration and gAUC per
+epoch like ``finetune``. Writes ``weights/``, ``stage.json`` and ``DONE``.
 """
 
 from __future__ import annotations

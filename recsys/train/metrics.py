@@ -1,4 +1,4 @@
-"""Ranking metrics over all ranks: AUC, logloss, gAUC, hit rate.
+"""Ranking metrics over all ranks: AUC, logloss, NE, calibration, gAUC, hit rate.
 
 This module owns what is measured and how it is combined over ranks: CTR metrics keep each
 rank's logits, labels and users and gather them when computed (a rank may have none), and
@@ -7,30 +7,40 @@ process would on the same samples. States are checkpointed, so a run resumed mid
 reports the epoch's metrics as if it had not stopped.
 
 - AUC: exact, tie-aware (torchmetrics' ``binary_auroc`` without thresholds); NaN (undefined)
-  when every sample has the same label (torchmetrics would say 0.0), so a stage refuses it.
+  when every sample has the same label (torchmetrics would say 0.0), so a stage refuses it;
+  NE and calibration are NaN then too (no click rate to normalise by or compare with).
 - logloss: mean binary cross-entropy of the predicted probabilities.
+- NE (normalized entropy): the logloss over the entropy of the samples' click rate p,
+  −(p log p + (1 − p) log(1 − p)), so 1.0 is what predicting p everywhere scores and lower is
+  better (He et al., "Practical Lessons from Predicting Clicks on Ads at Facebook", 2014);
+  TorchRec's ``compute_ne`` normalises it.
+- calibration: the sum of predicted probabilities over the number of positives (predicted
+  over actual CTR; 1.0 is calibrated), TorchRec's ``compute_calibration``.
 - gAUC: the AUC of each user's samples, averaged over users weighted by their number of
   samples; users whose samples all share one label have no AUC and are left out (the usual
   definition, e.g. in DIN's and GPSD's reports).
 - hit rate: for pretraining, the share of next-item targets scored above every sampled
   negative.
 
-A NaN or infinite value is never dropped: one non-finite logit makes AUC, logloss and gAUC
-NaN (sorting would otherwise rank a NaN as the highest score, and a sigmoid makes an infinite
-logit a valid probability), and their count is reported as ``nonfinite_logits``; a non-finite
-pretraining loss makes the mean loss non-finite (torchmetrics would drop NaNs with a
-warning).
+A NaN or infinite value is never dropped: one non-finite logit makes AUC, logloss, NE,
+calibration and gAUC NaN (sorting would otherwise rank a NaN as the highest score, and a
+sigmoid makes an infinite logit a valid probability), and their count is reported as
+``nonfinite_logits``; a non-finite pretraining loss makes the mean loss non-finite
+(torchmetrics would drop NaNs with a warning).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric, SumMetric
 from torchmetrics.functional.classification import binary_auroc
+from torchrec.metrics.calibration import compute_calibration
+from torchrec.metrics.ne import compute_ne
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +88,8 @@ def grouped_auc(
 
 
 class CTRMetrics:
-    """AUC, logloss and gAUC of one split (train or validation), over every rank's samples.
+    """AUC, logloss, NE, calibration and gAUC of one split (train or validation), over every
+    rank's samples.
 
     Each rank keeps its own logits, labels and users; ``compute`` gathers them (any rank may
     have none) and scores the whole split with torchmetrics' exact, tie-aware AUC.
@@ -102,9 +113,11 @@ class CTRMetrics:
             return _undefined(len(labels), nonfinite)
         probabilities = torch.sigmoid(logits)
         auc, weight = grouped_auc(probabilities, labels, users)
+        logloss = F.binary_cross_entropy_with_logits(logits.double(), labels.double())
         return {
             "auc": _auc(probabilities, labels),
-            "logloss": float(F.binary_cross_entropy_with_logits(logits.double(), labels.double())),
+            "logloss": float(logloss),
+            **_ne_and_calibration(logloss, probabilities.double(), labels.double()),
             "gauc": float((auc * weight).sum() / weight.sum()) if len(auc) else float("nan"),
             "samples": float(len(labels)),
         }
@@ -137,13 +150,35 @@ def _auc(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
     return float(binary_auroc(probabilities, labels.long(), validate_args=False))
 
 
+def _ne_and_calibration(
+    logloss: torch.Tensor, probabilities: torch.Tensor, labels: torch.Tensor
+) -> dict[str, float]:
+    """NE and calibration of samples with both labels (NaN otherwise: no click rate to
+    normalise by, or none to compare with), from their mean cross-entropy ``logloss``."""
+    positives = labels.sum()
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        return {"ne": float("nan"), "calibration": float("nan")}
+    samples = torch.tensor(float(len(labels)), dtype=torch.float64)
+    # TorchRec's entropies are in bits; the cross-entropy from the logits is in nats.
+    bits = logloss * len(labels) / math.log(2)
+    ne = compute_ne(bits, samples, positives, negatives, eta=1e-12)
+    return {
+        "ne": float(ne),
+        "calibration": float(compute_calibration(probabilities.sum(), positives)),
+    }
+
+
 def _undefined(samples: int, nonfinite: int) -> dict[str, float]:
     """CTR metrics that cannot be computed: no samples, or some logits NaN or infinite."""
     nan = float("nan")
-    results = {"auc": nan, "logloss": nan, "gauc": nan, "samples": float(samples)}
+    results = {"auc": nan, "logloss": nan, "ne": nan, "calibration": nan, "gauc": nan}
+    results["samples"] = float(samples)
     if nonfinite:
         log.warning(
-            "%d of %d logits are NaN or infinite: AUC, logloss, gAUC are NaN", nonfinite, samples
+            "%d of %d logits are NaN or infinite: AUC, logloss, NE, calibration, gAUC are NaN",
+            nonfinite,
+            samples,
         )
         results["nonfinite_logits"] = float(nonfinite)
     return results

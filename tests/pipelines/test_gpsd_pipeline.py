@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -177,6 +178,18 @@ def test_evaluate_scores_every_test_sample_on_two_ranks(chain: dict) -> None:
     finetune = json.loads((chain["exp"] / "finetune-st_sf" / "stage.json").read_text())
     assert metrics["samples"] == len(test["label"])
     assert metrics["auc"] == pytest.approx(finetune["results"]["valid_auc"], abs=1e-6)
+    for key in ("ne", "calibration"):
+        assert metrics[key] == pytest.approx(finetune["results"][f"valid_{key}"], rel=1e-5)
+    # NE and calibration as their definitions give them from the written predictions
+    scores = [min(max(p, 1e-7), 1 - 1e-7) for p in predictions["score"]]
+    labels, n = predictions["label"], len(predictions["label"])
+    logloss = -sum(
+        math.log(p) if y > 0.5 else math.log(1 - p) for p, y in zip(scores, labels, strict=True)
+    )
+    rate = sum(labels) / n
+    entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+    assert metrics["ne"] == pytest.approx(logloss / n / entropy, rel=1e-4)
+    assert metrics["calibration"] == pytest.approx(sum(scores) / sum(labels), rel=1e-4)
 
 
 def test_a_pipeline_interrupted_between_and_inside_stages_reruns_to_the_same_results(

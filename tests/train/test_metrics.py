@@ -55,6 +55,21 @@ def test_auc_logloss_gauc_equal_references() -> None:
     )
     assert result["logloss"] == pytest.approx(expected_logloss, rel=1e-5)
     assert result["gauc"] == pytest.approx(reference_gauc(), rel=1e-6)
+    # NE: the logloss over the entropy of the click rate (7 of 12); calibration: predicted
+    # clicks over actual ones
+    rate = 7 / 12
+    entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+    assert result["ne"] == pytest.approx(expected_logloss / entropy, rel=1e-5)
+    assert result["calibration"] == pytest.approx(sum(SCORES.tolist()) / 7, rel=1e-5)
+
+
+def test_a_constant_prediction_of_the_click_rate_has_ne_one_and_is_calibrated() -> None:
+    metrics = CTRMetrics()
+    labels = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    metrics.update(torch.full((4,), math.log(0.25 / 0.75)), labels, torch.arange(4))
+    result = metrics.compute()
+    assert result["ne"] == pytest.approx(1.0, rel=1e-9)
+    assert result["calibration"] == pytest.approx(1.0, rel=1e-9)
 
 
 def test_grouped_auc_skips_one_label_users_and_handles_ties() -> None:

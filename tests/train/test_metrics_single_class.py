@@ -17,6 +17,7 @@ def test_auc_of_one_class_is_nan() -> None:
         results = metrics.compute()
         assert math.isnan(results["auc"]), (label, results)
         assert math.isnan(results["gauc"])
+        assert math.isnan(results["ne"]) and math.isnan(results["calibration"])
         assert math.isfinite(results["logloss"])
         assert results["samples"] == 4.0
 

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -174,30 +174,40 @@ class Step:
     """The config the stage will load, once :func:`check_configs` has read it."""
 
 
+def chains(study: Any) -> Iterator[tuple[str, Path, list[str]]]:
+    """The chains of stages of a study (GPSD's or LUM's), one per size and seed: the size,
+    its directory ``EXPERIMENT/SIZE[/seed-N]`` and the overrides every stage of it gets."""
+    sizes = study.sizes or (load(study.config, study.overrides).model.size,)
+    for size in sizes:
+        for seed in study.seeds or (None,):
+            root = Path(study.experiment) / size
+            common = [*study.overrides, f"model.size={size}"]
+            if seed is not None:
+                root, common = root / f"seed-{seed}", [*common, f"run.seed={seed}"]
+            yield size, root, common
+
+
+def pretraining(stage: str, out: Path, study: Any, common: list[str], seq: str, size: str) -> Step:
+    """A chain's pretraining (``pretrain`` or ``lum_pretrain``) on the ``seq`` dataset."""
+    return Step(
+        stage,
+        out,
+        {},
+        [],
+        [*common, *study.pretrain_overrides, f"data.train={seq}"],
+        lambda c: {"train": seq, "valid": c.data.valid},
+        size,
+    )
+
+
 def plan(study: Study) -> list[Step]:
     """The steps of ``study`` in the order they run."""
     seq, train, test = (join(study.data, n) for n in ("seq", study.train, study.test))
-    sizes = study.sizes or (load(study.config, study.overrides).model.size,)
     steps: list[Step] = []
-    chains = [(size, seed) for size in sizes for seed in (study.seeds or (None,))]
-    for size, seed in chains:
-        root = Path(study.experiment) / size
-        common = [*study.overrides, f"model.size={size}"]
-        if seed is not None:
-            root, common = root / f"seed-{seed}", [*common, f"run.seed={seed}"]
+    for size, root, common in chains(study):
         pretrain = root / "pretrain"
         if study.baselines or any(s != "NT" for s in study.strategies if study.gpsd):
-            steps.append(
-                Step(
-                    "pretrain",
-                    pretrain,
-                    {},
-                    [],
-                    [*common, *study.pretrain_overrides, f"data.train={seq}"],
-                    lambda c: {"train": seq, "valid": c.data.valid},
-                    size,
-                )
-            )
+            steps.append(pretraining("pretrain", pretrain, study, common, seq, size))
         models = [("gpsd", study.strategies)] if study.gpsd else []
         models += [(arch, ("NT", "ST&SF")) for arch in study.baselines]
         for arch, strategies in models:

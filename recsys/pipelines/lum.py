@@ -17,8 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from recsys.pipelines.gpsd import PipelineError, Step, check_sizes, join, placed
-from recsys.stages.config import load
+from recsys.pipelines.gpsd import (
+    PipelineError,
+    Step,
+    chains,
+    check_sizes,
+    join,
+    placed,
+    pretraining,
+)
 
 RANKERS = ("gpsd", "din", "deepfm")
 VARIANTS = {  # name in reports → (features, direct, matching)
@@ -68,72 +75,56 @@ def slug(variant: str) -> str:
 def plan(study: LumStudy) -> list[Step]:
     """The steps of ``study`` in the order they run."""
     seq, train, test = (join(study.data, n) for n in ("seq", study.train, study.test))
-    sizes = study.sizes or (load(study.config, study.overrides).model.size,)
     experiment = Path(study.experiment)
     # Another training set than ctr_train: its name in the rankers' directories, so arms on
     # other sets never share them (as recsys.pipelines.gpsd does).
     tag = "" if study.train == "ctr_train" else study.train.removeprefix("ctr_") + "-"
     asks = any(VARIANTS[v][0] for v in study.variants)
     steps: list[Step] = []
-    for size in sizes:
-        for seed in study.seeds or (None,):
-            root = experiment / size
-            common = [*study.overrides, f"model.size={size}"]
-            if seed is not None:
-                root, common = root / f"seed-{seed}", [*common, f"run.seed={seed}"]
-            pretrain, query = root / "lum_pretrain", root / "lum_query"
-            if asks:  # the rankers alone need no user model
+    for size, root, common in chains(study):
+        pretrain, query = root / "lum_pretrain", root / "lum_query"
+        if asks:  # the rankers alone need no user model
+            steps.append(pretraining("lum_pretrain", pretrain, study, common, seq, size))
+            steps.append(
+                Step(
+                    "lum_query",
+                    query,
+                    {},
+                    ["--init", str(pretrain)],
+                    [*common, f"data.train={seq}"],
+                    lambda c, p=str(pretrain): {"train": seq, "init": p},
+                    size,
+                )
+            )
+        for arch in study.rankers:
+            for variant in study.variants:
+                features, direct, matching = VARIANTS[variant]
+                lum = [f"lum.direct={direct}", f"lum.matching={matching}"]
+                if features:
+                    lum.append(f"lum.features={query}")
                 steps.append(
                     Step(
-                        "lum_pretrain",
-                        pretrain,
+                        "lum_finetune",
+                        root / f"lum_finetune-{tag}{arch}-{slug(variant)}",
                         {},
                         [],
-                        [*common, *study.pretrain_overrides, f"data.train={seq}"],
-                        lambda c: {"train": seq, "valid": c.data.valid},
+                        [
+                            *common,
+                            *study.finetune_overrides,
+                            f"model.arch={arch}",
+                            f"data.train={train}",
+                            f"data.valid={test}",
+                            *(lum if features else []),
+                        ],
+                        lambda c: {
+                            "train": train,
+                            "valid": test,
+                            "features": c.lum.features,
+                        },
                         size,
+                        variant,
                     )
                 )
-                steps.append(
-                    Step(
-                        "lum_query",
-                        query,
-                        {},
-                        ["--init", str(pretrain)],
-                        [*common, f"data.train={seq}"],
-                        lambda c, p=str(pretrain): {"train": seq, "init": p},
-                        size,
-                    )
-                )
-            for arch in study.rankers:
-                for variant in study.variants:
-                    features, direct, matching = VARIANTS[variant]
-                    lum = [f"lum.direct={direct}", f"lum.matching={matching}"]
-                    if features:
-                        lum.append(f"lum.features={query}")
-                    steps.append(
-                        Step(
-                            "lum_finetune",
-                            root / f"lum_finetune-{tag}{arch}-{slug(variant)}",
-                            {},
-                            [],
-                            [
-                                *common,
-                                *study.finetune_overrides,
-                                f"model.arch={arch}",
-                                f"data.train={train}",
-                                f"data.valid={test}",
-                                *(lum if features else []),
-                            ],
-                            lambda c: {
-                                "train": train,
-                                "valid": test,
-                                "features": c.lum.features,
-                            },
-                            size,
-                            variant,
-                        )
-                    )
     return placed(steps, experiment, study.config)
 
 

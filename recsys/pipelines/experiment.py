@@ -29,6 +29,7 @@ does not run stages itself (``recsys.pipelines.gpsd`` does) nor write the report
 
 from __future__ import annotations
 
+import functools
 import shlex
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys import yamltext
+from recsys.checks import shown
 from recsys.errors import describe_os_error
 from recsys.pipelines.gpsd import BASELINES, STRATEGIES, PipelineError, Study
 from recsys.pipelines.lum import DEFAULT_VARIANTS, LumStudy
@@ -86,9 +88,7 @@ def _fail(path: Path, where: str, message: str) -> PipelineError:
     return PipelineError(f"{path}: {where}: {message}")
 
 
-def _shown(value: Any, most: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= most else f"{text[: most - 3]}..."
+_shown = functools.partial(shown, most=60)  # a value in a message naming file and key
 
 
 def _strings(path: Path, where: str, value: Any) -> tuple[str, ...]:

@@ -2,7 +2,9 @@
 
 This module owns the split every converter shares (GPSD, KDD'25, §4.1, and its public code):
 
-- ids are remapped densely (items, categories, users, in sorted order of the raw ids);
+- ids are remapped densely (items, categories, users, in sorted order of the raw ids); each
+  table's vocabulary (the raw keys, then the reserved unknown and padding ids:
+  ``recsys.data.vocab``) is written to ``vocab/`` beside the splits;
 - users with fewer than ``min_events`` events are dropped (4 for Amazon and MovieLens, 10 for
   Taobao);
 - each user's events are ordered by time (ties keep input order);
@@ -41,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from recsys.data.schema import DataError, DatasetMeta
+from recsys.data.vocab import DIRECTORY, RESERVED, Vocabulary, write_all
 from recsys.data.writer import atomic_directory, write_dataset
 
 log = logging.getLogger(__name__)
@@ -106,11 +109,14 @@ class Split:
     extra: dict[str, pa.Table] = field(default_factory=dict)
     """Optional ``ctr`` datasets by name: ``ctr_valid``, ``ctr_fit``, ``ctr_train_dense``,
     ``ctr_fit_dense`` (see the module docstring)."""
+    vocabularies: dict[str, Vocabulary] = field(default_factory=dict)
+    """The raw keys of every table's ids and of the users' (``recsys.data.vocab``)."""
 
 
-def _dense(raw: np.ndarray) -> tuple[np.ndarray, int]:
+def _dense(raw: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+    """Dense ids of ``raw`` keys, how many keys there are, and the keys in id order."""
     uniques, dense = np.unique(raw, return_inverse=True)
-    return dense.astype(np.int64), len(uniques)
+    return dense.astype(np.int64), len(uniques), uniques
 
 
 def _lists(offsets_start: np.ndarray, offsets_end: np.ndarray, values: np.ndarray) -> pa.Array:
@@ -140,9 +146,9 @@ def split(events: Events, config: ProtocolConfig | None = None) -> Split:
     keep = counts[user_of] >= config.min_events
     if not keep.any():
         raise DataError(f"events: no user has at least {config.min_events} events")
-    user, n_users = _dense(events.user[keep])
-    item, n_items = _dense(events.item[keep])
-    category, n_categories = _dense(events.category[keep])
+    user, n_users, user_keys = _dense(events.user[keep])
+    item, n_items, item_keys = _dense(events.item[keep])
+    category, n_categories, category_keys = _dense(events.category[keep])
     timestamp = events.timestamp[keep].astype(np.int64)
     conditions = {name: _dense(values[keep]) for name, values in events.conditions.items()}
     if n_items < 2:
@@ -150,7 +156,7 @@ def split(events: Events, config: ProtocolConfig | None = None) -> Split:
 
     order = np.lexsort((np.arange(len(user)), timestamp, user))  # by user, time, input order
     user, item, category, timestamp = user[order], item[order], category[order], timestamp[order]
-    condition = {name: values[order] for name, (values, _) in conditions.items()}
+    condition = {name: values[order] for name, (values, _, _) in conditions.items()}
     starts = np.searchsorted(user, np.arange(n_users), side="left")
     ends = np.searchsorted(user, np.arange(n_users), side="right")
     last = ends - 1
@@ -237,10 +243,21 @@ def split(events: Events, config: ProtocolConfig | None = None) -> Split:
         ctr_test=ctr(test_users),
         extra=extra,
         vocab={
-            "item": n_items,
-            "category": n_categories,
+            "item": n_items + len(RESERVED),
+            "category": n_categories + len(RESERVED),
             "user": n_users,
-            **{name: size for name, (_, size) in conditions.items()},
+            **{name: size + len(RESERVED) for name, (_, size, _) in conditions.items()},
+        },
+        vocabularies={
+            "item": Vocabulary(
+                "item",
+                pa.array(item_keys),
+                {"category": item_category},
+                side_sizes={"category": n_categories},
+            ),
+            "category": Vocabulary("category", pa.array(category_keys)),
+            "user": Vocabulary("user", pa.array(user_keys)),
+            **{name: Vocabulary(name, pa.array(keys)) for name, (_, _, keys) in conditions.items()},
         },
         conditions=list(conditions),
         counts={
@@ -323,6 +340,7 @@ def write_split(
     _refuse_empty(result, source)
     written = {}
     with atomic_directory(out, overwrite) as tmp:
+        vocabularies = write_all(tmp / DIRECTORY, result.vocabularies)
         for name, table, kind in (
             ("seq", result.seq, "seq"),
             ("ctr_train", result.ctr_train, "ctr"),
@@ -336,6 +354,7 @@ def write_split(
                 conditions=list(result.conditions),
                 has_timestamps=kind == "seq",
                 protocol={**protocol, "split": name},
+                vocabularies=vocabularies,
             )
             written[name] = write_dataset(tmp / name, meta, [table], row_group_rows=row_group_rows)
     return written

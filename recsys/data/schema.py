@@ -68,6 +68,11 @@ class DatasetMeta:
     """``seq`` only: whether the ``timestamps`` column is present."""
     protocol: dict[str, Any] = field(default_factory=dict)
     """How the data was produced: converter, source files, parameters, counts."""
+    vocabularies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Raw keys of each table's ids (``recsys.data.vocab``), by table: ``file`` (Parquet,
+    relative to this dataset), ``keys`` (known keys: ids ``[0, keys)``), ``unknown`` and
+    ``padding`` (the reserved ids after them; ``vocab`` counts them). Empty: the ids have
+    no recorded raw keys (hash mode, or data written by hand)."""
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -100,9 +105,40 @@ class DatasetMeta:
         small = {f: n for f, n in self.vocab.items() if not _integer(n) or n < 1}
         if small:
             raise DataError(f"vocab sizes must be positive integers: {small}")
+        self._check_vocabularies()
+
+    def _check_vocabularies(self) -> None:
+        if not isinstance(self.vocabularies, dict):
+            raise DataError(f"vocabularies must be a JSON object, got {self.vocabularies!r}")
+        for name, entry in self.vocabularies.items():
+            where = f"vocabularies[{name!r}]"
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+                raise DataError(f"{where} must be an object with a 'file', got {entry!r}")
+            keys = entry.get("keys")
+            if not _integer(keys) or keys < 1:
+                raise DataError(f"{where}['keys'] must be an integer >= 1, got {keys!r}")
+            if name == "user":
+                continue
+            expected = {"unknown": keys, "padding": keys + 1}
+            if {k: entry.get(k) for k in expected} != expected:
+                raise DataError(f"{where}: reserved ids must be {expected}, got {entry!r}")
+            if self.vocab.get(name) != keys + 2:
+                raise DataError(
+                    f"{where}: {keys} keys and 2 reserved ids, but vocab[{name!r}] is "
+                    f"{self.vocab.get(name)!r} (should be {keys + 2})"
+                )
+
+    def keys(self, table: str) -> int:
+        """Ids of ``table`` that stand for keys, ``[0, keys)``: the table's rows less its
+        reserved ones (negatives are drawn among them)."""
+        entry = self.vocabularies.get(table)
+        return int(entry["keys"]) if entry else self.vocab[table]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        fields = asdict(self)
+        if not self.vocabularies:  # data without raw keys reads as it did before they existed
+            del fields["vocabularies"]
+        return json.dumps(fields, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str) -> DatasetMeta:

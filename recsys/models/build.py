@@ -63,7 +63,11 @@ def side_features(meta: DatasetMeta) -> dict[str, int]:
 
 def generative_model(model: ModelSettings, meta: DatasetMeta) -> GenerativeModel:
     config = GenerativeConfig(
-        tower(model), meta.vocab["item"], side_features(meta), negatives=model.negatives
+        tower(model),
+        meta.vocab["item"],
+        side_features(meta),
+        negatives=model.negatives,
+        item_keys=meta.keys("item"),
     )
     return GenerativeModel(config, sparse_device=META)
 
@@ -106,5 +110,6 @@ def lum_model(model: ModelSettings, lum: LumSettings, meta: DatasetMeta) -> LUM:
         negatives=lum.negatives,
         temperature=lum.temperature,
         pack=lum.pack,
+        item_keys=meta.keys("item"),
     )
     return LUM(config, sparse_device=META)

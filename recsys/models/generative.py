@@ -31,6 +31,9 @@ class GenerativeConfig:
     tower: TowerConfig
     items: int
     """Rows of the item table."""
+    item_keys: int | None = None
+    """Ids that stand for items, ``[0, item_keys)``, among which negatives are drawn (the
+    rows after them are reserved: ``recsys.data.vocab``); None: every row."""
     side_features: dict[str, int] = field(default_factory=dict)
     """Side feature → vocabulary size (each its own table, named like the feature)."""
     negatives: int = 4096
@@ -50,6 +53,13 @@ class GenerativeConfig:
             raise ValueError(f"scoring must be dot or cosine, got {self.scoring!r}")
         if self.negatives < 1 or self.temperature <= 0:
             raise ValueError("negatives must be >= 1 and temperature > 0")
+        if self.item_keys is not None and not 1 <= self.item_keys <= self.items:
+            raise ValueError(f"item_keys must lie in [1, items], got {self.item_keys}")
+
+    @property
+    def drawn(self) -> int:
+        """Negatives are drawn uniformly from ``[0, drawn)``."""
+        return self.items if self.item_keys is None else self.item_keys
 
     def sparse(self) -> SparseConfig:
         d = self.tower.hidden
@@ -130,7 +140,7 @@ class GenerativeModel(nn.Module):
         batch = features.stride()
         given = features.values()  # int32 or int64 ids: negatives of the same type keep it
         negatives = torch.randint(
-            0, config.items, (batch * config.negatives,), device=given.device, dtype=given.dtype
+            0, config.drawn, (batch * config.negatives,), device=given.device, dtype=given.dtype
         )
         # Each distinct negative is looked up once (all in the first row): B × K draws from a
         # table of fewer rows repeat most ids, and every lookup crosses the sharded tables'

@@ -43,6 +43,9 @@ ITEM_TABLE = "item"
 class LUMConfig:
     tower: TowerConfig
     items: int
+    item_keys: int | None = None
+    """Ids that stand for items, ``[0, item_keys)``, among which negatives are drawn (the
+    rows after them are reserved: ``recsys.data.vocab``); None: every row."""
     side_features: dict[str, int] = field(default_factory=dict)
     """Features of the item token besides its id → vocabulary size."""
     conditions: dict[str, int] = field(default_factory=lambda: {"condition": 2})
@@ -63,6 +66,13 @@ class LUMConfig:
             raise ValueError(f"condition features {sorted(overlap)} are also item features")
         if self.negatives < 0 or self.temperature <= 0:
             raise ValueError("negatives must be >= 0 and temperature > 0")
+        if self.item_keys is not None and not 1 <= self.item_keys <= self.items:
+            raise ValueError(f"item_keys must lie in [1, items], got {self.item_keys}")
+
+    @property
+    def drawn(self) -> int:
+        """Negatives are drawn uniformly from ``[0, drawn)``."""
+        return self.items if self.item_keys is None else self.item_keys
 
     def sparse(self) -> SparseConfig:
         d = self.tower.hidden
@@ -209,7 +219,7 @@ class LUM(nn.Module):
         sampled = (
             # The batch's id type (int32 when the tables fit), so the lookup keeps it.
             torch.randint(
-                0, config.items, (config.negatives,), device=device, dtype=features.values().dtype
+                0, config.drawn, (config.negatives,), device=device, dtype=features.values().dtype
             )
             if config.negatives
             else None

@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise StageError(f"--init {args.init} is a {source['stage']} stage, not lum_pretrain")
         meta = build.dataset_meta(config.data.train, "seq", "data.train")
         trained = from_dict(source["config"])  # the model as it was pretrained
-        asked = queries(config.lum.queries, source["conditions"])
+        # Condition ids past a vocabulary's keys are its reserved rows: never asked.
+        known = {name: meta.keys(name) for name in source["conditions"]}
+        asked = queries(config.lum.queries, known)
         stage = start(NAME, args, config, inputs)  # asked follows from these: not fingerprinted
         features = stage.path / "features"
         if env.is_main and features.exists():  # an interrupted run's parts, maybe more ranks

@@ -3,8 +3,9 @@
 A training stage (``pretrain``, ``finetune``, ``lum_pretrain``, ``lum_finetune``) builds its
 model, then :class:`Training` reads ``data.train`` (and ``data.valid`` when given), shards the
 model with its optimizers and sets up the trainer (``recsys.stages.build``); the stage trains,
-and :meth:`Training.finish` saves the weights and records the steps, the sharding and the
-results after the stage's own entries (and, for a CTR model, each epoch's metrics). What a
+and :meth:`Training.finish` saves the weights, copies the data's vocabularies into the stage
+(``vocab/``, what ``predict``, ``export`` and ``recommend`` read) and records the steps, the
+sharding and the results after the stage's own entries (and, for a CTR model, each epoch's metrics). What a
 stage loads before training or checks after it stays in the stage.
 """
 
@@ -18,6 +19,8 @@ from typing import Any
 from torch import nn
 
 from recsys.checkpoint.weights import save_weights
+from recsys.data import vocab
+from recsys.data.files import open_dataset
 from recsys.distributed.env import DistEnv
 from recsys.stages import build
 from recsys.stages.common import StageDir
@@ -63,6 +66,7 @@ class Training:
         train = loader(config.data.train, True)
         valid = loader(config.data.valid, False) if config.data.valid else None
         self.stage, self.task, self.env = stage, task, env
+        self.data = config.data.train
         self.sharded, self.trainer = build.trainer(
             model, train, valid, config, env, str(stage.path), task=task
         )
@@ -73,8 +77,11 @@ class Training:
         return self.results
 
     def finish(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Save the weights, then write the stage's ``record`` and what training adds."""
+        """Save the weights and carry the training data's vocabularies (``vocab/``), then
+        write the stage's ``record`` and what training adds."""
         save_weights(self.sharded, self.stage.weights)
+        if self.env.is_main:
+            vocab.carry(self.data, open_dataset(self.data).meta, self.stage.path)
         trained = {
             "steps": self.trainer.step,
             "sharding": build.sharding(self.sharded),

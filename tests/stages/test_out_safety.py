@@ -144,6 +144,7 @@ def other_vocab(source: Path, out: Path) -> Path:
     shutil.copytree(source, out)
     meta = json.loads((out / "dataset.json").read_text())
     meta["vocab"]["item"] += 5
+    meta.pop("vocabularies", None)  # data without raw keys, made with another item table
     (out / "dataset.json").write_text(json.dumps(meta))
     return out
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import pyarrow as pa
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         model_section = ModelSection(**source["config"]["model"])
         config = dataclasses.replace(config, model=model_section)
         StageDir(args.out, NAME).refuse({"requests": args.requests})
-        options = {"requests": args.requests, "digest": requests.digest()}
+        options = {"requests": str(Path(args.requests).resolve()), "digest": requests.digest()}
         stage = start(NAME, args, config, {"model": args.model}, options)
         pending = Pending(stage.path, stage.about["fingerprint"])
         pending.check(config.run.resume)

@@ -4,7 +4,6 @@ and one status per request, exactly once over ranks, and resumed after an interr
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -233,7 +232,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
 ) -> None:
     out = tmp_path / "predict"
     _interrupted(model, requests, out, monkeypatch, after=2)
-    with pytest.raises(PendingError, match="chunks of another run .*run.resume=false starts"):
+    with pytest.raises(PendingError, match=r"chunks of another run .*run\.resume=false starts"):
         run(model, requests, out, "data.batch_size=8")
     record = run(model, requests, out)
     assert record["resumed_chunks"] == 2

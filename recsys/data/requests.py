@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from recsys.data.batch import ROW_ID, Batch, Columns, Layout, Lists, assemble, hash_ids
 from recsys.data.schema import DataError, DatasetMeta, describe
-from recsys.data.vocab import USER, Vocabulary
+from recsys.data.vocab import Vocabulary
 
 REQUIRED = ("user_id", "history", "candidate")
 """Columns every request file has."""
@@ -122,6 +122,9 @@ def _check_columns(file: Path, schema: pa.Schema, keys: dict[str, pa.DataType]) 
                 f"{describe(str(file), column=column)}: missing; requests need columns "
                 f"{', '.join(REQUIRED)} (docs/serving.md, Requests and predict)"
             )
+    if _family(schema.field("user_id").type) is None:
+        kind = schema.field("user_id").type
+        raise DataError(f"{describe(str(file), column='user_id')}: {kind}, not integer or string")
     for column, key in keys.items():
         kind = schema.field(column).type
         if column == "history":
@@ -149,14 +152,12 @@ def _check_columns(file: Path, schema: pa.Schema, keys: dict[str, pa.DataType]) 
 
 def open_requests(path: str | Path, vocabularies: dict[str, Vocabulary]) -> Requests:
     """The request files at ``path``, every one's columns checked against the first's and
-    against the vocabularies' key types (from the footers, before any work), and their
-    chunks."""
+    item keys against the item vocabulary's key type (from the footers, before any work),
+    and their chunks. Users are only grouped (gAUC), never looked up: any integer or string
+    key will do."""
     files = request_files(path)
     item = vocabularies["item"]
-    user = vocabularies.get(USER)
     keys = {"history": item.keys.type, "candidate": item.keys.type}
-    if user is not None:
-        keys["user_id"] = user.keys.type
     first: pa.Schema | None = None
     chunks: list[Chunk] = []
     row = 0
@@ -184,6 +185,8 @@ def open_requests(path: str | Path, vocabularies: dict[str, Vocabulary]) -> Requ
             chunks.append(Chunk(len(chunks), str(file), group, row, rows))
             row += rows
     assert first is not None
+    if not row:
+        raise DataError(f"--requests {path}: no requests (every file has 0 rows)")
     return Requests(
         tuple(str(f) for f in files),
         tuple(chunks),
@@ -220,7 +223,7 @@ def user_groups(users: pa.Array) -> np.ndarray:
     """A stable 62-bit group number per raw user key (gAUC groups by it): the same key gives
     the same number on every rank and run, integer or string keys alike."""
     if _family(users.type) == "integer":
-        return hash_ids(np.asarray(users.fill_null(0).cast(pa.int64())), 2**62)
+        return hash_ids(np.asarray(users.fill_null(0).cast(pa.int64(), safe=False)), 2**62)
     unique = pc.unique(users.fill_null(""))
     numbers = np.array(
         [

@@ -175,9 +175,14 @@ def test_a_missing_column_is_one_error_naming_file_and_column_before_any_work(
     with pytest.raises(DataError, match=rf"^{path}, column 'history': missing; requests need"):
         run(model, path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    pq.write_table(pa.table({"user_id": [1], "history": [[1000]], "candidate": [1000]}), path)
-    with pytest.raises(DataError, match=r"column 'user_id': int64 keys, but the vocabulary's"):
+    pq.write_table(pa.table({"user_id": [1], "history": [[1000]], "candidate": ["x"]}), path)
+    with pytest.raises(DataError, match=r"'candidate': string keys, but the vocabulary's keys"):
         run(model, path, tmp_path / "out")
+    pq.write_table(pa.table({"user_id": [1], "history": [[1000]], "candidate": [1]}).slice(0, 0),
+                   path)  # fmt: skip
+    with pytest.raises(DataError, match=r"no requests \(every file has 0 rows\)"):
+        run(model, path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_reserved_rows_are_zeroed_and_no_other(model: Path) -> None:

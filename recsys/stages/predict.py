@@ -20,6 +20,7 @@ set ``data.batch_size``, ``plan`` and ``run.resume``.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -27,6 +28,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from recsys.checkpoint.weights import load_weights, named_weights
 from recsys.data import vocab
@@ -55,8 +57,9 @@ from recsys.stages.common import (
     run_stage,
     start,
 )
-from recsys.stages.config import ModelSection
+from recsys.stages.config import ModelSection, StageConfig
 from recsys.stages.predictions import Pending, chunk_predictions, write_part
+from recsys.train.metrics import CTRMetrics
 from recsys.train.ranks import until_every_rank_is_done
 
 NAME = "predict"
@@ -74,7 +77,13 @@ class Piece(NamedTuple):
     """The chunk's last batch: its predictions are written after it."""
 
 
-def pieces(chunks, requests, vocabularies, layout, config) -> Iterator[Piece]:
+def pieces(
+    chunks: list[Chunk],
+    requests: Requests,
+    vocabularies: dict[str, vocab.Vocabulary],
+    layout: Layout,
+    config: StageConfig,
+) -> Iterator[Piece]:
     """This rank's batches, after a placeholder (every rank has a batch to repeat while the
     others finish, even one with no chunk to score); a chunk without a scorable request is
     one placeholder batch."""
@@ -90,7 +99,7 @@ def pieces(chunks, requests, vocabularies, layout, config) -> Iterator[Piece]:
 
 
 @torch.no_grad()
-def score(model, work: Iterator[Piece], pending: Pending, device) -> None:
+def score(model: nn.Module, work: Iterator[Piece], pending: Pending, device: torch.device) -> None:
     """Score every piece (each forward is collective) and write each chunk when done."""
     model.eval()
     logits: list[torch.Tensor] = []
@@ -106,7 +115,7 @@ def score(model, work: Iterator[Piece], pending: Pending, device) -> None:
             logits = []
 
 
-def results(counts, metrics, requests: Requests) -> dict[str, float]:
+def results(counts: Counter, metrics: CTRMetrics, requests: Requests) -> dict[str, float]:
     """Counts summed over the ranks, then the metrics when the requests have labels."""
     names = [*STATUSES, "unknown_candidate", "unknown_history_ids", "nonfinite_scores"]
     total = torch.tensor([counts.get(n, 0) for n in names], device=collective_device())

@@ -253,11 +253,12 @@ def test_two_ranks_resume_a_one_rank_run_each_request_exactly_once(
     model: Path, requests: Path, whole: Path, tmp_path: Path, monkeypatch
 ) -> None:
     out = tmp_path / "predict"
-    _interrupted(model, requests, out, monkeypatch, after=3)
+    # Chunks 0-3 done: rank 1 (chunks 1, 3) has nothing left, and still joins every forward.
+    _interrupted(model, requests, out, monkeypatch, after=4)
     argv = ["--model", str(model), "--requests", str(requests), "--out", str(out), *TINY]
     records = run_on_ranks(_predict, argv, world_size=2, quiet=True)
     assert [r["world_size"] for r in records] == [2, 2]
-    assert records[0]["resumed_chunks"] == 3
+    assert records[0]["resumed_chunks"] == 4
     expected_results = json.loads((whole / "stage.json").read_text())["results"]
     assert records[0]["results"] == pytest.approx(expected_results, rel=1e-9)  # summation order
     files = sorted(p.name for p in (out / "predictions").iterdir())

@@ -20,6 +20,7 @@ set ``data.batch_size``, ``plan`` and ``run.resume``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,7 +116,7 @@ def score(model: nn.Module, work: Iterator[Piece], pending: Pending, device: tor
             logits = []
 
 
-def results(counts: Counter, metrics: CTRMetrics, requests: Requests) -> dict[str, float]:
+def results(counts: Counter, metrics: CTRMetrics, requests: Requests) -> dict[str, float | None]:
     """Counts summed over the ranks, then the metrics when the requests have labels."""
     names = [*STATUSES, "unknown_candidate", "unknown_history_ids", "nonfinite_scores"]
     total = torch.tensor([counts.get(n, 0) for n in names], device=collective_device())
@@ -127,14 +128,17 @@ def results(counts: Counter, metrics: CTRMetrics, requests: Requests) -> dict[st
             f"{summed['nonfinite_scores']} of {summed['ok']} scored requests got a NaN or "
             "infinite score (their rows are in pending/); nothing recorded"
         )
-    out: dict[str, float] = {"requests": sum(summed[s] for s in STATUSES), "scored": summed["ok"]}
+    out: dict[str, float | None] = {"requests": sum(summed[s] for s in STATUSES)}
+    out["scored"] = summed["ok"]
     out.update({s: summed[s] for s in STATUSES[1:]})
     out["unknown_candidate"] = summed["unknown_candidate"]
     out["unknown_history_ids"] = summed["unknown_history_ids"]
     if requests.labelled:
         computed = metrics.compute()  # collective
         if computed["samples"]:
-            out.update(computed)
+            # Non-finite scores stopped the stage above: a NaN left is a metric the labels
+            # leave undefined (one class only), recorded as null, the predictions being sound.
+            out.update({k: v if math.isfinite(v) else None for k, v in computed.items()})
     return out
 
 

@@ -274,3 +274,16 @@ def test_two_ranks_resume_a_one_rank_run_each_request_exactly_once(
     np.testing.assert_allclose(together["score"].to_numpy(), expected["score"].to_numpy(),
                                rtol=1e-6)  # fmt: skip
     assert not (out / "pending").exists()
+
+
+def test_null_labels_are_left_out_and_undefined_metrics_are_null(
+    model: Path, requests: Path, tmp_path: Path
+) -> None:
+    table = pq.read_table(requests).slice(0, 10)
+    labels = pa.array([None] + [1] * 9, pa.int64())  # one class: AUC is undefined
+    path = tmp_path / "requests.parquet"
+    pq.write_table(table.set_column(3, "label", labels), path)
+    results = run(model, path, tmp_path / "out")["results"]
+    assert (results["scored"], results["samples"], results["auc"]) == (10, 9.0, None)
+    assert results["logloss"] > 0 and (tmp_path / "out" / "DONE").exists()
+    assert parts(tmp_path / "out")["label"].to_pylist() == labels.to_pylist()

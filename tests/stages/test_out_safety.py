@@ -181,6 +181,7 @@ STAGE_OPTIONS = {
     "freeze": ["--sparse", "--init", "I"],
     "transfer": ["--strategy", "ST", "--pretrained", "P"],
     "evaluate": ["--model", "M", "--data", "D"],
+    "predict": ["--model", "M", "--requests", "R"],
     "lum_query": ["--init", "I"],
 }
 

@@ -4,7 +4,6 @@ are NaN, or that scored no sample or got NaN scores stops with one line and no D
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import math
 import re
 import shutil

@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from recsys.data import raw_requests
 from recsys.cli import main
+from recsys.data import raw_requests
 from recsys.data.protocol import split, write_split
 from recsys.data.schema import DataError
 from tests.data.test_vocab import HALF, events

@@ -157,7 +157,11 @@ class Vocabulary:
         if raw is None or missing:
             raise DataError(
                 f"{path}: not a recsys vocabulary"
-                + (f" (no column {missing[0]!r})" if missing else " (no recsys.vocabulary metadata)")
+                + (
+                    f" (no column {missing[0]!r})"
+                    if missing
+                    else " (no recsys.vocabulary metadata)"
+                )
             )
         about = json.loads(raw)
         name = about["table"]

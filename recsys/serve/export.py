@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,9 @@ def _trained(
     meta = DatasetMeta(kind="ctr", vocab=rows, side_features=sides)
     model = models.ctr_model(section, meta, frozen)
     model.sparse.to_empty(device="cpu")  # built on meta: filled by the weights below
-    load_weights(model, stage / "weights", named_weights(model))
+    with warnings.catch_warnings():  # DCP warns that it loads in a single process: we mean to
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        load_weights(model, stage / "weights", named_weights(model))
     weights = named_weights(model)
     tables = {}
     for name in rows:

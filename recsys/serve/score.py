@@ -67,6 +67,8 @@ class Artifact:
     @torch.no_grad()
     def score_ids(self, history: np.ndarray, candidate: np.ndarray) -> np.ndarray:
         """Click probabilities [B] of ``history`` [B, T, L] and ``candidate`` [B, T] ids."""
+        if len(candidate) == 0:  # the program takes batches of 1 and more
+            return np.zeros(0, np.float32)
         out = self.model(torch.as_tensor(history), torch.as_tensor(candidate))
         return out.numpy()
 

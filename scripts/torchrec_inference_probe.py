@@ -146,9 +146,21 @@ def main() -> int:
                 raise RuntimeError(done.stderr.strip().splitlines()[-1])
             return done.stdout.strip()
 
+        def load_here(quantized=quantized) -> str:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "ec.pt2"
+                torch.export.save(quantized["program"], path)
+                out = torch.export.load(path).module()(kjt)
+            error = max(
+                float((out[k].values().float() - reference[k].values()).abs().max())
+                for k in reference
+            )
+            return f"max abs error vs fp32 {error:.2e}"
+
         if step(f"quantize_embeddings {label}", quantize):
             step(f"QuantEmbeddingCollection {label} lookup", lookup)
             if step(f"torch.export of QuantEmbeddingCollection {label}", export):
+                step(f"torch.export.save/load/run here (torchrec imported) {label}", load_here)
                 step(f"torch.export.load of it without torchrec and fbgemm_gpu {label}", load_plain)
 
     model = CTRModel(config, sparse_device=torch.device("cpu")).eval()

@@ -11,7 +11,10 @@ each step on its own so that one failure does not hide the next:
    int8 and fp16 weights;
 2. a lookup of a ``KeyedJaggedTensor`` through it, compared with the fp32 collection;
 3. ``torch.export.export`` of the quantized collection;
-4. ``quantize_inference_model`` on the whole CTR model (``recsys.models.ctr.CTRModel``).
+4. the same with the table-batched modules registered as submodules, as
+   ``quantize_inference_model`` does;
+5. ``quantize_inference_model`` on the whole CTR model (``recsys.models.ctr.CTRModel``), its
+   forward and its ``torch.export``.
 
 Prints one line per step: ``ok`` with what was measured, or ``FAILED`` with the error's type
 and first line. docs/serving.md ("TorchRec's inference path on CPU") records the findings.
@@ -33,6 +36,7 @@ import torch
 from torchrec import EmbeddingCollection, KeyedJaggedTensor
 from torchrec.inference.modules import quantize_embeddings, quantize_inference_model
 from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
+from torchrec.quant.embedding_modules import quant_prep_enable_register_tbes
 
 from recsys.models.ctr import CTRConfig, CTRModel
 from recsys.models.sparse import SparseArch
@@ -187,6 +191,22 @@ def main() -> int:
         program = torch.export.export(whole["model"], (kjt,), strict=False)
         return f"{len(program.graph.nodes)} graph nodes"
 
+    def registered_export() -> str:
+        # What quantize_inference_model does before quantizing: the table-batched modules
+        # become submodules (and so part of what torch.export traces).
+        parent = copy.deepcopy(sparse)
+        quant_prep_enable_register_tbes(parent, [EmbeddingCollection])
+        quantized = quantize_embeddings(
+            parent,
+            dtype=torch.qint8,
+            inplace=False,
+            additional_qconfig_spec_keys=[EmbeddingCollection],
+            additional_mapping={EmbeddingCollection: QuantEmbeddingCollection},
+        )
+        program = torch.export.export(quantized.sequence, (kjt,), strict=False)
+        return f"{len(program.graph.nodes)} graph nodes"
+
+    step("torch.export of the int8 collection quantized with register_tbes", registered_export)
     if step("quantize_inference_model (int8) on CTRModel", whole_model):
         step("quantized CTRModel forward on a KJT", whole_forward)
         step("torch.export of the quantized CTRModel (KJT input)", whole_export)

@@ -3,9 +3,12 @@
 This module owns the storage types of a served table and their lookups. ``int8`` keeps each
 row as 8-bit codes with its own scale and offset (fp32), so that a row's error is bounded by
 its own range rather than the table's: ``weight = q.float() * scale + offset``, at most
-``(max - min) / 510`` from the trained value. The lookup gathers the rows first and
-dequantizes only those, inside the graph, so the artifact holds only the small tables. It does
-not choose which rows are reserved or zeroed (:mod:`recsys.serve.export` does).
+``(max - min) / 510`` from the trained value. FBGEMM's inference tables keep a scale and bias
+per int8 row too (``rounded_row_size_in_bytes`` in fbgemm_gpu's
+``split_table_batched_embeddings_ops_inference.py`` adds their bytes to every row). A lookup
+gathers the stored rows first and dequantizes only those, inside the graph: the artifact
+holds no fp32 copy of a table. It does not choose which rows are reserved or zeroed
+(:mod:`recsys.serve.export` does).
 """
 
 from __future__ import annotations

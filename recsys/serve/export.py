@@ -55,11 +55,11 @@ def export(stage: str | Path, out: str | Path, dtype: str = "fp32", force: bool 
         raise ExportError(f"--dtype {dtype}: must be one of {', '.join(DTYPES)}")
     stage, out = Path(stage), Path(out)
     record = read_stage(stage, "--model")
-    _check_out(stage, out, force)
     if record["stage"] != "finetune":
         raise ExportError(
             f"--model {stage} is a {record['stage']} stage; export takes a finished finetune stage"
         )
+    _check_out(stage, out, force)
     section = ModelSection(**record["config"]["model"])
     if section.arch != "gpsd":
         raise ExportError(

@@ -23,7 +23,7 @@ from recsys.errors import UserError
 from recsys.serve import score
 from recsys.serve.export import ExportError, export
 from recsys.serve.quantize import ServedTable, quantize_rows
-from recsys.stages import evaluate, finetune, transfer
+from recsys.stages import evaluate, finetune, freeze, transfer
 
 TINY = ["model.size=L1H16A2", "model.max_len=12", "model.negatives=8", "data.batch_size=32"]
 MAX_LEN = 12
@@ -31,8 +31,9 @@ MAX_LEN = 12
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, synth_split) -> dict[str, Path]:
-    """Data, an NT → finetune chain, the finetuned model's predictions on ctr_test, and its
-    fp32 artifact."""
+    """Data, a transfer (NT) → freeze (category) → finetune chain, the finetuned model's
+    predictions on ctr_test, and its fp32 artifact. A frozen table lives in its own TorchRec
+    collection: the export must find it there too."""
     root = tmp_path_factory.mktemp("export")
     # Histories up to 30 events: longer than max_len, so truncation is exercised.
     data = synth_split(
@@ -40,7 +41,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory, synth_split) -> dict[str, Pat
     )
     ctr = [*TINY, f"data.train={data / 'ctr_train'}", "run.max_steps=60"]
     transfer.main(["--strategy", "NT", "--out", str(root / "nt"), *ctr])
-    finetune.main(["--init", str(root / "nt"), "--out", str(root / "finetune"), *ctr])
+    freeze.main(
+        ["--tables", "category", "--init", str(root / "nt"), "--out", str(root / "sf"), *ctr]
+    )
+    record = finetune.main(["--init", str(root / "sf"), "--out", str(root / "finetune"), *ctr])
+    assert record["frozen"] == ["category"]
     evaluate.main(
         ["--model", str(root / "finetune"), "--data", str(data / "ctr_test"),
          "--out", str(root / "evaluate")]

@@ -72,7 +72,8 @@ doctor: setup
 	$(VENV)/bin/recsys doctor
 
 # The demo: MovieLens-100K from the recbole 1.2.1 wheel on PyPI (it ships ml-100k), converted
-# with the GPSD protocol, then every strategy at L4H64A4 on 2 processes with local_cwd.
+# with the GPSD protocol, then every strategy at L4H64A4 on 2 processes with local_cwd; then
+# the ST&SF model exported (int8 tables) scores four raw requests of the test users.
 # Without the package registry, synthetic data stands in, and the demo says so.
 DEMO_DATA   ?= data/ml100k
 DEMO_DIR    ?= runs/demo
@@ -81,6 +82,11 @@ DEMO_CONFIG ?= configs/ml100k/2026-11-23-demo.yaml
 demo: setup $(DEMO_DATA)/ctr_test/dataset.json
 	$(VENV)/bin/recsys pipeline run --data $(DEMO_DATA) --config $(DEMO_CONFIG) \
 	  --experiment $(DEMO_DIR) --strategies all --baselines deepfm,din
+	$(VENV)/bin/recsys export --model $(DEMO_DIR)/L4H64A4/finetune-st_sf \
+	  --out $(DEMO_DIR)/export-st_sf --dtype int8 --force
+	$(VENV)/bin/recsys data requests $(DEMO_DATA)/ctr_test --limit 4 --no-labels \
+	  --out $(DEMO_DIR)/requests.parquet --overwrite
+	$(VENV)/bin/python $(DEMO_DIR)/export-st_sf/score.py $(DEMO_DIR)/requests.parquet
 
 $(DEMO_DATA)/ctr_test/dataset.json: | $(STAMP)
 	mkdir -p data/wheels

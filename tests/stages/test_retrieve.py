@@ -142,3 +142,22 @@ def test_the_model_reads_the_last_max_len_events_of_each_list() -> None:
     assert cut.keys() == ["item", "category"]
     assert [t.tolist() for t in cut["item"].to_dense()] == [[2, 3], [], [4, 5]]
     assert [t.tolist() for t in cut["category"].to_dense()] == [[8, 9], [10], []]
+
+
+def test_recsys_recommend_runs_the_stage_and_shows_the_first_answers(
+    chain, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from recsys.cli import main as cli
+
+    root, out = chain["root"], tmp_path / "rec"
+    args = ["recommend", "--model", str(root / "pre"), "--data", str(root / "data" / "ctr_test")]
+    assert cli([*args, "--out", str(out), "--k", "4", "--show", "2", "data.batch_size=8"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("users=") and "hr@4=" in lines[0] and len(lines) == 3
+    first = pq.read_table(out / "recommendations").to_pylist()[0]
+    shown = " ".join(map(str, first["items"]))
+    assert lines[1] == (
+        f"user {first['user_id']}: {shown} (held out: {first['target_item']}, "
+        f"rank {first['target_rank']})"
+    )
+    assert json.loads((out / "stage.json").read_text())["results"]["k"] == 4

@@ -160,6 +160,15 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from recsys.serve.export import export
+
+    manifest = export(args.model, args.out, args.dtype, args.force)
+    size = sum(manifest["files"].values())
+    print(f"{args.model} → {args.out} ({manifest['dtype']} tables, {size:,} bytes)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every sub-command."""
     parser = argparse.ArgumentParser(
@@ -233,6 +242,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--title", help="the report's title")
     report.set_defaults(run=_report)
+
+    export = commands.add_parser(
+        "export",
+        help="write a finetuned model as an artifact plain PyTorch serves (torch.export)",
+        description="From a finished finetune stage, write OUT/model.pt2 (torch.export: "
+        "history and candidate ids → click probability), OUT/vocab/, OUT/manifest.json and "
+        "OUT/score.py, which scores raw requests or a ctr dataset with torch, pyarrow and "
+        "numpy only (docs/serving.md). Not `recsys checkpoint export`, which writes a "
+        "checkpoint's tensors to one file.",
+    )
+    export.add_argument("--model", required=True, help="finished finetune stage")
+    export.add_argument("--out", required=True, help="artifact directory to write")
+    export.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "int8"),
+        default="fp32",
+        help="how the tables are stored (int8: row-wise, per-row scale and offset; "
+        "default: %(default)s)",
+    )
+    export.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    export.set_defaults(run=_export)
 
     from recsys.checkpoint.cli import add_command as add_checkpoint_command
     from recsys.data.cli import add_commands as add_data_commands

@@ -170,6 +170,20 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _requests(args: argparse.Namespace) -> int:
+    from recsys.data import raw_requests
+
+    rows = raw_requests.write(
+        args.dataset,
+        args.out,
+        limit=args.limit,
+        labels=not args.no_labels,
+        overwrite=args.overwrite,
+    )
+    print(f"{args.out}: {rows:,} requests from {args.dataset}")
+    return 0
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register ``recsys data`` and its sub-commands."""
     data = commands.add_parser(
@@ -282,3 +296,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="--check: problems shown per column, the rest counted (default: %(default)s)",
     )
     ins.set_defaults(run=_reporting_errors(_inspect))
+
+    rq = sub.add_parser(
+        "requests",
+        help="a ctr dataset as raw-key requests (for predict and exported models)",
+        description="Write the samples of a ctr dataset as requests in raw keys (user_id, "
+        "history, candidate, label), mapped back through the dataset's vocabularies: what "
+        "python -m recsys.stages.predict and an exported model's score.py read "
+        "(docs/serving.md).",
+    )
+    rq.add_argument("dataset", help="a ctr dataset with vocabularies (a converter's split)")
+    rq.add_argument("--out", required=True, help="Parquet file to write")
+    rq.add_argument("--limit", type=int, help="the first N samples only (default: all)")
+    rq.add_argument("--no-labels", action="store_true", help="leave the labels out")
+    rq.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    rq.set_defaults(run=_reporting_errors(_requests))

@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from recsys.data.schema import DataError, DatasetMeta
-from recsys.data.vocab import DIRECTORY, RESERVED, Vocabulary, write_all
+from recsys.data.vocab import DIRECTORY, RESERVED, Vocabulary, references, write_all
 from recsys.data.writer import atomic_directory, write_dataset
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ def write_split(
     _refuse_empty(result, source)
     written = {}
     with atomic_directory(out, overwrite) as tmp:
-        vocabularies = write_all(tmp / DIRECTORY, result.vocabularies)
+        vocabularies = references(result.vocabularies)
         for name, table, kind in (
             ("seq", result.seq, "seq"),
             ("ctr_train", result.ctr_train, "ctr"),
@@ -357,4 +357,5 @@ def write_split(
                 vocabularies=vocabularies,
             )
             written[name] = write_dataset(tmp / name, meta, [table], row_group_rows=row_group_rows)
+        write_all(tmp / DIRECTORY, result.vocabularies)
     return written

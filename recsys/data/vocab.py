@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recsys.data.schema import DataError, DatasetMeta
+from recsys.data.writer import naming
 
 DIRECTORY = "vocab"
 """Where a converter writes the vocabularies, beside its splits (``DATASET/vocab``), and
@@ -155,10 +156,8 @@ class Vocabulary:
         raw = (data.schema.metadata or {}).get(METADATA_KEY)
         missing = [c for c in ("key", "id", "reserved") if c not in data.column_names]
         if raw is None or missing:
-            raise DataError(
-                f"{path}: not a recsys vocabulary"
-                + (f" (no column {missing[0]!r})" if missing else " (no recsys.vocabulary metadata)")
-            )
+            why = f"no column {missing[0]!r}" if missing else "no recsys.vocabulary metadata"
+            raise DataError(f"{path}: not a recsys vocabulary ({why})")
         about = json.loads(raw)
         name = about["table"]
         if table is not None and name != table:
@@ -185,15 +184,21 @@ def _side_unknown(sizes: dict[str, int], name: str) -> int:
     return sizes[name]
 
 
-def write_all(directory: Path, vocabularies: dict[str, Vocabulary]) -> dict[str, dict[str, Any]]:
-    """Write each vocabulary to ``directory/<table>.parquet``; what a dataset in a sibling of
-    ``directory`` records of them (paths relative to that dataset)."""
+def references(vocabularies: dict[str, Vocabulary]) -> dict[str, dict[str, Any]]:
+    """What a dataset beside ``DIRECTORY`` records of ``vocabularies`` (``dataset.json``'s
+    ``vocabularies``: paths relative to the dataset)."""
+    return {name: v.about(f"../{DIRECTORY}/{name}.parquet") for name, v in vocabularies.items()}
+
+
+def write_all(directory: Path, vocabularies: dict[str, Vocabulary]) -> None:
+    """Write each vocabulary to ``directory/<table>.parquet`` (an OS error names the file)."""
     directory.mkdir(parents=True, exist_ok=True)
-    written = {}
     for name, vocab in vocabularies.items():
-        vocab.write(directory / f"{name}.parquet")
-        written[name] = vocab.about(f"../{directory.name}/{name}.parquet")
-    return written
+        path = directory / f"{name}.parquet"
+        try:
+            vocab.write(path)
+        except OSError as err:
+            raise naming(err, path) from err
 
 
 def files(dataset: str | os.PathLike, meta: DatasetMeta) -> dict[str, Path]:
@@ -201,7 +206,7 @@ def files(dataset: str | os.PathLike, meta: DatasetMeta) -> dict[str, Path]:
     exist."""
     found = {}
     for name, entry in meta.vocabularies.items():
-        path = Path(dataset) / entry["file"]
+        path = Path(os.path.normpath(Path(dataset) / entry["file"]))
         if not path.is_file():
             raise DataError(
                 f"{Path(dataset) / 'dataset.json'}: vocabulary {name!r} is {entry['file']}, "

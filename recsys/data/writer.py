@@ -83,7 +83,7 @@ def _in_place(err: OSError, tmp: Path, out: Path) -> OSError:
     return type(err)(err.errno, err.strerror, f"{out}{name[len(str(tmp)) :]}")
 
 
-def _naming(err: OSError, path: Path) -> OSError:
+def naming(err: OSError, path: Path) -> OSError:
     """``err`` naming ``path`` when it names no file (pyarrow's write errors do not)."""
     if err.filename is not None:
         return err
@@ -135,7 +135,7 @@ def write_dataset(
             if writer is not None:
                 writer.close()
         except OSError as err:
-            raise _naming(err, tmp / name) from err
+            raise naming(err, tmp / name) from err
         meta = replace(meta, rows=sum(files.values()), files=files)
         (tmp / METADATA_FILE).write_text(meta.to_json() + "\n")
     return meta

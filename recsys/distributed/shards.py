@@ -7,10 +7,14 @@ listing them with where each sits in the full table.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+_TABLE = re.compile(r"(?:^|\.)sparse\.\w+\.embedding(?:_bag)?s\.(\w+)\.weight$")
+"""A table's state-dict key (the same rule as ``recsys.checkpoint.weights``)."""
 
 
 @dataclass(frozen=True)
@@ -42,3 +46,17 @@ def load_full_tables(model: nn.Module, tables: dict[str, torch.Tensor]) -> None:
     for shard in local_shards(model):
         if shard.table in tables:
             shard.tensor.copy_(tables[shard.table][shard.rows, shard.cols])
+
+
+@torch.no_grad()
+def zero_rows(model: nn.Module, rows: dict[str, list[int]]) -> None:
+    """Zero the given rows of tables by name: in this rank's shards of a sharded table (the
+    rows a shard holds), in the whole of a table every rank keeps."""
+    for shard in local_shards(model):
+        for row in rows.get(shard.table, ()):
+            if shard.rows.start <= row < shard.rows.stop:
+                shard.tensor[row - shard.rows.start].zero_()
+    for key, value in model.state_dict().items():
+        found = _TABLE.search(key)
+        if found and found[1] in rows and not hasattr(value, "local_shards"):
+            value[rows[found[1]]] = 0.0

@@ -31,9 +31,6 @@ class GenerativeConfig:
     tower: TowerConfig
     items: int
     """Rows of the item table."""
-    item_keys: int | None = None
-    """Ids that stand for items, ``[0, item_keys)``, among which negatives are drawn (the
-    rows after them are reserved: ``recsys.data.vocab``); None: every row."""
     side_features: dict[str, int] = field(default_factory=dict)
     """Side feature → vocabulary size (each its own table, named like the feature)."""
     negatives: int = 4096
@@ -47,6 +44,9 @@ class GenerativeConfig:
     remove_accidental_hits: bool = False
     """Ignore negatives equal to the target (GPSD's code keeps them)."""
     frozen: tuple[str, ...] = ()
+    item_keys: int | None = None
+    """Ids that stand for items, ``[0, item_keys)``, among which negatives are drawn (the
+    rows after them are reserved: ``recsys.data.vocab``); None: every row."""
 
     def __post_init__(self) -> None:
         if self.scoring not in ("dot", "cosine"):

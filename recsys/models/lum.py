@@ -43,9 +43,6 @@ ITEM_TABLE = "item"
 class LUMConfig:
     tower: TowerConfig
     items: int
-    item_keys: int | None = None
-    """Ids that stand for items, ``[0, item_keys)``, among which negatives are drawn (the
-    rows after them are reserved: ``recsys.data.vocab``); None: every row."""
     side_features: dict[str, int] = field(default_factory=dict)
     """Features of the item token besides its id → vocabulary size."""
     conditions: dict[str, int] = field(default_factory=lambda: {"condition": 2})
@@ -57,6 +54,9 @@ class LUMConfig:
     frozen: tuple[str, ...] = ()
     pack: int = 0
     """Tokens per packed row when training (0: one user per row)."""
+    item_keys: int | None = None
+    """Ids that stand for items, ``[0, item_keys)``, among which negatives are drawn (the
+    rows after them are reserved: ``recsys.data.vocab``); None: every row."""
 
     def __post_init__(self) -> None:
         if not self.conditions:

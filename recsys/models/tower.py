@@ -185,7 +185,8 @@ class Block(nn.Module):
         dtype = compute_dtype(x)
         attended = self.attention(self.attention_norm(x, dtype), mask, cos, sin, at)
         if at is not None:
-            x = x[torch.arange(len(at), device=x.device), at][:, None]
+            # at.shape[0], not len(at): torch.export keeps a symbolic batch size through it.
+            x = x[torch.arange(at.shape[0], device=x.device), at][:, None]
         x = x + attended
         return x + self.ffn(self.ffn_norm(x, dtype))
 

@@ -7,6 +7,7 @@ STAGES = (
     "finetune",
     "evaluate",
     "retrieve",
+    "predict",
     "lum_pretrain",
     "lum_query",
     "lum_finetune",

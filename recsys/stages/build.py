@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from recsys.data import vocab
 from recsys.data.files import open_dataset
 from recsys.data.schema import DatasetMeta
 from recsys.data.stream import ParquetStream, StreamConfig
@@ -32,12 +33,14 @@ from recsys.train.trainer import Trainer
 
 
 def dataset_meta(path: str, kind: str, key: str) -> DatasetMeta:
-    """The metadata of the dataset ``path`` (config key ``key``), which must be of ``kind``."""
+    """The metadata of the dataset ``path`` (config key ``key``), which must be of ``kind``
+    and have the vocabulary files its ``dataset.json`` references."""
     if not path:
         raise StageError(f"{key} is not set: give the {kind} dataset to read")
     meta = open_dataset(path).meta
     if meta.kind != kind:
         raise StageError(f"{key}={path} is a {meta.kind!r} dataset; this stage needs {kind!r}")
+    vocab.files(path, meta)  # the raw keys a stage carries are there, before any training
     return meta
 
 

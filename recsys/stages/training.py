@@ -4,9 +4,9 @@ A training stage (``pretrain``, ``finetune``, ``lum_pretrain``, ``lum_finetune``
 model, then :class:`Training` reads ``data.train`` (and ``data.valid`` when given), shards the
 model with its optimizers and sets up the trainer (``recsys.stages.build``); the stage trains,
 and :meth:`Training.finish` saves the weights, copies the data's vocabularies into the stage
-(``vocab/``, what ``predict``, ``export`` and ``recommend`` read) and records the steps, the
-sharding and the results after the stage's own entries (and, for a CTR model, each epoch's metrics). What a
-stage loads before training or checks after it stays in the stage.
+(``vocab/``, what ``predict``, ``export`` and ``retrieve`` read) and records the steps, the
+sharding and the results after the stage's own entries (and, for a CTR model, each epoch's
+metrics). What a stage loads before training or checks after it stays in the stage.
 """
 
 from __future__ import annotations

@@ -50,7 +50,9 @@ def test_conditions_reach_the_metadata_and_only_the_streams_that_ask(tmp_path: P
     tmp_path = tmp_path / "data"
     write_split(tmp_path, result, source, row_group_rows=16)
     meta = json.loads((tmp_path / "seq" / "dataset.json").read_text())
-    assert meta["conditions"] == ["condition"] and meta["vocab"]["condition"] == 3
+    assert (
+        meta["conditions"] == ["condition"] and meta["vocab"]["condition"] == 3 + 2
+    )  # and unknown, padding
     plain = next(iter(ParquetStream(str(tmp_path / "seq"), StreamConfig(batch_size=8))))
     assert plain.features.keys() == ["item", "category"]
     stream = ParquetStream(str(tmp_path / "seq"), StreamConfig(batch_size=8, conditions=True))

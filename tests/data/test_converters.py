@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from recsys.data import vocab
 from recsys.data.convert import amazon, movielens, taobao
 from recsys.data.protocol import write_split
-from recsys.data.schema import DataError
+from recsys.data.schema import DataError, DatasetMeta
 
 # (user, item, time): user 3 has 2 events and is dropped; user 5's last event is the only one
 # after the 70% quantile of last-event times, so user 5 is the one test user.
@@ -81,8 +82,14 @@ def check_expected_split(out: Path) -> None:
     assert next((r["user_id"], r["item_id"], r["label"]) for r in test) == (3, 4, 1)
     assert test[0]["history_item_ids"] == [0, 1, 2, 3]
     meta = json.loads((out / "ctr_test" / "dataset.json").read_text())
-    # Every rating in these files is 4 (liked): the condition has a single value.
-    assert meta["vocab"] == {"item": 5, "category": 3, "user": 4, "liked": 1}
+    # Every rating in these files is 4 (liked): the condition has a single value. Each table
+    # has two reserved rows after its keys (unknown, padding); users are no table.
+    assert meta["vocab"] == {"item": 7, "category": 5, "user": 4, "liked": 3}
+    vocabularies = vocab.load(out / "ctr_test", DatasetMeta(**meta))
+    assert vocabularies["item"].keys.to_pylist() == [10, 11, 12, 13, 14]
+    assert vocabularies["item"].side["category"].tolist() == [0, 1, 0, 2, 0]
+    assert vocabularies["user"].keys.to_pylist() == [1, 2, 4, 5]
+    assert vocabularies["item"].ids([14, 10, 99]).tolist() == [4, 0, 5]  # 99: unknown
     assert meta["conditions"] == ["liked"]
     assert [r["liked_ids"] for r in seq] == [[0] * len(r["item_ids"]) for r in seq]
     assert meta["protocol"]["counts"]["train_users"] == 3
@@ -102,7 +109,7 @@ def test_movielens_liked_condition_follows_the_ratings(tmp_path: Path) -> None:
     for r in train:
         assert r["history_liked_ids"] == [int(i >= 3) for i in r["history_item_ids"]]
     meta = json.loads((tmp_path / "out" / "seq" / "dataset.json").read_text())
-    assert meta["vocab"]["liked"] == 2 and meta["conditions"] == ["liked"]
+    assert meta["vocab"]["liked"] == 2 + 2 and meta["conditions"] == ["liked"]
 
 
 def write_u_data(tmp_path: Path) -> Path:

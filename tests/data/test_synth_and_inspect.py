@@ -66,7 +66,7 @@ def test_cli_synth_then_inspect(tmp_path: Path) -> None:
     assert "oracle_auc_expected" in made.stdout
     summary = inspect.summarise(str(out / "seq"))
     assert summary["kind"] == "seq" and summary["rows"] == 200
-    assert summary["vocab"] == {"item": 60, "category": 6, "user": 200}
+    assert summary["vocab"] == {"item": 62, "category": 8, "user": 200}  # 2 reserved ids
     assert sum(summary["lengths"]["histogram"].values()) == 200
     assert 9 <= summary["lengths"]["percentiles"]["p50"] <= 49  # 10..50 events minus the last
     shown = subprocess.run(

@@ -155,7 +155,7 @@ def test_a_plan_that_does_not_match_is_rejected_with_the_difference(
         planfile.sharding_plan(planfile.read(path), model, one, str(path))
     message = str(err.value)
     assert "made for 2 ranks, this job has 1" in message
-    assert "table 'item' is 60 × 16 in the plan but 60 × 32 in the model" in message
+    assert "table 'item' is 62 × 16 in the plan but 62 × 32 in the model" in message
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(planfile.PlanFileError, match=r"junk\.json: not a plan file"):
         planfile.read(tmp_path / "junk.json")

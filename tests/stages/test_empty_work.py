@@ -29,8 +29,11 @@ def data(tmp_path_factory: pytest.TempPathFactory, synth_split) -> Path:
 
 
 def without_rows(dataset: Path, out: Path) -> Path:
-    """A copy of ``dataset`` whose files hold no rows (their footers and dataset.json agree)."""
+    """A copy of ``dataset`` whose files hold no rows (their footers and dataset.json agree),
+    its vocabularies beside it."""
     out.mkdir(parents=True)
+    if not (out.parent / "vocab").exists():
+        shutil.copytree(dataset.parent / "vocab", out.parent / "vocab")
     files = {}
     for part in sorted(dataset.glob("*.parquet")):
         pq.write_table(pq.read_table(part).slice(0, 0), out / part.name)
@@ -60,6 +63,7 @@ def test_a_dataset_without_rows_trains_no_step_and_is_refused(
 def test_a_stage_whose_every_row_was_skipped_is_refused(data: Path, tmp_path: Path) -> None:
     seq = tmp_path / "seq"
     shutil.copytree(data / "seq", seq)
+    shutil.copytree(data / "vocab", tmp_path / "vocab")
     for part in seq.glob("*.parquet"):
         meta = pq.ParquetFile(part).metadata
         raw = bytearray(part.read_bytes())

@@ -144,6 +144,7 @@ def other_vocab(source: Path, out: Path) -> Path:
     shutil.copytree(source, out)
     meta = json.loads((out / "dataset.json").read_text())
     meta["vocab"]["item"] += 5
+    meta.pop("vocabularies", None)  # data without raw keys, made with another item table
     (out / "dataset.json").write_text(json.dumps(meta))
     return out
 
@@ -180,6 +181,7 @@ STAGE_OPTIONS = {
     "freeze": ["--sparse", "--init", "I"],
     "transfer": ["--strategy", "ST", "--pretrained", "P"],
     "evaluate": ["--model", "M", "--data", "D"],
+    "predict": ["--model", "M", "--requests", "R"],
     "lum_query": ["--init", "I"],
 }
 

@@ -21,6 +21,8 @@ from recsys.stages import pretrain, retrieve
 from recsys.stages.common import StageError
 from recsys.stages.recommendations import Answers
 
+pytestmark = pytest.mark.dist  # the module's stage also runs on 2 gloo ranks
+
 TINY = ["model.size=L1H16A2", "model.max_len=12", "model.negatives=8", "data.batch_size=16"]
 ROW_WISE = "plan.sharding_types={item: [row_wise]}"
 

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
                 read = recent(features, trained.model.max_len)
                 vectors = generative.user_vectors(read.to(env.device))
                 lengths = features["item"].lengths()
-                asked = lengths > 0 if meta.kind == "seq" else targets >= 0
+                asked = targets >= 0 if meta.kind == "ctr" else torch.ones_like(lengths > 0)
                 keep = asked & (lengths > 0) & scored
                 seen = None
                 if args.exclude_seen:

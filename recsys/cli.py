@@ -268,11 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     from recsys.data.cli import add_commands as add_data_commands
     from recsys.plan.cli import add_command as add_plan_command
     from recsys.stages.configshow import add_command as add_config_command
+    from recsys.stages.recommend import add_command as add_recommend_command
 
     add_data_commands(commands)
     add_plan_command(commands)
     add_checkpoint_command(commands)
     add_config_command(commands)
+    add_recommend_command(commands)
     return parser
 
 

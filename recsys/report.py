@@ -8,8 +8,11 @@ depth: ``<size>/[seed-<n>/]<prefix>finetune-<strategy>/stage.json``) and writing
   same model and size (``AUC / AUC_NT − 1``, the paper's "Imp"), the popularity baseline, the
   standard error of one AUC on the evaluation set, the train − valid AUC gap, the scaling law
   fitted per strategy, wall times, and plain statements of where the numbers agree with the
-  paper's claims or not; then every run;
-- ``report.json``: the runs (with every epoch's metrics), the aggregated cells, the fits;
+  paper's claims or not; the pretraining table when the experiment holds pretrain stages
+  (sampled hit rate beside the full-catalogue HR@K, NDCG@K and MRR of their ``retrieve``
+  stages, :mod:`recsys.analysis.pretraining`); then every run;
+- ``report.json``: the runs (with every epoch's metrics), the aggregated cells, the fits,
+  the pretraining cells;
 - ``curves.png`` (train and valid AUC per epoch), ``gap.png`` (train − valid AUC per epoch
   and strategy), ``scaling.png`` (AUC against dense parameters with the fitted laws).
 
@@ -26,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from recsys.analysis import pretraining
 from recsys.analysis.stats import (
     EXPONENT_BOUNDS,
     auc_standard_error,
@@ -601,8 +605,10 @@ def render(
     figures: dict[str, str],
     title: str,
     notes: str = "",
+    pretrained: str = "",
 ) -> str:
-    """The whole report as markdown (``figures``: image links by name)."""
+    """The whole report as markdown (``figures``: image links by name; ``pretrained``: the
+    pretraining section, :func:`recsys.analysis.pretraining.table`)."""
     out = [f"# {title}\n"]
     if notes:
         out.append(notes.strip() + "\n")
@@ -636,6 +642,8 @@ def render(
             out.append("What agrees with the paper and what does not:\n")
             out.extend(f"- {s}" for s in statements)
             out.append("")
+    if pretrained:
+        out.append(pretrained)
     if fitted:
         out.append("## Scaling\n")
         out.append("| train | eval | strategy | points | AUC(N) = A − B·N^−α | fit RMSE |")
@@ -691,16 +699,25 @@ def write(
     cells = aggregate(rows)
     pops = popularity(rows)
     fitted = fits(cells)
+    pretraining_cells = pretraining.aggregate(pretraining.collect(experiment))
+    pretrained = pretraining.table(pretraining_cells)
     title = title or f"{experiment.name}: AUC on the evaluation data"
     figures = _figures(cells, fitted, experiment) if cells else {}
-    text = render(rows, cells, pops, fitted, {k: p.name for k, p in figures.items()}, title, notes)
+    links = {k: p.name for k, p in figures.items()}
+    text = render(rows, cells, pops, fitted, links, title, notes, pretrained)
     (experiment / "report.md").write_text(text)
-    payload = {"runs": rows, "cells": cells, "popularity": pops, "fits": fitted}
+    payload = {
+        "runs": rows,
+        "cells": cells,
+        "popularity": pops,
+        "fits": fitted,
+        "pretraining": pretraining_cells,
+    }
     (experiment / "report.json").write_text(json.dumps(payload, indent=2) + "\n")
     if out is not None:
 
         def text(links: dict[str, str]) -> str:
-            return render(rows, cells, pops, fitted, links, title, notes)
+            return render(rows, cells, pops, fitted, links, title, notes, pretrained)
 
         try:
             _copy(out, figures, text)

@@ -65,7 +65,7 @@ def generative_model(model: ModelSettings, meta: DatasetMeta) -> GenerativeModel
     config = GenerativeConfig(
         tower(model),
         meta.vocab["item"],
-        side_features(meta),
+        side_features=side_features(meta),
         negatives=model.negatives,
         item_keys=meta.keys("item"),
     )
@@ -105,8 +105,8 @@ def lum_model(model: ModelSettings, lum: LumSettings, meta: DatasetMeta) -> LUM:
             dropout=model.dropout,
         ),
         meta.vocab["item"],
-        side_features(meta),
-        {name: meta.vocab[name] for name in meta.conditions},
+        side_features=side_features(meta),
+        conditions={name: meta.vocab[name] for name in meta.conditions},
         negatives=lum.negatives,
         temperature=lum.temperature,
         pack=lum.pack,

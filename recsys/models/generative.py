@@ -184,3 +184,19 @@ class GenerativeModel(nn.Module):
             )
         loss = item_loss + sum(config.side_weights.get(n, 1.0) * v for n, v in side_losses.items())
         return GenerativeOutput(loss, item_loss, side_losses, hits, target_valid.sum())
+
+    def user_vectors(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """[B, hidden]: the tower's output at each row's last event, the vector that scores
+        the next item (``forward`` scores the item at t + 1 with the output at t). Every row
+        needs at least one event. The sparse lookup is collective on a sharded model."""
+        batch = features.stride()
+        given = features.values()
+        nothing = KeyedJaggedTensor.from_lengths_sync(
+            keys=["negative_item"],
+            values=given[:0],
+            lengths=torch.zeros(batch, dtype=torch.long, device=given.device),
+        )
+        sequences, _ = self.sparse(KeyedJaggedTensor.concat([features, nothing]))
+        tokens, valid = padded(summed(sequences, ["item", *self.config.side_features]))
+        last = features["item"].lengths().long() - 1
+        return self.tower(tokens, valid, at=last.clamp(min=0))

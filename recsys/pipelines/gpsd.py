@@ -1,4 +1,4 @@
-"""The GPSD pipeline: pretrain → transfer → freeze → finetune, as TorchX jobs on any scheduler.
+"""The GPSD pipeline: pretrain (→ retrieve) → transfer → freeze → finetune, as TorchX jobs.
 
     recsys pipeline run --data data/ml100k --config configs/ml100k/demo.yaml \
         --experiment runs/demo --strategies all --sizes L4H64A4
@@ -18,8 +18,10 @@ overrides) and model size are loaded as the stage will load them, every dataset 
 stops the pipeline with one :class:`PipelineError` line naming the stage and what is wrong,
 and nothing runs.
 
-Layout: ``EXPERIMENT/<size>/{pretrain, transfer-<nt|st|ft>, freeze-<st|ft>,
-finetune-<strategy>}`` and the report (``recsys.report``) in ``EXPERIMENT/report*``.
+Layout: ``EXPERIMENT/<size>/{pretrain, retrieve-<test>, transfer-<nt|st|ft>, freeze-<st|ft>,
+finetune-<strategy>}`` (``retrieve``: the pretrained model's full-catalogue HR@K, NDCG@K and
+MRR on the CTR evaluation set's held-out items) and the report (``recsys.report``) in
+``EXPERIMENT/report*``.
 """
 
 from __future__ import annotations
@@ -111,11 +113,18 @@ class Study:
     studies on other training sets share the pretraining of the same size and seed."""
     gpsd: bool = True
     """Run GPSD's ranker (False: only the baselines)."""
+    retrieve_k: int = 10
+    """After each pretraining, a ``retrieve`` stage ranks every ``test`` user's held-out item
+    among all items: HR@K, NDCG@K and MRR at this K in the report (0: no such stage)."""
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown or not self.strategies:
             raise PipelineError(f"strategies {unknown}: choose among {', '.join(STRATEGIES)}")
+        if self.retrieve_k < 0:
+            raise PipelineError(
+                f"retrieve_k must be >= 0 (0: no retrieve stage), got {self.retrieve_k}"
+            )
         wrong = [b for b in self.baselines if b not in BASELINES]
         if wrong:
             raise PipelineError(f"baselines {wrong}: choose among {', '.join(BASELINES)}")
@@ -200,6 +209,22 @@ def pretraining(stage: str, out: Path, study: Any, common: list[str], seq: str, 
     )
 
 
+def retrieval(root: Path, study: Study, common: list[str], model: str, test: str, size: str):
+    """A chain's ``retrieve`` step: the pretrained model's top K over the whole catalogue for
+    the users of the CTR evaluation set, ranking their held-out items (``retrieve-<test>``:
+    arms evaluated on other sets keep their own)."""
+    k = study.retrieve_k
+    return Step(
+        "retrieve",
+        root / f"retrieve-{study.test}",
+        {"k": k, "exclude_seen": True},
+        ["--model", model, "--data", test, "--k", str(k)],
+        list(common),
+        lambda c: {"model": model, "data": test},
+        size,
+    )
+
+
 def plan(study: Study) -> list[Step]:
     """The steps of ``study`` in the order they run."""
     seq, train, test = (join(study.data, n) for n in ("seq", study.train, study.test))
@@ -208,6 +233,8 @@ def plan(study: Study) -> list[Step]:
         pretrain = root / "pretrain"
         if study.baselines or any(s != "NT" for s in study.strategies if study.gpsd):
             steps.append(pretraining("pretrain", pretrain, study, common, seq, size))
+            if study.retrieve_k:
+                steps.append(retrieval(root, study, common, str(pretrain), test, size))
         models = [("gpsd", study.strategies)] if study.gpsd else []
         models += [(arch, ("NT", "ST&SF")) for arch in study.baselines]
         for arch, strategies in models:

@@ -6,6 +6,7 @@ STAGES = (
     "freeze",
     "finetune",
     "evaluate",
+    "retrieve",
     "predict",
     "lum_pretrain",
     "lum_query",

@@ -108,12 +108,15 @@ def loader(
     *,
     train: bool,
     conditions: bool = False,
+    whole: bool = False,
 ) -> StatefulDataLoader:
+    """Batches of ``path``, sequences cut to their last ``model.max_len`` events (``whole``:
+    kept whole, for a stage that reads more of a history than the model does)."""
     stream = ParquetStream(
         path,
         StreamConfig(
             batch_size=data.batch_size,
-            max_len=model.max_len,
+            max_len=None if whole else model.max_len,
             shuffle=data.shuffle and train,
             seed=seed,
             skip_bad_row_groups=data.skip_bad_row_groups,

@@ -102,7 +102,7 @@ def test_a_smoke_study_runs_into_its_report(
     spec = experiment.load(path)
     steps = experiment.run(spec, None, "torchx.yaml", console=io.StringIO())
     assert (data / "ctr_test" / "dataset.json").exists()  # made by data.make
-    assert len(steps) == 2 * 6 and not any(s.skipped for s in steps)
+    assert len(steps) == 2 * 7 and not any(s.skipped for s in steps)
 
     from recsys import report
 
@@ -122,6 +122,11 @@ def test_a_smoke_study_runs_into_its_report(
     assert f"{st_sf['auc']:.4f} ± {st_sf['auc_std']:.4f}" in text  # mean ± std over seeds
     assert "| – | popularity |" in text and "standard error" in text
     assert "Sparse freezing" not in text  # no FT/ST without SF ran: no claim about it
+    # Each seed's pretraining was scored over the whole catalogue on ctr_test's held-out items.
+    (pre,) = json.loads((out / "report.json").read_text())["pretraining"]
+    assert pre["seeds"] == [0, 1] and pre["eval"] == "ctr_test" and pre["k"] == 10
+    assert 0 <= pre["hr"] <= 1 and pre["train_hit_rate"] is not None
+    assert "## Pretraining" in text and f"{pre['hr']:.4f} ± {pre['hr_std']:.4f}" in text
     for figure in ("curves.png", "gap.png"):
         assert (docs.parent / "results" / figure).stat().st_size > 0
         assert f"(results/{figure})" in text

@@ -65,6 +65,7 @@ def test_every_stage_ran_on_two_ranks(chain: dict) -> None:
     names = [s.out.name for s in chain["steps"]]
     assert names == [
         "pretrain",
+        "retrieve-ctr_test",
         "transfer-nt",
         "transfer-ft",
         "transfer-st",
@@ -76,6 +77,9 @@ def test_every_stage_ran_on_two_ranks(chain: dict) -> None:
     for step in chain["steps"]:
         record = json.loads((step.out / "stage.json").read_text())
         assert record["world_size"] == 2 and (step.out / "DONE").exists()
+    retrieved = json.loads((chain["exp"] / "retrieve-ctr_test" / "stage.json").read_text())
+    assert retrieved["inputs"]["model"] == str(chain["exp"] / "pretrain")
+    assert retrieved["results"]["k"] == 10 and 0 <= retrieved["results"]["hr@10"] <= 1
     finetune = json.loads((chain["exp"] / "finetune-st_sf" / "stage.json").read_text())
     assert finetune["strategy"] == "ST&SF" and finetune["frozen"] == ["category", "item"]
     assert 0.0 < finetune["results"]["valid_auc"] < 1.0 and finetune["epochs"]
@@ -213,8 +217,9 @@ def test_a_pipeline_interrupted_between_and_inside_stages_reruns_to_the_same_res
         )
 
     stages = exp / "L1H16A2"
-    # 1. The pipeline itself is killed between transfer and freeze.
-    first = pipeline("stage:after=2")
+    # 1. The pipeline itself is killed between transfer and freeze (after pretrain, retrieve
+    # and transfer).
+    first = pipeline("stage:after=3")
     assert first.returncode == -9, first.stderr[-2000:]
     assert (stages / "transfer-st" / "DONE").exists() and not (stages / "freeze-st").exists()
     # 2. The rerun skips what is done; finetuning is killed mid-stage (rank 1, step 2).
@@ -225,7 +230,7 @@ def test_a_pipeline_interrupted_between_and_inside_stages_reruns_to_the_same_res
     # 3. The last rerun resumes finetuning from its checkpoint and finishes.
     third = pipeline()
     assert third.returncode == 0, third.stderr[-2000:]
-    assert "4 stages, 3 skipped" in third.stdout
+    assert "5 stages, 4 skipped" in third.stdout
     ours = json.loads((stages / "finetune-st_sf" / "stage.json").read_text())
     theirs = json.loads((chain["exp"] / "finetune-st_sf" / "stage.json").read_text())
     assert ours["results"] == theirs["results"] and ours["steps"] == theirs["steps"]

@@ -125,6 +125,7 @@ def test_the_pipeline_plans_baselines_beside_the_ranker(tmp_path: Path) -> None:
     names = [s.out.name for s in plan(study)]
     assert names == [
         "pretrain",
+        "retrieve-ctr_test",
         "transfer-nt",
         "transfer-st",
         "freeze-st",

@@ -114,7 +114,7 @@ def test_data_without_its_datasets_is_named(
     # The finetune stage reads ctr_test: only that one is missing.
     partial = tmp_path / "partial"
     partial.mkdir()
-    for name in ("seq", "ctr_train"):
+    for name in ("seq", "ctr_train", "vocab"):
         (partial / name).symlink_to(data / name)
     line = refused(capsys, *run, str(partial), "--strategies", "NT")
     assert f"stage finetune (L1H16A2-finetune-nt): data.valid: {partial / 'ctr_test'}" in line

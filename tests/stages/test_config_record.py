@@ -96,6 +96,8 @@ PRINTS = {
                 "827c30c1b718c6f8",
                 "feb1d3342718b030",
                 "c15408d02c1c36d1",
+                "1bde856784ea7861",
+                "5ca257cc7b4de158",
                 "c69d4da58ff0b478",
                 "f17cce636a4ff2cb",
                 "0af7c1271bbfd2d5",

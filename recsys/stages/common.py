@@ -98,9 +98,10 @@ REQUIRED = ("stage", "config", "fingerprint")
 """Keys every stage.json holds (what the next stage and the fingerprints read)."""
 
 
-def read_stage(path: str | Path, option: str = "") -> dict[str, Any]:
+def read_stage(path: str | Path, option: str = "", of: tuple[str, ...] = ()) -> dict[str, Any]:
     """The record of a finished stage (``option``: how the user named it, e.g. ``--init``);
-    a StageError if it is no directory, has not finished, or its stage.json is unreadable."""
+    a StageError if it is no directory, has not finished, its stage.json is unreadable, or
+    it is not one of the stages ``of`` names (when given)."""
     name = (
         (f"{option} {path}" if option.startswith("--") else f"{option}={path}")
         if option
@@ -130,6 +131,8 @@ def read_stage(path: str | Path, option: str = "") -> dict[str, Any]:
         raise StageError(
             f"{record_file}: lacks {', '.join(missing)}; not a stage record: run that stage again"
         )
+    if of and record["stage"] not in of:
+        raise StageError(f"{name} is a {record['stage']} stage, not {' or '.join(of)}")
     return record
 
 

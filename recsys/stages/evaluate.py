@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", required=True, help="ctr dataset to score")
     args, config = arguments(p, argv)
     with distributed() as env:
-        source = read_stage(args.model, "--model")
-        if source["stage"] != "finetune":
-            raise StageError(f"--model {args.model} is a {source['stage']} stage, not finetune")
+        source = read_stage(args.model, "--model", of=("finetune",))
         meta = build.dataset_meta(args.data, "ctr", "--data")
         model_section = ModelSection(**source["config"]["model"])
         config = dataclasses.replace(config, model=model_section)

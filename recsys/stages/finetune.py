@@ -30,9 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, config = arguments(p, argv)
     inputs = {"train": config.data.train, "valid": config.data.valid, "init": args.init}
     with distributed() as env:
-        source = read_stage(args.init, "--init")
-        if source["stage"] not in ("transfer", "freeze"):
-            raise StageError(f"--init {args.init} is a {source['stage']} stage")
+        source = read_stage(args.init, "--init", of=("transfer", "freeze"))
         meta = build.training_meta(config.data, "ctr")
         stage = start(NAME, args, config, inputs)
         frozen = tuple(source["frozen"])

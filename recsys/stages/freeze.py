@@ -30,9 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     which.add_argument("--tables", help="comma-separated tables to freeze")
     args, config = arguments(p, argv)
     with distributed() as env:
-        source = read_stage(args.init, "--init")
-        if source["stage"] != "transfer":
-            raise StageError(f"--init {args.init} is a {source['stage']} stage, not transfer")
+        source = read_stage(args.init, "--init", of=("transfer",))
         meta = build.dataset_meta(config.data.train, "ctr", "data.train")
         tables = ["item", *models.side_features(meta)]
         frozen = sorted(tables if args.sparse else args.tables.split(","))

@@ -91,9 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, config = arguments(p, argv)
     inputs = {"train": config.data.train, "init": args.init}
     with distributed() as env:
-        source = read_stage(args.init, "--init")
-        if source["stage"] != "lum_pretrain":
-            raise StageError(f"--init {args.init} is a {source['stage']} stage, not lum_pretrain")
+        source = read_stage(args.init, "--init", of=("lum_pretrain",))
         meta = build.dataset_meta(config.data.train, "seq", "data.train")
         trained = from_dict(source["config"])  # the model as it was pretrained
         # Condition ids past a vocabulary's keys are its reserved rows: never asked.

@@ -148,9 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--requests", required=True, help="Parquet file or directory of requests")
     args, config = arguments(p, argv)
     with distributed() as env:
-        source = read_stage(args.model, "--model")
-        if source["stage"] != "finetune":
-            raise StageError(f"--model {args.model} is a {source['stage']} stage, not finetune")
+        source = read_stage(args.model, "--model", of=("finetune",))
         vocabularies = vocab.from_stage(args.model)
         if "item" not in vocabularies:
             raise StageError(

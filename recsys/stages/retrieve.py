@@ -87,9 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.k < 1:
         raise StageError(f"--k must be >= 1, got {args.k}")
     with distributed() as env:
-        source = read_stage(args.model, "--model")
-        if source["stage"] != "pretrain":
-            raise StageError(f"--model {args.model} is a {source['stage']} stage, not pretrain")
+        source = read_stage(args.model, "--model", of=("pretrain",))
         meta = open_dataset(args.data).meta
         if meta.kind not in ("seq", "ctr"):
             raise StageError(f"--data {args.data} is a {meta.kind!r} dataset, not seq or ctr")

@@ -54,9 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     with distributed() as env:
         meta = build.dataset_meta(config.data.train, "ctr", "data.train")
         if pretrained:
-            source = read_stage(pretrained, "--pretrained")
-            if source["stage"] != "pretrain":
-                raise StageError(f"--pretrained {pretrained} is a {source['stage']} stage")
+            read_stage(pretrained, "--pretrained", of=("pretrain",))
         stage = start(NAME, args, config, inputs, {"strategy": args.strategy})
         model = build.place(models.ctr_model(config.model, meta), config.plan, env)
         names = transferred(args.strategy, sorted(named_weights(model)))

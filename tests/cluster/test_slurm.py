@@ -92,7 +92,7 @@ def test_gpsd_pipeline_on_the_slurm_profile(slurm_cluster, tiny, in_repo) -> Non
     console = io.StringIO()
     steps = run(study, "slurm", console=console)
     names = [s.out.name for s in steps]
-    assert names == ["pretrain", "transfer-st", "freeze-st", "finetune-st_sf"]
+    assert names == ["pretrain", "retrieve-ctr_test", "transfer-st", "freeze-st", "finetune-st_sf"]
     for step in steps:
         record = json.loads((step.out / "stage.json").read_text())
         assert record["world_size"] == 2 and (step.out / "DONE").exists(), step.out

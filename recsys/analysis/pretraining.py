@@ -41,12 +41,14 @@ def collect(experiment: str | Path) -> list[dict[str, Any]]:
     """One row per finished pretraining and evaluation set (one with none when no retrieve
     stage scored it): size, seed, sampled hit rates, and the retrieve stage's metrics."""
     root = Path(experiment)
-    scored: dict[Path, list[dict[str, Any]]] = {}
+    # By the fingerprint of the pretraining a retrieve stage scored (a recorded path may be
+    # relative to where the pipeline ran, not to where the report runs).
+    scored: dict[str, list[dict[str, Any]]] = {}
     for stage in sorted(root.glob(f"**/{RETRIEVE}")):
         record = _record(stage)
-        model = ((record or {}).get("inputs") or {}).get("model")
+        model = (record or {}).get("model_fingerprint")
         if record and record.get("stage") == "retrieve" and isinstance(model, str):
-            scored.setdefault(Path(model).resolve(), []).append(record)
+            scored.setdefault(model, []).append(record)
     rows = []
     for stage in sorted(root.glob(f"**/{PRETRAIN}")):
         record = _record(stage)
@@ -60,7 +62,7 @@ def collect(experiment: str | Path) -> list[dict[str, Any]]:
             "valid_hit_rate": _number(results.get("valid_hit_rate")),
             "stage": str(stage),
         }
-        retrievals = scored.get(stage.resolve()) or [{}]
+        retrievals = scored.get(record.get("fingerprint", "")) or [{}]
         for retrieval in retrievals:
             got = retrieval.get("results") or {}
             k = got.get("k")

@@ -104,6 +104,15 @@ def _resolve(source: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), posixpath.abspath(source)
 
 
+def dataset_directory(source: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and directory of a dataset given as its directory or one of its files
+    (a local path or a URI): where its ``dataset.json`` and relative references start."""
+    fs, path = _resolve(source)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        path = posixpath.dirname(path)
+    return fs, path
+
+
 def _info(fs: pafs.FileSystem, path: str, source: str) -> pafs.FileInfo:
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +39,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from recsys.data.files import dataset_directory
 from recsys.data.schema import DataError, DatasetMeta
 from recsys.data.writer import naming
 
@@ -147,10 +150,13 @@ class Vocabulary:
         pq.write_table(self.to_table(), path)
 
     @classmethod
-    def read(cls, path: str | os.PathLike, table: str | None = None) -> Vocabulary:
-        """The vocabulary in ``path``; a DataError naming the file when it is not one."""
+    def read(
+        cls, path: str | os.PathLike, table: str | None = None, fs: pafs.FileSystem | None = None
+    ) -> Vocabulary:
+        """The vocabulary in ``path`` (on ``fs``, default local); a DataError naming the file
+        when it is not one."""
         try:
-            data = pq.read_table(path)
+            data = pq.read_table(path, filesystem=fs)
         except (OSError, pa.ArrowInvalid) as err:
             raise DataError(f"{path}: cannot read the vocabulary ({err})") from None
         raw = (data.schema.metadata or {}).get(METADATA_KEY)
@@ -201,29 +207,35 @@ def write_all(directory: Path, vocabularies: dict[str, Vocabulary]) -> None:
             raise naming(err, path) from err
 
 
-def files(dataset: str | os.PathLike, meta: DatasetMeta) -> dict[str, Path]:
-    """Each vocabulary file ``meta`` (of the dataset ``dataset``) references, checked to
-    exist."""
+Located = tuple[pafs.FileSystem, str]
+"""A file on a pyarrow filesystem: a dataset may lie behind a URI (``s3://``, ``hdfs://``)."""
+
+
+def files(dataset: str | os.PathLike, meta: DatasetMeta) -> dict[str, Located]:
+    """Each vocabulary file ``meta`` (of the dataset ``dataset``: its directory or one of its
+    files, a local path or a URI) references, checked to exist."""
+    fs, directory = dataset_directory(str(dataset))
     found = {}
     for name, entry in meta.vocabularies.items():
-        path = Path(os.path.normpath(Path(dataset) / entry["file"]))
-        if not path.is_file():
+        path = posixpath.normpath(posixpath.join(directory, entry["file"]))
+        if fs.get_file_info(path).type != pafs.FileType.File:
             raise DataError(
-                f"{Path(dataset) / 'dataset.json'}: vocabulary {name!r} is {entry['file']}, "
-                f"but {path} does not exist (keep the converter's {DIRECTORY}/ beside its splits)"
+                f"{posixpath.join(directory, 'dataset.json')}: vocabulary {name!r} is "
+                f"{entry['file']}, but {path} does not exist (keep the converter's "
+                f"{DIRECTORY}/ beside its splits)"
             )
-        found[name] = path
+        found[name] = (fs, path)
     return found
 
 
 def load(dataset: str | os.PathLike, meta: DatasetMeta) -> dict[str, Vocabulary]:
     """The vocabularies of a dataset, each checked against ``dataset.json``."""
     vocabularies = {}
-    for name, path in files(dataset, meta).items():
-        vocab = Vocabulary.read(path, name)
+    for name, (fs, path) in files(dataset, meta).items():
+        vocab = Vocabulary.read(path, name, fs)
         if vocab.size != meta.vocabularies[name]["keys"]:
             raise DataError(
-                f"{path}: {vocab.size} keys, but {Path(dataset) / 'dataset.json'} records "
+                f"{path}: {vocab.size} keys, but the dataset.json of {dataset} records "
                 f"{meta.vocabularies[name]['keys']}"
             )
         vocabularies[name] = vocab
@@ -238,8 +250,9 @@ def carry(dataset: str | os.PathLike, meta: DatasetMeta, stage: str | os.PathLik
     target = Path(stage) / DIRECTORY
     target.mkdir(parents=True, exist_ok=True)
     index = {}
-    for name, path in files(dataset, meta).items():
-        shutil.copyfile(path, target / f"{name}.parquet")
+    for name, (fs, path) in files(dataset, meta).items():
+        with fs.open_input_stream(path) as source, open(target / f"{name}.parquet", "wb") as out:
+            shutil.copyfileobj(source, out)
         index[name] = {**meta.vocabularies[name], "file": f"{name}.parquet"}
     tmp = target / "index.json.tmp"
     tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

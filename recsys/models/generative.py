@@ -187,8 +187,9 @@ class GenerativeModel(nn.Module):
 
     def user_vectors(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """[B, hidden]: the tower's output at each row's last event, the vector that scores
-        the next item (``forward`` scores the item at t + 1 with the output at t). Every row
-        needs at least one event. The sparse lookup is collective on a sharded model."""
+        the next item (``forward`` scores the item at t + 1 with the output at t). A row without
+        events gets an output that means nothing (callers skip such rows). The sparse lookup
+        is collective on a sharded model."""
         batch = features.stride()
         given = features.values()
         nothing = KeyedJaggedTensor.from_lengths_sync(
@@ -197,6 +198,9 @@ class GenerativeModel(nn.Module):
             lengths=torch.zeros(batch, dtype=torch.long, device=given.device),
         )
         sequences, _ = self.sparse(KeyedJaggedTensor.concat([features, nothing]))
-        tokens, valid = padded(summed(sequences, ["item", *self.config.side_features]))
+        events = summed(sequences, ["item", *self.config.side_features])
+        # One position at least: a batch of empty rows gives outputs, which the caller drops.
+        longest = int(events.lengths().max()) if events.lengths().numel() else 0
+        tokens, valid = padded(events, max(1, longest))
         last = features["item"].lengths().long() - 1
         return self.tower(tokens, valid, at=last.clamp(min=0))

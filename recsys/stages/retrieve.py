@@ -23,6 +23,7 @@ in raw ids from the model stage's ``vocab/`` (dense ids without one), ``metrics.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 
@@ -41,7 +42,7 @@ from recsys.models import build as models
 from recsys.models.sparse import padded
 from recsys.stages import build
 from recsys.stages.common import StageError, arguments, parser, read_stage, run_stage, start
-from recsys.stages.config import from_dict
+from recsys.stages.config import StageConfig, from_dict
 from recsys.stages.recommendations import Answers
 from recsys.train.ranks import until_every_rank_is_done
 
@@ -72,6 +73,20 @@ def recent(features: KeyedJaggedTensor, n: int) -> KeyedJaggedTensor:
     )
 
 
+WHOLE_ROWS = ["row_wise", "table_wise"]
+"""Placements of the item table the top K can be computed on: each row whole on one rank."""
+
+
+def whole_rows(config: StageConfig) -> StageConfig:
+    """``config`` with the item table's placement limited to :data:`WHOLE_ROWS` when it does
+    not name one (TorchRec's planner, free to choose, may split a table by columns)."""
+    plan = config.plan
+    if plan.file or "item" in plan.sharding_types:
+        return config
+    types = {**plan.sharding_types, "item": list(WHOLE_ROWS)}
+    return dataclasses.replace(config, plan=dataclasses.replace(plan, sharding_types=types))
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = parser(NAME, __doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="finished pretrain stage")
@@ -98,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"--data {args.data} has vocabularies {meta.vocab}, but the model was trained "
                 f"with {trained_meta.vocab}: ids would mean other items"
             )
+        config = whole_rows(config)
         options = {"k": args.k, "exclude_seen": args.exclude_seen}
         stage = start(NAME, args, config, {"model": args.model, "data": args.data}, options)
         out = stage.path / "recommendations"
@@ -149,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
         pq.write_table(answers.table(vocabularies), _part(out, env.rank))
         if env.is_main:
             (stage.path / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        return stage.finish({"results": results})
+        # The pretraining scored, by fingerprint: the report matches them wherever it runs.
+        return stage.finish({"model_fingerprint": source["fingerprint"], "results": results})
 
 
 def _part(out, rank: int):

@@ -34,15 +34,23 @@ def finetune_stage(root: Path) -> Path:
 
 def pretrain(root: Path, size: str, seed: int, hit: float) -> Path:
     config = {"model": {"size": size}, "run": {"seed": seed}}
-    record = {"stage": "pretrain", "config": config, "results": {"train_hit_rate": hit}}
+    record = {
+        "stage": "pretrain",
+        "fingerprint": f"pretrain-{size}-{seed}",
+        "config": config,
+        "results": {"train_hit_rate": hit},
+    }
     return stage(root / size / f"seed-{seed}" / "pretrain", record)
 
 
 def retrieve(model: Path, hr: float, ndcg: float, mrr: float, done: bool = True) -> Path:
     results = {"hr@10": hr, "ndcg@10": ndcg, "mrr": mrr, "users": 50, "k": 10}
+    scored = json.loads((model / "stage.json").read_text())["fingerprint"]
     record = {
         "stage": "retrieve",
-        "inputs": {"model": str(model), "data": "data/x/ctr_test"},
+        # As the pipeline records it: relative to where it ran, not to where the report runs.
+        "inputs": {"model": f"runs/elsewhere/{model.name}", "data": "data/x/ctr_test"},
+        "model_fingerprint": scored,
         "results": results,
     }
     return stage(model.parent / "retrieve-ctr_test", record, done)

@@ -122,3 +122,15 @@ def test_a_stage_carries_the_vocabularies_it_trained_with(tmp_path: Path) -> Non
     index = json.loads((tmp_path / "stage/vocab/index.json").read_text())
     assert index["item"] == {"file": "item.parquet", "keys": 4, "unknown": 4, "padding": 5}
     assert vocab.from_stage(tmp_path / "no-stage") == {}
+
+
+def test_a_dataset_named_by_a_uri_or_by_one_of_its_files_finds_its_vocabularies(
+    tmp_path: Path,
+) -> None:
+    write_split(tmp_path / "data", split(events(), HALF), {"converter": "test"})
+    dataset = tmp_path / "data/ctr_train"
+    meta = DatasetMeta.from_json((dataset / "dataset.json").read_text(), "t")
+    for named in (f"file://{dataset}", str(dataset / "part-00000.parquet")):
+        assert vocab.load(named, meta)["item"].keys.to_pylist() == ["a", "b", "c", "d"]
+    vocab.carry(f"file://{dataset}", meta, tmp_path / "stage")
+    assert vocab.from_stage(tmp_path / "stage")["user"].keys.to_pylist() == ["u3", "u7", "u9"]

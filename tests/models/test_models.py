@@ -212,3 +212,19 @@ def test_tower_tokens_place_history_and_candidate() -> None:
     rows, valid = padded(JaggedTensor(values=history.detach(), lengths=lengths))
     assert torch.equal(valid, torch.tensor([[1, 1, 1], [0, 0, 0], [1, 0, 0]]).bool())
     assert torch.equal(rows[0], history[:3].detach()) and torch.equal(rows[1], torch.zeros(3, 2))
+
+
+def test_user_vectors_of_a_row_do_not_depend_on_empty_rows_beside_it() -> None:
+    torch.manual_seed(0)
+    model = GenerativeModel(GenerativeConfig(TOWER, ITEMS, {"category": CATEGORIES})).eval()
+    with torch.no_grad():
+        alone = model.user_vectors(seq([[3, 4]], [[1, 2]]))
+        mixed = model.user_vectors(seq([[], [3, 4]], [[], [1, 2]]))
+        nothing = KeyedJaggedTensor.from_lengths_sync(  # a batch of empty rows only
+            keys=["item", "category"],
+            values=torch.zeros(0, dtype=torch.long),
+            lengths=torch.zeros(4, dtype=torch.long),
+        )
+        empty = model.user_vectors(nothing)
+    assert torch.allclose(mixed[1], alone[0], atol=1e-6)
+    assert empty.shape == (2, TOWER.hidden) and torch.isfinite(empty).all()

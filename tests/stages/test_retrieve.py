@@ -163,3 +163,16 @@ def test_recsys_recommend_runs_the_stage_and_shows_the_first_answers(
         f"rank {first['target_rank']})"
     )
     assert json.loads((out / "stage.json").read_text())["results"]["k"] == 4
+
+
+def test_an_item_table_the_config_leaves_free_is_kept_in_whole_rows() -> None:
+    from recsys.stages.config import load
+    from recsys.stages.retrieve import whole_rows
+
+    free = load(None, ["plan.sharding_types={category: [table_wise]}"], "retrieve")
+    assert whole_rows(free).plan.sharding_types == {
+        "category": ["table_wise"],
+        "item": ["row_wise", "table_wise"],
+    }
+    named = load(None, ["plan.sharding_types={item: [column_wise]}"], "retrieve")
+    assert whole_rows(named) is named  # refused after placement, naming the fix

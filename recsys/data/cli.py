@@ -154,7 +154,35 @@ def _synth(args: argparse.Namespace) -> int:
         conditions=args.conditions,
         seed=args.seed,
     )
+    if args.stream or args.hash_ids:
+        return _synth_stream(args, config)
+    if args.table_rows:
+        raise ValueError("--table-rows is the hashed item table's size: add --hash-ids")
     return _run(args, lambda: synth.make(config, _protocol(args)))
+
+
+def _synth_stream(args: argparse.Namespace, config) -> int:
+    """``synth --stream``: generated and written block by block (``synth_stream``)."""
+    from recsys.data import synth_stream
+    from recsys.data.writer import check_target
+
+    stream = synth_stream.StreamSynthConfig(
+        config, hash_ids=args.hash_ids, table_rows=args.table_rows
+    )
+    check_target(args.out, args.overwrite)
+    written, report = synth_stream.write(
+        args.out,
+        stream,
+        _protocol(args),
+        overwrite=args.overwrite,
+        row_group_rows=args.row_group_rows,
+    )
+    for name, meta in written.items():
+        print(f"{args.out}/{name}: {meta.rows:,} rows ({meta.kind}, id_mode {meta.id_mode})")
+    print("counts: " + ", ".join(f"{k} {v:,}" for k, v in report["counts"].items()))
+    for key in ("oracle_auc_expected", "oracle_auc_test"):
+        print(f"{key}: {report[key]}")
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -269,6 +297,24 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         default=0,
         help="values of a 'condition' feature per event (LUM), each with its own walk "
         "between clusters per user, so the next item depends on the condition (default: none)",
+    )
+    sy.add_argument(
+        "--stream",
+        action="store_true",
+        help="generate and write block by block with bounded memory (catalogues of tens of "
+        "millions of items): the item table holds the whole catalogue, item i is id i",
+    )
+    sy.add_argument(
+        "--hash-ids",
+        action="store_true",
+        help="(implies --stream) write raw 64-bit item keys, id_mode hash, no vocabularies",
+    )
+    sy.add_argument(
+        "--table-rows",
+        type=int,
+        default=0,
+        help="with --hash-ids: the item table's rows, smaller than --items allowed "
+        "(default: --items)",
     )
     _protocol_args(sy, min_events=4)
     sy.set_defaults(run=_reporting_errors(_synth))

@@ -32,6 +32,7 @@ import json
 import os
 import posixpath
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,9 @@ class Vocabulary:
         columns: dict[str, pa.Array] = {
             "key": keys,
             "id": pa.array(np.arange(n + extra, dtype=np.int64)),
-            "reserved": pa.array([None] * n + list(RESERVED[:extra]), pa.string()),
+            "reserved": pa.concat_arrays(  # no Python list of n entries: big tables too
+                [pa.nulls(n, pa.string()), pa.array(list(RESERVED[:extra]), pa.string())]
+            ),
         }
         for name, ids in self.side.items():
             unknown = np.full(extra, _side_unknown(self.side_sizes, name), dtype=np.int64)
@@ -182,6 +185,54 @@ class Vocabulary:
             s: int(data[f"{s}_id"][n].as_py()) for s in side if len(data) > n
         }  # a side feature's unknown id is its known keys' count
         return cls(name, keys, side, side_sizes=sizes)
+
+
+def write_range(
+    path: str | os.PathLike,
+    table: str,
+    keys: int,
+    side: dict[str, Callable[[np.ndarray], np.ndarray]] | None = None,
+    side_sizes: dict[str, int] | None = None,
+    chunk: int = 1 << 20,
+) -> dict[str, Any]:
+    """Write the vocabulary of a table whose raw keys are ``0 .. keys-1`` (key ``i`` is id
+    ``i``), ``chunk`` rows at a time, so that a catalogue of tens of millions of items never
+    sits in memory whole; ``side[name](ids)`` gives the side feature ids of item ids. The file
+    is the one :meth:`Vocabulary.write` would write; returns what ``dataset.json`` records
+    of it (its ``file`` left empty)."""
+    side, side_sizes = side or {}, side_sizes or {}
+    reserved = table != USER
+    extra = len(RESERVED) if reserved else 0
+    about: dict[str, Any] = {"table": table, "keys": keys}
+    if reserved:
+        about.update({name: keys + i for i, name in enumerate(RESERVED)})
+    fields = [pa.field("key", pa.int64()), pa.field("id", pa.int64())]
+    fields += [pa.field("reserved", pa.string())]
+    fields += [pa.field(f"{name}_id", pa.int64()) for name in side]
+    schema = pa.schema(fields, metadata={METADATA_KEY: json.dumps(about).encode()})
+    try:
+        with pq.ParquetWriter(path, schema) as writer:
+            for start in range(0, keys + extra, chunk):
+                ids = np.arange(start, min(start + chunk, keys + extra), dtype=np.int64)
+                known = ids < keys
+                n_known = int(known.sum())
+                names = [RESERVED[i - keys] for i in ids[n_known:].tolist()]  # at most 2
+                columns = [
+                    pa.array(ids, mask=~known),
+                    pa.array(ids),
+                    pa.concat_arrays(
+                        [pa.nulls(n_known, pa.string()), pa.array(names, pa.string())]
+                    ),
+                ]
+                for name, of in side.items():
+                    values = np.full(len(ids), _side_unknown(side_sizes, name), dtype=np.int64)
+                    values[known] = of(ids[known])
+                    columns.append(pa.array(values))
+                writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+    except OSError as err:
+        raise naming(err, Path(path)) from err
+    about.pop("table")
+    return {"file": "", **about}
 
 
 def _side_unknown(sizes: dict[str, int], name: str) -> int:

@@ -112,30 +112,96 @@ def write_dataset(
 
     ``meta.rows`` and ``meta.files`` are filled in from what was written.
     """
-    schema = arrow_schema(meta)
     with atomic_directory(out, overwrite) as tmp:
-        files: dict[str, int] = {}
-        writer, name = None, ""
+        parts = PartWriter(
+            tmp, meta, rows_per_file=rows_per_file, row_group_rows=row_group_rows, where=out
+        )
+        for table in tables:
+            parts.write(table)
+        return parts.close()
+
+
+class PartWriter:
+    """One dataset written table by table into ``directory`` (already the temporary
+    directory of an :func:`atomic_directory`): part files of at most ``rows_per_file`` rows,
+    then ``dataset.json`` on :meth:`close`.
+
+    Without ``buffer`` each table is written as it comes (its row groups never span two
+    tables); with ``buffer`` small tables are gathered until ``row_group_rows`` rows, so a
+    generator writing many small blocks still gets full row groups (memory: one row group).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        meta: DatasetMeta,
+        *,
+        rows_per_file: int = 1_000_000,
+        row_group_rows: int = 65_536,
+        buffer: bool = False,
+        where: str | os.PathLike | None = None,
+    ) -> None:
+        self.directory, self.meta = Path(directory), meta
+        self.where = where or directory  # what messages call the dataset
+        self.rows_per_file, self.row_group_rows, self.buffer = rows_per_file, row_group_rows, buffer
+        self.schema = arrow_schema(meta)
+        self.files: dict[str, int] = {}
+        self._writer: pq.ParquetWriter | None = None
+        self._name = ""
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        """Append ``table``'s rows (checked against the dataset's schema)."""
+        check_schema(f"table written to {self.where}", table.schema, self.meta)
+        table = table.select(self.schema.names).cast(self.schema)
+        if not self.buffer:
+            self._write(table)
+            return
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        if self._pending_rows >= self.row_group_rows:
+            self._flush(whole_groups=True)
+
+    def close(self, protocol: dict | None = None) -> DatasetMeta:
+        """Write what is buffered, close the last file and write ``dataset.json`` (with
+        ``protocol`` when given: counts known only at the end); return the metadata."""
+        self._flush(whole_groups=False)
         try:
-            for table in tables:
-                check_schema(f"table written to {out}", table.schema, meta)
-                table = table.select(schema.names).cast(schema)
-                start = 0
-                while start < table.num_rows:
-                    if writer is None or files[name] >= rows_per_file:
-                        if writer is not None:
-                            writer.close()
-                        name = f"part-{len(files):05d}.parquet"
-                        writer = pq.ParquetWriter(tmp / name, schema)
-                        files[name] = 0
-                    chunk = table.slice(start, rows_per_file - files[name])
-                    writer.write_table(chunk, row_group_size=row_group_rows)
-                    files[name] += chunk.num_rows
-                    start += chunk.num_rows
-            if writer is not None:
-                writer.close()
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
         except OSError as err:
-            raise naming(err, tmp / name) from err
-        meta = replace(meta, rows=sum(files.values()), files=files)
-        (tmp / METADATA_FILE).write_text(meta.to_json() + "\n")
-    return meta
+            raise naming(err, self.directory / self._name) from err
+        meta = replace(self.meta, rows=sum(self.files.values()), files=dict(self.files))
+        if protocol is not None:
+            meta = replace(meta, protocol=protocol)
+        (self.directory / METADATA_FILE).write_text(meta.to_json() + "\n")
+        return meta
+
+    def _flush(self, whole_groups: bool) -> None:
+        if not self._pending:
+            return
+        table = pa.concat_tables(self._pending)
+        keep = table.num_rows % self.row_group_rows if whole_groups else 0
+        self._write(table.slice(0, table.num_rows - keep))
+        rest = table.slice(table.num_rows - keep)
+        self._pending = [rest] if keep else []
+        self._pending_rows = keep
+
+    def _write(self, table: pa.Table) -> None:
+        start = 0
+        try:
+            while start < table.num_rows:
+                if self._writer is None or self.files[self._name] >= self.rows_per_file:
+                    if self._writer is not None:
+                        self._writer.close()
+                    self._name = f"part-{len(self.files):05d}.parquet"
+                    self._writer = pq.ParquetWriter(self.directory / self._name, self.schema)
+                    self.files[self._name] = 0
+                chunk = table.slice(start, self.rows_per_file - self.files[self._name])
+                self._writer.write_table(chunk, row_group_size=self.row_group_rows)
+                self.files[self._name] += chunk.num_rows
+                start += chunk.num_rows
+        except OSError as err:
+            raise naming(err, self.directory / self._name) from err

@@ -183,20 +183,23 @@ def blocks(config: SynthConfig) -> int:
 
 
 def block(config: SynthConfig, index: int, catalogue: Catalogue | None = None) -> Block:
-    """Block ``index``'s events (times only without ``catalogue``)."""
+    """Block ``index``'s events (times only without ``catalogue``). A block is always drawn
+    whole (:data:`BLOCK_USERS` users) and the last one cut to the users asked for, so that
+    no draw depends on how many users there are."""
     first_user = index * BLOCK_USERS
     n = min(BLOCK_USERS, config.users - first_user)
     rng = np.random.default_rng([config.seed, index, 0])
-    lengths = rng.integers(config.min_events, config.max_events + 1, size=n)
-    start = rng.integers(0, MAX_START, size=n)
-    starts = np.zeros(n, dtype=np.int64)
+    lengths = rng.integers(config.min_events, config.max_events + 1, size=BLOCK_USERS)
+    start = rng.integers(0, MAX_START, size=BLOCK_USERS)
+    starts = np.zeros(BLOCK_USERS, dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
     total = int(lengths.sum())
     gaps = rng.integers(1, MAX_GAP, size=total)
     gaps[starts] = 0
     elapsed = np.cumsum(gaps)
     timestamp = np.repeat(start - elapsed[starts], lengths) + elapsed  # per-user cumsum
-    out = Block(first_user, lengths, starts, timestamp.astype(np.int64))
+    kept = int(lengths[:n].sum())
+    out = Block(first_user, lengths[:n], starts[:n], timestamp[:kept].astype(np.int64))
     if catalogue is None:
         return out
     rng = np.random.default_rng([config.seed, index, 1])
@@ -205,8 +208,9 @@ def block(config: SynthConfig, index: int, catalogue: Catalogue | None = None) -
     new_segment = first | (rng.random(total) >= config.stay)
     segment = np.cumsum(new_segment) - 1
     cluster = rng.integers(0, config.categories, size=int(new_segment.sum()))[segment]
-    out.cluster, out.item = cluster, catalogue.draw(rng, cluster)
-    negative = rng.integers(0, config.items - 1, size=n)
+    item = catalogue.draw(rng, cluster)
+    negative = rng.integers(0, config.items - 1, size=BLOCK_USERS)[:n]
+    out.cluster, out.item = cluster[:kept], item[:kept]
     out.negative = negative + (negative >= out.item[out.last])
     return out
 

@@ -47,6 +47,11 @@ def test_users_do_not_depend_on_the_users_after_them(tmp_path: Path) -> None:
     assert len(a["user_id"]) == 150 and len(b["user_id"]) == 400
     for column in ("user_id", "item_ids", "category_ids", "timestamps"):
         assert a[column] == b[column][:150], column
+    negatives = [
+        np.concatenate([b.negative for b in synth_stream.events(world(users=n))])
+        for n in (150, 400)
+    ]
+    assert (negatives[0] == negatives[1][:150]).all()
     # ... and the seed decides: another seed, another log.
     write(tmp_path / "c", StreamSynthConfig(world(users=150, seed=6)))
     assert read(tmp_path / "c" / "seq")["item_ids"] != a["item_ids"]
@@ -221,3 +226,24 @@ def test_peak_memory_does_not_grow_with_users(tmp_path: Path) -> None:
     small, large = peak_kib(4_000), peak_kib(60_000)  # 15x the users: ~1.3M events
     # Holding the log would add >= 1.3M events x 4 int64 arrays (40 MiB) and its tables.
     assert large - small < 16 * 1024, (small, large)
+
+
+def test_a_failure_mid_stream_leaves_the_old_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    write(out, StreamSynthConfig(world(users=100)))
+    before = read(out / "seq")
+    real, calls = synth_stream._seq, {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # two blocks written, the third fails
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synth_stream, "_seq", failing)
+    with pytest.raises(OSError, match="disk full"):
+        write(out, StreamSynthConfig(world(users=300)), overwrite=True)
+    assert read(out / "seq") == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporaries

@@ -17,8 +17,9 @@ tens of millions of items, without ever holding the log:
 - the GPSD split (``recsys.data.protocol``'s rules) is computed in passes over regenerated
   blocks: the last-event times (the cheap time stream only) give the test threshold, the
   time at rank ⌊q·n⌋, by a histogram select (coarse bins, then one bin exactly), so memory
-  does not grow with users; then every block is written to ``seq``, ``ctr_train`` and
-  ``ctr_test`` with row-group buffering (``writer.PartWriter``), all in one
+  does not grow with users (``valid_users``: the fit/validation boundary likewise, see
+  :class:`Users`); then every block is written to ``seq``, ``ctr_train`` and ``ctr_test``
+  (and ``ctr_valid``, ``ctr_fit``) with row-group buffering (``writer.PartWriter``), all in one
   ``writer.atomic_directory``.
 
 Ids. ``remap`` mode: the item table holds the whole catalogue, touched or not (what a
@@ -215,9 +216,10 @@ def block(config: SynthConfig, index: int, catalogue: Catalogue | None = None) -
     return out
 
 
-def _select(config: SynthConfig, rank: int) -> int:
-    """The last-event time of the user at ``rank`` in time order (0-based), by two passes
-    over the time streams: a histogram of coarse bins, then one bin's exact values."""
+def _select(config: SynthConfig, rank: int) -> tuple[int, int, int]:
+    """The last-event time of the user at ``rank`` in time order (0-based), how many users'
+    last events are earlier and how many are not later, by two passes over the time streams:
+    a histogram of coarse bins, then one bin's exact values."""
     top = MAX_START + MAX_GAP * config.max_events
     coarse = np.zeros((top >> _FINE_BITS) + 1, dtype=np.int64)
     for index in range(blocks(config)):
@@ -230,13 +232,52 @@ def _select(config: SynthConfig, rank: int) -> int:
         times = block(config, index).last_time
         inside = times[(times >> _FINE_BITS) == bin_] & ((1 << _FINE_BITS) - 1)
         fine += np.bincount(inside, minlength=len(fine))
-    offset = int(np.searchsorted(np.cumsum(fine), rank - below, side="right"))
-    return (bin_ << _FINE_BITS) | offset
+    within = np.cumsum(fine)
+    offset = int(np.searchsorted(within, rank - below, side="right"))
+    earlier = below + (int(within[offset - 1]) if offset else 0)
+    return (bin_ << _FINE_BITS) | offset, earlier, below + int(within[offset])
 
 
-def test_threshold(config: SynthConfig, protocol: ProtocolConfig) -> int:
-    """The protocol's threshold: users whose last event is later are test users."""
-    return _select(config, min(int(protocol.test_quantile * config.users), config.users - 1))
+@dataclass(frozen=True)
+class Users:
+    """Which split each user goes to, from the last-event times alone (the protocol's
+    rules): test users are later than ``threshold``; with validation users, training users
+    earlier than ``valid_time`` are fit users, later ones validation users, and of those at
+    ``valid_time`` the first ``fit_at_valid_time`` (in user order) are fit users."""
+
+    threshold: int
+    train: int
+    valid: int = 0
+    valid_time: int = 0
+    fit_at_valid_time: int = 0
+
+    @classmethod
+    def of(cls, config: SynthConfig, protocol: ProtocolConfig) -> Users:
+        rank = min(int(protocol.test_quantile * config.users), config.users - 1)
+        threshold, _, train = _select(config, rank)
+        for name, empty in (("ctr_train", not train), ("ctr_test", train == config.users)):
+            if empty:
+                raise DataError(
+                    f"split {name} would have 0 rows (users {config.users:,}, training users "
+                    f"{train:,}); " + EMPTY_HINTS[name].replace("give more users", "raise --users")
+                )
+        if not protocol.valid_users:
+            return cls(threshold, train)
+        valid = max(1, round(protocol.valid_users * train))
+        if valid >= train:
+            raise DataError(
+                f"valid_users {protocol.valid_users} leaves no training user to fit on "
+                f"({train} training users)"
+            )
+        valid_time, earlier, _ = _select(config, train - valid)  # the first validation user
+        return cls(threshold, train, valid, valid_time, train - valid - earlier)
+
+    def fit(self, last_time: np.ndarray, seen_at_valid_time: int) -> np.ndarray:
+        """Which of a block's users (last-event times ``last_time``) are fit users, given
+        how many users at ``valid_time`` came before the block."""
+        at = last_time == self.valid_time
+        order = seen_at_valid_time + np.cumsum(at) - 1
+        return (last_time < self.valid_time) | (at & (order < self.fit_at_valid_time))
 
 
 class _Ids:
@@ -300,16 +341,15 @@ def write(
     mode, ``out/vocab``), all or nothing; return the metadata written and the counts."""
     world = config.synth
     protocol = protocol or ProtocolConfig(min_events=min(4, world.min_events), seed=world.seed)
-    if protocol.valid_users or protocol.dense_train:
-        raise ValueError(
-            "--stream writes seq, ctr_train and ctr_test only: drop --valid-users and --dense-train"
-        )
+    if protocol.dense_train:
+        raise ValueError("--stream does not write ctr_train_dense: drop --dense-train")
     if world.min_events < protocol.min_events:
         raise ValueError(
             f"--stream keeps every user: --min-len ({world.min_events}) must be at least "
             f"--min-events ({protocol.min_events})"
         )
-    threshold = test_threshold(world, protocol)
+    split = Users.of(world, protocol)
+    names = ["seq", "ctr_train", "ctr_test"] + (["ctr_valid", "ctr_fit"] if split.valid else [])
     catalogue, ids = Catalogue(world), _Ids(config)
     categories = world.categories // world.merge
     vocab = {"item": config.item_rows, "category": categories + len(RESERVED), "user": world.users}
@@ -350,29 +390,27 @@ def write(
                 buffer=True,
                 where=Path(out) / name,
             )
-            for name, kind in (("seq", "seq"), ("ctr_train", "ctr"), ("ctr_test", "ctr"))
+            for name, kind in ((name, "seq" if name == "seq" else "ctr") for name in names)
         }
         for writer in writers.values():
             writer.directory.mkdir()
+        seen_at_valid_time = 0
         for index in range(blocks(world)):
             b = block(world, index, catalogue)
-            test = b.last_time > threshold
+            test = b.last_time > split.threshold
             counts["events"] += len(b.item)
             counts["train_users"] += int((~test).sum())
             counts["test_users"] += int(test.sum())
             writers["seq"].write(_seq(b, ids))
-            writers["ctr_train"].write(
-                _ctr(b, np.flatnonzero(~test), catalogue, ids, protocol.max_history)
-            )
-            users = np.flatnonzero(test)
-            writers["ctr_test"].write(_ctr(b, users, catalogue, ids, protocol.max_history))
-            _oracle(oracle, b, users, catalogue, world.merge)
-        for name, key in (("ctr_train", "train_users"), ("ctr_test", "test_users")):
-            if not counts[key]:
-                raise DataError(
-                    f"split {name} would have 0 rows ({counts[key]} {key}); "
-                    + EMPTY_HINTS[name].replace("give more users", "raise --users")
-                )
+            groups = {"ctr_train": ~test, "ctr_test": test}
+            if split.valid:
+                fit = ~test & split.fit(b.last_time, seen_at_valid_time)
+                seen_at_valid_time += int((b.last_time == split.valid_time).sum())
+                groups.update({"ctr_valid": ~test & ~fit, "ctr_fit": fit})
+            for name, chosen in groups.items():
+                users = np.flatnonzero(chosen)
+                writers[name].write(_ctr(b, users, catalogue, ids, protocol.max_history))
+            _oracle(oracle, b, np.flatnonzero(test), catalogue, world.merge)
         counts.update(
             {
                 "sequences": world.users,
@@ -380,6 +418,10 @@ def write(
                 "test_samples": 2 * counts["test_users"],
             }
         )
+        if split.valid:
+            counts["valid_users"] = split.valid
+            for name in ("ctr_valid", "ctr_fit"):
+                counts[f"{name}_samples"] = writers[name].rows
         p_pos, p_neg = oracle[1, 1] / oracle[1].sum(), oracle[0, 1] / oracle[0].sum()
         source = {
             "converter": "synth-stream",
@@ -397,7 +439,7 @@ def write(
             "test_quantile": protocol.test_quantile,
             "max_history": protocol.max_history,
             "seed": protocol.seed,
-            "valid_users": 0.0,
+            "valid_users": protocol.valid_users,
             "dense_train": False,
             "counts": counts,
             **source,

@@ -151,6 +151,11 @@ class PartWriter:
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
 
+    @property
+    def rows(self) -> int:
+        """Rows written or buffered so far."""
+        return sum(self.files.values()) + self._pending_rows
+
     def write(self, table: pa.Table) -> None:
         """Append ``table``'s rows (checked against the dataset's schema)."""
         check_schema(f"table written to {self.where}", table.schema, self.meta)

@@ -97,6 +97,35 @@ def test_split_follows_the_protocol(tmp_path: Path) -> None:
     assert meta["vocabularies"]["item"]["keys"] == 1_000  # the whole catalogue, touched or not
 
 
+@pytest.mark.parametrize("fraction", [0.15, 0.5])
+def test_validation_users_are_the_latest_training_users(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fraction: float
+) -> None:
+    # Few distinct times (short gaps, a narrow start) so that ties at the boundaries abound.
+    monkeypatch.setattr(synth_stream, "MAX_START", 40)
+    monkeypatch.setattr(synth_stream, "MAX_GAP", 3)
+    config = world(users=700, min_events=2, max_events=3, seed=int(100 * fraction))
+    synth_stream_times = np.concatenate([b.last_time for b in synth_stream.events(config)])
+    protocol = ProtocolConfig(min_events=2, valid_users=fraction)
+    write(tmp_path / "v", StreamSynthConfig(config), protocol)
+    threshold = np.sort(synth_stream_times)[int(0.7 * 700)]
+    train = np.flatnonzero(synth_stream_times <= threshold)
+    by_time = train[np.lexsort((train, synth_stream_times[train]))]  # protocol.split's rule
+    n_valid = max(1, round(fraction * len(train)))
+    boundary = synth_stream_times[by_time[-n_valid]]
+    assert (synth_stream_times[by_time[:-n_valid]] == boundary).any()  # a tie is split
+
+    def users(name: str) -> list[int]:
+        return sorted(set(read(tmp_path / "v" / name)["user_id"]))
+
+    assert users("ctr_valid") == sorted(by_time[-n_valid:].tolist())
+    assert users("ctr_fit") == sorted(by_time[:-n_valid].tolist())
+    assert users("ctr_train") == train.tolist()
+    meta = json.loads((tmp_path / "v" / "ctr_valid" / "dataset.json").read_text())
+    assert meta["protocol"]["counts"]["valid_users"] == n_valid
+    assert meta["protocol"]["counts"]["ctr_valid_samples"] == meta["rows"] == 2 * n_valid
+
+
 def test_hash_mode_writes_raw_keys_the_stream_reads(tmp_path: Path) -> None:
     config = world(users=200)
     write(tmp_path / "remap", StreamSynthConfig(config))
@@ -196,8 +225,8 @@ def test_cli_refusals(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = str(tmp_path / "x")
     assert cli(["data", "synth", "--table-rows", "10", "--out", out]) == 2
     assert "--hash-ids" in capsys.readouterr().err
-    assert cli(["data", "synth", "--stream", "--valid-users", "0.1", "--out", out]) == 2
-    assert "--valid-users" in capsys.readouterr().err
+    assert cli(["data", "synth", "--stream", "--dense-train", "--out", out]) == 2
+    assert "--dense-train" in capsys.readouterr().err
     assert cli(["data", "synth", "--stream", "--users", "1", "--out", out]) == 2
     assert "ctr_test would have 0 rows" in capsys.readouterr().err
     assert not Path(out).exists()

@@ -337,8 +337,9 @@ def write(
     row_group_rows: int = 65_536,
     rows_per_file: int = 1_000_000,
 ) -> tuple[dict[str, DatasetMeta], dict[str, Any]]:
-    """Generate and write ``out/seq``, ``out/ctr_train``, ``out/ctr_test`` (and, in remap
-    mode, ``out/vocab``), all or nothing; return the metadata written and the counts."""
+    """Generate and write ``out/seq``, ``out/ctr_train``, ``out/ctr_test`` (``ctr_valid`` and
+    ``ctr_fit`` with ``protocol.valid_users``; ``out/vocab`` in remap mode), all or nothing;
+    return the metadata written and the counts."""
     world = config.synth
     protocol = protocol or ProtocolConfig(min_events=min(4, world.min_events), seed=world.seed)
     if protocol.dense_train:

@@ -119,7 +119,9 @@ def _dense(raw: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
     return dense.astype(np.int64), len(uniques), uniques
 
 
-def _lists(offsets_start: np.ndarray, offsets_end: np.ndarray, values: np.ndarray) -> pa.Array:
+def spans(offsets_start: np.ndarray, offsets_end: np.ndarray, values: np.ndarray) -> pa.Array:
+    """A list<int64> array whose row i is ``values[offsets_start[i]:offsets_end[i]]`` (the
+    lists every split writes; the streaming generator writes its blocks with it too)."""
     lengths = offsets_end - offsets_start
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -173,10 +175,10 @@ def split(events: Events, config: ProtocolConfig | None = None) -> Split:
     seq = pa.table(
         {
             "user_id": pa.array(np.arange(n_users, dtype=np.int64)),
-            "item_ids": _lists(starts, last, item),
-            "category_ids": _lists(starts, last, category),
-            **{f"{n}_ids": _lists(starts, last, v) for n, v in condition.items()},
-            "timestamps": _lists(starts, last, timestamp),
+            "item_ids": spans(starts, last, item),
+            "category_ids": spans(starts, last, category),
+            **{f"{n}_ids": spans(starts, last, v) for n, v in condition.items()},
+            "timestamps": spans(starts, last, timestamp),
         }
     )
 
@@ -202,9 +204,9 @@ def split(events: Events, config: ProtocolConfig | None = None) -> Split:
         return pa.table(
             {
                 "user_id": pa.array(users[pair].astype(np.int64)),
-                "history_item_ids": _lists(hist_start, at, item),
-                "history_category_ids": _lists(hist_start, at, category),
-                **{f"history_{n}_ids": _lists(hist_start, at, v) for n, v in condition.items()},
+                "history_item_ids": spans(hist_start, at, item),
+                "history_category_ids": spans(hist_start, at, category),
+                **{f"history_{n}_ids": spans(hist_start, at, v) for n, v in condition.items()},
                 "item_id": pa.array(candidate.astype(np.int64)),
                 "category_id": pa.array(item_category[candidate]),
                 "label": pa.array(is_pos.astype(np.int64)),

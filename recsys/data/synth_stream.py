@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from recsys.data.protocol import EMPTY_HINTS, ProtocolConfig, _lists
+from recsys.data.protocol import EMPTY_HINTS, ProtocolConfig, spans
 from recsys.data.schema import DataError, DatasetMeta
 from recsys.data.synth import SynthConfig, oracle_auc
 from recsys.data.vocab import DIRECTORY, RESERVED, Vocabulary, write_range
@@ -299,9 +299,9 @@ def _seq(b: Block, ids: _Ids) -> pa.Table:
     return pa.table(
         {
             "user_id": pa.array(b.first_user + users),
-            "item_ids": _lists(b.starts, b.last, ids.item(b.item)),
-            "category_ids": _lists(b.starts, b.last, ids.category(b.cluster)),
-            "timestamps": _lists(b.starts, b.last, b.timestamp),
+            "item_ids": spans(b.starts, b.last, ids.item(b.item)),
+            "category_ids": spans(b.starts, b.last, ids.category(b.cluster)),
+            "timestamps": spans(b.starts, b.last, b.timestamp),
         }
     )
 
@@ -318,8 +318,8 @@ def _ctr(
     return pa.table(
         {
             "user_id": pa.array(b.first_user + pair),
-            "history_item_ids": _lists(hist_start, at, ids.item(b.item)),
-            "history_category_ids": _lists(hist_start, at, ids.category(b.cluster)),
+            "history_item_ids": spans(hist_start, at, ids.item(b.item)),
+            "history_category_ids": spans(hist_start, at, ids.category(b.cluster)),
             "item_id": pa.array(ids.item(candidate)),
             "category_id": pa.array(ids.category(catalogue.cluster(candidate))),
             "label": pa.array(is_pos.astype(np.int64)),

@@ -105,10 +105,11 @@ def _pipeline(args: argparse.Namespace) -> int:
     from recsys.pipelines.gpsd import STRATEGIES, PipelineError, StageFailed, Study, run
 
     if args.experiment.endswith((".yaml", ".yml")):
-        if args.data or args.config or args.sizes or args.baselines or args.overrides:
+        given = args.retrieve_k is not None
+        if args.data or args.config or args.sizes or args.baselines or args.overrides or given:
             raise PipelineError(
-                "an experiment file gives data, config, sizes and arms itself; "
-                "--data, --config, --sizes, --baselines and overrides go with a directory"
+                "an experiment file gives data, config, sizes and arms itself; --data, "
+                "--config, --sizes, --baselines, --retrieve-k and overrides go with a directory"
             )
         return _experiment(args)
     if not args.data:
@@ -123,6 +124,7 @@ def _pipeline(args: argparse.Namespace) -> int:
         sizes=_names(args.sizes),
         overrides=tuple(args.overrides),
         baselines=_names(args.baselines),
+        **({} if args.retrieve_k is None else {"retrieve_k": args.retrieve_k}),
     )
     try:
         steps = run(study, args.profile or "local_cwd", args.profiles)
@@ -221,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sizes", help="comma-separated model sizes, e.g. L4H32A4,L4H64A4")
     run.add_argument(
         "--baselines", help="also run these CTR baselines with NT and ST&SF: deepfm,din"
+    )
+    run.add_argument(
+        "--retrieve-k",
+        type=int,
+        help="K of the retrieve stage after each pretraining: full-catalogue HR@K, NDCG@K "
+        "and MRR in the report (default: 10; 0: no retrieve stage)",
     )
     run.add_argument("--profile", help="profile of torchx.yaml (default: local_cwd)")
     run.add_argument("--profiles", help="the profiles file (default: the project's torchx.yaml)")

@@ -40,7 +40,7 @@ from typing import Any
 from recsys import yamltext
 from recsys.checks import shown
 from recsys.errors import describe_os_error
-from recsys.pipelines.gpsd import BASELINES, STRATEGIES, PipelineError, Study
+from recsys.pipelines.gpsd import BASELINES, RETRIEVE_K, STRATEGIES, PipelineError, Study
 from recsys.pipelines.lum import DEFAULT_VARIANTS, LumStudy
 from recsys.pipelines.profiles import load_profile
 from recsys.stages.config import ConfigError
@@ -51,6 +51,7 @@ ARM_KEYS = {
     "strategies",
     "baselines",
     "gpsd",
+    "retrieve_k",
     "seeds",
     "train",
     "overrides",
@@ -232,7 +233,7 @@ def _arm(
 
 
 def _lum_arm(path: Path, where: str, arm: dict[str, Any], common: dict[str, Any]) -> LumStudy:
-    wrong = sorted(set(arm) & {"strategies", "baselines", "gpsd"})
+    wrong = sorted(set(arm) & {"strategies", "baselines", "gpsd", "retrieve_k"})
     if wrong:
         raise _fail(path, where, f"keys {wrong} are for pipeline gpsd, not lum")
     return LumStudy(
@@ -256,12 +257,18 @@ def _gpsd_arm(path: Path, where: str, arm: dict[str, Any], common: dict[str, Any
     gpsd = arm.get("gpsd", True)
     if not isinstance(gpsd, bool):
         raise _fail(path, f"{where}.gpsd", f"expected true or false, got {_shown(gpsd)}")
+    k = arm.get("retrieve_k", RETRIEVE_K)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise _fail(
+            path, f"{where}.retrieve_k", f"expected a whole number >= 0 (0: none), got {_shown(k)}"
+        )
     return Study(
         **common,
         strategies=strategies,
         baselines=baselines,
         tag=_tag(common["train"]),
         gpsd=gpsd,
+        retrieve_k=k,
     )
 
 

@@ -82,6 +82,10 @@ class StageFailed(PipelineError):
     its log and the stage's own error lines."""
 
 
+RETRIEVE_K = 10
+"""K of the ``retrieve`` stage after each pretraining, unless a study says otherwise."""
+
+
 @dataclass(frozen=True)
 class Study:
     """What one pipeline run covers."""
@@ -113,7 +117,7 @@ class Study:
     studies on other training sets share the pretraining of the same size and seed."""
     gpsd: bool = True
     """Run GPSD's ranker (False: only the baselines)."""
-    retrieve_k: int = 10
+    retrieve_k: int = RETRIEVE_K
     """After each pretraining, a ``retrieve`` stage ranks every ``test`` user's held-out item
     among all items: HR@K, NDCG@K and MRR at this K in the report (0: no such stage)."""
 

@@ -40,6 +40,8 @@ BASE = "out: {out}\ndata: {{path: {data}}}\n"
         ("arms: [{{name: a, strategies: [SF]}}]\n", r"arms\[0\]: strategies \['SF'\]"),
         ("arms: [{{name: a}}, {{name: a}}]\n", r"arms\[1\].name: 'a' is used twice"),
         ("arms: []\n", r"arms: expected a non-empty list"),
+        ("arms: [{{name: a, retrieve_k: -1}}]\n", r"arms\[0\].retrieve_k: expected a whole"),
+        ("arms: [{{name: a, retrieve_k: true}}]\n", r"arms\[0\].retrieve_k: expected a whole"),
     ],
 )
 def test_mistakes_name_the_file_and_the_key(tmp_path: Path, body: str, message: str) -> None:
@@ -47,6 +49,20 @@ def test_mistakes_name_the_file_and_the_key(tmp_path: Path, body: str, message: 
     with pytest.raises(PipelineError, match=message) as err:
         experiment.load(path)
     assert str(path) in str(err.value)
+
+
+def test_an_arm_sets_the_k_of_its_retrieve_stage_or_leaves_it_out(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        BASE.format(out=tmp_path / "e", data=tmp_path / "d")
+        + "arms:\n  - {name: k5, sizes: [L1H16A2], retrieve_k: 5}\n"
+        + "  - {name: none, sizes: [L1H32A2], retrieve_k: 0}\n  - {name: default}\n",
+    )
+    k5, none, default = (plan(arm) for arm in experiment.load(path).arms)
+    (retrieve,) = [s for s in k5 if s.stage == "retrieve"]
+    assert retrieve.options["k"] == 5 and retrieve.arguments[-2:] == ["--k", "5"]
+    assert [s for s in none if s.stage == "retrieve"] == []
+    assert [s.options["k"] for s in default if s.stage == "retrieve"] == [10]
 
 
 def test_missing_data_without_a_make_command_is_refused(tmp_path: Path) -> None:

@@ -308,3 +308,16 @@ def test_a_pipeline_stopped_by_ctrl_c_is_one_line(
         "recsys pipeline: stopped by SIGINT (its jobs end with it); the same command resumes "
         "the study"
     ]
+
+
+def test_retrieve_k_is_checked_and_goes_with_a_directory(
+    tmp_path: Path, data: Path, config: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = ["--experiment", str(tmp_path / "exp"), "--config", str(config), "--data", str(data)]
+    line = refused(capsys, *run, "--retrieve-k", "-1")
+    assert "retrieve_k must be >= 0 (0: no retrieve stage), got -1" in line
+    experiment_file = tmp_path / "study.yaml"
+    experiment_file.write_text("arms: [{name: a}]\n")
+    line = refused(capsys, "--experiment", str(experiment_file), "--retrieve-k", "5")
+    assert "--retrieve-k and overrides go with a directory" in line
+    nothing_ran(tmp_path / "exp")

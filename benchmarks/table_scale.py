@@ -1,0 +1,258 @@
+"""Is the plan true as tables grow? CTR finetuning at L4H64A4 on 2 gloo ranks with the item
+table at several sizes, the same synthetic log hashed into each (``recsys data synth --stream
+--hash-ids --table-rows N``), so the work per step stays the same.
+
+    python benchmarks/table_scale.py --sizes 100000,1000000,8388608 --steps 20
+
+For each size (and sharding type): steady-state seconds per step, rows touched per step
+(distinct item ids of a batch, mean over ranks and steps), each rank's peak RSS while
+training (``ru_maxrss``, before any checkpoint), the per-rank memory ``recsys plan --host cpu``
+gives for the same model, batch and sharding (``recsys.plan.make`` in-process), their ratio,
+and a checkpoint's save seconds, bytes (all ranks' files) and load seconds (model and fused
+optimizer, DCP).
+Then the largest checkpoint is loaded on 1 rank (resharding 2 → 1). Before each size, the
+run stops with one line if the table cannot fit the host's free memory
+(``recsys.plan.measure.check_fits``). The last line is
+
+    table_scale: rows=N rss_over_plan=R step_time_ratio=S
+
+R: the worst measured / planned ratio over ranks at the largest size; S: step time at the
+largest size over the smallest (the first sharding type).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+import time
+from pathlib import Path
+
+MODEL = "L4H64A4"
+DIM = 64
+RANKS = 2
+
+
+def stage_config(data: str, batch: int, steps: int, sharding: str):
+    """The finetune stage's config for this benchmark: the model, batch, steps and the item
+    table's sharding type."""
+    from recsys.stages.config import load
+
+    config = load(
+        None,
+        [
+            f"data.train={data}",
+            f"data.batch_size={batch}",
+            f"model.size={MODEL}",
+            f"run.max_steps={steps}",
+            "run.resume=false",
+        ],
+        "finetune",
+    )
+    plan = dataclasses.replace(config.plan, sharding_types={"item": [sharding]})
+    return dataclasses.replace(config, plan=plan)
+
+
+def make_data(root: Path, rows: int, users: int, items: int) -> Path:
+    """The log hashed into ``rows`` item rows (generated once per size); its ``ctr_train``."""
+    from recsys.data.synth import SynthConfig
+    from recsys.data.synth_stream import StreamSynthConfig, write
+
+    out = root / f"hash-u{users}-i{items}-t{rows}"
+    if not (out / "ctr_train" / "dataset.json").exists():
+        world = SynthConfig(users=users, items=items, categories=50, min_events=10, max_events=60)
+        write(out, StreamSynthConfig(world, hash_ids=True, table_rows=rows), overwrite=True)
+    return out / "ctr_train"
+
+
+def planned_per_rank(data: str, batch: int, sharding: str, world_size: int = RANKS) -> list[int]:
+    """Each rank's memory (HBM + DDR bytes) in ``recsys plan --host cpu``'s plan of this job."""
+    from recsys.plan.cli import quiet_planner
+    from recsys.plan.hosts import cluster
+    from recsys.plan.make import Request, make
+
+    quiet_planner()
+    config = stage_config(data, batch, 1, sharding)
+    request = Request(stage="finetune", sharding_types={"item": [sharding]}, batch_size=batch)
+    doc = make(config, request, cluster("cpu", world_size=world_size))
+    return [r["hbm_bytes"] + r["ddr_bytes"] for r in doc["ranks"]]
+
+
+def _state(sharded) -> dict:
+    return {"model": sharded, "fused": sharded.fused_optimizer}
+
+
+def _build(data: str, batch: int, steps: int, sharding: str, env, run_dir: str):
+    from recsys.models import build as models
+    from recsys.stages import build
+
+    config = stage_config(data, batch, steps, sharding)
+    meta = build.training_meta(config.data, "ctr")
+    train = build.loader(data, config.data, config.model, config.run.seed, train=True)
+    return build.trainer(
+        models.ctr_model(config.model, meta), train, None, config, env, run_dir, "ctr"
+    )
+
+
+def train(data: str, batch: int, warmup: int, steps: int, sharding: str, run_dir: str) -> dict:
+    """On one rank: ``warmup + steps`` CTR steps through the real trainer, then a checkpoint
+    saved and loaded; this rank's figures."""
+    import torch
+    import torch.distributed as dist
+
+    from recsys.checkpoint.manager import CheckpointManager
+    from recsys.distributed.env import distributed
+    from recsys.plan.measure import peak_rss_bytes
+
+    with distributed("cpu") as env:
+        sharded, trainer = _build(data, batch, warmup + steps, sharding, env, run_dir)
+        features = next(t.features for t in sharded.module.sparse.config.tables
+                        if t.name == "item")  # fmt: skip
+        marks: list[float] = []
+        touched: list[int] = []
+        peak = [0]
+        step = trainer._train_step
+
+        def timed(b):
+            marks.append(time.perf_counter())
+            kjt = b.features
+            present = set(kjt.keys())
+            ids = torch.cat([kjt[f].values() for f in features if f in present])
+            touched.append(int(torch.unique(ids).numel()))
+            out = step(b)
+            peak[0] = peak_rss_bytes()  # training only: before the trainer's final checkpoint
+            return out
+
+        trainer._train_step = timed
+        trainer.train()
+        if len(marks) < warmup + 2:
+            raise RuntimeError(
+                f"{data}: only {len(marks)} steps of {batch} rows per rank, fewer than "
+                f"--warmup {warmup} + 2: give more --users or fewer --steps"
+            )
+        # Seconds between the starts of consecutive steps past the warm-up, slowest rank.
+        span = torch.tensor([(marks[-1] - marks[warmup]) / max(1, len(marks) - 1 - warmup)])
+        dist.all_reduce(span, op=dist.ReduceOp.MAX)
+        manager = CheckpointManager(Path(run_dir) / "bench-ckpt", keep=1)
+        dist.barrier()
+        start = time.perf_counter()
+        path = manager.save(trainer.step, _state(sharded))
+        saved = time.perf_counter() - start
+        dist.barrier()
+        start = time.perf_counter()
+        manager.load(_state(sharded), path)
+        loaded = time.perf_counter() - start
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return {
+            "step_s": float(span),
+            "touched": sum(touched[warmup:]) / max(1, len(touched) - warmup),
+            "rss": peak[0],
+            "save_s": saved,
+            "load_s": loaded,
+            "bytes": size,
+            "checkpoint": str(path),
+        }
+
+
+def reload(data: str, batch: int, sharding: str, run_dir: str, checkpoint: str) -> dict:
+    """On one rank of a 1-rank job: load a 2-rank checkpoint (resharding); seconds, RSS."""
+    from recsys.checkpoint.manager import CheckpointManager
+    from recsys.distributed.env import distributed
+    from recsys.plan.measure import peak_rss_bytes
+
+    with distributed("cpu") as env:
+        sharded, _ = _build(data, batch, 1, sharding, env, run_dir)
+        start = time.perf_counter()
+        CheckpointManager(Path(checkpoint).parent).load(_state(sharded), checkpoint)
+        return {"load_s": time.perf_counter() - start, "rss": peak_rss_bytes()}
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``1e5,1e6,2**25`` → ``[100000, 1000000, 33554432]``."""
+    sizes = []
+    for part in text.split(","):
+        part = part.strip()
+        base, _, power = part.partition("**")
+        value = int(base) ** int(power) if power else int(float(part))
+        if value < 1 or (not power and float(part) != value):
+            raise argparse.ArgumentTypeError(f"--sizes: {part!r} is not a whole number >= 1")
+        sizes.append(value)
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("1e5,1e6,1e7,2**25"))
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=256, help="CTR samples per rank")
+    parser.add_argument("--users", type=int, default=12_000, help="enough for 30 steps")
+    parser.add_argument("--items", type=int, default=10_000_000, help="the log's catalogue")
+    parser.add_argument("--sharding", default="row_wise", help="row_wise, table_wise or both")
+    parser.add_argument("--data", type=Path, default=Path("runs/bench-data/table-scale"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench-table-scale"))
+    parser.add_argument("--no-reshard", action="store_true", help="skip the 2 -> 1 load")
+    args = parser.parse_args(argv)
+
+    from recsys.distributed.launch import run_on_ranks
+    from recsys.plan.measure import TableTooLarge, check_fits
+
+    types = ["row_wise", "table_wise"] if args.sharding == "both" else [args.sharding]
+    sizes = sorted(args.sizes)
+    mib = 1024**2
+    steps: dict[int, float] = {}
+    ratios: dict[int, float] = {}
+    last: tuple[str, str] | None = None
+    for rows in sizes:
+        try:
+            check_fits(rows, DIM, RANKS)
+        except TableTooLarge as err:
+            sys.exit(f"table_scale: {err}")
+        data = str(make_data(args.data, rows, args.users, args.items))
+        for sharding in types:
+            run_dir = args.runs / f"{sharding}-{rows}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            out = run_on_ranks(
+                train, data, args.batch, args.warmup, args.steps, sharding, str(run_dir),
+                world_size=RANKS, quiet=True,
+            )  # fmt: skip
+            plan = planned_per_rank(data, args.batch, sharding)
+            over = [o["rss"] / p for o, p in zip(out, plan, strict=True)]
+            if sharding == types[0]:
+                steps[rows], ratios[rows] = out[0]["step_s"], max(over)
+            last = (data, out[0]["checkpoint"]) if sharding == types[0] else last
+            print(
+                f"rows={rows:,} {sharding}: step {out[0]['step_s'] * 1e3:.1f} ms, "
+                f"rows touched/step {sum(o['touched'] for o in out) / RANKS:,.0f}, "
+                f"checkpoint save {max(o['save_s'] for o in out):.2f} s "
+                f"{out[0]['bytes'] / mib:,.1f} MiB load {max(o['load_s'] for o in out):.2f} s"
+            )
+            for rank, (o, p) in enumerate(zip(out, plan, strict=True)):
+                print(
+                    f"  rank {rank}: peak RSS {o['rss'] / mib:,.0f} MiB, planned {p / mib:,.1f} "
+                    f"MiB, measured/planned {o['rss'] / p:.2f} (not in the plan: "
+                    f"{(o['rss'] - p) / mib:,.0f} MiB)"
+                )
+            shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
+    if last is not None and not args.no_reshard:
+        data, checkpoint = last
+        one = run_on_ranks(
+            reload, data, args.batch, types[0], str(args.runs / "reload-1"), checkpoint,
+            world_size=1, quiet=True,
+        )[0]  # fmt: skip
+        print(
+            f"rows={sizes[-1]:,}: checkpoint of 2 ranks loaded on 1 rank in {one['load_s']:.2f} "
+            f"s, peak RSS {one['rss'] / mib:,.0f} MiB"
+        )
+    largest, smallest = sizes[-1], sizes[0]
+    summary = (
+        f"table_scale: rows={largest} rss_over_plan={ratios[largest]:.3f} "
+        f"step_time_ratio={steps[largest] / steps[smallest]:.3f}"
+    )
+    print(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

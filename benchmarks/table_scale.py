@@ -10,7 +10,8 @@ training (``ru_maxrss``, before any checkpoint), the per-rank memory ``recsys pl
 gives for the same model, batch and sharding (``recsys.plan.make`` in-process), their ratio,
 and a checkpoint's save seconds, bytes (all ranks' files) and load seconds (model and fused
 optimizer, DCP).
-Then the largest checkpoint is loaded on 1 rank (resharding 2 → 1). Before each size, the
+Then the largest checkpoint is loaded on 1 rank (resharding 2 → 1) and on 2 ranks under
+the other sharding type (row-wise ↔ table-wise). Before each size, the
 run stops with one line if the table cannot fit the host's free memory
 (``recsys.plan.measure.check_fits``). The last line is
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import shutil
 import sys
 import time
@@ -81,6 +83,27 @@ def planned_per_rank(data: str, batch: int, sharding: str, world_size: int = RAN
 
 def _state(sharded) -> dict:
     return {"model": sharded, "fused": sharded.fused_optimizer}
+
+
+def checksum(sharded) -> float:
+    """The sum of every weight of the model's state, the same whatever the job's shape or
+    sharding: each table shard counted on the rank that holds it, the replicated dense
+    weights once (rank 0)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+
+    total = torch.zeros((), dtype=torch.float64)
+    for value in sharded.state_dict().values():
+        if isinstance(value, ShardedTensor):
+            total += sum((s.tensor.double().sum() for s in value.local_shards()), total * 0)
+        elif isinstance(value, DTensor):
+            total += value.to_local().double().sum()
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and dist.get_rank() == 0:
+            total += value.double().sum()
+    dist.all_reduce(total)
+    return float(total)
 
 
 def _build(data: str, batch: int, steps: int, sharding: str, env, run_dir: str):
@@ -143,6 +166,7 @@ def train(data: str, batch: int, warmup: int, steps: int, sharding: str, run_dir
         start = time.perf_counter()
         manager.load(_state(sharded), path)
         loaded = time.perf_counter() - start
+        saved_sum = checksum(sharded)
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         return {
             "step_s": float(span),
@@ -152,11 +176,13 @@ def train(data: str, batch: int, warmup: int, steps: int, sharding: str, run_dir
             "load_s": loaded,
             "bytes": size,
             "checkpoint": str(path),
+            "checksum": saved_sum,
         }
 
 
 def reload(data: str, batch: int, sharding: str, run_dir: str, checkpoint: str) -> dict:
-    """On one rank of a 1-rank job: load a 2-rank checkpoint (resharding); seconds, RSS."""
+    """On one rank: load a checkpoint saved by another job shape or sharding (resharding);
+    seconds, peak RSS."""
     from recsys.checkpoint.manager import CheckpointManager
     from recsys.distributed.env import distributed
     from recsys.plan.measure import peak_rss_bytes
@@ -165,7 +191,8 @@ def reload(data: str, batch: int, sharding: str, run_dir: str, checkpoint: str) 
         sharded, _ = _build(data, batch, 1, sharding, env, run_dir)
         start = time.perf_counter()
         CheckpointManager(Path(checkpoint).parent).load(_state(sharded), checkpoint)
-        return {"load_s": time.perf_counter() - start, "rss": peak_rss_bytes()}
+        seconds = time.perf_counter() - start
+        return {"load_s": seconds, "rss": peak_rss_bytes(), "checksum": checksum(sharded)}
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -192,7 +219,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--sharding", default="row_wise", help="row_wise, table_wise or both")
     parser.add_argument("--data", type=Path, default=Path("runs/bench-data/table-scale"))
     parser.add_argument("--runs", type=Path, default=Path("runs/bench-table-scale"))
-    parser.add_argument("--no-reshard", action="store_true", help="skip the 2 -> 1 load")
+    parser.add_argument("--no-reshard", action="store_true", help="skip the resharding loads")
     args = parser.parse_args(argv)
 
     from recsys.distributed.launch import run_on_ranks
@@ -221,7 +248,8 @@ def main(argv: list[str] | None = None) -> str:
             over = [o["rss"] / p for o, p in zip(out, plan, strict=True)]
             if sharding == types[0]:
                 steps[rows], ratios[rows] = out[0]["step_s"], max(over)
-            last = (data, out[0]["checkpoint"]) if sharding == types[0] else last
+            if sharding == types[0]:
+                last = (data, out[0]["checkpoint"], out[0]["checksum"])
             print(
                 f"rows={rows:,} {sharding}: step {out[0]['step_s'] * 1e3:.1f} ms, "
                 f"rows touched/step {sum(o['touched'] for o in out) / RANKS:,.0f}, "
@@ -236,15 +264,24 @@ def main(argv: list[str] | None = None) -> str:
                 )
             shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
     if last is not None and not args.no_reshard:
-        data, checkpoint = last
-        one = run_on_ranks(
-            reload, data, args.batch, types[0], str(args.runs / "reload-1"), checkpoint,
-            world_size=1, quiet=True,
-        )[0]  # fmt: skip
-        print(
-            f"rows={sizes[-1]:,}: checkpoint of 2 ranks loaded on 1 rank in {one['load_s']:.2f} "
-            f"s, peak RSS {one['rss'] / mib:,.0f} MiB"
-        )
+        data, checkpoint, expected = last
+        other = "table_wise" if types[0] == "row_wise" else "row_wise"
+        for world_size, sharding in ((1, types[0]), (2, other)):
+            loads = run_on_ranks(
+                reload, data, args.batch, sharding, str(args.runs / f"reload-{world_size}"),
+                checkpoint, world_size=world_size, quiet=True,
+            )  # fmt: skip
+            print(
+                f"rows={sizes[-1]:,}: checkpoint of 2 ranks ({types[0]}) loaded on {world_size} "
+                f"rank(s) ({sharding}) in {max(o['load_s'] for o in loads):.2f} s, peak RSS "
+                + ", ".join(f"{o['rss'] / mib:,.0f}" for o in loads)
+                + " MiB, weights "
+                + (
+                    "the same"
+                    if math.isclose(loads[0]["checksum"], expected, rel_tol=1e-9)
+                    else f"DIFFER (sum {loads[0]['checksum']!r}, saved {expected!r})"
+                )
+            )
     largest, smallest = sizes[-1], sizes[0]
     summary = (
         f"table_scale: rows={largest} rss_over_plan={ratios[largest]:.3f} "

@@ -89,9 +89,9 @@ def test_table_scale_on_a_million_rows(bench, tmp_path, capsys):
     head = re.fullmatch(
         r"rows=1,000,000 row_wise: step ([\d.]+) ms, rows touched/step ([\d,]+), checkpoint "
         r"save ([\d.]+) s ([\d,.]+) MiB load ([\d.]+) s",
-        lines[-5],
+        lines[-6],
     )
-    assert head, lines[-5]
+    assert head, lines[-6]
     assert float(head[1]) > 0 and 0 < int(head[2].replace(",", "")) <= 2 * 256 * 51
     # The checkpoint (both ranks' files) holds at least the weights (fp32 × 64).
     assert float(head[4].replace(",", "")) * 1024**2 >= 1_000_000 * 64 * 4
@@ -101,15 +101,21 @@ def test_table_scale_on_a_million_rows(bench, tmp_path, capsys):
             r"measured/planned ([\d.]+) \(not in the plan: (-?[\d,]+) MiB\)",
             line,
         )
-        for line in lines[-4:-2]
+        for line in lines[-5:-3]
     ]
     for rank in ranks:
-        assert rank, lines[-4:-2]
+        assert rank, lines[-5:-3]
         rss, planned = float(rank[2].replace(",", "")), float(rank[3].replace(",", ""))
         # The plan holds each rank's half of the table and its row-wise Adagrad state.
         assert rss > 0 and planned >= 1_000_000 * 65 * 4 / 2 / 1024**2 * 0.99
         assert float(rank[4]) == pytest.approx(rss / planned, rel=0.01)
     assert re.fullmatch(
-        r"rows=1,000,000: checkpoint of 2 ranks loaded on 1 rank in [\d.]+ s, peak RSS [\d,]+ MiB",
+        r"rows=1,000,000: checkpoint of 2 ranks \(row_wise\) loaded on 1 rank\(s\) "
+        r"\(row_wise\) in [\d.]+ s, peak RSS [\d,]+ MiB, weights the same",
+        lines[-3],
+    ), lines[-3]
+    assert re.fullmatch(
+        r"rows=1,000,000: checkpoint of 2 ranks \(row_wise\) loaded on 2 rank\(s\) "
+        r"\(table_wise\) in [\d.]+ s, peak RSS [\d,]+, [\d,]+ MiB, weights the same",
         lines[-2],
-    )
+    ), lines[-2]

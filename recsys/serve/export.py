@@ -21,7 +21,6 @@ score (``score.py``) nor define the served computation (:mod:`recsys.serve.infer
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from recsys.checkpoint.weights import load_weights, named_weights, saved_shapes
 from recsys.data import vocab
 from recsys.data.schema import DatasetMeta
+from recsys.data.writer import atomic_directory
 from recsys.errors import UserError
 from recsys.models import build as models
 from recsys.serve import score
@@ -215,13 +215,9 @@ def _write(
     vocabularies: Path,
     manifest: dict[str, Any],
 ) -> None:
-    """The artifact under a temporary name beside ``out``, renamed when complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    old = out.with_name(f".{out.name}.{os.getpid()}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    """The artifact under a temporary name beside ``out``, renamed when complete
+    (``writer.atomic_directory``: an existing ``out`` is replaced only with ``force``)."""
+    with atomic_directory(out, overwrite=force) as tmp:
         torch.export.save(program, tmp / MODEL_FILE)
         shutil.copytree(vocabularies, tmp / vocab.DIRECTORY)
         shutil.copyfile(score.__file__, tmp / SCORER_FILE)
@@ -229,11 +225,3 @@ def _write(
             str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
         }
         (tmp / score.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            if not force:  # made by someone else meanwhile
-                raise ExportError(f"--out {out}: exists already; pass --force to replace it")
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)

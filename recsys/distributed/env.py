@@ -53,6 +53,16 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def summed_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over every rank of the job (collective; itself in a world of one),
+    on ``tensor``'s device."""
+    if not dist.is_initialized():
+        return tensor
+    local = tensor.to(collective_device())
+    dist.all_reduce(local)
+    return local.to(tensor.device)
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from recsys.distributed.env import collective_device
+from recsys.distributed.env import collective_device, summed_over_ranks
 
 CHUNK_ROWS = 65_536
 """Item rows scored at once: [users, CHUNK_ROWS] scores are the largest tensor."""
@@ -176,14 +176,6 @@ def _gathered(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(tensor.device) for t in out]
 
 
-def _summed(tensor: torch.Tensor) -> torch.Tensor:
-    if not dist.is_initialized():
-        return tensor
-    local = tensor.to(collective_device())
-    dist.all_reduce(local)
-    return local.to(tensor.device)
-
-
 def _padded(tensor: torch.Tensor, rows: int, fill: float) -> torch.Tensor:
     extra = rows - len(tensor)
     return (
@@ -229,7 +221,7 @@ def retrieve(
             row = rows[all_targets[at] - first]
             target_scores[at] = pair_scores(all_users[at], row, scoring, temperature)
             owned[at] = 1
-    target_scores, owned = _summed(target_scores), _summed(owned)
+    target_scores, owned = summed_over_ranks(target_scores), summed_over_ranks(owned)
     top, ids, above = local_top_k(
         all_users,
         block,
@@ -240,7 +232,7 @@ def retrieve(
         temperature=temperature,
         target_scores=target_scores,
     )
-    above = _summed(above)
+    above = summed_over_ranks(above)
     rank, _ = _rank_world()
     mine = slice(rank * most, rank * most + n)
     merged = torch.cat([t[mine] for t in _gathered(top)], 1)

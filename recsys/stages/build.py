@@ -57,6 +57,17 @@ def valid_meta(path: str, kind: str, train: DatasetMeta, train_path: str) -> Dat
     return meta
 
 
+def same_as_trained(data: str, meta: DatasetMeta, train: str, kind: str) -> None:
+    """A StageError unless ``meta`` (of ``--data``, scored by a finished stage) has the
+    vocabularies of the ``kind`` dataset ``train`` that stage was trained on."""
+    trained = dataset_meta(train, kind, "data.train")
+    if trained.vocab != meta.vocab:
+        raise StageError(
+            f"--data {data} has vocabularies {meta.vocab}, but the model was trained "
+            f"with {trained.vocab}: ids would mean other items"
+        )
+
+
 def training_meta(data: DataSection, kind: str) -> DatasetMeta:
     """The metadata of ``data.train`` (a ``kind`` dataset), with ``data.valid`` checked
     against it when given."""

@@ -159,7 +159,7 @@ def _main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
@@ -197,13 +197,13 @@ class StageDir:
                     f"{self.path}: stage {self.stage} has finished already (DONE); "
                     "pass --force to run it again"
                 )
-            _barrier()
+            barrier()
             if _main():
                 shutil.rmtree(self.path)
-        _barrier()
+        barrier()
         if _main():
             self.path.mkdir(parents=True, exist_ok=True)
-        _barrier()
+        barrier()
 
     def refuse(self, inputs: dict[str, Any]) -> None:
         """A StageError when ``--out`` is empty, is, contains or lies inside an input, holds
@@ -256,7 +256,7 @@ class StageDir:
         :class:`StageError` instead when the result cannot be right (:meth:`check`)."""
         record = {**self.about, **record}
         self.check(record)  # every rank: its record's steps and results are the same on all
-        _barrier()
+        barrier()
         record = {
             "stage": self.stage,
             **record,
@@ -270,7 +270,7 @@ class StageDir:
             os.replace(tmp, self.path / "stage.json")
             (self.path / "DONE.tmp").write_text(record["fingerprint"] + "\n")
             os.replace(self.path / "DONE.tmp", self.path / "DONE")
-        _barrier()
+        barrier()
         return record
 
     def check(self, record: dict[str, Any]) -> None:

@@ -102,12 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         model_section = ModelSection(**source["config"]["model"])
         config = dataclasses.replace(config, model=model_section)
         inputs = {"model": args.model, "data": args.data}
-        trained_meta = build.dataset_meta(source["config"]["data"]["train"], "ctr", "data.train")
-        if trained_meta.vocab != meta.vocab:
-            raise StageError(
-                f"--data {args.data} has vocabularies {meta.vocab}, but the model was trained "
-                f"with {trained_meta.vocab}: ids would mean other items"
-            )
+        build.same_as_trained(args.data, meta, source["config"]["data"]["train"], "ctr")
         stage = start(NAME, args, config, inputs)
         model = models.ctr_model(model_section, meta, tuple(source["frozen"]))
         sharded = build.place(model, config.plan, env)

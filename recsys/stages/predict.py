@@ -28,7 +28,6 @@ from typing import NamedTuple
 
 import pyarrow as pa
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from recsys.checkpoint.weights import load_weights, named_weights
@@ -45,7 +44,7 @@ from recsys.data.requests import (
     placeholder,
     read_chunk,
 )
-from recsys.distributed.env import collective_device, distributed
+from recsys.distributed.env import distributed, summed_over_ranks
 from recsys.distributed.shards import zero_rows
 from recsys.models import build as models
 from recsys.stages import build
@@ -53,6 +52,7 @@ from recsys.stages.common import (
     StageDir,
     StageError,
     arguments,
+    barrier,
     parser,
     read_stage,
     run_stage,
@@ -119,9 +119,7 @@ def score(model: nn.Module, work: Iterator[Piece], pending: Pending, device: tor
 def results(counts: Counter, metrics: CTRMetrics, requests: Requests) -> dict[str, float | None]:
     """Counts summed over the ranks, then the metrics when the requests have labels."""
     names = [*STATUSES, "unknown_candidate", "unknown_history_ids", "nonfinite_scores"]
-    total = torch.tensor([counts.get(n, 0) for n in names], device=collective_device())
-    if dist.is_initialized():
-        dist.all_reduce(total)
+    total = summed_over_ranks(torch.tensor([counts.get(n, 0) for n in names]))
     summed = dict(zip(names, (int(v) for v in total.tolist()), strict=True))
     if summed["nonfinite_scores"]:
         raise StageError(
@@ -165,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         pending.check(config.run.resume)
         if env.is_main:
             pending.prepare(config.run.resume)
-        _barrier()
+        barrier()
         meta = model_meta(vocabularies)
         sharded = build.place(models.ctr_model(model_section, meta, tuple(source["frozen"])),
                               config.plan, env)  # fmt: skip
@@ -182,25 +180,13 @@ def main(argv: list[str] | None = None) -> dict:
                 "strategy": source["strategy"],
                 "requests": args.requests,
                 "chunks": len(requests.chunks),
-                "resumed_chunks": _summed(len(mine) - len(todo)),
+                "resumed_chunks": int(summed_over_ranks(torch.tensor([len(mine) - len(todo)]))),
                 "results": results(counts, metrics, requests),
             }
         )
         if env.is_main:
             pending.remove()  # after DONE: until then, the chunks are what a restart resumes
         return record
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _summed(value: int) -> int:
-    total = torch.tensor([value], device=collective_device())
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    return int(total)
 
 
 if __name__ == "__main__":

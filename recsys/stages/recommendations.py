@@ -12,10 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.distributed as dist
 
 from recsys.data.vocab import USER, Vocabulary
-from recsys.distributed.env import collective_device
+from recsys.distributed.env import summed_over_ranks
 from recsys.distributed.topk import Retrieved, ranking_metrics
 
 
@@ -50,11 +49,8 @@ class Answers:
         sums["unknown_targets"] = float((ranks == 0).sum())
         sums["skipped_users"] = float(self.skipped)
         names = list(sums)
-        total = torch.tensor([sums[n] for n in names], dtype=torch.float64)
-        if dist.is_initialized():
-            total = total.to(collective_device())
-            dist.all_reduce(total)
-        summed = dict(zip(names, total.cpu().tolist(), strict=True))
+        total = summed_over_ranks(torch.tensor([sums[n] for n in names], dtype=torch.float64))
+        summed = dict(zip(names, total.tolist(), strict=True))
         users = int(summed["users"])
         out: dict[str, float | int] = {"users": users, "k": self.k}
         out["skipped_users"] = int(summed["skipped_users"])

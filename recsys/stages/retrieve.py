@@ -29,7 +29,6 @@ import shutil
 
 import pyarrow.parquet as pq
 import torch
-import torch.distributed as dist
 from torchrec import KeyedJaggedTensor
 from torchrec.distributed.model_parallel import get_unwrapped_module
 
@@ -41,7 +40,15 @@ from recsys.distributed.env import distributed
 from recsys.models import build as models
 from recsys.models.sparse import padded
 from recsys.stages import build
-from recsys.stages.common import StageError, arguments, parser, read_stage, run_stage, start
+from recsys.stages.common import (
+    StageError,
+    arguments,
+    barrier,
+    parser,
+    read_stage,
+    run_stage,
+    start,
+)
 from recsys.stages.config import StageConfig, from_dict
 from recsys.stages.recommendations import Answers
 from recsys.train.ranks import until_every_rank_is_done
@@ -107,20 +114,14 @@ def main(argv: list[str] | None = None) -> dict:
         if meta.kind not in ("seq", "ctr"):
             raise StageError(f"--data {args.data} is a {meta.kind!r} dataset, not seq or ctr")
         trained = from_dict(source["config"])
-        trained_meta = build.dataset_meta(trained.data.train, "seq", "data.train")
-        if trained_meta.vocab != meta.vocab:
-            raise StageError(
-                f"--data {args.data} has vocabularies {meta.vocab}, but the model was trained "
-                f"with {trained_meta.vocab}: ids would mean other items"
-            )
+        build.same_as_trained(args.data, meta, trained.data.train, "seq")
         config = whole_rows(config)
         options = {"k": args.k, "exclude_seen": args.exclude_seen}
         stage = start(NAME, args, config, {"model": args.model, "data": args.data}, options)
         out = stage.path / "recommendations"
         if env.is_main and out.exists():  # an interrupted run's parts, maybe more ranks
             shutil.rmtree(out)
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
         model = models.generative_model(trained.model, meta)
         sharded = build.place(model, config.plan, env)
         load_weights(sharded, f"{args.model}/weights", named_weights(sharded))

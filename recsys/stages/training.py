@@ -20,7 +20,7 @@ from torch import nn
 
 from recsys.checkpoint.weights import save_weights
 from recsys.data import vocab
-from recsys.data.files import open_dataset
+from recsys.data.files import dataset_directory, read_meta
 from recsys.distributed.env import DistEnv
 from recsys.stages import build
 from recsys.stages.common import StageDir
@@ -81,7 +81,8 @@ class Training:
         write the stage's ``record`` and what training adds."""
         save_weights(self.sharded, self.stage.weights)
         if self.env.is_main:
-            vocab.carry(self.data, open_dataset(self.data).meta, self.stage.path)
+            # dataset.json alone: its files were opened and checked when training began
+            vocab.carry(self.data, read_meta(*dataset_directory(self.data)), self.stage.path)
         trained = {
             "steps": self.trainer.step,
             "sharding": build.sharding(self.sharded),

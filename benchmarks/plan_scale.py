@@ -15,7 +15,6 @@ Target: under 10 s for 64 ranks.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 
@@ -37,6 +36,7 @@ def main() -> None:
     from recsys.plan.cli import quiet_planner
     from recsys.plan.hosts import cluster
     from recsys.plan.make import Request, make, parse_table
+    from recsys.plan.measure import peak_rss_bytes
     from recsys.stages.config import load
 
     quiet_planner()
@@ -65,7 +65,7 @@ def main() -> None:
             hbm = [r["hbm_bytes"] for r in doc["ranks"]]
             rows.append((world, best, max(hbm), sum(hbm) / len(hbm)))
         report(rows)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_bytes() / 2**20
     print(f"process peak memory: {peak_mb:,.0f} MB (the tables alone would take TBs)")
 
 

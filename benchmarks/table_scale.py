@@ -69,7 +69,8 @@ def make_data(root: Path, rows: int, users: int, items: int) -> Path:
 
 
 def planned_per_rank(data: str, batch: int, sharding: str, world_size: int = RANKS) -> list[int]:
-    """Each rank's memory (HBM + DDR bytes) in ``recsys plan --host cpu``'s plan of this job."""
+    """Each rank's memory in ``recsys plan --host cpu``'s plan of this job: its tables (HBM +
+    DDR) and the rest (``process_bytes``: runtime, dense state, activations)."""
     from recsys.plan.cli import quiet_planner
     from recsys.plan.hosts import cluster
     from recsys.plan.make import Request, make
@@ -78,7 +79,7 @@ def planned_per_rank(data: str, batch: int, sharding: str, world_size: int = RAN
     config = stage_config(data, batch, 1, sharding)
     request = Request(stage="finetune", sharding_types={"item": [sharding]}, batch_size=batch)
     doc = make(config, request, cluster("cpu", world_size=world_size))
-    return [r["hbm_bytes"] + r["ddr_bytes"] for r in doc["ranks"]]
+    return [r["total_bytes"] for r in doc["ranks"]]
 
 
 def _state(sharded) -> dict:
@@ -148,6 +149,7 @@ def train(data: str, batch: int, warmup: int, steps: int, sharding: str, run_dir
             return out
 
         trainer._train_step = timed
+        ready = peak_rss_bytes()  # the runtime, the model and its tables, before any step
         trainer.train()
         if len(marks) < warmup + 2:
             raise RuntimeError(
@@ -172,6 +174,7 @@ def train(data: str, batch: int, warmup: int, steps: int, sharding: str, run_dir
             "step_s": float(span),
             "touched": sum(touched[warmup:]) / max(1, len(touched) - warmup),
             "rss": peak[0],
+            "ready_rss": ready,
             "save_s": saved,
             "load_s": loaded,
             "bytes": size,
@@ -258,7 +261,8 @@ def main(argv: list[str] | None = None) -> str:
             )
             for rank, (o, p) in enumerate(zip(out, plan, strict=True)):
                 print(
-                    f"  rank {rank}: peak RSS {o['rss'] / mib:,.0f} MiB, planned {p / mib:,.1f} "
+                    f"  rank {rank}: peak RSS {o['rss'] / mib:,.0f} MiB (before the first step "
+                    f"{o['ready_rss'] / mib:,.0f}), planned {p / mib:,.1f} "
                     f"MiB, measured/planned {o['rss'] / p:.2f} (not in the plan: "
                     f"{(o['rss'] - p) / mib:,.0f} MiB)"
                 )

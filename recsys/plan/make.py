@@ -23,8 +23,10 @@ from recsys.data.schema import DatasetMeta
 from recsys.distributed.planning import constraints_for, embedding_modules, run_planner
 from recsys.errors import UserError
 from recsys.models import build as models
+from recsys.models.tower import Tower
 from recsys.plan.hosts import GB, MAX_WORLD_SIZE, Cluster
 from recsys.plan.planfile import COMPUTE_KERNELS, document, optimizer_bytes
+from recsys.plan.process import process_memory
 from recsys.stages.build import dataset_meta
 from recsys.stages.common import StageError
 from recsys.stages.config import StageConfig
@@ -267,6 +269,13 @@ def make(config: StageConfig, request: Request, cluster: Cluster) -> dict:
             raise DoesNotFit(text) from None
         raise PlanError(f"TorchRec's planner found no plan: {err}") from None
     seconds = time.perf_counter() - start
+    process = process_memory(  # a real tower on the CPU: its forward counts activations
+        Tower(models.tower(config.model)),
+        _dense_bytes(model),
+        batch,
+        config.model.max_len,
+        config.model.negatives if request.stage == "pretrain" else None,
+    )
     return document(
         options,
         model,
@@ -281,6 +290,7 @@ def make(config: StageConfig, request: Request, cluster: Cluster) -> dict:
             "sharding_types": {k: list(v) for k, v in sorted(types.items())},
         },
         seconds,
+        process.to_json(),
     )
 
 

@@ -10,7 +10,10 @@ format (``"format": "recsys-plan"``, ``"version": 1``; documented in docs/plan.m
   type, compute kernel, ranks and shards (rank, offsets, sizes, and the planner's HBM/DDR
   estimate, weights and optimizer state in bytes);
 - ``ranks``: per rank the HBM/DDR used, of which weights, optimizer state, and other
-  (input/output buffers, caches);
+  (input/output buffers, caches); then ``process_bytes``, the rank's memory besides its
+  tables, and ``total_bytes``, both;
+- ``process``: that estimate's parts (``recsys.plan.process``: runtime, dense state,
+  activations), the same on every rank;
 - ``planner``: the TorchRec version and the seconds planning took.
 
 :func:`sharding_plan` turns a document back into a TorchRec ``ShardingPlan`` for a model and
@@ -67,9 +70,15 @@ def _optimizer_name(tensor: Any) -> str | None:
 
 
 def document(
-    options: list, model: nn.Module, cluster: Cluster, about: dict[str, Any], seconds: float
+    options: list,
+    model: nn.Module,
+    cluster: Cluster,
+    about: dict[str, Any],
+    seconds: float,
+    process: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The plan document of the planner's chosen ``options`` for ``model`` on ``cluster``."""
+    """The plan document of the planner's chosen ``options`` for ``model`` on ``cluster``;
+    ``process``: each rank's memory besides its tables (``recsys.plan.process``)."""
     import torchrec
 
     frozen = set(model.sparse.config.frozen)
@@ -136,6 +145,9 @@ def document(
         row["other_bytes"] = max(  # buffers and caches (0 rather than rounding below it)
             0, row["hbm_bytes"] + row["ddr_bytes"] - row["weight_bytes"] - row["optimizer_bytes"]
         )
+        if process:
+            row["process_bytes"] = process["process_bytes"]
+            row["total_bytes"] = row["hbm_bytes"] + row["ddr_bytes"] + row["process_bytes"]
         per_rank.append({"rank": rank, **row})
     return {
         "format": FORMAT,
@@ -152,7 +164,7 @@ def document(
         "tables": tables,
         "ranks": per_rank,
         "planner": {"torchrec": torchrec.__version__, "seconds": round(seconds, 3)},
-    }
+    } | ({"process": dict(process)} if process else {})
 
 
 def write(doc: dict[str, Any], path: str | Path) -> Path:

@@ -148,6 +148,15 @@ def render(doc: dict[str, Any], fmt: str = "table") -> str:
         f"{label} imbalance: max/mean {used[hi] / mean if mean else 1:.3f} "
         f"(max {gb(used[hi])} on rank {hi}, min {gb(used[lo])} on rank {lo})",
     ]
+    process = doc.get("process")
+    if process:
+        most = max(r.get("total_bytes", 0) for r in doc["ranks"])
+        out.append(
+            f"Besides its tables each rank holds about {gb(process['process_bytes'])}: runtime "
+            f"{gb(process['runtime_bytes'])}, dense weights, gradients and AdamW state "
+            f"{gb(process['dense_bytes'])}, activations {gb(process['activation_bytes'])} "
+            f"(fp32; recsys.plan.process); with it the fullest rank needs {gb(most)}"
+        )
     saved = [(t["name"], t["optimizer_bytes_saved"]) for t in doc["tables"] if t["frozen"]]
     if saved:
         out.append(

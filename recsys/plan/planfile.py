@@ -131,9 +131,9 @@ def document(
                 "compute_kernel": option.compute_kernel,
                 "ranks": sorted({s["rank"] for s in shards}),
                 "shards": shards,
-                # What the optimizer state of a frozen table would have taken.
+                # What the optimizer state of a frozen table would have taken, trained in fp32.
                 "optimizer_bytes_saved": (
-                    optimizer_bytes(rows, dim, element, optimizer) if option.name in frozen else 0
+                    optimizer_bytes(rows, dim, 4, optimizer) if option.name in frozen else 0
                 ),
             }
         )

@@ -85,7 +85,7 @@ def render(doc: dict[str, Any], fmt: str = "table") -> str:
             [
                 t["name"],
                 f"{t['rows']:,} × {t['dim']}",
-                "yes" if t["frozen"] else "no",
+                ("yes, " + t["dtype"]) if t["frozen"] else "no",
                 t["sharding_type"],
                 t["compute_kernel"],
                 f"{ranks_text(t['ranks'])} ({len(t['ranks'])})",

@@ -158,11 +158,14 @@ def render(doc: dict[str, Any], fmt: str = "table") -> str:
             f"(fp32; recsys.plan.process); with it the fullest rank needs {gb(most)}"
         )
         copy = max(doc["ranks"], key=lambda r: r.get("checkpoint_peak_bytes", 0))
-        out.append(
-            f"A checkpoint's save or load copies a rank's shards one at a time (DCP): up to "
-            f"{gb(copy['checkpoint_bytes'])} more, {gb(copy['checkpoint_peak_bytes'])} on "
-            f"rank {copy['rank']} then"
-        )
+        head = "A checkpoint's save or load copies a rank's shards one at a time (DCP)"
+        if device == "cuda":  # the copies are in host memory
+            out.append(f"{head} into host memory: up to {gb(copy['checkpoint_bytes'])} of DDR")
+        else:
+            out.append(
+                f"{head}: up to {gb(copy['checkpoint_bytes'])} more, "
+                f"{gb(copy['checkpoint_peak_bytes'])} on rank {copy['rank']} then"
+            )
     saved = [(t["name"], t["optimizer_bytes_saved"]) for t in doc["tables"] if t["frozen"]]
     if saved:
         out.append(

@@ -66,6 +66,32 @@ def headline(doc: dict[str, Any]) -> str:
     )
 
 
+def _checkpoint_line(doc: dict[str, Any], process: dict[str, int]) -> str:
+    """What a checkpoint's save or load adds to a rank, and whether the host memory holds it
+    (the copies are in host memory: beside the tables on CPU ranks, beside UVM tables and
+    the runtime on GPU ranks)."""
+    cuda = doc["cluster"]["device"] == "cuda"
+
+    def host(r: dict[str, Any]) -> int:
+        if cuda:
+            return r["ddr_bytes"] + process["runtime_bytes"] + r["checkpoint_bytes"]
+        return r["checkpoint_peak_bytes"]
+
+    copy = max(doc["ranks"], key=host)
+    line = (
+        "A checkpoint's save or load copies a rank's shards one at a time (DCP) into host "
+        f"memory: up to {gb(copy['checkpoint_bytes'])} more, {gb(host(copy))} of host memory "
+        f"on rank {copy['rank']} then"
+    )
+    ddr = doc["cluster"]["ddr_bytes_per_rank"]
+    if host(copy) > ddr:
+        line += (
+            f", MORE than the {gb(ddr)} of DDR a rank has: saving or resuming would run out "
+            "of host memory; give more ranks (fewer rows per shard) or more host memory"
+        )
+    return line
+
+
 def render(doc: dict[str, Any], fmt: str = "table") -> str:
     """``doc`` as ``table``, ``markdown`` or ``json``."""
     if fmt == "json":
@@ -157,15 +183,7 @@ def render(doc: dict[str, Any], fmt: str = "table") -> str:
             f"{gb(process['dense_bytes'])}, activations {gb(process['activation_bytes'])} "
             f"(fp32; recsys.plan.process); with it the fullest rank needs {gb(most)}"
         )
-        copy = max(doc["ranks"], key=lambda r: r.get("checkpoint_peak_bytes", 0))
-        head = "A checkpoint's save or load copies a rank's shards one at a time (DCP)"
-        if device == "cuda":  # the copies are in host memory
-            out.append(f"{head} into host memory: up to {gb(copy['checkpoint_bytes'])} of DDR")
-        else:
-            out.append(
-                f"{head}: up to {gb(copy['checkpoint_bytes'])} more, "
-                f"{gb(copy['checkpoint_peak_bytes'])} on rank {copy['rank']} then"
-            )
+        out.append(_checkpoint_line(doc, process))
     saved = [(t["name"], t["optimizer_bytes_saved"]) for t in doc["tables"] if t["frozen"]]
     if saved:
         out.append(

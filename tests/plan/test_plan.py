@@ -104,6 +104,15 @@ def test_each_rank_counts_the_memory_besides_its_tables(tmp_path: Path) -> None:
     assert more["activation_bytes"] == pytest.approx(2 * process["activation_bytes"], rel=1e-6)
     assert more["runtime_bytes"] == process["runtime_bytes"] > 0
     assert "Besides its tables each rank holds about" in show.render(doc)
+    assert "checkpoint's save or load copies a rank's shards" in show.render(doc)
+    assert "MORE than" not in show.render(doc)
+    # A 4e9-row table in the host memory of one host of 8 GPUs (an HBM cache in front): a
+    # checkpoint's copy of a shard beside it is more than a rank's share of the host.
+    uvm = plan_json(tmp_path, *BIG, "-j", "1x8", "--host", "a100-80gb",
+                    "--compute-kernels", "fused,fused_uvm_caching")  # fmt: skip
+    rank = uvm["ranks"][0]
+    assert rank["checkpoint_bytes"] == 500_000_000 * 64 * 4
+    assert "MORE than the 144.00 GB of DDR a rank has" in show.render(uvm)
 
 
 def test_a_plan_that_cannot_fit_says_what_would(capsys: pytest.CaptureFixture) -> None:

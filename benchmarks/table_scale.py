@@ -213,6 +213,9 @@ def train(data: str, batch: int, warmup: int, steps: int, job: Job, run_dir: str
         trainer._train_step = timed
         ready = peak_rss_bytes()  # the runtime, the model and its tables, before any step
         trainer.train()
+        dist.barrier()
+        if dist.get_rank() == 0:  # the trainer's own final checkpoint: disk, not measured
+            shutil.rmtree(trainer.checkpoints.directory, ignore_errors=True)
         if len(marks) < warmup + 2:
             raise RuntimeError(
                 f"{data}: only {len(marks)} steps of {batch} rows per rank, fewer than "
@@ -344,7 +347,6 @@ def main(argv: list[str] | None = None) -> str:
                     f"{o['checkpoint_rss'] / mib:,.0f} MiB, planned {copy / mib:,.1f} MiB "
                     f"({o['checkpoint_rss'] / copy:.2f})"
                 )
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the trainer's own
             if job != jobs[0] or rows != sizes[-1]:  # the largest first job's: reloaded below
                 shutil.rmtree(run_dir / "bench-ckpt", ignore_errors=True)
     if last is not None and not args.no_reshard:

@@ -2,9 +2,9 @@
 with the item table at several sizes, the same synthetic log hashed into each (``recsys data
 synth --stream --hash-ids --table-rows N``), so the work per step stays the same.
 
-    python benchmarks/table_scale.py --sizes 1e5,1e6,1e7,2**25 --sharding both
-    python benchmarks/table_scale.py --stage pretrain --batch 64 --sizes 1e5,2**25
-    python benchmarks/table_scale.py --sizes 2**25 --frozen fp32,fp16 --no-reshard
+    python benchmarks/table_scale.py --sizes '1e5,1e6,1e7,2**25' --sharding both
+    python benchmarks/table_scale.py --stage pretrain --batch 64 --sizes '1e5,2**25'
+    python benchmarks/table_scale.py --sizes '2**25' --frozen fp32,fp16 --no-reshard
 
 For each size (and sharding type, and frozen dtype): steady-state seconds per step, rows
 touched per step (distinct ids a step looks up in the item table, the sampled negatives
@@ -41,8 +41,8 @@ DIM = 64
 RANKS = 2
 
 
-STAGES = {"finetune": ("ctr_train", "ctr"), "pretrain": ("seq", "seq")}
-"""The stages measured: the split each trains on and its kind."""
+STAGES = {"finetune": ("ctr_train", "ctr", "ctr"), "pretrain": ("seq", "seq", "pretrain")}
+"""The stages measured: the split each trains on, its kind and the trainer's task."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +166,7 @@ def _build(data: str, batch: int, steps: int, job: Job, env, run_dir: str):
     from recsys.stages import build
 
     config = stage_config(data, batch, steps, job)
-    kind = STAGES[job.stage][1]
+    _, kind, task = STAGES[job.stage]
     meta = build.training_meta(config.data, kind)
     train = build.loader(data, config.data, config.model, config.run.seed, train=True)
     if job.stage == "pretrain":
@@ -174,7 +174,7 @@ def _build(data: str, batch: int, steps: int, job: Job, env, run_dir: str):
     else:
         frozen = frozen_tables(data, job)
         model = models.ctr_model(config.model, meta, frozen, frozen_dtype=job.frozen or "fp32")
-    return build.trainer(model, train, None, config, env, run_dir, kind)
+    return build.trainer(model, train, None, config, env, run_dir, task)
 
 
 def train(data: str, batch: int, warmup: int, steps: int, job: Job, run_dir: str) -> dict:

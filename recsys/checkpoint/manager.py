@@ -229,9 +229,31 @@ def write(state: dict[str, Any], directory: Path, what: str) -> None:
     # DCP reports a writer's failure as CheckpointException, a BaseException.
     except (CheckpointException, OSError) as err:
         cause = _os_error(err)
-        if cause is None:
-            raise
-        raise CheckpointError(f"{what}: {describe_os_error(cause)}") from err
+        if cause is not None:
+            raise CheckpointError(f"{what}: {describe_os_error(cause)}") from err
+        free = _free_bytes(directory)
+        if free is not None and free < FULL_DISK:
+            # torch.save's zip writer reports a short write on a full disk as a RuntimeError
+            # ("unexpected pos"), not as the OSError behind it.
+            raise CheckpointError(
+                f"{what}: no space left on device ({free:,} bytes free on the disk that holds "
+                f"{directory})"
+            ) from err
+        raise
+
+
+FULL_DISK = 64 * 1024**2
+"""A disk with less free space than this after a failed save is taken to be why it failed."""
+
+
+def _free_bytes(directory: Path) -> int | None:
+    """Free bytes on the disk that holds ``directory`` (None: it cannot be asked)."""
+    for path in (directory, *directory.parents):
+        try:
+            return shutil.disk_usage(path).free
+        except OSError:
+            continue
+    return None
 
 
 def _drop_manifest(directory: Path) -> None:

@@ -132,7 +132,9 @@ MASK = (1 << 64) - 1
 
 @torch.no_grad()
 def _partial(tensor: torch.Tensor, rows: slice, cols: slice, width: int) -> int:
-    bits = tensor.detach().contiguous().view(torch.int32).to(torch.int64)
+    # The elements' own bits (fp32 or a frozen table's fp16).
+    integer = {4: torch.int32, 2: torch.int16}[tensor.element_size()]
+    bits = tensor.detach().contiguous().view(integer).to(torch.int64)
     r = torch.arange(rows.start, rows.stop, dtype=torch.int64)[:, None]
     c = torch.arange(cols.start, cols.stop, dtype=torch.int64)[None, :]
     position = r * width + c

@@ -31,12 +31,16 @@ class BaselineConfig:
     hidden: tuple[int, ...] = (256, 128)
     """Sizes of the MLP layers."""
     frozen: tuple[str, ...] = ()
+    frozen_dtype: str = "fp32"
+    """How the frozen tables are stored (``recsys.models.sparse.FROZEN_DTYPES``)."""
     extra: int = 0
     """Dense features per sample fed to the MLP beside the fields (LUM's step 3); 0: none."""
 
     def sparse(self) -> SparseConfig:
         return SparseConfig(
-            tuple(ctr_tables(self.items, self.side_features, self.dim)), self.frozen
+            tuple(ctr_tables(self.items, self.side_features, self.dim)),
+            self.frozen,
+            self.frozen_dtype,
         )
 
 

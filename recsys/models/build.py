@@ -73,20 +73,33 @@ def generative_model(model: ModelSettings, meta: DatasetMeta) -> GenerativeModel
 
 
 def ctr_model(
-    model: ModelSettings, meta: DatasetMeta, frozen: tuple[str, ...] = (), extra: int = 0
+    model: ModelSettings,
+    meta: DatasetMeta,
+    frozen: tuple[str, ...] = (),
+    extra: int = 0,
+    frozen_dtype: str = "fp32",
 ) -> nn.Module:
     """The CTR model ``model.arch`` names, its tables sized by the dataset's vocabularies
-    (``extra``: dense features per sample its head takes, LUM's step 3)."""
+    (``extra``: dense features per sample its head takes, LUM's step 3; ``frozen_dtype``:
+    how the ``frozen`` tables are stored)."""
+    frozen_tables = {"frozen": frozen, "frozen_dtype": frozen_dtype}
     if model.arch == "gpsd":
         config = CTRConfig(
-            tower(model), meta.vocab["item"], side_features(meta), frozen=frozen, extra=extra
+            tower(model), meta.vocab["item"], side_features(meta), **frozen_tables, extra=extra
         )
         return CTRModel(config, sparse_device=META)
     width = tower(model).hidden
     baseline = BaselineConfig(
-        meta.vocab["item"], side_features(meta), dim=width, frozen=frozen, extra=extra
+        meta.vocab["item"], side_features(meta), dim=width, **frozen_tables, extra=extra
     )
     return {"deepfm": DeepFM, "din": DIN}[model.arch](baseline, sparse_device=META)
+
+
+def recorded_ctr_model(model: ModelSettings, meta: DatasetMeta, record: dict) -> nn.Module:
+    """The CTR model whose tables a finished stage's ``record`` froze (``frozen``), stored as
+    it stored them (``frozen_dtype``; fp32 in records that predate it)."""
+    frozen = tuple(record.get("frozen", ()))
+    return ctr_model(model, meta, frozen, frozen_dtype=record.get("frozen_dtype", "fp32"))
 
 
 def lum_model(model: ModelSettings, lum: LumSettings, meta: DatasetMeta) -> LUM:

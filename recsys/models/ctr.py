@@ -45,13 +45,17 @@ class CTRConfig:
     items: int
     side_features: dict[str, int] = field(default_factory=dict)
     frozen: tuple[str, ...] = ()
+    frozen_dtype: str = "fp32"
+    """How the frozen tables are stored (``recsys.models.sparse.FROZEN_DTYPES``)."""
     extra: int = 0
     """Dense features per sample fed to the head beside the tower's output (LUM's step 3:
     a user model's outputs); 0: none."""
 
     def sparse(self) -> SparseConfig:
         return SparseConfig(
-            tuple(ctr_tables(self.items, self.side_features, self.tower.hidden)), self.frozen
+            tuple(ctr_tables(self.items, self.side_features, self.tower.hidden)),
+            self.frozen,
+            self.frozen_dtype,
         )
 
 

@@ -4,10 +4,11 @@ This module owns the sparse part of every model: one ``EmbeddingCollection`` of 
 tables (jagged lookups, no pooling) and optionally one ``EmbeddingBagCollection`` of pooled
 tables, each split in two: trainable tables, and frozen tables whose output is detached so
 that they receive no gradient (and, with the optimizer applied to trainable tables only, no
-optimizer state). One table serves several features: the item table serves the input
-sequence, the targets, the sampled negatives and the CTR candidate, which ties input and
-output embeddings. Tables are built on the device given (``meta`` for sharding: nothing is
-allocated until ``DistributedModelParallel`` places the shards).
+optimizer state), stored in fp32 or, to take half the memory, fp16. One table serves several
+features: the item table serves the input sequence, the targets, the sampled negatives and
+the CTR candidate, which ties input and output embeddings. Tables are built on the device
+given (``meta`` for sharding: nothing is allocated until ``DistributedModelParallel`` places
+the shards).
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from torchrec import (
     KeyedJaggedTensor,
     PoolingType,
 )
+from torchrec.modules.embedding_configs import DataType
+
+FROZEN_DTYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
+"""How a frozen table may be stored (``freeze.dtype``): TorchRec's fused CPU and GPU kernels
+read fp16 tables and return fp32 lookups. Trainable tables stay fp32."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,15 @@ class SparseConfig:
     tables: tuple[TableSpec, ...]
     frozen: tuple[str, ...] = ()
     """Names of tables whose weights stay fixed (GPSD's sparse freezing, "SF")."""
+    frozen_dtype: str = "fp32"
+    """How the frozen tables are stored: one of :data:`FROZEN_DTYPES`."""
 
     def __post_init__(self) -> None:
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            raise ValueError(
+                f"frozen tables are stored as one of {', '.join(FROZEN_DTYPES)}, "
+                f"got {self.frozen_dtype!r}"
+            )
         names = [t.name for t in self.tables]
         if len(set(names)) != len(names):
             raise ValueError(f"table names repeat: {names}")
@@ -109,6 +122,7 @@ class SparseArch(nn.Module):
             ]
             if not specs:
                 continue
+            stored = {"data_type": FROZEN_DTYPES[config.frozen_dtype]} if frozen else {}
             if pooled:
                 module = EmbeddingBagCollection(
                     device=device,
@@ -120,6 +134,7 @@ class SparseArch(nn.Module):
                             feature_names=list(t.features),
                             pooling=PoolingType[t.pooling.upper()],
                             **_init(t),
+                            **stored,
                         )
                         for t in specs
                     ],
@@ -134,6 +149,7 @@ class SparseArch(nn.Module):
                             embedding_dim=t.dim,
                             feature_names=list(t.features),
                             **_init(t),
+                            **stored,
                         )
                         for t in specs
                     ],

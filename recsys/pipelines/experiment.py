@@ -57,6 +57,7 @@ ARM_KEYS = {
     "overrides",
     "pretrain",
     "finetune",
+    "freeze",
     "eval",
     "pipeline",
     "rankers",
@@ -139,11 +140,16 @@ def _command(path: Path, where: str, line: str) -> list[str]:
     return words
 
 
-def _tag(train: str) -> str:
-    """``ctr_train`` → ``""``, ``ctr_train_dense`` → ``dense``, ``ctr_fit`` → ``fit``."""
-    if train == "ctr_train":
-        return ""
-    return train.removeprefix("ctr_train_").removeprefix("ctr_").replace("_", "-")
+def _tag(train: str, freeze: tuple[str, ...] = ()) -> str:
+    """``ctr_train`` → ``""``, ``ctr_train_dense`` → ``dense``, ``ctr_fit`` → ``fit``; then
+    the values of the freeze stage's overrides (``freeze.dtype=fp16`` → ``fp16``)."""
+    parts = (
+        []
+        if train == "ctr_train"
+        else [train.removeprefix("ctr_train_").removeprefix("ctr_").replace("_", "-")]
+    )
+    parts += [o.partition("=")[2].replace("_", "-") for o in freeze]
+    return "-".join(parts)
 
 
 def load(path: str | Path) -> Experiment:
@@ -262,11 +268,13 @@ def _gpsd_arm(path: Path, where: str, arm: dict[str, Any], common: dict[str, Any
         raise _fail(
             path, f"{where}.retrieve_k", f"expected a whole number >= 0 (0: none), got {_shown(k)}"
         )
+    freeze = _strings(path, f"{where}.freeze", arm.get("freeze") or [])
     return Study(
         **common,
         strategies=strategies,
         baselines=baselines,
-        tag=_tag(common["train"]),
+        freeze_overrides=freeze,
+        tag=_tag(common["train"], freeze),
         gpsd=gpsd,
         retrieve_k=k,
     )

@@ -103,6 +103,8 @@ class Study:
     """``section.key=value`` given to every stage."""
     pretrain_overrides: tuple[str, ...] = ()
     finetune_overrides: tuple[str, ...] = ()
+    freeze_overrides: tuple[str, ...] = ()
+    """``section.key=value`` given to the freeze stage (``freeze.dtype=fp16``)."""
     baselines: tuple[str, ...] = ()
     """Baseline CTR models (``deepfm``, ``din``) also run, each with NT and ST&SF."""
     seeds: tuple[int, ...] = ()
@@ -302,7 +304,7 @@ def _ctr_steps(
                 root / f"freeze-{prefix}{slug(kind)}",
                 {"tables": "all"},
                 ["--init", source],
-                ctr,
+                [*ctr, *study.freeze_overrides],
                 lambda c, s=source: {"train": train, "init": s},
                 size,
                 f"{kind}&SF",

@@ -70,6 +70,11 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--frozen", default="", metavar="TABLES", help="comma-separated frozen tables (SF)"
     )
     p.add_argument(
+        "--frozen-dtype",
+        default="fp32",
+        help="how the --frozen tables are stored, as freeze.dtype says: fp32 or fp16",
+    )
+    p.add_argument(
         "--sharding-types",
         action="append",
         default=[],
@@ -151,6 +156,7 @@ def _run(args: argparse.Namespace) -> int:
         stage=args.stage,
         tables=parse_tables(args.table),
         frozen=tuple(t for t in args.frozen.split(",") if t),
+        frozen_dtype=args.frozen_dtype,
         sharding_types=_sharding_types(args.sharding_types),
         compute_kernels=tuple(k for k in args.compute_kernels.split(",") if k),
         batch_size=args.batch_size,

@@ -23,6 +23,7 @@ from recsys.data.schema import DatasetMeta
 from recsys.distributed.planning import constraints_for, embedding_modules, run_planner
 from recsys.errors import UserError
 from recsys.models import build as models
+from recsys.models.sparse import FROZEN_DTYPES
 from recsys.models.tower import Tower
 from recsys.plan.hosts import GB, MAX_WORLD_SIZE, Cluster
 from recsys.plan.planfile import COMPUTE_KERNELS, document, optimizer_bytes
@@ -41,6 +42,9 @@ table fails to build, even on the meta device)."""
 
 FP32 = 4
 """Bytes per element of every table (float32)."""
+
+FROZEN_BYTES = {"fp32": 4, "fp16": 2}
+"""Bytes per element of a frozen table stored as each of ``FROZEN_DTYPES``."""
 
 CONFIRM_RANKS = 8192
 """The largest job a can't-fit explanation plans to confirm it (TorchRec's planner takes
@@ -63,6 +67,8 @@ class Request:
     tables: dict[str, tuple[int, int | None]] = field(default_factory=dict)
     """``--table name=ROWSxDIM`` overrides: rows, and the width when given."""
     frozen: tuple[str, ...] = ()
+    frozen_dtype: str = "fp32"
+    """How the frozen tables are stored (``freeze.dtype``)."""
     sharding_types: dict[str, list[str]] = field(default_factory=dict)
     """Allowed sharding types per table (the config's ``plan.sharding_types`` when empty)."""
     compute_kernels: tuple[str, ...] = ("fused",)
@@ -201,11 +207,18 @@ def meta_model(config: StageConfig, request: Request) -> nn.Module:
         raise PlanError(f"--frozen {', '.join(unknown)}: no such table; tables: {tables}")
     if request.stage == "pretrain" and request.frozen:
         raise PlanError("--frozen applies to the finetune model (sparse freezing)")
+    if request.frozen_dtype not in FROZEN_DTYPES:
+        raise PlanError(
+            f"--frozen-dtype {request.frozen_dtype!r}: expected one of {', '.join(FROZEN_DTYPES)}"
+        )
+    if request.frozen_dtype != "fp32" and not request.frozen:
+        raise PlanError("--frozen-dtype applies to the --frozen tables: name them with --frozen")
     with torch.device("meta"):  # the dense part too: no memory, whatever the width
         if request.stage == "pretrain":
             model = models.generative_model(config.model, meta)
         else:
-            model = models.ctr_model(config.model, meta, frozen=tuple(request.frozen))
+            frozen = tuple(request.frozen)
+            model = models.ctr_model(config.model, meta, frozen, frozen_dtype=request.frozen_dtype)
     attach_sparse_optimizer(model, config.optim)
     return model
 
@@ -342,8 +355,9 @@ def explain(
     frozen = set(model.sparse.config.frozen)
     optimizer = config.optim.sparse
     needs = {}
+    stored = FROZEN_BYTES[model.sparse.config.frozen_dtype]
     for t in model.sparse.config.tables:
-        weights = t.rows * t.dim * 4
+        weights = t.rows * t.dim * (stored if t.name in frozen else FP32)
         state = 0 if t.name in frozen else optimizer_bytes(t.rows, t.dim, 4, optimizer)
         needs[t.name] = (t, weights, state)
     total = sum(w + s for _, w, s in needs.values())

@@ -3,14 +3,16 @@
 This module owns the small measurements a table-scale run (``benchmarks/table_scale.py``)
 compares with ``recsys plan``'s per-rank memory: the bytes a trainable table takes (fp32
 weights and the row-wise Adagrad state, one fp32 per row), the host's free memory
-(``MemAvailable`` of ``/proc/meminfo``), a fail-fast check of the one against the other, and
-a process's peak resident memory (``ru_maxrss``).
+(``MemAvailable`` of ``/proc/meminfo``), fail-fast checks of the one against the other
+(training a table, loading its checkpoint on fewer ranks), and a process's peak resident
+memory (``ru_maxrss``, or sampled over one stretch of code: :class:`PeakRss`).
 """
 
 from __future__ import annotations
 
 import resource
 import sys
+import threading
 from pathlib import Path
 
 from recsys.errors import UserError
@@ -59,20 +61,41 @@ def needed_bytes(rows: int, dim: int, ranks: int) -> int:
     return int(table_bytes(rows, dim) * MARGIN) + ranks * PROCESS_BYTES
 
 
-def check_fits(rows: int, dim: int, ranks: int, available: int | None = None) -> int:
-    """Raise :class:`TableTooLarge` (one line) unless a ``rows`` × ``dim`` table trained on
-    ``ranks`` local ranks fits ``available`` bytes (None: the host's ``MemAvailable``);
-    return the bytes needed."""
-    need = needed_bytes(rows, dim, ranks)
+def _check(need: int, what: str, fix: str, available: int | None) -> int:
     free = available_bytes() if available is None else available
     if need > free:
         gib = 1024**3
         raise TableTooLarge(
-            f"item table {rows:,} x {dim} (fp32 + row-wise Adagrad, {ranks} ranks) needs "
-            f"~{need / gib:.1f} GiB but the host has {free / gib:.1f} GiB available: "
-            f"choose smaller --sizes"
+            f"{what} needs ~{need / gib:.1f} GiB but the host has {free / gib:.1f} GiB "
+            f"available: {fix}"
         )
     return need
+
+
+def check_fits(rows: int, dim: int, ranks: int, available: int | None = None) -> int:
+    """Raise :class:`TableTooLarge` (one line) unless a ``rows`` × ``dim`` table trained on
+    ``ranks`` local ranks fits ``available`` bytes (None: the host's ``MemAvailable``);
+    return the bytes needed."""
+    what = f"item table {rows:,} x {dim} (fp32 + row-wise Adagrad, {ranks} ranks)"
+    return _check(needed_bytes(rows, dim, ranks), what, "choose smaller --sizes", available)
+
+
+RELOAD_PEAK = 1.8
+"""A DCP load's peak over the checkpoint's bytes, all of it read into one rank: the rank's
+tables and optimizer state, plus what DCP reads before copying it into them (1.7 measured
+loading a 2-rank checkpoint of 2^23 rows on one rank)."""
+
+
+def reload_bytes(checkpoint: int, ranks: int) -> int:
+    """What loading a checkpoint of ``checkpoint`` bytes onto ``ranks`` local ranks needs."""
+    return int(checkpoint * RELOAD_PEAK) + ranks * PROCESS_BYTES
+
+
+def check_reload_fits(checkpoint: int, ranks: int, available: int | None = None) -> int:
+    """Raise :class:`TableTooLarge` (one line) unless loading a checkpoint of ``checkpoint``
+    bytes onto ``ranks`` local ranks fits ``available`` bytes; return the bytes needed."""
+    what = f"loading a checkpoint of {checkpoint / 1024**3:.1f} GiB on {ranks} rank(s)"
+    return _check(reload_bytes(checkpoint, ranks), what, "load it on more ranks", available)
 
 
 def peak_rss_bytes() -> int:
@@ -80,3 +103,39 @@ def peak_rss_bytes() -> int:
     on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (``VmRSS`` of ``/proc/self/status``), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError("/proc/self/status has no VmRSS line")
+
+
+class PeakRss:
+    """The peak resident memory of a stretch of code (``with PeakRss() as watch: ...``, then
+    ``watch.peak``), sampled every ``interval`` seconds on a thread: unlike ``ru_maxrss``, it
+    sees the peak of a later phase that stays below an earlier one's."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_bytes())
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> PeakRss:
+        self.peak = rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())

@@ -10,8 +10,11 @@ format (``"format": "recsys-plan"``, ``"version": 1``; documented in docs/plan.m
   type, compute kernel, ranks and shards (rank, offsets, sizes, and the planner's HBM/DDR
   estimate, weights and optimizer state in bytes);
 - ``ranks``: per rank the HBM/DDR used, of which weights, optimizer state, and other
-  (input/output buffers, caches); then ``process_bytes``, the rank's memory besides its
-  tables, and ``total_bytes``, both;
+  (input/output buffers, caches); ``checkpoint_bytes``, the host memory a checkpoint's save
+  or load adds (DCP copies one shard at a time: the rank's largest); then ``process_bytes``,
+  the rank's memory besides its tables, ``total_bytes``, both, and
+  ``checkpoint_peak_bytes``, the rank while it saves or loads a checkpoint (``total_bytes``,
+  which the allocator keeps after training steps, and ``checkpoint_bytes``);
 - ``process``: that estimate's parts (``recsys.plan.process``: runtime, dense state,
   activations), the same on every rank;
 - ``planner``: the TorchRec version and the seconds planning took.
@@ -119,6 +122,7 @@ def document(
             used["ddr_bytes"] += ddr
             used["weight_bytes"] += weights
             used["optimizer_bytes"] += state
+            used["checkpoint_bytes"] = max(used["checkpoint_bytes"], weights, state)
         tables.append(
             {
                 "name": option.name,
@@ -131,9 +135,9 @@ def document(
                 "compute_kernel": option.compute_kernel,
                 "ranks": sorted({s["rank"] for s in shards}),
                 "shards": shards,
-                # What the optimizer state of a frozen table would have taken.
+                # What the optimizer state of a frozen table would have taken, trained in fp32.
                 "optimizer_bytes_saved": (
-                    optimizer_bytes(rows, dim, element, optimizer) if option.name in frozen else 0
+                    optimizer_bytes(rows, dim, 4, optimizer) if option.name in frozen else 0
                 ),
             }
         )
@@ -145,9 +149,14 @@ def document(
         row["other_bytes"] = max(  # buffers and caches (0 rather than rounding below it)
             0, row["hbm_bytes"] + row["ddr_bytes"] - row["weight_bytes"] - row["optimizer_bytes"]
         )
+        # DCP saves and loads a rank's shards one at a time through a host-memory copy.
+        row["checkpoint_bytes"] = int(used.get("checkpoint_bytes", 0))
         if process:
+            placed = row["hbm_bytes"] + row["ddr_bytes"]
             row["process_bytes"] = process["process_bytes"]
-            row["total_bytes"] = row["hbm_bytes"] + row["ddr_bytes"] + row["process_bytes"]
+            row["total_bytes"] = placed + row["process_bytes"]
+            # What training took stays resident (the allocator keeps it), plus one shard.
+            row["checkpoint_peak_bytes"] = row["total_bytes"] + row["checkpoint_bytes"]
         per_rank.append({"rank": rank, **row})
     return {
         "format": FORMAT,

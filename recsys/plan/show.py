@@ -66,6 +66,32 @@ def headline(doc: dict[str, Any]) -> str:
     )
 
 
+def _checkpoint_line(doc: dict[str, Any], process: dict[str, int]) -> str:
+    """What a checkpoint's save or load adds to a rank, and whether the host memory holds it
+    (the copies are in host memory: beside the tables on CPU ranks, beside UVM tables and
+    the runtime on GPU ranks)."""
+    cuda = doc["cluster"]["device"] == "cuda"
+
+    def host(r: dict[str, Any]) -> int:
+        if cuda:
+            return r["ddr_bytes"] + process["runtime_bytes"] + r["checkpoint_bytes"]
+        return r["checkpoint_peak_bytes"]
+
+    copy = max(doc["ranks"], key=host)
+    line = (
+        "A checkpoint's save or load copies a rank's shards one at a time (DCP) into host "
+        f"memory: up to {gb(copy['checkpoint_bytes'])} more, {gb(host(copy))} of host memory "
+        f"on rank {copy['rank']} then"
+    )
+    ddr = doc["cluster"]["ddr_bytes_per_rank"]
+    if host(copy) > ddr:
+        line += (
+            f", MORE than the {gb(ddr)} of DDR a rank has: saving or resuming would run out "
+            "of host memory; give more ranks (fewer rows per shard) or more host memory"
+        )
+    return line
+
+
 def render(doc: dict[str, Any], fmt: str = "table") -> str:
     """``doc`` as ``table``, ``markdown`` or ``json``."""
     if fmt == "json":
@@ -85,7 +111,7 @@ def render(doc: dict[str, Any], fmt: str = "table") -> str:
             [
                 t["name"],
                 f"{t['rows']:,} × {t['dim']}",
-                "yes" if t["frozen"] else "no",
+                ("yes, " + t["dtype"]) if t["frozen"] else "no",
                 t["sharding_type"],
                 t["compute_kernel"],
                 f"{ranks_text(t['ranks'])} ({len(t['ranks'])})",
@@ -157,6 +183,7 @@ def render(doc: dict[str, Any], fmt: str = "table") -> str:
             f"{gb(process['dense_bytes'])}, activations {gb(process['activation_bytes'])} "
             f"(fp32; recsys.plan.process); with it the fullest rank needs {gb(most)}"
         )
+        out.append(_checkpoint_line(doc, process))
     saved = [(t["name"], t["optimizer_bytes_saved"]) for t in doc["tables"] if t["frozen"]]
     if saved:
         out.append(

@@ -66,7 +66,7 @@ def export(stage: str | Path, out: str | Path, dtype: str = "fp32", force: bool 
             f"--model {stage} trained model.arch={section.arch}; export serves the gpsd ranker"
         )
     vocabularies = vocab.from_stage(stage)
-    model, tables = _trained(stage, section, tuple(record.get("frozen", ())), vocabularies)
+    model, tables = _trained(stage, section, record, vocabularies)
     padding = {name: vocabularies[name].padding for name in tables}
     served = ServedCTR.from_model(model, tables, padding, dtype)
     program = _traced(served, section.max_len)
@@ -86,10 +86,10 @@ def _check_out(stage: Path, out: Path, force: bool) -> None:
 
 
 def _trained(
-    stage: Path, section: ModelSection, frozen: tuple[str, ...], vocabularies: dict
+    stage: Path, section: ModelSection, record: dict, vocabularies: dict
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """The stage's CTR model on CPU with its weights, and its full tables (``item`` first)
-    with their reserved rows zeroed."""
+    """The stage's CTR model on CPU with its weights, and its full tables (``item`` first,
+    fp32 whatever a frozen table was stored as) with their reserved rows zeroed."""
     shapes = saved_shapes(stage / "weights")
     names = [key.removeprefix("table/") for key in shapes if key.startswith("table/")]
     item = vocabularies.get("item")
@@ -111,7 +111,7 @@ def _trained(
                 f"--model {stage}: table {name!r} has {count} rows, its vocabulary {have}"
             )
     meta = DatasetMeta(kind="ctr", vocab=rows, side_features=sides)
-    model = models.ctr_model(section, meta, frozen)
+    model = models.recorded_ctr_model(section, meta, record)
     model.sparse.to_empty(device="cpu")  # built on meta: filled by the weights below
     with warnings.catch_warnings():  # DCP warns that it loads in a single process: we mean to
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
@@ -119,7 +119,7 @@ def _trained(
     weights = named_weights(model)
     tables = {}
     for name in rows:
-        table = weights[f"table/{name}"].detach().clone()
+        table = weights[f"table/{name}"].detach().float().clone()
         table[vocabularies[name].unknown :] = 0  # unknown and padding: see recsys.data.vocab
         tables[name] = table
     return model.eval(), tables

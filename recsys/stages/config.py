@@ -1,6 +1,6 @@
 """A stage's configuration: a YAML file plus ``section.key=value`` overrides → typed sections.
 
-This module owns reading what a stage is told. A stage config has six sections, each handed
+This module owns reading what a stage is told. A stage config has seven sections, each handed
 only to the part that uses it (their schema: :mod:`recsys.stages.sections`):
 
 ```yaml
@@ -10,6 +10,7 @@ optim: {lr: 0.001, sparse: rowwise_adagrad}             # recsys.train.optim.Opt
 run:   {epochs: 1, checkpoint_every: 0, seed: 0}        # recsys.train.trainer.RunConfig
 plan:  {sharding_types: {item: [row_wise]}}             # PlanSection
 lum:   {temperature: 0.05, queries: {liked: [0, 1]}}    # LumSection (LUM's stages only)
+freeze: {dtype: fp16}                                   # FreezeSection (the freeze stage)
 ```
 
 plus optionally ``stages: {pretrain: {run: {epochs: 20}}, finetune: {...}}``: sections that
@@ -59,6 +60,7 @@ from recsys.stages import STAGES
 from recsys.stages.sections import (
     SECTIONS,
     DataSection,
+    FreezeSection,
     LumSection,
     ModelSection,
     PlanSection,
@@ -71,6 +73,7 @@ __all__ = [
     "SECTIONS",
     "ConfigError",
     "DataSection",
+    "FreezeSection",
     "LumSection",
     "ModelSection",
     "OptimConfig",

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         inputs = {"model": args.model, "data": args.data}
         build.same_as_trained(args.data, meta, source["config"]["data"]["train"], "ctr")
         stage = start(NAME, args, config, inputs)
-        model = models.ctr_model(model_section, meta, tuple(source["frozen"]))
+        model = models.recorded_ctr_model(model_section, meta, source)
         sharded = build.place(model, config.plan, env)
         load_weights(sharded, f"{args.model}/weights", named_weights(sharded))
         data = dataclasses.replace(config.data, workers=0)

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
         meta = build.training_meta(config.data, "ctr")
         stage = start(NAME, args, config, inputs)
         frozen = tuple(source["frozen"])
-        run = Training(stage, models.ctr_model(config.model, meta, frozen), config, env, "ctr")
+        model = models.recorded_ctr_model(config.model, meta, source)
+        run = Training(stage, model, config, env, "ctr")
         sharded = run.sharded
         if not (config.run.resume and run.trainer.checkpoints.latest()):  # not a resumed run
             load_weights(sharded, f"{args.init}/weights", named_weights(sharded))
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "strategy": source["strategy"],
                 "transferred": source["transferred"],
                 "frozen": list(frozen),
+                "frozen_dtype": source.get("frozen_dtype", "fp32"),
                 "digests": digests,
             }
         )

@@ -5,10 +5,11 @@
 
 Rebuilds the CTR model of a finished ``transfer`` stage with the chosen tables frozen
 (``--sparse``: every table; ``--tables item,category``: those), so that they get no gradient
-and no optimizer state in finetuning, loads every weight, and records a digest per frozen
-table (the same for any world size and sharding plan). ``finetune`` checks the digests at its
-end. Writes ``weights/``, ``stage.json`` (strategy ``ST&SF`` / ``FT&SF``, frozen tables,
-digests) and ``DONE``.
+and no optimizer state in finetuning, stores them as ``freeze.dtype`` says (fp32, or fp16 for
+half the memory), loads every weight, and records a digest per frozen table (the same for
+any world size and sharding plan). ``finetune`` checks the digests at its
+end. Writes ``weights/``, ``stage.json`` (strategy ``ST&SF`` / ``FT&SF``, frozen tables, their
+dtype, digests) and ``DONE``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise StageError(f"--tables: no table {unknown}; the CTR model has {sorted(tables)}")
         inputs = {"train": config.data.train, "init": args.init}
         stage = start(NAME, args, config, inputs, {"tables": args.tables or "all"})
-        model = build.place(models.ctr_model(config.model, meta, tuple(frozen)), config.plan, env)
+        dtype = config.freeze.dtype
+        model = models.ctr_model(config.model, meta, tuple(frozen), frozen_dtype=dtype)
+        model = build.place(model, config.plan, env)
         load_weights(model, f"{args.init}/weights", named_weights(model))
         digests = table_digests(model, frozen)
         save_weights(model, stage.weights)
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "strategy": f"{source['strategy']}&SF",
                 "transferred": source["transferred"],
                 "frozen": frozen,
+                "frozen_dtype": dtype,
                 "digests": digests,
             }
         )

@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
             pending.prepare(config.run.resume)
         barrier()
         meta = model_meta(vocabularies)
-        sharded = build.place(models.ctr_model(model_section, meta, tuple(source["frozen"])),
-                              config.plan, env)  # fmt: skip
+        model = models.recorded_ctr_model(model_section, meta, source)
+        sharded = build.place(model, config.plan, env)
         load_weights(sharded, f"{args.model}/weights", named_weights(sharded))
         reserved = {n: [v.unknown, v.padding] for n, v in vocabularies.items() if v.reserved}
         zero_rows(sharded, reserved)

@@ -18,6 +18,7 @@ from typing import Any
 
 from recsys.checks import positive, require
 from recsys.distributed.planning import SHARDING_TYPES
+from recsys.models.sparse import FROZEN_DTYPES
 from recsys.models.tower import TowerConfig
 from recsys.train.optim import OptimConfig
 from recsys.train.trainer import RunConfig
@@ -143,6 +144,19 @@ class LumSection:
         require(len(sizes) <= 1 and 0 not in sizes, "queries", rule, self.queries)
 
 
+@dataclass(frozen=True)
+class FreezeSection:
+    """How the ``freeze`` stage stores the tables it freezes."""
+
+    dtype: str = "fp32"
+    """fp32 (as trained) or fp16 (half the memory; finetuning reads the rounded values)."""
+
+    def __post_init__(self) -> None:
+        require(
+            self.dtype in FROZEN_DTYPES, "dtype", f"one of {', '.join(FROZEN_DTYPES)}", self.dtype
+        )
+
+
 RECORDED_UNSET = {"warmup_steps": 100, "total_steps": 1000}
 """What a stage's record holds for a schedule length the config leaves to the data: the
 numbers every finished stage has recorded for it (their fingerprints depend on them)."""
@@ -158,6 +172,7 @@ class StageConfig:
     run: RunConfig = field(default_factory=RunConfig)
     plan: PlanSection = field(default_factory=PlanSection)
     lum: LumSection = field(default_factory=LumSection)
+    freeze: FreezeSection = field(default_factory=FreezeSection)
 
     def __post_init__(self) -> None:
         least = 2 * self.model.max_len  # LUM's tokens: a condition and an item per event
@@ -174,6 +189,8 @@ class StageConfig:
         out = dataclasses.asdict(self)
         if self.lum == LumSection():  # GPSD's stages: their record (and fingerprint) as before
             out.pop("lum")
+        if self.freeze == FreezeSection():  # likewise for tables frozen as they were trained
+            out.pop("freeze")
         if not self.run.cpu_bf16:  # the same for runs in fp32, as before the option
             out["run"].pop("cpu_bf16")
         if self.run.nonfinite == "stop":  # the default keeps earlier stages' fingerprints

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.filesystem import FileSystem
 
+from recsys.checkpoint import manager as manager_module
 from recsys.checkpoint import manifest
 from recsys.checkpoint.manager import CheckpointError, CheckpointManager
 from recsys.checkpoint.weights import load_weights, named_weights, save_weights
@@ -147,6 +148,44 @@ def test_a_full_disk_during_a_save_is_one_error_and_the_run_resumes_later(
     assert sorted(p.name for p in directory.iterdir()) == ["step-00000001", "step-00000002"]
     assert CheckpointManager(directory).load({"model": resumed}).name == "step-00000002"
     assert torch.equal(resumed.bias, torch.full((8,), 2.5))
+
+
+@contextmanager
+def _short(self, path, mode):
+    """``FileSystem.create_stream`` on a disk that fills up under torch.save's zip writer,
+    which then fails with a RuntimeError (as a 2^25-row table's save did on a real full disk),
+    not with the OSError behind it."""
+    with open(path, mode) as stream:
+
+        class Short:
+            def __getattr__(self, name):
+                return getattr(stream, name)
+
+            def write(self, data) -> int:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+        yield Short()
+
+
+def test_a_save_that_fails_on_a_full_disk_without_an_os_error_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "checkpoint"
+    manager = CheckpointManager(directory)
+    monkeypatch.setattr(FileSystem, "create_stream", _short)
+    with monkeypatch.context() as patch:  # a disk with room: the failure is passed on as it is
+        patch.setattr(manager_module, "_free_bytes", lambda directory: 10 * 1024**3)
+        with pytest.raises(BaseException) as err:
+            manager.save(1, {"model": Tiny(1.5)})
+        assert not isinstance(err.value, CheckpointError)
+    monkeypatch.setattr(manager_module, "_free_bytes", lambda directory: 4096)
+    with pytest.raises(CheckpointError) as err:
+        manager.save(1, {"model": Tiny(1.5)})
+    assert str(err.value) == (
+        f"{directory}: cannot save the checkpoint of step 1: no space left on device "
+        f"(4,096 bytes free on the disk that holds {directory / '.step-00000001.tmp'})"
+    )
+    assert not directory.exists() or not any(directory.iterdir())
 
 
 def test_a_full_disk_while_saving_weights_is_one_error(

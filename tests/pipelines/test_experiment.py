@@ -94,6 +94,23 @@ def test_arms_share_pretraining_and_seeds_get_their_own_chains(tmp_path: Path) -
     assert "run.seed=1" in finetune.overrides
 
 
+def test_an_arm_gives_its_freeze_stage_overrides_and_its_own_directories(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        BASE.format(out=tmp_path / "e", data=tmp_path / "d")
+        + "arms:\n  - {name: fp32, sizes: [L1H16A2], strategies: [ST&SF]}\n"
+        + "  - {name: fp16, sizes: [L1H16A2], strategies: [ST&SF], freeze: [freeze.dtype=fp16]}\n",
+    )
+    fp32, fp16 = (plan(arm) for arm in experiment.load(path).arms)
+    assert fp32[0].out == fp16[0].out  # one pretraining
+    freeze = {s.out.name: s for s in fp32 + fp16 if s.stage == "freeze"}
+    assert sorted(freeze) == ["freeze-fp16-st", "freeze-st"]
+    assert "freeze.dtype=fp16" in freeze["freeze-fp16-st"].overrides
+    assert not any(o.startswith("freeze.") for o in freeze["freeze-st"].overrides)
+    tuned = next(s for s in fp16 if s.stage == "finetune")
+    assert tuned.out.name == "finetune-fp16-st_sf" and "freeze.dtype=fp16" not in tuned.overrides
+
+
 @pytest.mark.dist
 @pytest.mark.slow
 def test_a_smoke_study_runs_into_its_report(

@@ -71,6 +71,50 @@ def test_frozen_tables_are_planned_without_optimizer_state(tmp_path: Path) -> No
     assert "item saves 14.90 GB" in show.render(frozen)
 
 
+def test_a_frozen_table_stored_in_fp16_is_planned_at_half_its_bytes(tmp_path: Path) -> None:
+    fp32 = plan_json(tmp_path, *BIG, "-j", "4x8", "--frozen", "item")
+    fp16 = plan_json(tmp_path, *BIG, "-j", "4x8", "--frozen", "item", "--frozen-dtype", "fp16")
+    (a,), (b,) = ([t for t in d["tables"] if t["name"] == "item"] for d in (fp32, fp16))
+    assert (a["dtype"], b["dtype"]) == ("float32", "float16")
+    weights = [sum(s["weight_bytes"] for s in t["shards"]) for t in (a, b)]
+    assert weights == [4_000_000_000 * 64 * 4, 4_000_000_000 * 64 * 2]
+    # Freezing saves the state the table would have had trained, in fp32, either way.
+    assert a["optimizer_bytes_saved"] == b["optimizer_bytes_saved"] == 4_000_000_000 * 4
+    assert "yes, float16" in show.render(fp16)
+    with pytest.raises(PlanError, match="--frozen-dtype applies to the --frozen tables"):
+        make_plan(load(None, [], "finetune"), Request(tables={"item": (100, None)},
+                  frozen_dtype="fp16"), cluster("cpu", world_size=2))  # fmt: skip
+    with pytest.raises(PlanError, match="--frozen-dtype 'int4': expected one of fp32, fp16"):
+        make_plan(load(None, [], "finetune"), Request(tables={"item": (100, None)},
+                  frozen=("item",), frozen_dtype="int4"), cluster("cpu", world_size=2))  # fmt: skip
+
+
+def test_each_rank_counts_the_memory_besides_its_tables(tmp_path: Path) -> None:
+    doc = plan_json(tmp_path, *BIG, "-j", "4x8", "--batch-size", "64")
+    bigger = plan_json(tmp_path, *BIG, "-j", "4x8", "--batch-size", "128")
+    process, more = doc["process"], bigger["process"]
+    assert process["process_bytes"] == sum(
+        process[k] for k in ("runtime_bytes", "dense_bytes", "activation_bytes")
+    )
+    for rank in doc["ranks"]:
+        assert (
+            rank["total_bytes"] == rank["hbm_bytes"] + rank["ddr_bytes"] + process["process_bytes"]
+        )
+    # Activations grow with the batch, the rest does not.
+    assert more["activation_bytes"] == pytest.approx(2 * process["activation_bytes"], rel=1e-6)
+    assert more["runtime_bytes"] == process["runtime_bytes"] > 0
+    assert "Besides its tables each rank holds about" in show.render(doc)
+    assert "checkpoint's save or load copies a rank's shards" in show.render(doc)
+    assert "MORE than" not in show.render(doc)
+    # A 4e9-row table in the host memory of one host of 8 GPUs (an HBM cache in front): a
+    # checkpoint's copy of a shard beside it is more than a rank's share of the host.
+    uvm = plan_json(tmp_path, *BIG, "-j", "1x8", "--host", "a100-80gb",
+                    "--compute-kernels", "fused,fused_uvm_caching")  # fmt: skip
+    rank = uvm["ranks"][0]
+    assert rank["checkpoint_bytes"] == 500_000_000 * 64 * 4
+    assert "MORE than the 144.00 GB of DDR a rank has" in show.render(uvm)
+
+
 def test_a_plan_that_cannot_fit_says_what_would(capsys: pytest.CaptureFixture) -> None:
     assert cli(["plan", *BIG, "-j", "1x8"]) == 2
     message = capsys.readouterr().err

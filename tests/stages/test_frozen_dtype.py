@@ -1,0 +1,81 @@
+"""Frozen tables stored in fp16 (``freeze.dtype``): freeze rounds the transferred tables once,
+finetuning leaves them bitwise as they are, evaluate and export read them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from recsys.checkpoint.manager import export
+from recsys.data.protocol import write_split
+from recsys.data.synth import SynthConfig, make
+from recsys.serve.export import export as export_model
+from recsys.stages import evaluate, finetune, freeze, pretrain, transfer
+from recsys.stages.config import ConfigError, load
+
+TINY = ["model.size=L1H16A2", "model.max_len=12", "model.negatives=8", "data.batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fp16")
+    result, source = make(
+        SynthConfig(users=80, items=51, categories=3, min_events=6, max_events=16, seed=5)
+    )
+    write_split(root / "data", result, source, row_group_rows=16)
+    ctr = [*TINY, f"data.train={root / 'data' / 'ctr_train'}", "run.max_steps=3"]
+    stages = {name: root / name for name in ("pre", "st", "fp32", "fp16", "tuned")}
+    seq = f"data.train={root / 'data' / 'seq'}"
+    pretrain.main(["--out", str(stages["pre"]), *TINY, seq, "run.max_steps=2"])
+    transfer.main(["--strategy", "ST", "--pretrained", str(stages["pre"]),
+                   "--out", str(stages["st"]), *ctr])  # fmt: skip
+    freeze.main(["--sparse", "--init", str(stages["st"]), "--out", str(stages["fp32"]), *ctr])
+    freeze.main(["--sparse", "--init", str(stages["st"]), "--out", str(stages["fp16"]), *ctr,
+                 "freeze.dtype=fp16"])  # fmt: skip
+    finetune.main(["--init", str(stages["fp16"]), "--out", str(stages["tuned"]), *ctr])
+    return stages | {"data": root / "data"}
+
+
+def weights(stage: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    return torch.load(export(stage / "weights", tmp / f"{stage.name}.pt"))
+
+
+def test_freeze_stores_the_transferred_tables_rounded_to_fp16(chain, tmp_path) -> None:
+    st, fp32, fp16 = (weights(chain[n], tmp_path) for n in ("st", "fp32", "fp16"))
+    for name in ("table/item", "table/category"):
+        assert fp32[name].dtype == torch.float32 and torch.equal(fp32[name], st[name])
+        assert fp16[name].dtype == torch.float16
+        assert torch.equal(fp16[name], st[name].half())
+    dense = "dense/tower.blocks.0.ffn.w1.weight"
+    assert fp16[dense].dtype == torch.float32 and torch.equal(fp16[dense], st[dense])
+    record = json.loads((chain["fp16"] / "stage.json").read_text())
+    assert record["frozen_dtype"] == "fp16" and record["config"]["freeze"] == {"dtype": "fp16"}
+    # A config that leaves freeze.dtype at fp32 records (and fingerprints) as before it existed.
+    assert "freeze" not in json.loads((chain["fp32"] / "stage.json").read_text())["config"]
+
+
+def test_finetuning_leaves_fp16_tables_bitwise_unchanged(chain, tmp_path) -> None:
+    frozen, tuned = weights(chain["fp16"], tmp_path), weights(chain["tuned"], tmp_path)
+    record = json.loads((chain["tuned"] / "stage.json").read_text())
+    assert record["frozen_dtype"] == "fp16" and record["steps"] == 3
+    for name in ("table/item", "table/category"):
+        assert tuned[name].dtype == torch.float16 and torch.equal(tuned[name], frozen[name])
+    dense = "dense/tower.blocks.0.ffn.w1.weight"
+    assert not torch.equal(tuned[dense], frozen[dense])  # the dense part did train
+
+
+def test_evaluate_and_export_read_fp16_tables(chain, tmp_path) -> None:
+    data = chain["data"] / "ctr_test"
+    record = evaluate.main(["--model", str(chain["tuned"]), "--data", str(data),
+                            "--out", str(tmp_path / "eval")])  # fmt: skip
+    assert 0 <= record["results"]["auc"] <= 1
+    manifest = export_model(chain["tuned"], tmp_path / "artifact")
+    assert (tmp_path / "artifact" / "model.pt2").exists() and manifest["dtype"] == "fp32"
+
+
+def test_an_unknown_frozen_dtype_is_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"freeze\.dtype.*one of fp32, fp16.*'int4'"):
+        load(None, ["freeze.dtype=int4"], "freeze")

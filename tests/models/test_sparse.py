@@ -54,6 +54,22 @@ def test_frozen_table_gets_no_gradient_and_stays_bitwise_equal() -> None:
     assert arch.sequence.embeddings["item"].weight.grad is not None
 
 
+def test_frozen_tables_stored_in_fp16_look_up_their_rounded_values() -> None:
+    torch.manual_seed(0)
+    arch = SparseArch(SparseConfig(TABLES, frozen=("category", "user"), frozen_dtype="fp16"))
+    category = arch.sequence_frozen.embeddings["category"].weight
+    user = arch.pooled_frozen.embedding_bags["user"].weight
+    item = arch.sequence.embeddings["item"].weight
+    assert (category.dtype, user.dtype, item.dtype) == (torch.float16, torch.float16, torch.float32)
+    sequences, pooled = arch(batch())
+    looked_up = sequences["history_category"].values()
+    assert looked_up.dtype == torch.float32 and not looked_up.requires_grad
+    assert torch.equal(looked_up, category[torch.tensor([0, 1, 2, 3])].float())
+    assert torch.allclose(pooled["user"], torch.stack([2 * user[5].float(), user[6].float()]))
+    with pytest.raises(ValueError, match="stored as one of fp32, fp16, got 'int8'"):
+        SparseConfig(TABLES, frozen=("user",), frozen_dtype="int8")
+
+
 def test_missing_feature_is_named() -> None:
     arch = SparseArch(SparseConfig(TABLES[:1]))
     kjt = KeyedJaggedTensor.from_lengths_sync(

@@ -101,9 +101,9 @@ def frozen_tables(data: str, job: Job) -> tuple[str, ...]:
 
 
 def planned_per_rank(data: str, batch: int, job: Job, world_size: int = RANKS) -> list[dict]:
-    """Each rank's memory in ``recsys plan --host cpu``'s plan of this job: ``total_bytes``
+    """Each rank's memory in ``recsys plan --host cpu``'s plan of this job: ``total_ddr_bytes``
     (its tables and the rest: runtime, dense state, activations) and
-    ``checkpoint_peak_bytes`` (while a checkpoint is saved or loaded)."""
+    ``checkpoint_ddr_bytes`` (while a checkpoint is saved or loaded)."""
     from recsys.plan.cli import quiet_planner
     from recsys.plan.hosts import cluster
     from recsys.plan.make import Request, make
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> str:
                 world_size=RANKS, quiet=True,
             )  # fmt: skip
             ranks = planned_per_rank(data, args.batch, job)
-            plan = [r["total_bytes"] for r in ranks]
+            plan = [r["total_ddr_bytes"] for r in ranks]
             over = [o["rss"] / p for o, p in zip(out, plan, strict=True)]
             if job == jobs[0]:
                 steps[rows], ratios[rows] = out[0]["step_s"], max(over)
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> str:
                 f"{out[0]['bytes'] / mib:,.1f} MiB load {max(o['load_s'] for o in out):.2f} s"
             )
             for rank, (o, p, r) in enumerate(zip(out, plan, ranks, strict=True)):
-                copy = r["checkpoint_peak_bytes"]
+                copy = r["checkpoint_ddr_bytes"]
                 print(
                     f"  rank {rank}: peak RSS {o['rss'] / mib:,.0f} MiB (before the first step "
                     f"{o['ready_rss'] / mib:,.0f}), planned {p / mib:,.1f} "

@@ -70,6 +70,13 @@ def law_caveat(law: dict | None) -> str:
     return ""
 
 
+def _strategy(record: dict[str, Any]) -> str:
+    """A finetune's strategy as the report names it: ``ST&SF``, or ``ST&SF (fp16)`` when its
+    frozen tables were stored in another dtype than trained."""
+    dtype = record.get("frozen_dtype", "fp32")
+    return record["strategy"] + ("" if dtype == "fp32" else f" ({dtype})")
+
+
 def baseline_of(strategy: str) -> str:
     """The strategy a row's Imp is relative to: NT for GPSD's, the ranker alone for LUM's."""
     return "DLRM" if strategy.startswith("+LUM") else "NT"
@@ -216,7 +223,7 @@ def collect(experiment: str | Path) -> list[dict[str, Any]]:
             {
                 "size": config["model"]["size"],
                 "model": MODELS.get(config["model"].get("arch", "gpsd"), "?"),
-                "strategy": record["strategy"],
+                "strategy": _strategy(record),
                 "seed": config.get("run", {}).get("seed", 0),
                 "train": Path(inputs.get("train") or "?").name,
                 "eval": Path(inputs.get("valid") or "?").name,

@@ -231,14 +231,19 @@ def write(state: dict[str, Any], directory: Path, what: str) -> None:
         cause = _os_error(err)
         if cause is not None:
             raise CheckpointError(f"{what}: {describe_os_error(cause)}") from err
-        free = _free_bytes(directory)
-        if free is not None and free < FULL_DISK:
+        if isinstance(err, CheckpointException):  # raised on every rank: they agree here
             # torch.save's zip writer reports a short write on a full disk as a RuntimeError
-            # ("unexpected pos"), not as the OSError behind it.
-            raise CheckpointError(
+            # ("unexpected pos"), not as the OSError behind it: rank 0 looks at the disk.
+            free = _free_bytes(directory) if _rank() == 0 else None
+            full = free is not None and free < FULL_DISK
+            message = _from_rank0(
                 f"{what}: no space left on device ({free:,} bytes free on the disk that holds "
                 f"{directory})"
-            ) from err
+                if full
+                else None
+            )
+            if message:
+                raise CheckpointError(message) from err
         raise
 
 

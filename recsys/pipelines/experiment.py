@@ -140,16 +140,11 @@ def _command(path: Path, where: str, line: str) -> list[str]:
     return words
 
 
-def _tag(train: str, freeze: tuple[str, ...] = ()) -> str:
-    """``ctr_train`` → ``""``, ``ctr_train_dense`` → ``dense``, ``ctr_fit`` → ``fit``; then
-    the values of the freeze stage's overrides (``freeze.dtype=fp16`` → ``fp16``)."""
-    parts = (
-        []
-        if train == "ctr_train"
-        else [train.removeprefix("ctr_train_").removeprefix("ctr_").replace("_", "-")]
-    )
-    parts += [o.partition("=")[2].replace("_", "-") for o in freeze]
-    return "-".join(parts)
+def _tag(train: str) -> str:
+    """``ctr_train`` → ``""``, ``ctr_train_dense`` → ``dense``, ``ctr_fit`` → ``fit``."""
+    if train == "ctr_train":
+        return ""
+    return train.removeprefix("ctr_train_").removeprefix("ctr_").replace("_", "-")
 
 
 def load(path: str | Path) -> Experiment:
@@ -239,7 +234,7 @@ def _arm(
 
 
 def _lum_arm(path: Path, where: str, arm: dict[str, Any], common: dict[str, Any]) -> LumStudy:
-    wrong = sorted(set(arm) & {"strategies", "baselines", "gpsd", "retrieve_k"})
+    wrong = sorted(set(arm) & {"strategies", "baselines", "gpsd", "retrieve_k", "freeze"})
     if wrong:
         raise _fail(path, where, f"keys {wrong} are for pipeline gpsd, not lum")
     return LumStudy(
@@ -274,7 +269,7 @@ def _gpsd_arm(path: Path, where: str, arm: dict[str, Any], common: dict[str, Any
         strategies=strategies,
         baselines=baselines,
         freeze_overrides=freeze,
-        tag=_tag(common["train"], freeze),
+        tag=_tag(common["train"]),
         gpsd=gpsd,
         retrieve_k=k,
     )

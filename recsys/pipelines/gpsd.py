@@ -104,7 +104,8 @@ class Study:
     pretrain_overrides: tuple[str, ...] = ()
     finetune_overrides: tuple[str, ...] = ()
     freeze_overrides: tuple[str, ...] = ()
-    """``section.key=value`` given to the freeze stage (``freeze.dtype=fp16``)."""
+    """``section.key=value`` given to the freeze stage (``freeze.dtype=fp16``); their values
+    name the freeze stages and the finetunes of frozen tables (``freeze-fp16-st``)."""
     baselines: tuple[str, ...] = ()
     """Baseline CTR models (``deepfm``, ``din``) also run, each with NT and ST&SF."""
     seeds: tuple[int, ...] = ()
@@ -277,6 +278,9 @@ def _ctr_steps(
 ) -> list[Step]:
     """Transfer, freeze and finetune steps of one CTR model at one size (and seed)."""
     prefix = (f"{study.tag}-" if study.tag else "") + ("" if arch == "gpsd" else f"{arch}-")
+    # Arms that differ only in how they freeze share their transfers and unfrozen finetunes.
+    values = [o.partition("=")[2].replace("_", "-") for o in study.freeze_overrides]
+    frozen_prefix = "".join(f"{v}-" for v in values) + prefix
     ctr = [*common, f"data.train={train}"]
     if arch != "gpsd":
         ctr.append(f"model.arch={arch}")
@@ -301,7 +305,7 @@ def _ctr_steps(
         steps.append(
             Step(
                 "freeze",
-                root / f"freeze-{prefix}{slug(kind)}",
+                root / f"freeze-{frozen_prefix}{slug(kind)}",
                 {"tables": "all"},
                 ["--init", source],
                 [*ctr, *study.freeze_overrides],
@@ -312,11 +316,12 @@ def _ctr_steps(
         )
     for strategy in strategies:
         kind, frozen = strategy.split("&")[0], strategy.endswith("&SF")
-        init = str(root / f"{'freeze' if frozen else 'transfer'}-{prefix}{slug(kind)}")
+        named = frozen_prefix if frozen else prefix
+        init = str(root / f"{'freeze' if frozen else 'transfer'}-{named}{slug(kind)}")
         steps.append(
             Step(
                 "finetune",
-                root / f"finetune-{prefix}{slug(strategy)}",
+                root / f"finetune-{named}{slug(strategy)}",
                 {},
                 ["--init", init],
                 [*ctr, *study.finetune_overrides, f"data.valid={test}"],

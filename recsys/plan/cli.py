@@ -71,8 +71,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--frozen-dtype",
-        default="fp32",
-        help="how the --frozen tables are stored, as freeze.dtype says: fp32 or fp16",
+        help="how the --frozen tables are stored: fp32 or fp16 (default: the config's "
+        "freeze.dtype)",
     )
     p.add_argument(
         "--sharding-types",
@@ -152,11 +152,12 @@ def _run(args: argparse.Namespace) -> int:
         hbm_gb=args.hbm_gb,
         ddr_gb=args.ddr_gb,
     )
+    frozen = tuple(t for t in args.frozen.split(",") if t)
     request = Request(
         stage=args.stage,
         tables=parse_tables(args.table),
-        frozen=tuple(t for t in args.frozen.split(",") if t),
-        frozen_dtype=args.frozen_dtype,
+        frozen=frozen,
+        frozen_dtype=args.frozen_dtype or (config.freeze.dtype if frozen else "fp32"),
         sharding_types=_sharding_types(args.sharding_types),
         compute_kernels=tuple(k for k in args.compute_kernels.split(",") if k),
         batch_size=args.batch_size,

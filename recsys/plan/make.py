@@ -283,7 +283,7 @@ def make(config: StageConfig, request: Request, cluster: Cluster) -> dict:
         raise PlanError(f"TorchRec's planner found no plan: {err}") from None
     seconds = time.perf_counter() - start
     process = process_memory(  # a real tower on the CPU: its forward counts activations
-        Tower(models.tower(config.model)),
+        Tower(models.tower(config.model)) if config.model.arch == "gpsd" else None,
         _dense_bytes(model),
         batch,
         config.model.max_len,
@@ -370,7 +370,8 @@ def explain(
     lines = [
         f"the tables do not fit {cluster.describe()}"
         + ("." if total * 1.05 > held else " under these constraints (in all, memory suffices)."),
-        f"Largest: table {name!r} ({table.rows:,} × {table.dim}, fp32) needs "
+        f"Largest: table {name!r} ({table.rows:,} × {table.dim}, "
+        f"{model.sparse.config.frozen_dtype if name in frozen else 'fp32'}) needs "
         f"{weights / GB:,.1f} GB of weights"
         + (f" + {state / GB:,.1f} GB of {state_name} state" if state else " (frozen)")
         + f"; all tables need {total / GB:,.1f} GB.",

@@ -11,10 +11,13 @@ format (``"format": "recsys-plan"``, ``"version": 1``; documented in docs/plan.m
   estimate, weights and optimizer state in bytes);
 - ``ranks``: per rank the HBM/DDR used, of which weights, optimizer state, and other
   (input/output buffers, caches); ``checkpoint_bytes``, the host memory a checkpoint's save
-  or load adds (DCP copies one shard at a time: the rank's largest); then ``process_bytes``,
-  the rank's memory besides its tables, ``total_bytes``, both, and
-  ``checkpoint_peak_bytes``, the rank while it saves or loads a checkpoint (``total_bytes``,
-  which the allocator keeps after training steps, and ``checkpoint_bytes``);
+  or load adds (DCP copies one tensor at a time: the rank's largest shard or optimizer
+  state); then ``process_bytes``, the rank's memory besides its tables, and what the rank
+  needs in all: ``total_hbm_bytes`` (the tables' HBM, and on GPUs the dense state and
+  activations), ``total_ddr_bytes`` (the tables' DDR and the runtime, and on CPUs the dense
+  state and activations) and ``checkpoint_ddr_bytes`` (host memory while a checkpoint is
+  saved or loaded: ``total_ddr_bytes``, which the allocator keeps after training steps, and
+  ``checkpoint_bytes``);
 - ``process``: that estimate's parts (``recsys.plan.process``: runtime, dense state,
   activations), the same on every rank;
 - ``planner``: the TorchRec version and the seconds planning took.
@@ -122,7 +125,10 @@ def document(
             used["ddr_bytes"] += ddr
             used["weight_bytes"] += weights
             used["optimizer_bytes"] += state
-            used["checkpoint_bytes"] = max(used["checkpoint_bytes"], weights, state)
+            # DCP copies one tensor at a time: the shard, or one of its optimizer's states.
+            tensors = 2 if optimizer == "adam" else 1
+            copied = max(weights, state // tensors if trainable else 0)
+            used["checkpoint_bytes"] = max(used["checkpoint_bytes"], copied)
         tables.append(
             {
                 "name": option.name,
@@ -152,11 +158,15 @@ def document(
         # DCP saves and loads a rank's shards one at a time through a host-memory copy.
         row["checkpoint_bytes"] = int(used.get("checkpoint_bytes", 0))
         if process:
-            placed = row["hbm_bytes"] + row["ddr_bytes"]
+            cuda = cluster.host.device == "cuda"  # dense state and activations: HBM
+            beside = process["dense_bytes"] + process["activation_bytes"]
             row["process_bytes"] = process["process_bytes"]
-            row["total_bytes"] = placed + row["process_bytes"]
-            # What training took stays resident (the allocator keeps it), plus one shard.
-            row["checkpoint_peak_bytes"] = row["total_bytes"] + row["checkpoint_bytes"]
+            row["total_hbm_bytes"] = row["hbm_bytes"] + (beside if cuda else 0)
+            row["total_ddr_bytes"] = (
+                row["ddr_bytes"] + process["runtime_bytes"] + (0 if cuda else beside)
+            )
+            # What training took stays resident (the allocator keeps it), plus one copy.
+            row["checkpoint_ddr_bytes"] = row["total_ddr_bytes"] + row["checkpoint_bytes"]
         per_rank.append({"rank": rank, **row})
     return {
         "format": FORMAT,
@@ -233,6 +243,17 @@ def _model_tables(model: nn.Module) -> dict[str, tuple[str, tuple[int, int]]]:
         for name, weight in table_parameters(module).items():
             out[name] = (path, (int(weight.shape[0]), int(weight.shape[1])))
     return out
+
+
+def _model_dtypes(model: nn.Module) -> dict[str, str]:
+    """Each table's dtype as a plan writes it (``float32``, ``float16``)."""
+    from recsys.distributed.planning import embedding_modules, table_parameters
+
+    return {
+        name: str(weight.dtype).removeprefix("torch.")
+        for module in embedding_modules(model).values()
+        for name, weight in table_parameters(module).items()
+    }
 
 
 PAIR = "pair"
@@ -419,6 +440,18 @@ def sharding_plan(doc: dict[str, Any], model: nn.Module, env, where: str = "the 
                 table["name"],
                 state,
                 "not counted" if table["frozen"] else "counted",
+            )
+    dtypes = _model_dtypes(model)
+    for table in doc["tables"]:
+        planned, here = table.get("dtype"), dtypes.get(table["name"])
+        if planned and here and planned != here:
+            log.warning(
+                "%s planned table %r stored as %s; here it is %s (its weights' bytes differ "
+                "from the plan's)",
+                where,
+                table["name"],
+                planned,
+                here,
             )
     paths = {name: path for name, (path, _) in _model_tables(model).items()}
     plan: dict[str, EmbeddingModuleShardingPlan] = {}

@@ -117,24 +117,23 @@ def loss_bytes_per_sample(positions: int, negatives: int, hidden: int) -> int:
         drawn = torch.randn(samples, negatives, hidden, requires_grad=True)
         valid = torch.ones(samples, positions, dtype=torch.bool)
         run = lambda: sampled_softmax_loss(out, target, drawn, valid)  # noqa: E731
-        return saved_bytes(run, set()) + drawn.nbytes  # the lookup's output, kept
+        # + the gradient backward makes for the negatives' embeddings
+        return saved_bytes(run, set()) + drawn.nbytes
 
     return per_sample(count)
 
 
-def dense_bytes(model: nn.Module, tables: set[int]) -> int:
-    """fp32 bytes of ``model``'s weights outside the tables (parameter ids in ``tables``)."""
-    return sum(p.numel() * 4 for p in model.parameters() if id(p) not in tables)
-
-
 def process_memory(
-    tower: nn.Module, dense: int, batch: int, history: int, negatives: int | None
+    tower: nn.Module | None, dense: int, batch: int, history: int, negatives: int | None
 ) -> ProcessMemory:
     """The estimate for one rank training with ``batch`` samples of ``history`` events each
     through ``tower`` (on the CPU), with ``dense`` bytes of fp32 dense weights; ``negatives``:
     pretraining's negatives per sequence (None: a ranker, which appends the candidate and asks
-    for one output)."""
+    for one output). ``tower`` None: a baseline ranker (DeepFM, DIN), whose small MLP
+    activations are not counted."""
     ctr = negatives is None
+    if tower is None:
+        return ProcessMemory(runtime=RUNTIME_BYTES, dense=dense * DENSE_COPIES, activations=0)
     with torch.device("cpu"):
         sample = tower_bytes_per_sample(tower, history + 1 if ctr else history, ctr)
         sample *= ACTIVATION_PEAK

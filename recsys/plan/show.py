@@ -66,25 +66,17 @@ def headline(doc: dict[str, Any]) -> str:
     )
 
 
-def _checkpoint_line(doc: dict[str, Any], process: dict[str, int]) -> str:
-    """What a checkpoint's save or load adds to a rank, and whether the host memory holds it
-    (the copies are in host memory: beside the tables on CPU ranks, beside UVM tables and
-    the runtime on GPU ranks)."""
-    cuda = doc["cluster"]["device"] == "cuda"
-
-    def host(r: dict[str, Any]) -> int:
-        if cuda:
-            return r["ddr_bytes"] + process["runtime_bytes"] + r["checkpoint_bytes"]
-        return r["checkpoint_peak_bytes"]
-
-    copy = max(doc["ranks"], key=host)
+def _checkpoint_line(doc: dict[str, Any]) -> str:
+    """What a checkpoint's save or load adds to a rank's host memory (DCP copies a shard at
+    a time into it), and whether the host holds it."""
+    copy = max(doc["ranks"], key=lambda r: r["checkpoint_ddr_bytes"])
     line = (
         "A checkpoint's save or load copies a rank's shards one at a time (DCP) into host "
-        f"memory: up to {gb(copy['checkpoint_bytes'])} more, {gb(host(copy))} of host memory "
-        f"on rank {copy['rank']} then"
+        f"memory: up to {gb(copy['checkpoint_bytes'])} more, "
+        f"{gb(copy['checkpoint_ddr_bytes'])} of host memory on rank {copy['rank']} then"
     )
     ddr = doc["cluster"]["ddr_bytes_per_rank"]
-    if host(copy) > ddr:
+    if copy["checkpoint_ddr_bytes"] > ddr:
         line += (
             f", MORE than the {gb(ddr)} of DDR a rank has: saving or resuming would run out "
             "of host memory; give more ranks (fewer rows per shard) or more host memory"
@@ -176,14 +168,16 @@ def render(doc: dict[str, Any], fmt: str = "table") -> str:
     ]
     process = doc.get("process")
     if process:
-        most = max(r.get("total_bytes", 0) for r in doc["ranks"])
+        hbm, ddr = (max(r[k] for r in doc["ranks"]) for k in ("total_hbm_bytes", "total_ddr_bytes"))
+        needs = f"{gb(hbm)} of HBM and {gb(ddr)} of DDR" if device == "cuda" else gb(ddr)
+        where = " (on GPUs: dense state and activations in HBM)" if device == "cuda" else ""
         out.append(
             f"Besides its tables each rank holds about {gb(process['process_bytes'])}: runtime "
             f"{gb(process['runtime_bytes'])}, dense weights, gradients and AdamW state "
             f"{gb(process['dense_bytes'])}, activations {gb(process['activation_bytes'])} "
-            f"(fp32; recsys.plan.process); with it the fullest rank needs {gb(most)}"
+            f"(fp32; recsys.plan.process){where}; with it the fullest rank needs {needs}"
         )
-        out.append(_checkpoint_line(doc, process))
+        out.append(_checkpoint_line(doc))
     saved = [(t["name"], t["optimizer_bytes_saved"]) for t in doc["tables"] if t["frozen"]]
     if saved:
         out.append(

@@ -149,3 +149,11 @@ def test_a_null_valid_input_is_unknown(tmp_path: Path) -> None:
     edited(finetune_stage(tmp_path), inputs={"valid": None})
     (row,) = collect(tmp_path)
     assert row["eval"] == "?" and row["eval_path"] is None and row["auc"] == 0.7
+
+
+def test_frozen_tables_stored_in_fp16_are_their_own_strategy(tmp_path: Path) -> None:
+    for name, auc, dtype in (("a", 0.8, "fp32"), ("b", 0.7, "fp16")):
+        path = finetune_stage(tmp_path / name, "ST&SF", auc=auc) / "stage.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "frozen_dtype": dtype}))
+    rows = collect(tmp_path / "a") + collect(tmp_path / "b")
+    assert [(r["strategy"], r["auc"]) for r in rows] == [("ST&SF", 0.8), ("ST&SF (fp16)", 0.7)]

@@ -103,12 +103,15 @@ def test_an_arm_gives_its_freeze_stage_overrides_and_its_own_directories(tmp_pat
     )
     fp32, fp16 = (plan(arm) for arm in experiment.load(path).arms)
     assert fp32[0].out == fp16[0].out  # one pretraining
+    # ... and one transfer: only the freeze and the finetune of frozen tables differ.
+    assert {s.out.name for s in fp16 if s.stage == "transfer"} == {"transfer-st"}
     freeze = {s.out.name: s for s in fp32 + fp16 if s.stage == "freeze"}
     assert sorted(freeze) == ["freeze-fp16-st", "freeze-st"]
     assert "freeze.dtype=fp16" in freeze["freeze-fp16-st"].overrides
     assert not any(o.startswith("freeze.") for o in freeze["freeze-st"].overrides)
     tuned = next(s for s in fp16 if s.stage == "finetune")
     assert tuned.out.name == "finetune-fp16-st_sf" and "freeze.dtype=fp16" not in tuned.overrides
+    assert tuned.arguments == ["--init", str(freeze["freeze-fp16-st"].out)]
 
 
 @pytest.mark.dist

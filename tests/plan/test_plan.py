@@ -96,10 +96,16 @@ def test_each_rank_counts_the_memory_besides_its_tables(tmp_path: Path) -> None:
     assert process["process_bytes"] == sum(
         process[k] for k in ("runtime_bytes", "dense_bytes", "activation_bytes")
     )
-    for rank in doc["ranks"]:
-        assert (
-            rank["total_bytes"] == rank["hbm_bytes"] + rank["ddr_bytes"] + process["process_bytes"]
-        )
+    beside = process["dense_bytes"] + process["activation_bytes"]
+    for rank in doc["ranks"]:  # A100 ranks: dense state and activations in HBM
+        assert rank["total_hbm_bytes"] == rank["hbm_bytes"] + beside
+        assert rank["total_ddr_bytes"] == rank["ddr_bytes"] + process["runtime_bytes"]
+        assert rank["checkpoint_ddr_bytes"] == rank["total_ddr_bytes"] + rank["checkpoint_bytes"]
+        assert rank["checkpoint_bytes"] == 125_000_000 * 64 * 4  # a rank's item shard (32)
+    cpu = plan_json(tmp_path, *BIG, "-j", "128x1", "--host", "cpu", "--batch-size", "64")
+    for rank in cpu["ranks"]:  # CPU ranks: everything in host memory
+        assert rank["total_hbm_bytes"] == 0
+        assert rank["total_ddr_bytes"] == rank["ddr_bytes"] + cpu["process"]["process_bytes"]
     # Activations grow with the batch, the rest does not.
     assert more["activation_bytes"] == pytest.approx(2 * process["activation_bytes"], rel=1e-6)
     assert more["runtime_bytes"] == process["runtime_bytes"] > 0
@@ -185,6 +191,23 @@ def test_the_plan_file_round_trips_into_the_same_torchrec_plan(data: Path, tmp_p
     assert placed["item"].sharding_type == "table_wise"
     # Showing the written file gives what the planning run printed.
     assert show.render(planfile.read(path)) == show.render(doc)
+
+
+def test_a_plan_of_fp16_frozen_tables_used_for_fp32_ones_is_warned_about(
+    data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "fp16.json"
+    ctr = [*TINY, f"data.train={data / 'ctr_train'}"]
+    args = ["plan", "--host", "cpu", "-j", "1x2", "--frozen", "item", "--frozen-dtype", "fp16"]
+    assert cli([*args, "--out", str(out), *ctr]) == 0
+    config = load(None, ctr, "finetune")
+    env = DistEnv(0, 2, 0, 2, "gloo", __import__("torch").device("cpu"))
+    for dtype, warned in (("fp16", False), ("fp32", True)):
+        caplog.clear()
+        model = meta_model(config, Request(frozen=("item",), frozen_dtype=dtype))
+        planfile.sharding_plan(planfile.read(out), model, env)
+        said = "planned table 'item' stored as float16; here it is float32" in caplog.text
+        assert said == warned, caplog.text
 
 
 def test_a_plan_that_does_not_match_is_rejected_with_the_difference(

@@ -356,7 +356,9 @@ def _cell(c: dict[str, Any] | None, spread: bool = True) -> str:
 def table3(cells: list[dict[str, Any]], pop: dict[str, Any] | None, spread: bool = True) -> str:
     """GPSD's Table 3 layout for one training/eval set: a row per size and model, a column
     per strategy (``spread``: with the standard deviation over seeds)."""
-    strategies = [s for s in ORDER if any(c["strategy"] == s for c in cells)]
+    named = {c["strategy"] for c in cells}
+    # GPSD's order, then variants such as ``ST&SF (fp16)`` beside it.
+    strategies = [s for s in ORDER if s in named] + sorted(named - set(ORDER))
     lines = [
         "| size | model | seeds | " + " | ".join(strategies) + " |",
         "|---|---|---|" + "---|" * len(strategies),

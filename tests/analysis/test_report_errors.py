@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from recsys.cli import main as cli
-from recsys.report import collect
+from recsys.report import aggregate, collect, table3
 
 
 def finetune_stage(root: Path, strategy: str = "NT", auc: float = 0.7, done: bool = True) -> Path:
@@ -157,3 +157,5 @@ def test_frozen_tables_stored_in_fp16_are_their_own_strategy(tmp_path: Path) -> 
         path.write_text(json.dumps({**json.loads(path.read_text()), "frozen_dtype": dtype}))
     rows = collect(tmp_path / "a") + collect(tmp_path / "b")
     assert [(r["strategy"], r["auc"]) for r in rows] == [("ST&SF", 0.8), ("ST&SF (fp16)", 0.7)]
+    header = table3(aggregate(rows), None).splitlines()[0]
+    assert header == "| size | model | seeds | ST&SF | ST&SF (fp16) |"

@@ -1,5 +1,5 @@
 """Frozen tables stored in fp16 (``freeze.dtype``): freeze rounds the transferred tables once,
-finetuning leaves them bitwise as they are, evaluate and export read them."""
+finetuning leaves them bitwise as they are, evaluate, predict and export read them."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from recsys.checkpoint.manager import export
+from recsys.data import raw_requests
 from recsys.data.protocol import write_split
 from recsys.data.synth import SynthConfig, make
 from recsys.serve.export import export as export_model
-from recsys.stages import evaluate, finetune, freeze, pretrain, transfer
+from recsys.stages import evaluate, finetune, freeze, predict, pretrain, transfer
 from recsys.stages.config import ConfigError, load
 
 TINY = ["model.size=L1H16A2", "model.max_len=12", "model.negatives=8", "data.batch_size=16"]
@@ -67,11 +68,18 @@ def test_finetuning_leaves_fp16_tables_bitwise_unchanged(chain, tmp_path) -> Non
     assert not torch.equal(tuned[dense], frozen[dense])  # the dense part did train
 
 
-def test_evaluate_and_export_read_fp16_tables(chain, tmp_path) -> None:
+def test_evaluate_predict_and_export_read_fp16_tables(chain, tmp_path) -> None:
     data = chain["data"] / "ctr_test"
     record = evaluate.main(["--model", str(chain["tuned"]), "--data", str(data),
                             "--out", str(tmp_path / "eval")])  # fmt: skip
     assert 0 <= record["results"]["auc"] <= 1
+    # predict rebuilds the fp16 tables from the record too: the same scores as evaluate.
+    requests = tmp_path / "requests.parquet"
+    raw_requests.write(str(data), requests)
+    predicted = predict.main(["--model", str(chain["tuned"]), "--requests", str(requests),
+                              "--out", str(tmp_path / "p")])  # fmt: skip
+    for name in ("auc", "logloss", "samples"):
+        assert predicted["results"][name] == pytest.approx(record["results"][name], rel=1e-6)
     manifest = export_model(chain["tuned"], tmp_path / "artifact")
     assert (tmp_path / "artifact" / "model.pt2").exists() and manifest["dtype"] == "fp32"
 

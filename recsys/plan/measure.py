@@ -80,6 +80,17 @@ def check_fits(rows: int, dim: int, ranks: int, available: int | None = None) ->
     return _check(needed_bytes(rows, dim, ranks), what, "choose smaller --sizes", available)
 
 
+def check_host_fits(need: int, ranks: int, available: int | None = None) -> int:
+    """Raise :class:`TableTooLarge` (one line) unless a job's ``ranks`` ranks on this host,
+    needing ``need`` bytes in all, fit its ``available`` bytes; return ``need``."""
+    what = (
+        f"placing the tables of this host's {ranks} rank(s) (their shards, optimizer state "
+        "and runtime)"
+    )
+    fix = "use more hosts, smaller or frozen fp16 tables; `recsys plan` shows every rank"
+    return _check(need, what, fix, available)
+
+
 RELOAD_PEAK = 1.8
 """A DCP load's peak over the checkpoint's bytes, all of it read into one rank: the rank's
 tables and optimizer state, plus what DCP reads before copying it into them (1.7 measured

@@ -23,9 +23,9 @@ from recsys.data.files import open_dataset
 from recsys.data.schema import DatasetMeta
 from recsys.data.stream import ParquetStream, StreamConfig
 from recsys.distributed.env import DistEnv, collective_device
-from recsys.distributed.planning import planned
+from recsys.distributed.planning import embedding_modules, planned, table_parameters
 from recsys.distributed.wrap import shard
-from recsys.plan import planfile
+from recsys.plan import measure, planfile, process
 from recsys.stages.common import StageError
 from recsys.stages.config import DataSection, ModelSection, PlanSection, StageConfig
 from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
@@ -95,7 +95,46 @@ def place(model: nn.Module, plan: PlanSection, env: DistEnv, optim: OptimConfig 
             device_type=env.device.type,
             sharding_types=types,
         )
+    if env.device.type == "cpu":  # tables in host memory: a clear error, not an OOM kill
+        _check_host_memory(model, chosen, env, optim)
     return shard(model, chosen, env)
+
+
+def _check_host_memory(model: nn.Module, plan, env: DistEnv, optim: OptimConfig | None) -> None:
+    """Stop every rank with one line (``TableTooLarge``) when this host's ranks' shards of
+    ``plan``, their fused optimizer state (with ``optim``) and runtime exceed the host's
+    available memory; agreed over the job, so that no rank goes on alone."""
+    tables = {
+        name: weight
+        for module in embedding_modules(model).values()
+        for name, weight in table_parameters(module).items()
+    }
+    frozen = set(model.sparse.config.frozen)
+    first = env.rank - env.local_rank  # this host's ranks: first .. first + local_world_size
+    need = env.local_world_size * process.RUNTIME_BYTES
+    for module_plan in plan.plan.values():
+        for name, sharding in module_plan.items():
+            element = tables[name].element_size()
+            trainable = optim is not None and name not in frozen
+            for shard_ in sharding.sharding_spec.shards:
+                if first <= shard_.placement.rank() < first + env.local_world_size:
+                    rows, cols = shard_.shard_sizes
+                    need += rows * cols * element
+                    if trainable:
+                        need += planfile.optimizer_bytes(rows, cols, 4, optim.sparse)
+    error = None
+    try:
+        measure.check_host_fits(need, env.local_world_size)
+    except measure.TableTooLarge as err:
+        error = err
+    failed = torch.tensor([int(error is not None)])
+    if dist.is_initialized():
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        raise error or measure.TableTooLarge(
+            "another host of this job cannot place its ranks' tables in its available memory; "
+            "its log names the bytes"
+        )
 
 
 def sharding(sharded: nn.Module) -> dict[str, dict]:

@@ -87,3 +87,19 @@ def test_evaluate_predict_and_export_read_fp16_tables(chain, tmp_path) -> None:
 def test_an_unknown_frozen_dtype_is_refused_naming_the_key() -> None:
     with pytest.raises(ConfigError, match=r"freeze\.dtype.*one of fp32, fp16.*'int4'"):
         load(None, ["freeze.dtype=int4"], "freeze")
+
+
+def test_tables_the_host_cannot_hold_stop_the_stage_before_placing_them(
+    chain, tmp_path, monkeypatch
+) -> None:
+    from recsys.plan import measure
+
+    ctr = [*TINY, f"data.train={chain['data'] / 'ctr_train'}", "run.max_steps=1"]
+    args = ["--init", str(chain["fp16"]), "--out", str(tmp_path / "tuned"), *ctr]
+    monkeypatch.setattr(measure, "available_bytes", lambda: 64 * 1024**2)  # 64 MiB free
+    with pytest.raises(measure.TableTooLarge) as err:
+        finetune.main(args)
+    message = str(err.value)
+    assert message.startswith("placing the tables of this host's 1 rank(s)")
+    assert "0.5 GiB but the host has 0.1 GiB available" in message and "\n" not in message
+    assert not (tmp_path / "tuned" / "checkpoint").exists()

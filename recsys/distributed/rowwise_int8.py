@@ -171,3 +171,32 @@ def _from_dtensors(
             value = value[module.start : module.start + len(mine)]
         if value.data_ptr() != mine.data_ptr():
             mine.copy_(value)
+
+
+class RowWiseInt8Collection(nn.Module):
+    """Frozen sequence tables stored int8, by name: a KJT of their features → ``{feature:
+    JaggedTensor}``, as a TorchRec ``EmbeddingCollection`` answers (every rank calls it)."""
+
+    def __init__(self, tables: list[tuple[str, int, int, tuple[str, ...]]], device=None) -> None:
+        """``tables``: (name, rows, dim, features) each. Inside a job a table holds only its
+        rank's block, so it is allocated at once even when the model is built on ``meta``;
+        outside one (planning) it stays where ``device`` says."""
+        super().__init__()
+        joined = dist.is_available() and dist.is_initialized()
+        if device is not None and torch.device(device).type == "meta" and joined:
+            device = None
+        self.tables = nn.ModuleDict(
+            {name: RowWiseInt8Table(rows, dim, device=device) for name, rows, dim, _ in tables}
+        )
+        self.features = {name: list(features) for name, _, _, features in tables}
+
+    def forward(self, features) -> dict:
+        from torchrec import JaggedTensor
+
+        out = {}
+        for name, table in self.tables.items():
+            values = [features[f].values() for f in self.features[name]]
+            rows = table(torch.cat(values)).split([len(v) for v in values])
+            for feature, part in zip(self.features[name], rows, strict=True):
+                out[feature] = JaggedTensor(values=part, lengths=features[feature].lengths())
+        return out

@@ -155,6 +155,39 @@ def load_weights(model: nn.Module, path: str | Path, names: Iterable[str]) -> li
     return names
 
 
+def int8_tables(model: nn.Module) -> dict[str, object]:
+    """The int8 frozen tables of ``model`` by stable name (``table/<name>``)."""
+    return {
+        f"table/{name}": table
+        for module in model.modules()
+        if isinstance(module, RowWiseInt8Collection)
+        for name, table in module.tables.items()
+    }
+
+
+def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
+    """Quantize the fp32 tables saved at ``path`` into ``model``'s int8 frozen tables, each
+    rank reading only its block of rows (every rank calls it); the names loaded. The other
+    weights load with :func:`load_weights` (without the int8 tables' names)."""
+    tables = int8_tables(model)
+    if not tables:
+        return []
+    saved, dtypes = saved_shapes(path), saved_dtypes(path)
+    problems = [
+        f"{name}: saved as {dtypes.get(name)} {list(saved.get(name, ()))}, expected float "
+        f"[{t.rows}, {t.dim}]"
+        for name, t in tables.items()
+        if saved.get(name) != (t.rows, t.dim) or not dtypes[name].is_floating_point
+    ]
+    if problems:
+        raise CheckpointError(f"{path}: cannot quantize into int8 tables: {'; '.join(problems)}")
+    targets = {name: t.float_target() for name, t in tables.items()}
+    read({name: target for name, (target, _) in targets.items()}, path)
+    for name, (_, block) in targets.items():
+        tables[name].set_rows(block)
+    return sorted(tables)
+
+
 MASK = (1 << 64) - 1
 
 

@@ -97,6 +97,20 @@ class RowWiseInt8Table(nn.Module):
         self.codes.copy_(codes)
         self.scale_bias.copy_(scale_bias)
 
+    def float_target(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """An fp32 tensor DCP can read the whole fp32 table into, holding only this rank's
+        block (a DTensor of the table's shape over the ranks), and that block."""
+        block = torch.empty(len(self.codes), self.dim, device=self.codes.device)
+        if self.world == 1:
+            return block, block
+        from torch.distributed.tensor import DTensor, Shard
+
+        shape = torch.Size([self.rows, self.dim])
+        target = DTensor.from_local(
+            block, _mesh(self), [Shard(0)], run_check=False, shape=shape, stride=(self.dim, 1)
+        )
+        return target, block
+
     @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """fp32 rows [len(ids), dim] of the table's ids (any rank's rows)."""

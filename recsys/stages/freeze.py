@@ -14,7 +14,13 @@ dtype, digests) and ``DONE``.
 
 from __future__ import annotations
 
-from recsys.checkpoint.weights import load_weights, named_weights, save_weights, table_digests
+from recsys.checkpoint.weights import (
+    load_quantized,
+    load_weights,
+    named_weights,
+    save_weights,
+    table_digests,
+)
 from recsys.distributed.env import distributed
 from recsys.models import build as models
 from recsys.stages import build
@@ -43,7 +49,10 @@ def main(argv: list[str] | None = None) -> dict:
         dtype = config.freeze.dtype
         model = models.ctr_model(config.model, meta, tuple(frozen), frozen_dtype=dtype)
         model = build.place(model, config.plan, env)
-        load_weights(model, f"{args.init}/weights", named_weights(model))
+        source = f"{args.init}/weights"
+        quantized = load_quantized(model, source)  # int8 tables: fp32 rows quantized
+        names = [n for n in named_weights(model) if n.split("/scale_bias")[0] not in quantized]
+        load_weights(model, source, names)
         digests = table_digests(model, frozen)
         save_weights(model, stage.weights)
         return stage.finish(

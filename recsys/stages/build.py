@@ -86,7 +86,11 @@ def place(model: nn.Module, plan: PlanSection, env: DistEnv, optim: OptimConfig 
     if plan.file:
         chosen = planfile.sharding_plan(planfile.read(plan.file), model, env, plan.file)
     else:
-        tables = {t.name for t in model.sparse.config.tables}
+        tables = {  # TorchRec's tables (int8 frozen tables place themselves)
+            name
+            for module in embedding_modules(model).values()
+            for name in table_parameters(module)
+        }
         types = {t: v for t, v in plan.sharding_types.items() if t in tables}
         chosen = planned(
             model,

@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> dict:
         dtype = config.freeze.dtype
         model = models.ctr_model(config.model, meta, tuple(frozen), frozen_dtype=dtype)
         model = build.place(model, config.plan, env)
-        source = f"{args.init}/weights"
-        quantized = load_quantized(model, source)  # int8 tables: fp32 rows quantized
+        weights = f"{args.init}/weights"
+        quantized = load_quantized(model, weights)  # int8 tables: fp32 rows quantized
         names = [n for n in named_weights(model) if n.split("/scale_bias")[0] not in quantized]
-        load_weights(model, source, names)
+        load_weights(model, weights, names)
         digests = table_digests(model, frozen)
         save_weights(model, stage.weights)
         return stage.finish(

@@ -28,7 +28,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     write_split(root / "data", result, source, row_group_rows=16)
     ctr = [*TINY, f"data.train={root / 'data' / 'ctr_train'}", "run.max_steps=3"]
-    stages = {name: root / name for name in ("pre", "st", "fp32", "fp16", "tuned")}
+    stages = {
+        name: root / name for name in ("pre", "st", "fp32", "fp16", "tuned", "int8", "tuned8")
+    }
     seq = f"data.train={root / 'data' / 'seq'}"
     pretrain.main(["--out", str(stages["pre"]), *TINY, seq, "run.max_steps=2"])
     transfer.main(["--strategy", "ST", "--pretrained", str(stages["pre"]),
@@ -37,6 +39,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     freeze.main(["--sparse", "--init", str(stages["st"]), "--out", str(stages["fp16"]), *ctr,
                  "freeze.dtype=fp16"])  # fmt: skip
     finetune.main(["--init", str(stages["fp16"]), "--out", str(stages["tuned"]), *ctr])
+    freeze.main(["--sparse", "--init", str(stages["st"]), "--out", str(stages["int8"]), *ctr,
+                 "freeze.dtype=int8"])  # fmt: skip
+    finetune.main(["--init", str(stages["int8"]), "--out", str(stages["tuned8"]), *ctr])
     return stages | {"data": root / "data"}
 
 
@@ -103,3 +108,29 @@ def test_tables_the_host_cannot_hold_stop_the_stage_before_placing_them(
     assert message.startswith("placing the tables of this host's 1 rank(s)")
     assert "0.5 GiB but the host has 0.1 GiB available" in message and "\n" not in message
     assert not (tmp_path / "tuned" / "checkpoint").exists()
+
+
+def test_int8_tables_are_quantized_once_and_finetuning_leaves_them_bitwise(chain, tmp_path) -> None:
+    from recsys.distributed.rowwise_int8 import dequantize, quantize
+
+    st, int8, tuned = (weights(chain[n], tmp_path) for n in ("st", "int8", "tuned8"))
+    for name in ("table/item", "table/category"):
+        codes, scale_bias = int8[name], int8[f"{name}/scale_bias"]
+        assert codes.dtype == torch.uint8 and scale_bias.dtype == torch.float16
+        assert torch.equal(codes, quantize(st[name])[0])
+        assert torch.equal(dequantize(codes, scale_bias), dequantize(*quantize(st[name])))
+        assert torch.equal(tuned[name], codes)
+        assert torch.equal(tuned[f"{name}/scale_bias"], scale_bias)
+    record = json.loads((chain["tuned8"] / "stage.json").read_text())
+    assert record["frozen_dtype"] == "int8" and record["steps"] == 3
+    data = chain["data"] / "ctr_test"
+    evaluated = evaluate.main(["--model", str(chain["tuned8"]), "--data", str(data),
+                               "--out", str(tmp_path / "eval")])  # fmt: skip
+    requests = tmp_path / "requests.parquet"
+    raw_requests.write(str(data), requests)
+    predicted = predict.main(["--model", str(chain["tuned8"]), "--requests", str(requests),
+                              "--out", str(tmp_path / "p")])  # fmt: skip
+    for name in ("auc", "logloss", "samples"):
+        assert predicted["results"][name] == pytest.approx(evaluated["results"][name], rel=1e-6)
+    export_model(chain["tuned8"], tmp_path / "artifact")
+    assert (tmp_path / "artifact" / "model.pt2").exists()

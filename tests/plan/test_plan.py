@@ -84,7 +84,7 @@ def test_a_frozen_table_stored_in_fp16_is_planned_at_half_its_bytes(tmp_path: Pa
     with pytest.raises(PlanError, match="--frozen-dtype applies to the --frozen tables"):
         make_plan(load(None, [], "finetune"), Request(tables={"item": (100, None)},
                   frozen_dtype="fp16"), cluster("cpu", world_size=2))  # fmt: skip
-    with pytest.raises(PlanError, match="--frozen-dtype 'int4': expected one of fp32, fp16"):
+    with pytest.raises(PlanError, match="--frozen-dtype 'int4': expected one of fp32, fp16, int8"):
         make_plan(load(None, [], "finetune"), Request(tables={"item": (100, None)},
                   frozen=("item",), frozen_dtype="int4"), cluster("cpu", world_size=2))  # fmt: skip
 

@@ -90,7 +90,7 @@ def test_evaluate_predict_and_export_read_fp16_tables(chain, tmp_path) -> None:
 
 
 def test_an_unknown_frozen_dtype_is_refused_naming_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"freeze\.dtype.*one of fp32, fp16.*'int4'"):
+    with pytest.raises(ConfigError, match=r"freeze\.dtype.*one of fp32, fp16, int8.*'int4'"):
         load(None, ["freeze.dtype=int4"], "freeze")
 
 

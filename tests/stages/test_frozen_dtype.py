@@ -13,6 +13,7 @@ from recsys.checkpoint.manager import export
 from recsys.data import raw_requests
 from recsys.data.protocol import write_split
 from recsys.data.synth import SynthConfig, make
+from recsys.distributed.launch import run_on_ranks
 from recsys.serve.export import export as export_model
 from recsys.stages import evaluate, finetune, freeze, predict, pretrain, transfer
 from recsys.stages.config import ConfigError, load
@@ -134,3 +135,32 @@ def test_int8_tables_are_quantized_once_and_finetuning_leaves_them_bitwise(chain
         assert predicted["results"][name] == pytest.approx(evaluated["results"][name], rel=1e-6)
     export_model(chain["tuned8"], tmp_path / "artifact")
     assert (tmp_path / "artifact" / "model.pt2").exists()
+
+
+def _stage(name: str, argv: list[str]) -> dict:
+    """Run stage ``name`` on one rank of a job (spawned: a module-level function)."""
+    import importlib
+
+    return importlib.import_module(f"recsys.stages.{name}").main(argv)
+
+
+@pytest.mark.dist
+def test_int8_tables_split_over_two_ranks_keep_their_digests_and_load_on_one(
+    chain, tmp_path
+) -> None:
+    ctr = [*TINY, f"data.train={chain['data'] / 'ctr_train'}", "run.max_steps=3"]
+    frozen, tuned = tmp_path / "int8-2", tmp_path / "tuned-2"
+    argv = ["--sparse", "--init", str(chain["st"]), "--out", str(frozen), *ctr, "freeze.dtype=int8"]
+    records = run_on_ranks(_stage, "freeze", argv, world_size=2, quiet=True)
+    one_rank = json.loads((chain["int8"] / "stage.json").read_text())["digests"]
+    assert records[0]["digests"] == one_rank  # the same tables, whatever the world size
+    argv = ["--init", str(frozen), "--out", str(tuned), *ctr]
+    records = run_on_ranks(_stage, "finetune", argv, world_size=2, quiet=True)
+    assert records[0]["digests"] == one_rank and records[0]["world_size"] == 2
+    # Two ranks' blocks load into one process: the same codes as the one-rank chain's.
+    assert torch.equal(
+        weights(tuned, tmp_path)["table/item"], weights(chain["int8"], tmp_path)["table/item"]
+    )
+    evaluated = evaluate.main(["--model", str(tuned), "--data", str(chain["data"] / "ctr_test"),
+                               "--out", str(tmp_path / "eval")])  # fmt: skip
+    assert 0 <= evaluated["results"]["auc"] <= 1

@@ -4,7 +4,7 @@ This module owns the sparse part of every model: one ``EmbeddingCollection`` of 
 tables (jagged lookups, no pooling) and optionally one ``EmbeddingBagCollection`` of pooled
 tables, each split in two: trainable tables, and frozen tables whose output is detached so
 that they receive no gradient (and, with the optimizer applied to trainable tables only, no
-optimizer state), stored in fp32 or, to take half the memory, fp16. One table serves several
+optimizer state), stored in fp32, fp16 or int8 (``FROZEN_DTYPES``). One table serves several
 features: the item table serves the input sequence, the targets, the sampled negatives and
 the CTR candidate, which ties input and output embeddings. Tables are built on the device
 given (``meta`` for sharding: nothing is allocated until ``DistributedModelParallel`` places

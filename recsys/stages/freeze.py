@@ -5,8 +5,9 @@
 
 Rebuilds the CTR model of a finished ``transfer`` stage with the chosen tables frozen
 (``--sparse``: every table; ``--tables item,category``: those), so that they get no gradient
-and no optimizer state in finetuning, stores them as ``freeze.dtype`` says (fp32, or fp16 for
-half the memory), loads every weight, and records a digest per frozen table (the same for
+and no optimizer state in finetuning, stores them as ``freeze.dtype`` says (fp32; fp16 for
+half the memory; int8 row-wise, quantized here from the transferred fp32 rows, each rank
+reading only its block), loads every weight, and records a digest per frozen table (the same for
 any world size and sharding plan). ``finetune`` checks the digests at its
 end. Writes ``weights/``, ``stage.json`` (strategy ``ST&SF`` / ``FT&SF``, frozen tables, their
 dtype, digests) and ``DONE``.

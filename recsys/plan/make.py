@@ -252,7 +252,9 @@ def make(config: StageConfig, request: Request, cluster: Cluster) -> dict:
         name for module in embedding_modules(model).values() for name in table_parameters(module)
     ]
     if request.sharding_types:
-        types = dict(request.sharding_types)
+        # int8 frozen tables split their rows over the ranks themselves (row-wise).
+        int8 = {t.name for t in model.sparse.config.tables} - set(tables)
+        types = {t: v for t, v in request.sharding_types.items() if t not in int8}
         unknown = sorted(set(types) - {"*", *tables})
         if unknown:
             raise PlanError(

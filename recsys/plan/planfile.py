@@ -458,11 +458,11 @@ def check(doc: dict[str, Any], model: nn.Module, world_size: int, device: str, w
     int8 = {path.rsplit(".", 1)[1] for path in _int8_tables(model)}
     for name in sorted(set(ours) & set(tables)):
         if (tables[name]["compute_kernel"] == INT8_KERNEL) != (name in int8):
-            said = "int8" if name in int8 else tables[name]["dtype"]
+            planned_as = "int8" if name not in int8 else tables[name]["dtype"]
             problems.append(
-                f"table {name!r} is stored {said} here but planned "
-                f"{'int8' if name not in int8 else tables[name]['dtype']} (plan with "
-                "--frozen-dtype as the freeze stage's freeze.dtype)"
+                f"table {name!r} is stored {_model_dtypes(model)[name]} here but planned "
+                f"{planned_as} (plan with the --frozen-dtype of the freeze stage's "
+                "freeze.dtype)"
             )
             continue
         planned = (tables[name]["rows"], tables[name]["dim"])

@@ -30,31 +30,51 @@ from torch import nn
 
 from recsys.checkpoint.manager import CheckpointError, agree, check, read, record, write
 from recsys.distributed.env import collective_device
+from recsys.distributed.rowwise_int8 import RowWiseInt8Collection
 from recsys.distributed.shards import local_shards
 
 TABLE_KEY = re.compile(r"(?:^|\.)sparse\.\w+\.embedding(?:_bag)?s\.(\w+)\.weight$")
+INT8_KEY = re.compile(r"(?:^|\.)sparse\.\w+\.tables\.(\w+)\.(codes|scale_bias)$")
+"""An int8 frozen table's codes and its scale and bias (``recsys.distributed.rowwise_int8``)."""
 
 
 def named_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{stable name: tensor}`` aliasing the model's own weights."""
+    """``{stable name: tensor}`` aliasing the model's own weights (an int8 table's codes are
+    ``table/<name>``, its scale and bias ``table/<name>/scale_bias``)."""
     out = {}
     for key, value in model.state_dict().items():
-        match = TABLE_KEY.search(key)
-        out[f"table/{match[1]}" if match else f"dense/{key}"] = value
+        if match := TABLE_KEY.search(key):
+            out[f"table/{match[1]}"] = value
+        elif match := INT8_KEY.search(key):
+            out[f"table/{match[1]}" + ("" if match[2] == "codes" else "/scale_bias")] = value
+        else:
+            out[f"dense/{key}"] = value
     return out
+
+
+def _metadata(path: str | Path):
+    try:
+        return dcp.FileSystemReader(str(path)).read_metadata()
+    # Unpickling damaged bytes raises nearly anything (UnpicklingError, EOFError, KeyError).
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable weights checkpoint: {err}") from err
 
 
 def saved_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """The names and full shapes of the weights saved at ``path``."""
-    try:
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    # Unpickling damaged bytes raises nearly anything (UnpicklingError, EOFError, KeyError).
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable weights checkpoint: {err}") from err
     return {
         name: tuple(entry.size)
-        for name, entry in metadata.state_dict_metadata.items()
+        for name, entry in _metadata(path).state_dict_metadata.items()
         if hasattr(entry, "size")
+    }
+
+
+def saved_dtypes(path: str | Path) -> dict[str, torch.dtype]:
+    """The names and dtypes of the weights saved at ``path``."""
+    return {
+        name: entry.properties.dtype
+        for name, entry in _metadata(path).state_dict_metadata.items()
+        if hasattr(entry, "properties")
     }
 
 
@@ -83,6 +103,8 @@ ROWS_AT_ONCE = 1 << 16
 def _nonfinite(weights: dict[str, torch.Tensor]) -> str | None:
     """The first weight (of this rank's shards) holding a NaN or an infinity, or None."""
     for name, value in sorted(weights.items()):
+        if hasattr(value, "to_local"):  # a DTensor: this rank's block
+            value = value.to_local()
         parts = (
             [s.tensor for s in value.local_shards()] if hasattr(value, "local_shards") else [value]
         )
@@ -105,7 +127,7 @@ def load_weights(model: nn.Module, path: str | Path, names: Iterable[str]) -> li
     names = sorted(names)
     mine = named_weights(model)
     check(path)  # collective: the ranks split the checksums and agree on the verdict
-    saved = saved_shapes(path)
+    saved, dtypes = saved_shapes(path), saved_dtypes(path)
     problems = []
     for name in names:
         if name not in mine:
@@ -117,6 +139,12 @@ def load_weights(model: nn.Module, path: str | Path, names: Iterable[str]) -> li
                 f"{name}: saved with shape {list(saved[name])}, the model has "
                 f"{list(mine[name].shape)}"
             )
+        elif dtypes[name].is_floating_point != mine[name].dtype.is_floating_point:
+            # Values would be cast, not quantized: an int8 table takes fp32 rows through freeze.
+            problems.append(
+                f"{name}: saved as {dtypes[name]}, the model holds {mine[name].dtype} (an int8 "
+                "frozen table is quantized from fp32 by the freeze stage only)"
+            )
     if problems:
         raise CheckpointError(
             f"{path}: cannot load {len(problems)} weight(s) into this model; was it built with "
@@ -127,13 +155,46 @@ def load_weights(model: nn.Module, path: str | Path, names: Iterable[str]) -> li
     return names
 
 
+def int8_tables(model: nn.Module) -> dict[str, object]:
+    """The int8 frozen tables of ``model`` by stable name (``table/<name>``)."""
+    return {
+        f"table/{name}": table
+        for module in model.modules()
+        if isinstance(module, RowWiseInt8Collection)
+        for name, table in module.tables.items()
+    }
+
+
+def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
+    """Quantize the fp32 tables saved at ``path`` into ``model``'s int8 frozen tables, each
+    rank reading only its block of rows (every rank calls it); the names loaded. The other
+    weights load with :func:`load_weights` (without the int8 tables' names)."""
+    tables = int8_tables(model)
+    if not tables:
+        return []
+    saved, dtypes = saved_shapes(path), saved_dtypes(path)
+    problems = [
+        f"{name}: saved as {dtypes.get(name)} {list(saved.get(name, ()))}, expected float "
+        f"[{t.rows}, {t.dim}]"
+        for name, t in tables.items()
+        if saved.get(name) != (t.rows, t.dim) or not dtypes[name].is_floating_point
+    ]
+    if problems:
+        raise CheckpointError(f"{path}: cannot quantize into int8 tables: {'; '.join(problems)}")
+    targets = {name: t.float_target() for name, t in tables.items()}
+    read({name: target for name, (target, _) in targets.items()}, path)
+    for name, (_, block) in targets.items():
+        tables[name].set_rows(block)
+    return sorted(tables)
+
+
 MASK = (1 << 64) - 1
 
 
 @torch.no_grad()
 def _partial(tensor: torch.Tensor, rows: slice, cols: slice, width: int) -> int:
-    # The elements' own bits (fp32 or a frozen table's fp16).
-    integer = {4: torch.int32, 2: torch.int16}[tensor.element_size()]
+    # The elements' own bits (fp32, a frozen table's fp16, an int8 table's codes).
+    integer = {4: torch.int32, 2: torch.int16, 1: torch.int8}[tensor.element_size()]
     bits = tensor.detach().contiguous().view(integer).to(torch.int64)
     r = torch.arange(rows.start, rows.stop, dtype=torch.int64)[:, None]
     c = torch.arange(cols.start, cols.stop, dtype=torch.int64)[None, :]
@@ -151,6 +212,9 @@ def table_digests(model: nn.Module, tables: Iterable[str]) -> dict[str, str]:
         for key, value in model.state_dict().items()
         if (match := TABLE_KEY.search(key)) and match[1] in wanted
     }
+    for module in model.modules():  # int8 tables: codes, then scale and bias, in each row
+        if isinstance(module, RowWiseInt8Collection):
+            widths |= {n: t.dim + 2 for n, t in module.tables.items() if n in wanted}
     missing = sorted(wanted - set(widths))
     if missing:
         raise ValueError(f"tables {missing} are not in the model")

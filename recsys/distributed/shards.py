@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from recsys.distributed.rowwise_int8 import RowWiseInt8Collection
+
 _TABLE = re.compile(r"(?:^|\.)sparse\.\w+\.embedding(?:_bag)?s\.(\w+)\.weight$")
 """A table's state-dict key (the same rule as ``recsys.checkpoint.weights``)."""
 
@@ -28,8 +30,17 @@ class LocalShard:
 
 
 def local_shards(model: nn.Module) -> list[LocalShard]:
-    """Every local shard of every sharded table of ``model`` (after DistributedModelParallel)."""
+    """Every local shard of every sharded table of ``model`` (after DistributedModelParallel);
+    an int8 table's block is two, its codes (columns 0..dim) and its scale and bias (columns
+    dim, dim + 1)."""
     shards = []
+    for module in model.modules():
+        if isinstance(module, RowWiseInt8Collection):
+            for table, block in module.tables.items():
+                rows = slice(block.start, block.start + len(block.codes))
+                shards.append(LocalShard(table, block.codes, rows, slice(0, block.dim)))
+                columns = slice(block.dim, block.dim + 2)
+                shards.append(LocalShard(table, block.scale_bias, rows, columns))
     for key, value in model.state_dict().items():
         if not hasattr(value, "local_shards"):
             continue  # dense parameters and buffers

@@ -4,7 +4,7 @@ This module owns the sparse part of every model: one ``EmbeddingCollection`` of 
 tables (jagged lookups, no pooling) and optionally one ``EmbeddingBagCollection`` of pooled
 tables, each split in two: trainable tables, and frozen tables whose output is detached so
 that they receive no gradient (and, with the optimizer applied to trainable tables only, no
-optimizer state), stored in fp32 or, to take half the memory, fp16. One table serves several
+optimizer state), stored in fp32, fp16 or int8 (``FROZEN_DTYPES``). One table serves several
 features: the item table serves the input sequence, the targets, the sampled negatives and
 the CTR candidate, which ties input and output embeddings. Tables are built on the device
 given (``meta`` for sharding: nothing is allocated until ``DistributedModelParallel`` places
@@ -28,9 +28,13 @@ from torchrec import (
 )
 from torchrec.modules.embedding_configs import DataType
 
-FROZEN_DTYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
+from recsys.distributed.rowwise_int8 import RowWiseInt8Collection
+
+FROZEN_DTYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
 """How a frozen table may be stored (``freeze.dtype``): TorchRec's fused CPU and GPU kernels
-read fp16 tables and return fp32 lookups. Trainable tables stay fp32."""
+read fp16 tables and return fp32 lookups; int8 sequence tables (row-wise codes with an fp16
+scale and bias) are ``recsys.distributed.rowwise_int8``'s, which TorchRec does not shard for
+training. Trainable tables stay fp32."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,13 @@ class SparseArch(nn.Module):
             if not specs:
                 continue
             stored = {"data_type": FROZEN_DTYPES[config.frozen_dtype]} if frozen else {}
+            if frozen and config.frozen_dtype == "int8":
+                if pooled:
+                    raise ValueError("frozen pooled tables are stored fp32 or fp16, not int8")
+                tables = [(t.name, t.rows, t.dim, t.features) for t in specs]
+                setattr(self, attribute, RowWiseInt8Collection(tables, device))
+                self._features[attribute] = [f for t in specs for f in t.features]
+                continue
             if pooled:
                 module = EmbeddingBagCollection(
                     device=device,

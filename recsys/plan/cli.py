@@ -71,7 +71,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--frozen-dtype",
-        help="how the --frozen tables are stored: fp32 or fp16 (default: the config's "
+        help="how the --frozen tables are stored: fp32, fp16 or int8 (default: the config's "
         "freeze.dtype)",
     )
     p.add_argument(

@@ -20,7 +20,12 @@ import torch
 from torch import nn
 
 from recsys.data.schema import DatasetMeta
-from recsys.distributed.planning import constraints_for, embedding_modules, run_planner
+from recsys.distributed.planning import (
+    constraints_for,
+    embedding_modules,
+    run_planner,
+    table_parameters,
+)
 from recsys.errors import UserError
 from recsys.models import build as models
 from recsys.models.sparse import FROZEN_DTYPES
@@ -243,9 +248,13 @@ def make(config: StageConfig, request: Request, cluster: Cluster) -> dict:
     if cluster.ddr_bytes <= 0 and cluster.host.device == "cpu":
         raise PlanError("CPU ranks need host memory: give --ddr-gb > 0")
     model = meta_model(config, request)
-    tables = [t.name for t in model.sparse.config.tables]
+    tables = [  # TorchRec's tables: int8 frozen tables place themselves (planfile)
+        name for module in embedding_modules(model).values() for name in table_parameters(module)
+    ]
     if request.sharding_types:
-        types = dict(request.sharding_types)
+        # int8 frozen tables split their rows over the ranks themselves (row-wise).
+        int8 = {t.name for t in model.sparse.config.tables} - set(tables)
+        types = {t: v for t, v in request.sharding_types.items() if t not in int8}
         unknown = sorted(set(types) - {"*", *tables})
         if unknown:
             raise PlanError(

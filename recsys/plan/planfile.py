@@ -54,6 +54,13 @@ COMPUTE_KERNELS = ("fused", "fused_uvm_caching", "fused_uvm")
 """Kernels a plan may use: tables in HBM (``fused``, the only one on CPU), in host memory
 with an HBM cache (``fused_uvm_caching``) or in host memory (``fused_uvm``)."""
 
+INT8_KERNEL = "int8_rowwise"
+"""The kernel of an int8 frozen table in a plan: ``recsys.distributed.rowwise_int8``'s row
+blocks and lookup, which TorchRec's planner does not place (the plan adds them itself)."""
+
+INT8_ROW_BYTES = 4
+"""Bytes besides the codes in each row of an int8 table: its fp16 scale and bias."""
+
 
 class PlanFileError(UserError, ValueError):
     """A plan file that cannot be read or does not match the model or job."""
@@ -147,6 +154,9 @@ def document(
                 ),
             }
         )
+    for path, table in sorted(_int8_tables(model).items(), key=lambda kv: kv[0]):
+        tables.append(_int8_entry(path, table, cluster, ranks, optimizer))
+    tables.sort(key=lambda t: t["name"])
     per_rank = []
     for rank in range(cluster.world_size):
         used = dict(ranks.get(rank, {}))
@@ -184,6 +194,51 @@ def document(
         "ranks": per_rank,
         "planner": {"torchrec": torchrec.__version__, "seconds": round(seconds, 3)},
     } | ({"process": dict(process)} if process else {})
+
+
+def _int8_entry(
+    path: str, table: Any, cluster: Cluster, ranks: dict, optimizer: str
+) -> dict[str, Any]:
+    """The plan entry of an int8 frozen table: a block of rows per rank (as the table splits
+    them), in HBM on GPU ranks (DMP moves the model there), counted into ``ranks``."""
+    from recsys.distributed.rowwise_int8 import local_rows
+
+    shards = []
+    for rank in range(cluster.world_size):
+        rows = local_rows(table.rows, rank, cluster.world_size)
+        if not len(rows):
+            continue
+        size = len(rows) * (table.dim + INT8_ROW_BYTES)
+        hbm = size if cluster.host.device == "cuda" else 0
+        shards.append(
+            {
+                "rank": rank,
+                "offsets": [rows.start, 0],
+                "sizes": [len(rows), table.dim],
+                "hbm_bytes": hbm,
+                "ddr_bytes": size - hbm,
+                "weight_bytes": size,
+                "optimizer_bytes": 0,
+            }
+        )
+        used = ranks[rank]
+        used["hbm_bytes"] += hbm
+        used["ddr_bytes"] += size - hbm
+        used["weight_bytes"] += size
+        used["checkpoint_bytes"] = max(used["checkpoint_bytes"], len(rows) * table.dim)
+    return {
+        "name": path.rsplit(".", 1)[1],
+        "module": path.rsplit(".tables.", 1)[0],
+        "rows": table.rows,
+        "dim": table.dim,
+        "dtype": "int8",
+        "frozen": True,
+        "sharding_type": "row_wise",
+        "compute_kernel": INT8_KERNEL,
+        "ranks": [s["rank"] for s in shards],
+        "shards": shards,
+        "optimizer_bytes_saved": optimizer_bytes(table.rows, table.dim, 4, optimizer),
+    }
 
 
 def write(doc: dict[str, Any], path: str | Path) -> Path:
@@ -242,18 +297,27 @@ def _model_tables(model: nn.Module) -> dict[str, tuple[str, tuple[int, int]]]:
     for path, module in embedding_modules(model).items():
         for name, weight in table_parameters(module).items():
             out[name] = (path, (int(weight.shape[0]), int(weight.shape[1])))
+    for path, table in _int8_tables(model).items():
+        out[path.rsplit(".", 1)[1]] = (path.rsplit(".tables.", 1)[0], (table.rows, table.dim))
     return out
 
 
+def _int8_tables(model: nn.Module) -> dict[str, Any]:
+    """The int8 frozen tables of ``model`` by module path (``sparse.*.tables.<name>``)."""
+    from recsys.distributed.rowwise_int8 import RowWiseInt8Table
+
+    return {p: m for p, m in model.named_modules() if isinstance(m, RowWiseInt8Table)}
+
+
 def _model_dtypes(model: nn.Module) -> dict[str, str]:
-    """Each table's dtype as a plan writes it (``float32``, ``float16``)."""
+    """Each table's dtype as a plan writes it (``float32``, ``float16``, ``int8``)."""
     from recsys.distributed.planning import embedding_modules, table_parameters
 
     return {
         name: str(weight.dtype).removeprefix("torch.")
         for module in embedding_modules(model).values()
         for name, weight in table_parameters(module).items()
-    }
+    } | {path.rsplit(".", 1)[1]: "int8" for path in _int8_tables(model)}
 
 
 PAIR = "pair"
@@ -343,7 +407,8 @@ def _check_choices(table: dict[str, Any], where: str) -> None:
     here, not left to TorchRec's ValueError when the plan is applied)."""
     from recsys.distributed.planning import SHARDING_TYPES
 
-    for key, known in (("sharding_type", SHARDING_TYPES), ("compute_kernel", COMPUTE_KERNELS)):
+    kernels = (*COMPUTE_KERNELS, INT8_KERNEL)
+    for key, known in (("sharding_type", SHARDING_TYPES), ("compute_kernel", kernels)):
         if table[key] not in known:
             raise PlanFileError(
                 f"{where}: {key} {json.dumps(table[key])[:40]} is not one of {', '.join(known)}"
@@ -390,7 +455,16 @@ def check(doc: dict[str, Any], model: nn.Module, world_size: int, device: str, w
         problems.append(f"it places no table {', '.join(missing)} (the model has it)")
     if extra:
         problems.append(f"it places tables the model does not have: {', '.join(extra)}")
+    int8 = {path.rsplit(".", 1)[1] for path in _int8_tables(model)}
     for name in sorted(set(ours) & set(tables)):
+        if (tables[name]["compute_kernel"] == INT8_KERNEL) != (name in int8):
+            planned_as = "int8" if name not in int8 else tables[name]["dtype"]
+            problems.append(
+                f"table {name!r} is stored {_model_dtypes(model)[name]} here but planned "
+                f"{planned_as} (plan with the --frozen-dtype of the freeze stage's "
+                "freeze.dtype)"
+            )
+            continue
         planned = (tables[name]["rows"], tables[name]["dim"])
         if planned != ours[name][1]:
             problems.append(
@@ -456,6 +530,8 @@ def sharding_plan(doc: dict[str, Any], model: nn.Module, env, where: str = "the 
     paths = {name: path for name, (path, _) in _model_tables(model).items()}
     plan: dict[str, EmbeddingModuleShardingPlan] = {}
     for table in doc["tables"]:
+        if table["compute_kernel"] == INT8_KERNEL:  # its own row blocks, not TorchRec's
+            continue
         shards = table["shards"]
         spec = EnumerableShardingSpec(
             [

@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
-from recsys.checkpoint.weights import load_weights, named_weights, saved_shapes
+from recsys.checkpoint.weights import int8_tables, load_weights, named_weights, saved_shapes
 from recsys.data import vocab
 from recsys.data.schema import DatasetMeta
 from recsys.data.writer import atomic_directory
+from recsys.distributed.rowwise_int8 import dequantize
 from recsys.errors import UserError
 from recsys.models import build as models
 from recsys.serve import score
@@ -91,7 +92,11 @@ def _trained(
     """The stage's CTR model on CPU with its weights, and its full tables (``item`` first,
     fp32 whatever a frozen table was stored as) with their reserved rows zeroed."""
     shapes = saved_shapes(stage / "weights")
-    names = [key.removeprefix("table/") for key in shapes if key.startswith("table/")]
+    names = [  # an int8 table's scale and bias are part of it (``table/<name>/scale_bias``)
+        key.removeprefix("table/")
+        for key in shapes
+        if key.startswith("table/") and key.count("/") == 1
+    ]
     item = vocabularies.get("item")
     if item is None:
         raise ExportError(
@@ -116,10 +121,14 @@ def _trained(
     with warnings.catch_warnings():  # DCP warns that it loads in a single process: we mean to
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         load_weights(model, stage / "weights", named_weights(model))
-    weights = named_weights(model)
+    weights, quantized = named_weights(model), int8_tables(model)
     tables = {}
     for name in rows:
-        table = weights[f"table/{name}"].detach().float().clone()
+        if f"table/{name}" in quantized:  # one process: the int8 table holds every row
+            int8 = quantized[f"table/{name}"]
+            table = dequantize(int8.codes, int8.scale_bias)
+        else:
+            table = weights[f"table/{name}"].detach().float().clone()
         table[vocabularies[name].unknown :] = 0  # unknown and padding: see recsys.data.vocab
         tables[name] = table
     return model.eval(), tables

@@ -24,8 +24,10 @@ from recsys.data.schema import DatasetMeta
 from recsys.data.stream import ParquetStream, StreamConfig
 from recsys.distributed.env import DistEnv, collective_device
 from recsys.distributed.planning import embedding_modules, planned, table_parameters
+from recsys.distributed.rowwise_int8 import RowWiseInt8Table
 from recsys.distributed.wrap import shard
 from recsys.plan import measure, planfile, process
+from recsys.plan.planfile import INT8_ROW_BYTES
 from recsys.stages.common import StageError
 from recsys.stages.config import DataSection, ModelSection, PlanSection, StageConfig
 from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
@@ -86,7 +88,11 @@ def place(model: nn.Module, plan: PlanSection, env: DistEnv, optim: OptimConfig 
     if plan.file:
         chosen = planfile.sharding_plan(planfile.read(plan.file), model, env, plan.file)
     else:
-        tables = {t.name for t in model.sparse.config.tables}
+        tables = {  # TorchRec's tables (int8 frozen tables place themselves)
+            name
+            for module in embedding_modules(model).values()
+            for name in table_parameters(module)
+        }
         types = {t: v for t, v in plan.sharding_types.items() if t in tables}
         chosen = planned(
             model,
@@ -122,6 +128,9 @@ def _check_host_memory(model: nn.Module, plan, env: DistEnv, optim: OptimConfig 
                     need += rows * cols * element
                     if trainable:
                         need += planfile.optimizer_bytes(rows, cols, 4, optim.sparse)
+    for module in model.modules():  # int8 frozen tables: a block of rows on every rank
+        if isinstance(module, RowWiseInt8Table):
+            need += env.local_world_size * len(module.codes) * (module.dim + INT8_ROW_BYTES)
     error = None
     try:
         measure.check_host_fits(need, env.local_world_size)

@@ -5,8 +5,9 @@
 
 Rebuilds the CTR model of a finished ``transfer`` stage with the chosen tables frozen
 (``--sparse``: every table; ``--tables item,category``: those), so that they get no gradient
-and no optimizer state in finetuning, stores them as ``freeze.dtype`` says (fp32, or fp16 for
-half the memory), loads every weight, and records a digest per frozen table (the same for
+and no optimizer state in finetuning, stores them as ``freeze.dtype`` says (fp32; fp16 for
+half the memory; int8 row-wise, quantized here from the transferred fp32 rows, each rank
+reading only its block), loads every weight, and records a digest per frozen table (the same for
 any world size and sharding plan). ``finetune`` checks the digests at its
 end. Writes ``weights/``, ``stage.json`` (strategy ``ST&SF`` / ``FT&SF``, frozen tables, their
 dtype, digests) and ``DONE``.
@@ -14,7 +15,13 @@ dtype, digests) and ``DONE``.
 
 from __future__ import annotations
 
-from recsys.checkpoint.weights import load_weights, named_weights, save_weights, table_digests
+from recsys.checkpoint.weights import (
+    load_quantized,
+    load_weights,
+    named_weights,
+    save_weights,
+    table_digests,
+)
 from recsys.distributed.env import distributed
 from recsys.models import build as models
 from recsys.stages import build
@@ -43,7 +50,10 @@ def main(argv: list[str] | None = None) -> dict:
         dtype = config.freeze.dtype
         model = models.ctr_model(config.model, meta, tuple(frozen), frozen_dtype=dtype)
         model = build.place(model, config.plan, env)
-        load_weights(model, f"{args.init}/weights", named_weights(model))
+        weights = f"{args.init}/weights"
+        quantized = load_quantized(model, weights)  # int8 tables: fp32 rows quantized
+        names = [n for n in named_weights(model) if n.split("/scale_bias")[0] not in quantized]
+        load_weights(model, weights, names)
         digests = table_digests(model, frozen)
         save_weights(model, stage.weights)
         return stage.finish(

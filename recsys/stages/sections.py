@@ -149,7 +149,8 @@ class FreezeSection:
     """How the ``freeze`` stage stores the tables it freezes."""
 
     dtype: str = "fp32"
-    """fp32 (as trained) or fp16 (half the memory; finetuning reads the rounded values)."""
+    """fp32 (as trained), fp16 (half the memory; finetuning reads the rounded values) or int8
+    (row-wise codes with an fp16 scale and bias: (dim + 4) / (4 dim) of the memory)."""
 
     def __post_init__(self) -> None:
         require(

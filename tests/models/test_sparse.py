@@ -66,8 +66,10 @@ def test_frozen_tables_stored_in_fp16_look_up_their_rounded_values() -> None:
     assert looked_up.dtype == torch.float32 and not looked_up.requires_grad
     assert torch.equal(looked_up, category[torch.tensor([0, 1, 2, 3])].float())
     assert torch.allclose(pooled["user"], torch.stack([2 * user[5].float(), user[6].float()]))
-    with pytest.raises(ValueError, match="stored as one of fp32, fp16, got 'int8'"):
-        SparseConfig(TABLES, frozen=("user",), frozen_dtype="int8")
+    with pytest.raises(ValueError, match="stored as one of fp32, fp16, int8, got 'int4'"):
+        SparseConfig(TABLES, frozen=("user",), frozen_dtype="int4")
+    with pytest.raises(ValueError, match="frozen pooled tables are stored fp32 or fp16, not int8"):
+        SparseArch(SparseConfig(TABLES, frozen=("user",), frozen_dtype="int8"))
 
 
 def test_missing_feature_is_named() -> None:

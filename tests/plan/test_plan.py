@@ -84,9 +84,37 @@ def test_a_frozen_table_stored_in_fp16_is_planned_at_half_its_bytes(tmp_path: Pa
     with pytest.raises(PlanError, match="--frozen-dtype applies to the --frozen tables"):
         make_plan(load(None, [], "finetune"), Request(tables={"item": (100, None)},
                   frozen_dtype="fp16"), cluster("cpu", world_size=2))  # fmt: skip
-    with pytest.raises(PlanError, match="--frozen-dtype 'int4': expected one of fp32, fp16"):
+    with pytest.raises(PlanError, match="--frozen-dtype 'int4': expected one of fp32, fp16, int8"):
         make_plan(load(None, [], "finetune"), Request(tables={"item": (100, None)},
                   frozen=("item",), frozen_dtype="int4"), cluster("cpu", world_size=2))  # fmt: skip
+
+
+def test_int8_frozen_tables_are_planned_as_their_own_row_blocks(data: Path, tmp_path: Path) -> None:
+    doc = plan_json(tmp_path, *BIG, "-j", "4x8", "--frozen", "item", "--frozen-dtype", "int8")
+    (item,) = [t for t in doc["tables"] if t["name"] == "item"]
+    assert (item["dtype"], item["compute_kernel"], item["sharding_type"]) == (
+        "int8",
+        "int8_rowwise",
+        "row_wise",
+    )
+    assert len(item["shards"]) == 32 and item["ranks"] == list(range(32))
+    assert sum(s["sizes"][0] for s in item["shards"]) == 4_000_000_000
+    assert sum(s["weight_bytes"] for s in item["shards"]) == 4_000_000_000 * (64 + 4)
+    assert all(s["hbm_bytes"] == s["weight_bytes"] for s in item["shards"])  # A100s: in HBM
+    assert "yes, int8" in show.render(doc)
+    # A plan file of int8 tables places a job whose freeze stored them int8, and no other.
+    out = tmp_path / "int8.json"
+    ctr = [*TINY, f"data.train={data / 'ctr_train'}"]
+    args = ["plan", "--host", "cpu", "-j", "1x2", "--frozen", "item", "--frozen-dtype", "int8"]
+    assert cli([*args, "--out", str(out), *ctr]) == 0
+    config = load(None, ctr, "finetune")
+    env = DistEnv(0, 2, 0, 2, "gloo", __import__("torch").device("cpu"))
+    int8 = meta_model(config, Request(frozen=("item",), frozen_dtype="int8"))
+    placed = planfile.sharding_plan(planfile.read(out), int8, env)
+    assert {t for m in placed.plan.values() for t in m} == {"category"}  # item places itself
+    fp16 = meta_model(config, Request(frozen=("item",), frozen_dtype="fp16"))
+    with pytest.raises(planfile.PlanFileError, match="table 'item' is stored float16 here"):
+        planfile.sharding_plan(planfile.read(out), fp16, env)
 
 
 def test_each_rank_counts_the_memory_besides_its_tables(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from recsys.checkpoint.manager import export
 from recsys.data import raw_requests
 from recsys.data.protocol import write_split
 from recsys.data.synth import SynthConfig, make
+from recsys.distributed.launch import run_on_ranks
 from recsys.serve.export import export as export_model
 from recsys.stages import evaluate, finetune, freeze, predict, pretrain, transfer
 from recsys.stages.config import ConfigError, load
@@ -28,7 +29,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     write_split(root / "data", result, source, row_group_rows=16)
     ctr = [*TINY, f"data.train={root / 'data' / 'ctr_train'}", "run.max_steps=3"]
-    stages = {name: root / name for name in ("pre", "st", "fp32", "fp16", "tuned")}
+    stages = {
+        name: root / name for name in ("pre", "st", "fp32", "fp16", "tuned", "int8", "tuned8")
+    }
     seq = f"data.train={root / 'data' / 'seq'}"
     pretrain.main(["--out", str(stages["pre"]), *TINY, seq, "run.max_steps=2"])
     transfer.main(["--strategy", "ST", "--pretrained", str(stages["pre"]),
@@ -37,6 +40,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     freeze.main(["--sparse", "--init", str(stages["st"]), "--out", str(stages["fp16"]), *ctr,
                  "freeze.dtype=fp16"])  # fmt: skip
     finetune.main(["--init", str(stages["fp16"]), "--out", str(stages["tuned"]), *ctr])
+    freeze.main(["--sparse", "--init", str(stages["st"]), "--out", str(stages["int8"]), *ctr,
+                 "freeze.dtype=int8"])  # fmt: skip
+    finetune.main(["--init", str(stages["int8"]), "--out", str(stages["tuned8"]), *ctr])
     return stages | {"data": root / "data"}
 
 
@@ -85,7 +91,7 @@ def test_evaluate_predict_and_export_read_fp16_tables(chain, tmp_path) -> None:
 
 
 def test_an_unknown_frozen_dtype_is_refused_naming_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"freeze\.dtype.*one of fp32, fp16.*'int4'"):
+    with pytest.raises(ConfigError, match=r"freeze\.dtype.*one of fp32, fp16, int8.*'int4'"):
         load(None, ["freeze.dtype=int4"], "freeze")
 
 
@@ -103,3 +109,58 @@ def test_tables_the_host_cannot_hold_stop_the_stage_before_placing_them(
     assert message.startswith("placing the tables of this host's 1 rank(s)")
     assert "0.5 GiB but the host has 0.1 GiB available" in message and "\n" not in message
     assert not (tmp_path / "tuned" / "checkpoint").exists()
+
+
+def test_int8_tables_are_quantized_once_and_finetuning_leaves_them_bitwise(chain, tmp_path) -> None:
+    from recsys.distributed.rowwise_int8 import dequantize, quantize
+
+    st, int8, tuned = (weights(chain[n], tmp_path) for n in ("st", "int8", "tuned8"))
+    for name in ("table/item", "table/category"):
+        codes, scale_bias = int8[name], int8[f"{name}/scale_bias"]
+        assert codes.dtype == torch.uint8 and scale_bias.dtype == torch.float16
+        assert torch.equal(codes, quantize(st[name])[0])
+        assert torch.equal(dequantize(codes, scale_bias), dequantize(*quantize(st[name])))
+        assert torch.equal(tuned[name], codes)
+        assert torch.equal(tuned[f"{name}/scale_bias"], scale_bias)
+    record = json.loads((chain["tuned8"] / "stage.json").read_text())
+    assert record["frozen_dtype"] == "int8" and record["steps"] == 3
+    data = chain["data"] / "ctr_test"
+    evaluated = evaluate.main(["--model", str(chain["tuned8"]), "--data", str(data),
+                               "--out", str(tmp_path / "eval")])  # fmt: skip
+    requests = tmp_path / "requests.parquet"
+    raw_requests.write(str(data), requests)
+    predicted = predict.main(["--model", str(chain["tuned8"]), "--requests", str(requests),
+                              "--out", str(tmp_path / "p")])  # fmt: skip
+    for name in ("auc", "logloss", "samples"):
+        assert predicted["results"][name] == pytest.approx(evaluated["results"][name], rel=1e-6)
+    export_model(chain["tuned8"], tmp_path / "artifact")
+    assert (tmp_path / "artifact" / "model.pt2").exists()
+
+
+def _stage(name: str, argv: list[str]) -> dict:
+    """Run stage ``name`` on one rank of a job (spawned: a module-level function)."""
+    import importlib
+
+    return importlib.import_module(f"recsys.stages.{name}").main(argv)
+
+
+@pytest.mark.dist
+def test_int8_tables_split_over_two_ranks_keep_their_digests_and_load_on_one(
+    chain, tmp_path
+) -> None:
+    ctr = [*TINY, f"data.train={chain['data'] / 'ctr_train'}", "run.max_steps=3"]
+    frozen, tuned = tmp_path / "int8-2", tmp_path / "tuned-2"
+    argv = ["--sparse", "--init", str(chain["st"]), "--out", str(frozen), *ctr, "freeze.dtype=int8"]
+    records = run_on_ranks(_stage, "freeze", argv, world_size=2, quiet=True)
+    one_rank = json.loads((chain["int8"] / "stage.json").read_text())["digests"]
+    assert records[0]["digests"] == one_rank  # the same tables, whatever the world size
+    argv = ["--init", str(frozen), "--out", str(tuned), *ctr]
+    records = run_on_ranks(_stage, "finetune", argv, world_size=2, quiet=True)
+    assert records[0]["digests"] == one_rank and records[0]["world_size"] == 2
+    # Two ranks' blocks load into one process: the same codes as the one-rank chain's.
+    assert torch.equal(
+        weights(tuned, tmp_path)["table/item"], weights(chain["int8"], tmp_path)["table/item"]
+    )
+    evaluated = evaluate.main(["--model", str(tuned), "--data", str(chain["data"] / "ctr_test"),
+                               "--out", str(tmp_path / "eval")])  # fmt: skip
+    assert 0 <= evaluated["results"]["auc"] <= 1

@@ -4,7 +4,7 @@ synth --stream --hash-ids --table-rows N``), so the work per step stays the same
 
     python benchmarks/table_scale.py --sizes '1e5,1e6,1e7,2**25' --sharding both
     python benchmarks/table_scale.py --stage pretrain --batch 64 --sizes '1e5,2**25'
-    python benchmarks/table_scale.py --sizes '2**25' --frozen fp32,fp16 --no-reshard
+    python benchmarks/table_scale.py --sizes '2**25' --frozen fp32,fp16,int8 --no-reshard
 
 For each size (and sharding type, and frozen dtype): steady-state seconds per step, rows
 touched per step (distinct ids a step looks up in the item table, the sampled negatives
@@ -22,7 +22,7 @@ run stops with one line if the table cannot fit the host's free memory
     table_scale: rows=N rss_over_plan=R step_time_ratio=S
 
 R: the worst measured / planned ratio over ranks at the largest size; S: step time at the
-largest size over the smallest (the first sharding type and frozen dtype). ``--frozen fp32,fp16``
+largest size over the smallest (the first sharding type and frozen dtype). ``--frozen fp32,int8``
 runs the CTR model with every table frozen (GPSD's ST&SF), stored in each dtype in turn.
 """
 
@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--items", type=int, default=10_000_000, help="the log's catalogue")
     parser.add_argument("--sharding", default="row_wise", help="row_wise, table_wise or both")
     parser.add_argument(
-        "--frozen", default="", help="finetune with every table frozen in these dtypes: fp32,fp16"
+        "--frozen",
+        default="",
+        help="finetune with every table frozen in these dtypes: fp32,fp16,int8",
     )
     parser.add_argument("--data", type=Path, default=Path("runs/bench-data/table-scale"))
     parser.add_argument("--runs", type=Path, default=Path("runs/bench-table-scale"))

@@ -21,7 +21,7 @@ not hide the next:
 
 Prints one line per step: ``ok`` with the largest lookup error (a step that runs but looks
 up wrong values is ``ok`` too: read its error), or ``FAILED`` with the error's first line.
-docs/plan.md ("Frozen tables in fp16") records the findings.
+docs/plan.md ("Frozen tables in fp16 and int8") records the findings.
 """
 
 from __future__ import annotations

@@ -31,7 +31,13 @@ from recsys.models import build as models
 from recsys.models.sparse import FROZEN_DTYPES
 from recsys.models.tower import Tower
 from recsys.plan.hosts import GB, MAX_WORLD_SIZE, Cluster
-from recsys.plan.planfile import COMPUTE_KERNELS, document, optimizer_bytes
+from recsys.plan.planfile import (
+    COMPUTE_KERNELS,
+    INT8_KERNEL,
+    INT8_ROW_BYTES,
+    document,
+    optimizer_bytes,
+)
 from recsys.plan.process import process_memory
 from recsys.stages.build import dataset_meta
 from recsys.stages.common import StageError
@@ -48,8 +54,9 @@ table fails to build, even on the meta device)."""
 FP32 = 4
 """Bytes per element of every table (float32)."""
 
-FROZEN_BYTES = {"fp32": 4, "fp16": 2}
-"""Bytes per element of a frozen table stored as each of ``FROZEN_DTYPES``."""
+FROZEN_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+"""Bytes per element of a frozen table stored as each of ``FROZEN_DTYPES`` (int8 rows hold
+``INT8_ROW_BYTES`` more each)."""
 
 CONFIRM_RANKS = 8192
 """The largest job a can't-fit explanation plans to confirm it (TorchRec's planner takes
@@ -298,7 +305,7 @@ def make(config: StageConfig, request: Request, cluster: Cluster) -> dict:
         config.model.max_len,
         config.model.negatives if request.stage == "pretrain" else None,
     )
-    return document(
+    doc = document(
         options,
         model,
         cluster,
@@ -313,6 +320,35 @@ def make(config: StageConfig, request: Request, cluster: Cluster) -> dict:
         },
         seconds,
         process.to_json(),
+    )
+    _check_int8_fits(doc, cluster)
+    return doc
+
+
+def _check_int8_fits(doc: dict, cluster: Cluster) -> None:
+    """TorchRec's planner places every table but the int8 frozen ones (a block of rows on each
+    rank, ``recsys.plan.planfile``): raise :class:`DoesNotFit` when a rank cannot hold its
+    blocks beside what the planner placed there."""
+    int8 = [t for t in doc["tables"] if t["compute_kernel"] == INT8_KERNEL]
+    if not int8:
+        return
+    cuda = cluster.host.device == "cuda"
+    key, kind = ("hbm_bytes", "HBM") if cuda else ("ddr_bytes", "DDR")
+    usable = (cluster.hbm_bytes if cuda else cluster.ddr_bytes) * (1 - RESERVE)
+    worst = max(doc["ranks"], key=lambda r: r[key])
+    if worst[key] <= usable:
+        return
+    total = sum(s[key] for t in int8 for s in t["shards"])
+    others = max(
+        0, worst[key] - sum(s[key] for t in int8 for s in t["shards"] if s["rank"] == worst["rank"])
+    )
+    ranks = math.ceil(total / max(usable - others, 1))
+    raise DoesNotFit(
+        f"the tables do not fit {cluster.describe()}: the int8 frozen tables "
+        f"({', '.join(t['name'] for t in int8)}) take {total / GB:,.1f} GB in row blocks over "
+        f"the ranks, and rank {worst['rank']} would hold {worst[key] / GB:,.1f} GB of "
+        f"{kind}, more than its {usable / GB:,.1f} GB usable (after the planner's "
+        f"{RESERVE:.0%} reserve); about {ranks:,} ranks hold them (--world-size {ranks})"
     )
 
 
@@ -364,9 +400,11 @@ def explain(
     frozen = set(model.sparse.config.frozen)
     optimizer = config.optim.sparse
     needs = {}
-    stored = FROZEN_BYTES[model.sparse.config.frozen_dtype]
+    dtype = model.sparse.config.frozen_dtype
     for t in model.sparse.config.tables:
-        weights = t.rows * t.dim * (stored if t.name in frozen else FP32)
+        weights = t.rows * t.dim * (FROZEN_BYTES[dtype] if t.name in frozen else FP32)
+        if t.name in frozen and dtype == "int8":
+            weights += t.rows * INT8_ROW_BYTES
         state = 0 if t.name in frozen else optimizer_bytes(t.rows, t.dim, 4, optimizer)
         needs[t.name] = (t, weights, state)
     total = sum(w + s for _, w, s in needs.values())

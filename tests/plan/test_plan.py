@@ -102,6 +102,8 @@ def test_int8_frozen_tables_are_planned_as_their_own_row_blocks(data: Path, tmp_
     assert sum(s["weight_bytes"] for s in item["shards"]) == 4_000_000_000 * (64 + 4)
     assert all(s["hbm_bytes"] == s["weight_bytes"] for s in item["shards"])  # A100s: in HBM
     assert "yes, int8" in show.render(doc)
+    # On too few ranks the explanation counts the int8 rows' bytes.
+    assert cli(["plan", *BIG, "-j", "1x2", "--frozen", "item", "--frozen-dtype", "int8"]) == 2
     # A plan file of int8 tables places a job whose freeze stored them int8, and no other.
     out = tmp_path / "int8.json"
     ctr = [*TINY, f"data.train={data / 'ctr_train'}"]

@@ -137,6 +137,18 @@ def test_int8_tables_are_quantized_once_and_finetuning_leaves_them_bitwise(chain
     assert (tmp_path / "artifact" / "model.pt2").exists()
 
 
+def test_a_baseline_ranker_reads_int8_tables_too(chain, tmp_path) -> None:
+    ctr = [*TINY, f"data.train={chain['data'] / 'ctr_train'}", "run.max_steps=2"]
+    ctr.append("model.arch=din")
+    st, frozen, tuned = tmp_path / "st", tmp_path / "frozen", tmp_path / "tuned"
+    transfer.main(["--strategy", "ST", "--pretrained", str(chain["pre"]), "--out", str(st), *ctr])
+    record = freeze.main(["--sparse", "--init", str(st), "--out", str(frozen), *ctr,
+                          "freeze.dtype=int8"])  # fmt: skip
+    tuned_record = finetune.main(["--init", str(frozen), "--out", str(tuned), *ctr])
+    assert tuned_record["digests"] == record["digests"]
+    assert weights(tuned, tmp_path)["table/item"].dtype == torch.uint8
+
+
 def _stage(name: str, argv: list[str]) -> dict:
     """Run stage ``name`` on one rank of a job (spawned: a module-level function)."""
     import importlib

@@ -35,9 +35,22 @@ def local_rows(rows: int, rank: int, world: int) -> range:
 
 def quantize(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 rows [n, d] → uint8 codes [n, d] and fp16 (scale, bias) [n, 2]: each row's range
-    cut into 255 steps (a constant row: scale 0, every code 0)."""
-    bias = rows.amin(1, keepdim=True).half()
-    scale = ((rows.amax(1, keepdim=True) - bias.float()) / LEVELS).half()
+    cut into 255 steps, every value within half a step of its row (a constant row: scale 0,
+    every code 0). The bias is rounded down to fp16 and the scale up, so that no value falls
+    outside the codes' range; values beyond fp16's range are refused."""
+    low, high = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)
+    bias = low.half()
+    bias = torch.where(bias.float() > low, torch.nextafter(bias, bias.new_tensor(-math.inf)), bias)
+    step = (high - bias.float()) / LEVELS
+    scale = step.half()
+    scale = torch.where(
+        scale.float() < step, torch.nextafter(scale, scale.new_tensor(math.inf)), scale
+    )
+    if not (torch.isfinite(bias).all() and torch.isfinite(scale).all()):
+        raise ValueError(
+            "an int8 row's scale or bias is not a finite fp16 number: the table holds values "
+            "beyond fp16's range (±65,504) or not finite; store it fp32 or fp16 instead"
+        )
     safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale.float()))
     codes = ((rows - bias.float()) / safe).round().clamp(0, LEVELS).to(torch.uint8)
     return codes, torch.cat([scale, bias], 1)
@@ -77,8 +90,18 @@ class RowWiseInt8Table(nn.Module):
         self.register_load_state_dict_pre_hook(_from_dtensors)
 
     def _apply(self, fn, recurse=True):  # to(), to_empty(), cuda(): the blocks too
-        self.codes, self.scale_bias = fn(self.codes), fn(self.scale_bias)
+        # Moved, never cast: a model's .float() or .to(bfloat16) keeps the stored dtypes.
+        self.codes = fn(self.codes).to(torch.uint8)
+        self.scale_bias = fn(self.scale_bias).to(torch.float16)
         return super()._apply(fn, recurse)
+
+    def mesh(self):
+        """The job's ranks as a DeviceMesh (made once: making one may be a collective)."""
+        if getattr(self, "_mesh", None) is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._mesh = init_device_mesh(self.codes.device.type, (self.world,))
+        return self._mesh
 
     @torch.no_grad()
     def set_rows(self, full_or_block: torch.Tensor) -> None:
@@ -107,22 +130,42 @@ class RowWiseInt8Table(nn.Module):
 
         shape = torch.Size([self.rows, self.dim])
         target = DTensor.from_local(
-            block, _mesh(self), [Shard(0)], run_check=False, shape=shape, stride=(self.dim, 1)
+            block, self.mesh(), [Shard(0)], run_check=False, shape=shape, stride=(self.dim, 1)
         )
         return target, block
+
+    def _bad_ids(self, ids: torch.Tensor) -> str:
+        wrong = ids[(ids < 0) | (ids >= self.rows)]
+        return (
+            f"{len(wrong):,} ids outside the int8 table's {self.rows:,} rows "
+            f"(e.g. {wrong[:3].tolist()})"
+        )
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """fp32 rows [len(ids), dim] of the table's ids (any rank's rows)."""
-        if self.world == 1:
-            return dequantize(self.codes[ids], self.scale_bias[ids])
         ids = ids.long()
-        owner = torch.div(ids, self.block, rounding_mode="floor")
+        bad = bool(((ids < 0) | (ids >= self.rows)).any()) if len(ids) else False
+        if self.world == 1:
+            if bad:
+                raise ValueError(self._bad_ids(ids))
+            return dequantize(self.codes[ids], self.scale_bias[ids])
+        owner = torch.div(ids, self.block, rounding_mode="floor").clamp(0, self.world - 1)
         order = torch.argsort(owner, stable=True)
-        sent = torch.bincount(owner, minlength=self.world)
+        # Each rank's counts for every rank, and whether it was asked for ids the table does
+        # not have: every rank learns it in the same exchange and stops, none waits.
+        counts = torch.bincount(owner, minlength=self.world)
+        sent = torch.stack([counts, torch.full_like(counts, int(bad))], 1)  # [world, 2]
         received = torch.empty_like(sent)
         dist.all_to_all_single(received, sent)
-        send, receive = sent.tolist(), received.tolist()
+        if bool(received[:, 1].any()):
+            raise ValueError(
+                self._bad_ids(ids)
+                if bad
+                else f"another rank looked up ids the int8 table of {self.rows:,} rows does "
+                "not have (its error names them)"
+            )
+        send, receive = sent[:, 0].tolist(), received[:, 0].tolist()
         asked = ids.new_empty(sum(receive))
         dist.all_to_all_single(asked, ids[order], receive, send)
         local = asked - self.start
@@ -132,12 +175,6 @@ class RowWiseInt8Table(nn.Module):
         out = torch.empty_like(back)
         out[order] = back
         return out
-
-
-def _mesh(table: RowWiseInt8Table):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    return init_device_mesh(table.codes.device.type, (table.world,))
 
 
 def _as_dtensors(module: RowWiseInt8Table, state_dict: dict, prefix: str, local_metadata) -> None:
@@ -150,7 +187,7 @@ def _as_dtensors(module: RowWiseInt8Table, state_dict: dict, prefix: str, local_
 
             local = DTensor.from_local(
                 local,
-                _mesh(module),
+                module.mesh(),
                 [Shard(0)],
                 run_check=False,
                 shape=torch.Size([module.rows, width]),
@@ -183,6 +220,11 @@ def _from_dtensors(
         mine = getattr(module, name)
         if value.shape[0] == module.rows and len(mine) != module.rows:
             value = value[module.start : module.start + len(mine)]
+        if value.dtype != mine.dtype or value.shape != mine.shape:  # never cast, never broadcast
+            raise ValueError(
+                f"{key}: {value.dtype} {list(value.shape)} cannot load into the int8 table's "
+                f"{mine.dtype} {list(mine.shape)} (freeze quantizes fp32 tables)"
+            )
         if value.data_ptr() != mine.data_ptr():
             mine.copy_(value)
 

@@ -24,10 +24,8 @@ from recsys.data.schema import DatasetMeta
 from recsys.data.stream import ParquetStream, StreamConfig
 from recsys.distributed.env import DistEnv, collective_device
 from recsys.distributed.planning import embedding_modules, planned, table_parameters
-from recsys.distributed.rowwise_int8 import RowWiseInt8Table
 from recsys.distributed.wrap import shard
 from recsys.plan import measure, planfile, process
-from recsys.plan.planfile import INT8_ROW_BYTES
 from recsys.stages.common import StageError
 from recsys.stages.config import DataSection, ModelSection, PlanSection, StageConfig
 from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
@@ -128,9 +126,7 @@ def _check_host_memory(model: nn.Module, plan, env: DistEnv, optim: OptimConfig 
                     need += rows * cols * element
                     if trainable:
                         need += planfile.optimizer_bytes(rows, cols, 4, optim.sparse)
-    for module in model.modules():  # int8 frozen tables: a block of rows on every rank
-        if isinstance(module, RowWiseInt8Table):
-            need += env.local_world_size * len(module.codes) * (module.dim + INT8_ROW_BYTES)
+    # int8 frozen tables hold their blocks since the model was built: MemAvailable counts them.
     error = None
     try:
         measure.check_host_fits(need, env.local_world_size)

@@ -30,7 +30,7 @@ from torch import nn
 
 from recsys.checkpoint.manager import CheckpointError, agree, check, read, record, write
 from recsys.distributed.env import collective_device
-from recsys.distributed.rowwise_int8 import RowWiseInt8Collection
+from recsys.distributed.rowwise_int8 import int8_tables
 from recsys.distributed.shards import local_shards
 
 TABLE_KEY = re.compile(r"(?:^|\.)sparse\.\w+\.embedding(?:_bag)?s\.(\w+)\.weight$")
@@ -60,22 +60,18 @@ def _metadata(path: str | Path):
         raise CheckpointError(f"{path}: not a readable weights checkpoint: {err}") from err
 
 
-def saved_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """The names and full shapes of the weights saved at ``path``."""
+def _saved(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The names, full shapes and dtypes of the weights saved at ``path`` (one read)."""
     return {
-        name: tuple(entry.size)
+        name: (tuple(entry.size), entry.properties.dtype)
         for name, entry in _metadata(path).state_dict_metadata.items()
         if hasattr(entry, "size")
     }
 
 
-def saved_dtypes(path: str | Path) -> dict[str, torch.dtype]:
-    """The names and dtypes of the weights saved at ``path``."""
-    return {
-        name: entry.properties.dtype
-        for name, entry in _metadata(path).state_dict_metadata.items()
-        if hasattr(entry, "properties")
-    }
+def saved_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The names and full shapes of the weights saved at ``path``."""
+    return {name: shape for name, (shape, _) in _saved(path).items()}
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
@@ -127,23 +123,23 @@ def load_weights(model: nn.Module, path: str | Path, names: Iterable[str]) -> li
     names = sorted(names)
     mine = named_weights(model)
     check(path)  # collective: the ranks split the checksums and agree on the verdict
-    saved, dtypes = saved_shapes(path), saved_dtypes(path)
+    saved = _saved(path)
     problems = []
     for name in names:
         if name not in mine:
             problems.append(f"{name}: not in the model being loaded")
         elif name not in saved:
             problems.append(f"{name}: not saved in {path}")
-        elif tuple(mine[name].shape) != saved[name]:
+        elif tuple(mine[name].shape) != saved[name][0]:
             problems.append(
-                f"{name}: saved with shape {list(saved[name])}, the model has "
+                f"{name}: saved with shape {list(saved[name][0])}, the model has "
                 f"{list(mine[name].shape)}"
             )
-        elif dtypes[name].is_floating_point != mine[name].dtype.is_floating_point:
+        elif saved[name][1].is_floating_point != mine[name].dtype.is_floating_point:
             # Values would be cast, not quantized: an int8 table takes fp32 rows through freeze.
             problems.append(
-                f"{name}: saved as {dtypes[name]}, the model holds {mine[name].dtype} (an int8 "
-                "frozen table is quantized from fp32 by the freeze stage only)"
+                f"{name}: saved as {saved[name][1]}, the model holds {mine[name].dtype} (an "
+                "int8 frozen table is quantized from fp32 by the freeze stage only)"
             )
     if problems:
         raise CheckpointError(
@@ -155,30 +151,20 @@ def load_weights(model: nn.Module, path: str | Path, names: Iterable[str]) -> li
     return names
 
 
-def int8_tables(model: nn.Module) -> dict[str, object]:
-    """The int8 frozen tables of ``model`` by stable name (``table/<name>``)."""
-    return {
-        f"table/{name}": table
-        for module in model.modules()
-        if isinstance(module, RowWiseInt8Collection)
-        for name, table in module.tables.items()
-    }
-
-
 def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
     """Quantize the fp32 tables saved at ``path`` into ``model``'s int8 frozen tables, each
     rank reading only its block of rows (every rank calls it); the names loaded. The other
     weights load with :func:`load_weights` (without the int8 tables' names)."""
-    tables = int8_tables(model)
+    tables = {f"table/{name}": table for name, table in int8_tables(model).items()}
     if not tables:
         return []
-    saved, dtypes = saved_shapes(path), saved_dtypes(path)
-    problems = [
-        f"{name}: saved as {dtypes.get(name)} {list(saved.get(name, ()))}, expected float "
-        f"[{t.rows}, {t.dim}]"
-        for name, t in tables.items()
-        if saved.get(name) != (t.rows, t.dim) or not dtypes[name].is_floating_point
-    ]
+    saved = _saved(path)
+    problems = []
+    for name, t in tables.items():
+        shape, dtype = saved.get(name, ((), None))
+        if shape != (t.rows, t.dim) or dtype is None or not dtype.is_floating_point:
+            problems.append(f"{name}: saved as {dtype} {list(shape)}, expected float "
+                            f"[{t.rows}, {t.dim}]")  # fmt: skip
     if problems:
         raise CheckpointError(f"{path}: cannot quantize into int8 tables: {'; '.join(problems)}")
     targets = {name: t.float_target() for name, t in tables.items()}
@@ -212,9 +198,8 @@ def table_digests(model: nn.Module, tables: Iterable[str]) -> dict[str, str]:
         for key, value in model.state_dict().items()
         if (match := TABLE_KEY.search(key)) and match[1] in wanted
     }
-    for module in model.modules():  # int8 tables: codes, then scale and bias, in each row
-        if isinstance(module, RowWiseInt8Collection):
-            widths |= {n: t.dim + 2 for n, t in module.tables.items() if n in wanted}
+    # int8 tables: codes, then scale and bias, in each row
+    widths |= {n: t.dim + 2 for n, t in int8_tables(model).items() if n in wanted}
     missing = sorted(wanted - set(widths))
     if missing:
         raise ValueError(f"tables {missing} are not in the model")

@@ -43,6 +43,16 @@ def table_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return dict(sharder.shardable_parameters(module))
 
 
+def table_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every table of ``model``'s TorchRec embedding modules, by table name (the tables
+    TorchRec places: int8 frozen tables place themselves, ``recsys.distributed.rowwise_int8``)."""
+    return {
+        name: weight
+        for module in embedding_modules(model).values()
+        for name, weight in table_parameters(module).items()
+    }
+
+
 def column_blocks(dim: int, world_size: int) -> int:
     """How many column blocks a table of width ``dim`` is cut into on ``world_size`` ranks.
 

@@ -229,6 +229,16 @@ def _from_dtensors(
             mine.copy_(value)
 
 
+def int8_tables(model: nn.Module) -> dict[str, RowWiseInt8Table]:
+    """The int8 frozen tables of ``model``, by table name."""
+    return {
+        name: table
+        for module in model.modules()
+        if isinstance(module, RowWiseInt8Collection)
+        for name, table in module.tables.items()
+    }
+
+
 class RowWiseInt8Collection(nn.Module):
     """Frozen sequence tables stored int8, by name: a KJT of their features → ``{feature:
     JaggedTensor}``, as a TorchRec ``EmbeddingCollection`` answers (every rank calls it)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from recsys.distributed.rowwise_int8 import RowWiseInt8Collection
+from recsys.distributed.rowwise_int8 import int8_tables
 
 _TABLE = re.compile(r"(?:^|\.)sparse\.\w+\.embedding(?:_bag)?s\.(\w+)\.weight$")
 """A table's state-dict key (the same rule as ``recsys.checkpoint.weights``)."""
@@ -34,13 +34,10 @@ def local_shards(model: nn.Module) -> list[LocalShard]:
     an int8 table's block is two, its codes (columns 0..dim) and its scale and bias (columns
     dim, dim + 1)."""
     shards = []
-    for module in model.modules():
-        if isinstance(module, RowWiseInt8Collection):
-            for table, block in module.tables.items():
-                rows = slice(block.start, block.start + len(block.codes))
-                shards.append(LocalShard(table, block.codes, rows, slice(0, block.dim)))
-                columns = slice(block.dim, block.dim + 2)
-                shards.append(LocalShard(table, block.scale_bias, rows, columns))
+    for table, block in int8_tables(model).items():
+        rows = slice(block.start, block.start + len(block.codes))
+        shards.append(LocalShard(table, block.codes, rows, slice(0, block.dim)))
+        shards.append(LocalShard(table, block.scale_bias, rows, slice(block.dim, block.dim + 2)))
     for key, value in model.state_dict().items():
         if not hasattr(value, "local_shards"):
             continue  # dense parameters and buffers

@@ -24,7 +24,7 @@ from recsys.distributed.planning import (
     constraints_for,
     embedding_modules,
     run_planner,
-    table_parameters,
+    table_weights,
 )
 from recsys.errors import UserError
 from recsys.models import build as models
@@ -255,9 +255,7 @@ def make(config: StageConfig, request: Request, cluster: Cluster) -> dict:
     if cluster.ddr_bytes <= 0 and cluster.host.device == "cpu":
         raise PlanError("CPU ranks need host memory: give --ddr-gb > 0")
     model = meta_model(config, request)
-    tables = [  # TorchRec's tables: int8 frozen tables place themselves (planfile)
-        name for module in embedding_modules(model).values() for name in table_parameters(module)
-    ]
+    tables = list(table_weights(model))  # int8 frozen tables place themselves (planfile)
     if request.sharding_types:
         # int8 frozen tables split their rows over the ranks themselves (row-wise).
         int8 = {t.name for t in model.sparse.config.tables} - set(tables)

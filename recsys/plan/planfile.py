@@ -42,6 +42,7 @@ from typing import Any
 
 from torch import nn
 
+from recsys.distributed.rowwise_int8 import RowWiseInt8Table, int8_tables, local_rows
 from recsys.errors import UserError, os_reason
 from recsys.plan.hosts import Cluster
 
@@ -201,8 +202,6 @@ def _int8_entry(
 ) -> dict[str, Any]:
     """The plan entry of an int8 frozen table: a block of rows per rank (as the table splits
     them), in HBM on GPU ranks (DMP moves the model there), counted into ``ranks``."""
-    from recsys.distributed.rowwise_int8 import local_rows
-
     shards = []
     for rank in range(cluster.world_size):
         rows = local_rows(table.rows, rank, cluster.world_size)
@@ -304,20 +303,17 @@ def _model_tables(model: nn.Module) -> dict[str, tuple[str, tuple[int, int]]]:
 
 def _int8_tables(model: nn.Module) -> dict[str, Any]:
     """The int8 frozen tables of ``model`` by module path (``sparse.*.tables.<name>``)."""
-    from recsys.distributed.rowwise_int8 import RowWiseInt8Table
-
     return {p: m for p, m in model.named_modules() if isinstance(m, RowWiseInt8Table)}
 
 
 def _model_dtypes(model: nn.Module) -> dict[str, str]:
     """Each table's dtype as a plan writes it (``float32``, ``float16``, ``int8``)."""
-    from recsys.distributed.planning import embedding_modules, table_parameters
+    from recsys.distributed.planning import table_weights
 
     return {
         name: str(weight.dtype).removeprefix("torch.")
-        for module in embedding_modules(model).values()
-        for name, weight in table_parameters(module).items()
-    } | {path.rsplit(".", 1)[1]: "int8" for path in _int8_tables(model)}
+        for name, weight in table_weights(model).items()
+    } | dict.fromkeys(int8_tables(model), "int8")
 
 
 PAIR = "pair"
@@ -455,7 +451,7 @@ def check(doc: dict[str, Any], model: nn.Module, world_size: int, device: str, w
         problems.append(f"it places no table {', '.join(missing)} (the model has it)")
     if extra:
         problems.append(f"it places tables the model does not have: {', '.join(extra)}")
-    int8 = {path.rsplit(".", 1)[1] for path in _int8_tables(model)}
+    int8 = set(int8_tables(model))
     for name in sorted(set(ours) & set(tables)):
         if (tables[name]["compute_kernel"] == INT8_KERNEL) != (name in int8):
             planned_as = "int8" if name not in int8 else tables[name]["dtype"]

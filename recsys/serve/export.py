@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from recsys.checkpoint.weights import int8_tables, load_weights, named_weights, saved_shapes
+from recsys.checkpoint.weights import load_weights, named_weights, saved_shapes
 from recsys.data import vocab
 from recsys.data.schema import DatasetMeta
 from recsys.data.writer import atomic_directory
-from recsys.distributed.rowwise_int8 import dequantize
+from recsys.distributed.rowwise_int8 import dequantize, int8_tables
 from recsys.errors import UserError
 from recsys.models import build as models
 from recsys.serve import score
@@ -124,8 +124,8 @@ def _trained(
     weights, quantized = named_weights(model), int8_tables(model)
     tables = {}
     for name in rows:
-        if f"table/{name}" in quantized:  # one process: the int8 table holds every row
-            int8 = quantized[f"table/{name}"]
+        if name in quantized:  # one process: the int8 table holds every row
+            int8 = quantized[name]
             table = dequantize(int8.codes, int8.scale_bias)
         else:
             table = weights[f"table/{name}"].detach().float().clone()

@@ -23,7 +23,7 @@ from recsys.data.files import open_dataset
 from recsys.data.schema import DatasetMeta
 from recsys.data.stream import ParquetStream, StreamConfig
 from recsys.distributed.env import DistEnv, collective_device
-from recsys.distributed.planning import embedding_modules, planned, table_parameters
+from recsys.distributed.planning import planned, table_weights
 from recsys.distributed.wrap import shard
 from recsys.plan import measure, planfile, process
 from recsys.stages.common import StageError
@@ -86,11 +86,7 @@ def place(model: nn.Module, plan: PlanSection, env: DistEnv, optim: OptimConfig 
     if plan.file:
         chosen = planfile.sharding_plan(planfile.read(plan.file), model, env, plan.file)
     else:
-        tables = {  # TorchRec's tables (int8 frozen tables place themselves)
-            name
-            for module in embedding_modules(model).values()
-            for name in table_parameters(module)
-        }
+        tables = table_weights(model)
         types = {t: v for t, v in plan.sharding_types.items() if t in tables}
         chosen = planned(
             model,
@@ -108,11 +104,7 @@ def _check_host_memory(model: nn.Module, plan, env: DistEnv, optim: OptimConfig 
     """Stop every rank with one line (``TableTooLarge``) when this host's ranks' shards of
     ``plan``, their fused optimizer state (with ``optim``) and runtime exceed the host's
     available memory; agreed over the job, so that no rank goes on alone."""
-    tables = {
-        name: weight
-        for module in embedding_modules(model).values()
-        for name, weight in table_parameters(module).items()
-    }
+    tables = table_weights(model)
     frozen = set(model.sparse.config.frozen)
     first = env.rank - env.local_rank  # this host's ranks: first .. first + local_world_size
     need = env.local_world_size * process.RUNTIME_BYTES

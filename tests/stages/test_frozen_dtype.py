@@ -74,20 +74,26 @@ def test_finetuning_leaves_fp16_tables_bitwise_unchanged(chain, tmp_path) -> Non
     assert not torch.equal(tuned[dense], frozen[dense])  # the dense part did train
 
 
-def test_evaluate_predict_and_export_read_fp16_tables(chain, tmp_path) -> None:
-    data = chain["data"] / "ctr_test"
-    record = evaluate.main(["--model", str(chain["tuned"]), "--data", str(data),
+def evaluate_predict_and_export(stage: Path, data: Path, tmp_path: Path) -> dict:
+    """evaluate and predict score ``stage`` on ``data`` alike (both rebuild its frozen tables
+    from its record), and export writes its artifact; the artifact's manifest."""
+    record = evaluate.main(["--model", str(stage), "--data", str(data),
                             "--out", str(tmp_path / "eval")])  # fmt: skip
     assert 0 <= record["results"]["auc"] <= 1
-    # predict rebuilds the fp16 tables from the record too: the same scores as evaluate.
     requests = tmp_path / "requests.parquet"
     raw_requests.write(str(data), requests)
-    predicted = predict.main(["--model", str(chain["tuned"]), "--requests", str(requests),
+    predicted = predict.main(["--model", str(stage), "--requests", str(requests),
                               "--out", str(tmp_path / "p")])  # fmt: skip
     for name in ("auc", "logloss", "samples"):
         assert predicted["results"][name] == pytest.approx(record["results"][name], rel=1e-6)
-    manifest = export_model(chain["tuned"], tmp_path / "artifact")
-    assert (tmp_path / "artifact" / "model.pt2").exists() and manifest["dtype"] == "fp32"
+    manifest = export_model(stage, tmp_path / "artifact")
+    assert (tmp_path / "artifact" / "model.pt2").exists()
+    return manifest
+
+
+def test_evaluate_predict_and_export_read_fp16_tables(chain, tmp_path) -> None:
+    manifest = evaluate_predict_and_export(chain["tuned"], chain["data"] / "ctr_test", tmp_path)
+    assert manifest["dtype"] == "fp32"
 
 
 def test_an_unknown_frozen_dtype_is_refused_naming_the_key() -> None:
@@ -124,17 +130,7 @@ def test_int8_tables_are_quantized_once_and_finetuning_leaves_them_bitwise(chain
         assert torch.equal(tuned[f"{name}/scale_bias"], scale_bias)
     record = json.loads((chain["tuned8"] / "stage.json").read_text())
     assert record["frozen_dtype"] == "int8" and record["steps"] == 3
-    data = chain["data"] / "ctr_test"
-    evaluated = evaluate.main(["--model", str(chain["tuned8"]), "--data", str(data),
-                               "--out", str(tmp_path / "eval")])  # fmt: skip
-    requests = tmp_path / "requests.parquet"
-    raw_requests.write(str(data), requests)
-    predicted = predict.main(["--model", str(chain["tuned8"]), "--requests", str(requests),
-                              "--out", str(tmp_path / "p")])  # fmt: skip
-    for name in ("auc", "logloss", "samples"):
-        assert predicted["results"][name] == pytest.approx(evaluated["results"][name], rel=1e-6)
-    export_model(chain["tuned8"], tmp_path / "artifact")
-    assert (tmp_path / "artifact" / "model.pt2").exists()
+    evaluate_predict_and_export(chain["tuned8"], chain["data"] / "ctr_test", tmp_path)
 
 
 def test_a_baseline_ranker_reads_int8_tables_too(chain, tmp_path) -> None:

@@ -3,19 +3,20 @@ on MovieLens-100K (GPSD protocol) and on synthetic logs, through the real traine
 streaming, sharded tables, fused table optimizer, DDP, metrics, logs and checkpoints).
 
     python benchmarks/train_throughput.py
-    python benchmarks/train_throughput.py --epochs 5 --synth-users 50000
+    python benchmarks/train_throughput.py --towers compiled,eager --datasets ml100k
 
 MovieLens-100K comes from the recbole 1.2.1 wheel (``pip download`` into --data once).
 Each run is timed in fp32 and, on CPUs with bf16 matrix units (AMX), with bf16 autocast
-(``run.cpu_bf16``; attention stays fp32). Prints samples (sequences) per second of each
-whole run — start-up, data loading, steps, metrics and the final checkpoint included — and
-of its steady state (training steps with their data loading, past the first 10 steps,
-evaluation excluded), beside the same figures measured for GPSD's public code at L4H64A4 on
-ML-100K on this kind of 2-core CPU (end to end: CTR ~0.33 k samples/s, pretraining ~47
-sequences/s; steady state ~0.9 k and ~100, in fp32), and the ratio to them. That reference
-was measured on another host, so the script also measures this host's speed on the tower's
-typical fp32 GEMM and prints the reference scaled to it: compare
-against that row on a slower or faster CPU.
+(``run.cpu_bf16``; attention stays fp32), and with each way of running the tower
+(``--towers``): ``compiled`` (``run.compile=on``: each block through ``torch.compile``),
+``eager`` (plain torch) and, where the package still builds them, ``kernels`` (the C
+kernels, eager). Prints samples (sequences) per second of each whole run (start-up, compile,
+data loading, steps, metrics and the final checkpoint included) and of its steady state
+(training steps with their data loading, past the first 10 steps, evaluation excluded),
+beside GPSD's public code measured at L4H64A4 on ML-100K: steady state ~1.1 k CTR samples/s
+at batch 256 and ~100 pretraining sequences/s at batch 64 on an Intel Xeon host with AMX
+units (2 cores) like the one this project's figures come from; end to end ~0.33 k and ~47
+on a 2-core AMD EPYC host (so not comparable to this host's end-to-end figures).
 """
 
 from __future__ import annotations
@@ -27,31 +28,26 @@ from pathlib import Path
 
 from common import print_rates, recbole_wheel
 
-# GPSD's public code, L4H64A4, ML-100K, end to end, on a 2-core AVX-512 EPYC host whose
-# tower-shaped fp32 GEMM (26112×64 · 64×256, 2 threads) ran at ~111 GFLOP/s.
+# GPSD's public code, L4H64A4, ML-100K, fp32. Steady state: batch 256 (CTR) and 64
+# (pretraining) on a 2-core Intel Xeon with AMX units; end to end: on a 2-core AMD EPYC.
+STEADY_REFERENCE = {"ctr": 1100.0, "pretrain": 100.0}
+STEADY_HOST = "2-core Intel Xeon (AMX)"
 REFERENCE = {"ctr": 330.0, "pretrain": 47.0}
-STEADY_REFERENCE = {"ctr": 900.0, "pretrain": 100.0}
-REFERENCE_GEMM_GFLOPS = 111.0
+REFERENCE_HOST = "2-core AMD EPYC, another host"
+TOWERS = ("compiled", "eager", "kernels")
 
 
-def tower_gemm_gflops() -> float:
-    """This host's speed on the tower's typical GEMM, 2 threads, best of 5 (the reference's
-    host was measured the same way): the two codes' speeds compare only on equal hardware."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    a, w = torch.randn(26112, 64), torch.randn(256, 64)
-    for _ in range(5):
-        a @ w.t()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(20):
-            a @ w.t()
-        best = min(best, (time.perf_counter() - start) / 20)
-    torch.set_num_threads(threads)
-    return 2 * 26112 * 64 * 256 / best / 1e9
+def _use_kernels(wanted: bool) -> None:
+    """Run the tower through the C kernels (where this version still has them) or not."""
+    try:
+        from recsys.models import fused
+    except ImportError:  # removed: compiled or eager torch only
+        if wanted:
+            raise SystemExit("--towers kernels: this version has no C kernels") from None
+        return
+    if wanted and not fused.NATIVE:
+        raise SystemExit("--towers kernels: the C kernels are not built")
+    fused.NATIVE = wanted
 
 
 def movielens(data: Path) -> Path:
@@ -79,7 +75,14 @@ def synthetic(data: Path, users: int) -> Path:
 
 
 def train(
-    task: str, data: str, run_dir: str, epochs: int, batch: int, negatives: int, bf16: bool = False
+    task: str,
+    data: str,
+    run_dir: str,
+    epochs: int,
+    batch: int,
+    negatives: int,
+    bf16: bool = False,
+    tower_mode: str = "compiled",
 ) -> dict:
     """One training run on this rank; returns rows trained and seconds (rank 0's view)."""
     import json
@@ -96,9 +99,11 @@ def train(
     from recsys.models.ctr import CTRConfig, CTRModel
     from recsys.models.generative import GenerativeConfig, GenerativeModel
     from recsys.models.tower import TowerConfig
+    from recsys.train.compiling import compile_towers
     from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
     from recsys.train.trainer import RunConfig, Trainer
 
+    _use_kernels(tower_mode == "kernels")
     with distributed("cpu") as env:
         source = f"{data}/{'ctr_train' if task == 'ctr' else 'seq'}"
         meta = open_dataset(source).meta
@@ -126,6 +131,8 @@ def train(
         plan = planned(model, world_size=env.world_size, sharding_types={"item": ["row_wise"]})
         sharded = shard(model, plan, env)
         dense, schedule = dense_optimizer(sharded, optim)
+        if tower_mode == "compiled":
+            compile_towers(sharded)
         # History capped at 50 events, as GPSD's code does on MovieLens.
         stream = ParquetStream(source, StreamConfig(batch_size=batch, max_len=50))
         trainer = Trainer(
@@ -140,12 +147,14 @@ def train(
         )
         # Steady state: the intervals between the starts of consecutive training steps (the
         # step and the loading of the next batch), past the first steps (10, or a quarter of
-        # a short run) and never across an epoch's end (evaluation, checkpoints).
-        marks: list[tuple[float, int, int]] = []
+        # a short run), never across an epoch's end (evaluation, checkpoints) and never over
+        # a step that compiled (a new batch shape's first step).
+        marks: list[tuple[float, int, int, int]] = []
         step = trainer._train_step
 
         def timed(batch) -> None:
-            marks.append((time.perf_counter(), trainer.epoch, len(batch)))
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            marks.append((time.perf_counter(), trainer.epoch, len(batch), graphs))
             step(batch)
 
         trainer._train_step = timed
@@ -153,8 +162,10 @@ def train(
         results = trainer.train()
         seconds = time.perf_counter() - start
         steady_rows, steady_seconds = 0, 0.0
-        for (t0, e0, rows0), (t1, e1, _) in itertools.pairwise(marks[min(10, len(marks) // 4) :]):
-            if e0 == e1:
+        for (t0, e0, rows0, g0), (t1, e1, _, g1) in itertools.pairwise(
+            marks[min(10, len(marks) // 4) :]
+        ):
+            if e0 == e1 and g0 == g1:
                 steady_rows, steady_seconds = steady_rows + rows0, steady_seconds + (t1 - t0)
         steady = torch.tensor([steady_rows / max(steady_seconds, 1e-9)])
         dist.all_reduce(steady)  # every rank trains its own rows at the same steps
@@ -181,6 +192,14 @@ def main() -> None:
     parser.add_argument("--negatives", type=int, default=4096)
     parser.add_argument("--synth-users", type=int, default=20_000)
     parser.add_argument(
+        "--datasets", default="ml100k,synth", help="ml100k, synth, or both (default)"
+    )
+    parser.add_argument(
+        "--towers",
+        default="compiled,eager",
+        help=f"ways to run the tower, of {', '.join(TOWERS)} (default: %(default)s)",
+    )
+    parser.add_argument(
         "--precision",
         choices=["fp32", "bf16", "both"],
         default=None,
@@ -195,43 +214,42 @@ def main() -> None:
     precision = args.precision or ("both" if cpu_bf16_units() else "fp32")
     precisions = ["fp32", "bf16"] if precision == "both" else [precision]
 
-    gflops = tower_gemm_gflops()
-    scale = gflops / REFERENCE_GEMM_GFLOPS
-    print(
-        f"this host: tower-shaped GEMM {gflops:.0f} GFLOP/s on 2 threads, "
-        f"{scale:.2f}x the reference host's {REFERENCE_GEMM_GFLOPS:.0f}"
-    )
+    towers = args.towers.split(",")
+    if not towers or any(t not in TOWERS for t in towers):
+        parser.error(f"--towers: a list of {', '.join(TOWERS)}, got {args.towers!r}")
+    names = args.datasets.split(",")
+    if not names or any(n not in ("ml100k", "synth") for n in names):
+        parser.error(f"--datasets: ml100k, synth or both, got {args.datasets!r}")
 
-    datasets = {
-        "ml100k": movielens(args.data),
-        f"synth-{args.synth_users}": synthetic(args.data, args.synth_users),
-    }
+    datasets = {}
+    if "ml100k" in names:
+        datasets["ml100k"] = movielens(args.data)
+    if "synth" in names:
+        datasets[f"synth-{args.synth_users}"] = synthetic(args.data, args.synth_users)
     for task, batch, unit in (
         ("ctr", args.ctr_batch, "samples"),
         ("pretrain", args.seq_batch, "sequences"),
     ):
-        rates = {
-            "reference: GPSD public code, ML-100K, end to end": REFERENCE[task],
-            "reference scaled to this host's GEMM speed": REFERENCE[task] * scale,
-        }
+        rates = {f"reference: GPSD public code, ML-100K, {REFERENCE_HOST}": REFERENCE[task]}
         steady_rates = {
-            "reference: GPSD public code, ML-100K, steady state": STEADY_REFERENCE[task],
-            "reference scaled to this host's GEMM speed": STEADY_REFERENCE[task] * scale,
+            f"reference: GPSD public code, ML-100K, {STEADY_HOST}": STEADY_REFERENCE[task]
         }
-        for (name, data), precision in itertools.product(datasets.items(), precisions):
+        runs = itertools.product(datasets.items(), precisions, towers)
+        for (name, data), precision, tower in runs:
             out = run_on_ranks(
                 train,
                 task,
                 str(data),
-                str(args.runs / f"{task}-{name}-{precision}"),
+                str(args.runs / f"{task}-{name}-{precision}-{tower}"),
                 args.epochs,
                 batch,
                 args.negatives,
                 precision == "bf16",
+                tower,
                 world_size=2,
                 quiet=True,
             )[0]
-            label = f"recsys {task}, {name}, 2 gloo ranks, {precision}"
+            label = f"recsys {task}, {name}, 2 gloo ranks, {precision}, {tower}"
             rates[label] = out["rows"] / out["seconds"]
             steady_rates[label] = out["steady"]
             shown = ", ".join(f"{k} {v:.4f}" for k, v in out["results"].items())

@@ -24,6 +24,7 @@ import ctypes
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from recsys import native
 
@@ -60,6 +61,12 @@ def _load() -> ctypes.CDLL | None:
     return library
 
 
+def _op(name: str):
+    """A CPU operator ``recsys::name`` around a kernel: torch.compile traces it as one call
+    (with its fake implementation for shapes), autograd through its registered backward."""
+    return torch.library.custom_op(f"recsys::{name}", mutates_args=(), device_types="cpu")
+
+
 _LIBRARY = _load()
 NATIVE = _LIBRARY is not None
 """Whether the compiled kernels are in use (on CPU)."""
@@ -68,7 +75,7 @@ NATIVE = _LIBRARY is not None
 def _native(*tensors: torch.Tensor) -> bool:
     return (
         NATIVE
-        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
         and all(t.device.type == "cpu" and t.dtype in _CODES for t in tensors)
     )
 
@@ -89,34 +96,58 @@ def rms_norm_reference(
     return ((x.float() * scale).type_as(x) * weight).to(dtype or x.dtype)
 
 
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps: float, dtype: torch.dtype):
-        d = x.shape[-1]
-        rows = x.numel() // d
-        x = x.contiguous()
-        y = torch.empty(x.shape, dtype=dtype, device="cpu")
-        rstd = torch.empty(rows, dtype=FP32, device="cpu")
-        _LIBRARY.rms_norm_forward(
-            x.data_ptr(), weight.data_ptr(), rows, d, eps, y.data_ptr(), _CODES[dtype],
-            rstd.data_ptr(),
-        )  # fmt: skip
-        ctx.save_for_backward(x, weight, rstd)
-        return y
+@_op("rms_norm")
+def _rms_norm(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """x / rms(x) · weight and each row's 1 / rms (for backward)."""
+    d = x.shape[-1]
+    rows = x.numel() // d
+    x = x.contiguous()
+    y = torch.empty(x.shape, dtype=dtype, device="cpu")
+    rstd = torch.empty(rows, dtype=FP32, device="cpu")
+    _LIBRARY.rms_norm_forward(
+        x.data_ptr(), weight.data_ptr(), rows, d, eps, y.data_ptr(), _CODES[dtype],
+        rstd.data_ptr(),
+    )  # fmt: skip
+    return y, rstd
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        d = x.shape[-1]
-        dy = dy.contiguous()
-        dx = torch.empty_like(x)
-        dweight = torch.zeros(d, dtype=FP32, device="cpu")
-        _LIBRARY.rms_norm_backward(
-            dy.data_ptr(), _CODES[dy.dtype], x.data_ptr(), weight.data_ptr(), rstd.data_ptr(),
-            len(rstd), d, dx.data_ptr(), dweight.data_ptr(),
-        )  # fmt: skip
-        return dx, dweight.to(weight.dtype), None, None
+
+@_rms_norm.register_fake
+def _(x, weight, eps, dtype):
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.numel() // x.shape[-1], dtype=FP32)
+
+
+@_op("rms_norm_backward")
+def _rms_norm_backward(
+    dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor]:
+    d = x.shape[-1]
+    dy, x = dy.contiguous(), x.contiguous()
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dweight = torch.zeros(d, dtype=FP32, device="cpu")
+    _LIBRARY.rms_norm_backward(
+        dy.data_ptr(), _CODES[dy.dtype], x.data_ptr(), weight.data_ptr(), rstd.data_ptr(),
+        len(rstd), d, dx.data_ptr(), dweight.data_ptr(),
+    )  # fmt: skip
+    return dx, dweight
+
+
+@_rms_norm_backward.register_fake
+def _(dy, x, weight, rstd):
+    return x.new_empty(x.shape), x.new_empty(x.shape[-1], dtype=FP32)
+
+
+def _rms_norm_saved(ctx, inputs, output) -> None:
+    x, weight, _, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_norm_grad(ctx, dy, _):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dweight = _rms_norm_backward(dy, x, weight, rstd)
+    return dx, dweight.to(weight.dtype), None, None
+
+
+_rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_saved)
 
 
 def rms_norm(
@@ -132,7 +163,7 @@ def rms_norm(
         and weight.shape == x.shape[-1:]
         and 0 < x.shape[-1] <= WIDEST
     ):
-        return _RMSNorm.apply(x, weight.contiguous(), eps, dtype)
+        return _rms_norm(x, weight.contiguous(), eps, dtype)[0]
     return rms_norm_reference(x, weight, eps, dtype)
 
 
@@ -144,37 +175,54 @@ def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate_up):
-        f = gate_up.shape[-1] // 2
-        rows = gate_up.numel() // (2 * f)
-        gate_up = gate_up.contiguous()
-        h = torch.empty((*gate_up.shape[:-1], f), dtype=gate_up.dtype, device="cpu")
-        code = _CODES[gate_up.dtype]
-        _LIBRARY.swiglu_forward(gate_up.data_ptr(), rows, f, h.data_ptr(), code)
-        ctx.save_for_backward(gate_up)
-        return h
+@_op("swiglu")
+def _swiglu(gate_up: Tensor) -> Tensor:
+    f = gate_up.shape[-1] // 2
+    rows = gate_up.numel() // (2 * f)
+    gate_up = gate_up.contiguous()
+    h = torch.empty((*gate_up.shape[:-1], f), dtype=gate_up.dtype, device="cpu")
+    _LIBRARY.swiglu_forward(gate_up.data_ptr(), rows, f, h.data_ptr(), _CODES[gate_up.dtype])
+    return h
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dh):
-        (gate_up,) = ctx.saved_tensors
-        f = gate_up.shape[-1] // 2
-        dh = dh.to(gate_up.dtype).contiguous()
-        dgu = torch.empty_like(gate_up)
-        _LIBRARY.swiglu_backward(
-            dh.data_ptr(), gate_up.data_ptr(), gate_up.numel() // (2 * f), f, dgu.data_ptr(),
-            _CODES[gate_up.dtype],
-        )  # fmt: skip
-        return dgu
+
+@_swiglu.register_fake
+def _(gate_up):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@_op("swiglu_backward")
+def _swiglu_backward(dh: Tensor, gate_up: Tensor) -> Tensor:
+    f = gate_up.shape[-1] // 2
+    dh, gate_up = dh.to(gate_up.dtype).contiguous(), gate_up.contiguous()
+    dgu = torch.empty_like(gate_up)
+    _LIBRARY.swiglu_backward(
+        dh.data_ptr(), gate_up.data_ptr(), gate_up.numel() // (2 * f), f, dgu.data_ptr(),
+        _CODES[gate_up.dtype],
+    )  # fmt: skip
+    return dgu
+
+
+@_swiglu_backward.register_fake
+def _(dh, gate_up):
+    return gate_up.new_empty(gate_up.shape)
+
+
+def _swiglu_saved(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_grad(ctx, dh):
+    return _swiglu_backward(dh, ctx.saved_tensors[0])
+
+
+_swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_saved)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(g) ⊙ u for the two halves [g | u] of the last dimension."""
     width = gate_up.shape[-1]
     if _native(gate_up) and width % 2 == 0 and 0 < width // 2 <= WIDEST:
-        return _SwiGLU.apply(gate_up)
+        return _swiglu(gate_up)
     return swiglu_reference(gate_up)
 
 
@@ -206,41 +254,67 @@ def rotary_heads_reference(
     return tuple(slot.transpose(1, 2) for slot in slots)
 
 
-def _heads_last(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, T, D] → its [B, T, H, D] memory (the projections' layout), copied if need be."""
-    return x.transpose(1, 2).contiguous()
+@_op("rotary_heads")
+def _rotary_heads(x: Tensor, cos: Tensor, sin: Tensor, rotated: int, stride: int) -> list[Tensor]:
+    """x [B, T, S, H, D] → S tensors [B, T, H, D] in fp32, the first ``rotated`` rotated."""
+    b, t, slots, heads, d = x.shape
+    x = x.contiguous()
+    outs = [torch.empty(b, t, heads, d, dtype=FP32, device="cpu") for _ in range(slots)]
+    addresses = (ctypes.c_void_p * slots)(*(o.data_ptr() for o in outs))
+    _LIBRARY.rotary_forward(
+        x.data_ptr(), _CODES[x.dtype], b, t, slots, heads, d, rotated, cos.data_ptr(),
+        sin.data_ptr(), stride, addresses,
+    )  # fmt: skip
+    return outs
 
 
-class _RotaryHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin, rotated: int, stride: int):
-        b, t, slots, heads, d = x.shape
-        x = x.contiguous()
-        # in SDPA's own layout
-        outs = [torch.empty(b, t, heads, d, dtype=FP32, device="cpu") for _ in range(slots)]
-        addresses = (ctypes.c_void_p * slots)(*(o.data_ptr() for o in outs))
-        _LIBRARY.rotary_forward(
-            x.data_ptr(), _CODES[x.dtype], b, t, slots, heads, d, rotated, cos.data_ptr(),
-            sin.data_ptr(), stride, addresses,
-        )  # fmt: skip
-        ctx.save_for_backward(cos, sin)
-        ctx.shape, ctx.dtype, ctx.rotated, ctx.stride = x.shape, x.dtype, rotated, stride
-        ctx.set_materialize_grads(False)
-        return tuple(out.transpose(1, 2) for out in outs)
+@_rotary_heads.register_fake
+def _(x, cos, sin, rotated, stride):
+    b, t, slots, heads, d = x.shape
+    return [x.new_empty(b, t, heads, d, dtype=FP32) for _ in range(slots)]
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
-        cos, sin = ctx.saved_tensors
-        b, t, slots, heads, d = ctx.shape
-        grads = [None if g is None else _heads_last(g.float()) for g in grads]
-        addresses = (ctypes.c_void_p * slots)(*(0 if g is None else g.data_ptr() for g in grads))
-        dx = torch.empty(ctx.shape, dtype=ctx.dtype, device="cpu")
-        _LIBRARY.rotary_backward(
-            addresses, b, t, slots, heads, d, ctx.rotated, cos.data_ptr(), sin.data_ptr(),
-            ctx.stride, dx.data_ptr(), _CODES[ctx.dtype],
-        )  # fmt: skip
-        return dx, None, None, None, None
+
+@_op("rotary_heads_backward")
+def _rotary_heads_backward(
+    grads: list[Tensor | None],
+    cos: Tensor,
+    sin: Tensor,
+    shape: list[int],
+    dtype: torch.dtype,
+    rotated: int,
+    stride: int,
+) -> Tensor:
+    b, t, slots, heads, d = shape
+    grads = [None if g is None else g.float().contiguous() for g in grads]
+    addresses = (ctypes.c_void_p * slots)(*(0 if g is None else g.data_ptr() for g in grads))
+    dx = torch.empty(shape, dtype=dtype, device="cpu")
+    _LIBRARY.rotary_backward(
+        addresses, b, t, slots, heads, d, rotated, cos.data_ptr(), sin.data_ptr(), stride,
+        dx.data_ptr(), _CODES[dtype],
+    )  # fmt: skip
+    return dx
+
+
+@_rotary_heads_backward.register_fake
+def _(grads, cos, sin, shape, dtype, rotated, stride):
+    return cos.new_empty(shape, dtype=dtype)
+
+
+def _rotary_heads_saved(ctx, inputs, output) -> None:
+    x, cos, sin, rotated, stride = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.shape, ctx.dtype, ctx.rotated, ctx.stride = list(x.shape), x.dtype, rotated, stride
+
+
+def _rotary_heads_grad(ctx, grads):
+    cos, sin = ctx.saved_tensors
+    dx = _rotary_heads_backward(
+        list(grads), cos, sin, ctx.shape, ctx.dtype, ctx.rotated, ctx.stride
+    )
+    return dx, None, None, None, None
+
+
+_rotary_heads.register_autograd(_rotary_heads_grad, setup_context=_rotary_heads_saved)
 
 
 def rotary_heads(
@@ -267,7 +341,8 @@ def rotary_heads(
         and (cos.shape[0] >= t if shared else cos.shape[:2] == (b, t))
     ):
         cos, sin = cos.contiguous(), sin.contiguous()
-        return _RotaryHeads.apply(x, cos, sin, rotated, 0 if shared else t)
+        outs = _rotary_heads(x, cos, sin, rotated, 0 if shared else t)
+        return tuple(out.transpose(1, 2) for out in outs)
     return rotary_heads_reference(x, cos, sin, rotated, dtype)
 
 
@@ -295,37 +370,69 @@ def _mask_arguments(mask: torch.Tensor | None) -> tuple[int, int, int]:
     return mask.data_ptr(), mask.stride(0), mask.stride(2)
 
 
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, mask, causal: bool):
-        b, heads, tq, d = q.shape
-        tk = k.shape[2]
-        q, k, v = _heads_last(q), _heads_last(k), _heads_last(v)
-        mask = _expanded(mask, b, tq, tk)
-        out = torch.empty(b, tq, heads, d, dtype=FP32, device="cpu")
-        lse = torch.empty(b, heads, tq, dtype=FP32, device="cpu")
-        ctx.sizes, ctx.options = (b, heads, tq, tk, d), (int(causal), d**-0.5)
-        if _LIBRARY.attention_forward(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), *ctx.sizes, *_mask_arguments(mask),
-            *ctx.options, out.data_ptr(), lse.data_ptr(),
-        ):  # fmt: skip
-            raise MemoryError("attention_forward: no scratch memory")
-        ctx.save_for_backward(q, k, v, out, lse, mask)
-        return out.transpose(1, 2)
+@_op("attention")
+def _attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool
+) -> tuple[Tensor, Tensor]:
+    """q [B, Tq, H, D], k and v [B, Tk, H, D] → out [B, Tq, H, D] and the log-sum-exp of
+    each query's scores [B, H, Tq] (for backward)."""
+    b, tq, heads, d = q.shape
+    tk = k.shape[1]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    mask = _expanded(mask, b, tq, tk)
+    out = torch.empty(b, tq, heads, d, dtype=FP32, device="cpu")
+    lse = torch.empty(b, heads, tq, dtype=FP32, device="cpu")
+    if _LIBRARY.attention_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), b, heads, tq, tk, d,
+        *_mask_arguments(mask), int(causal), d**-0.5, out.data_ptr(), lse.data_ptr(),
+    ):  # fmt: skip
+        raise MemoryError("attention_forward: no scratch memory")
+    return out, lse
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        dout = _heads_last(dout.float())
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        tensors = (q, k, v, out, lse, dout)
-        if _LIBRARY.attention_backward(
-            *(t.data_ptr() for t in tensors), *ctx.sizes, *_mask_arguments(mask), *ctx.options,
-            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-        ):  # fmt: skip
-            raise MemoryError("attention_backward: no scratch memory")
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None
+
+@_attention.register_fake
+def _(q, k, v, mask, causal):
+    b, tq, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty(b, heads, tq)
+
+
+@_op("attention_backward")
+def _attention_backward(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+    mask: Tensor | None, causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    b, tq, heads, d = q.shape
+    tk = k.shape[1]
+    q, k, v, dout = q.contiguous(), k.contiguous(), v.contiguous(), dout.float().contiguous()
+    mask = _expanded(mask, b, tq, tk)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    tensors = (q, k, v, out.contiguous(), lse.contiguous(), dout)
+    if _LIBRARY.attention_backward(
+        *(t.data_ptr() for t in tensors), b, heads, tq, tk, d, *_mask_arguments(mask),
+        int(causal), d**-0.5, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+    ):  # fmt: skip
+        raise MemoryError("attention_backward: no scratch memory")
+    return dq, dk, dv
+
+
+@_attention_backward.register_fake
+def _(q, k, v, out, lse, dout, mask, causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_saved(ctx, inputs, output) -> None:
+    q, k, v, mask, causal = inputs
+    ctx.save_for_backward(q, k, v, *output, mask)
+    ctx.causal = causal
+
+
+def _attention_grad(ctx, dout, _):
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    dq, dk, dv = _attention_backward(q, k, v, out, lse, dout, mask, ctx.causal)
+    return dq, dk, dv, None, None
+
+
+_attention.register_autograd(_attention_grad, setup_context=_attention_saved)
 
 
 def attention(
@@ -362,4 +469,6 @@ def attention(
         )
     ):
         return None
-    return _Attention.apply(q, k, v, mask, causal)
+    heads_last = (x.transpose(1, 2) for x in (q, k, v))
+    out, _ = _attention(*heads_last, mask, causal)
+    return out.transpose(1, 2)

@@ -348,6 +348,11 @@ def is_done(step: Step) -> bool:
         return False
 
 
+COMPILE_CACHE = "compile-cache"
+"""``EXPERIMENT/compile-cache``: the compiled towers' cache every stage of a study shares."""
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
 def component_args(step: Step, profile: Profile, force: bool) -> list[str]:
     args = ["-j", profile.j, "--max_retries", str(profile.max_restarts)]
     if profile.resource:
@@ -358,7 +363,9 @@ def component_args(step: Step, profile: Profile, force: bool) -> list[str]:
     if profile.image and profile.scheduler not in ("local_cwd", "local_docker", "slurm"):
         args += ["--image", profile.image]
     # Slurm jobs get the venv's environment from sbatch's own (see recsys.pipelines.slurm).
-    env = profile.env if profile.scheduler == "slurm" else profile.job_env()
+    env = dict(profile.env if profile.scheduler == "slurm" else profile.job_env())
+    # One Inductor cache for the study (recsys.train.compiling): each graph compiles once.
+    env.setdefault(COMPILE_CACHE_ENV, str(step.logs.parent / COMPILE_CACHE))
     if any("," in v for v in env.values()):
         raise PipelineError(f"profile {profile.name!r}: job environment values cannot hold ','")
     if env:

@@ -28,6 +28,7 @@ from recsys.distributed.wrap import shard
 from recsys.plan import measure, planfile, process
 from recsys.stages.common import StageError
 from recsys.stages.config import DataSection, ModelSection, PlanSection, StageConfig
+from recsys.train import compiling
 from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
 from recsys.train.trainer import Trainer
 
@@ -197,13 +198,19 @@ def steps_per_epoch(train_loader: StatefulDataLoader) -> int:
     return int(batches)
 
 
-def optim_config(config: StageConfig, steps_per_epoch: int) -> OptimConfig:
-    """The ``optim`` section, the schedule's lengths it leaves unset fitted to the run:
-    ``run.epochs`` × ``steps_per_epoch`` steps, or ``run.max_steps`` if fewer."""
+def run_steps(config: StageConfig, steps_per_epoch: int) -> int:
+    """Training steps of the run: ``run.epochs`` × ``steps_per_epoch``, or ``run.max_steps``
+    if fewer."""
     total = config.run.epochs * steps_per_epoch
     if config.run.max_steps is not None:
         total = min(total, config.run.max_steps)
-    return config.optim.fitted(max(1, total))
+    return max(1, total)
+
+
+def optim_config(config: StageConfig, steps_per_epoch: int) -> OptimConfig:
+    """The ``optim`` section, the schedule's lengths it leaves unset fitted to the run
+    (:func:`run_steps`)."""
+    return config.optim.fitted(run_steps(config, steps_per_epoch))
 
 
 def sharded_with_optimizers(model: nn.Module, optim: OptimConfig, plan: PlanSection, env: DistEnv):
@@ -225,8 +232,11 @@ def trainer(
 ) -> tuple[nn.Module, Trainer]:
     """``model`` sharded with its optimizers (schedule fitted to ``train``) and the
     :class:`Trainer` of a training stage, set up by the config's ``run`` section."""
-    optim = optim_config(config, steps_per_epoch(train))
+    per_epoch = steps_per_epoch(train)
+    steps, optim = run_steps(config, per_epoch), optim_config(config, per_epoch)
     sharded, dense, schedule = sharded_with_optimizers(model, optim, config.plan, env)
+    if compiling.wanted(config.run.compile, env.device, steps):
+        compiling.compile_towers(sharded)
     loop = Trainer(
         sharded, dense, schedule, train, config.run, optim, valid, run_dir=run_dir, task=task
     )

@@ -194,6 +194,8 @@ class StageConfig:
             out.pop("freeze")
         if not self.run.cpu_bf16:  # the same for runs in fp32, as before the option
             out["run"].pop("cpu_bf16")
+        if self.run.compile == "auto":  # how fast, not what: kept out of earlier records
+            out["run"].pop("compile")
         if self.run.nonfinite == "stop":  # the default keeps earlier stages' fingerprints
             out["run"].pop("nonfinite")
         for key, recorded in RECORDED_UNSET.items():

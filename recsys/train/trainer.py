@@ -44,6 +44,7 @@ from recsys.checkpoint.manager import CheckpointManager, keys
 from recsys.checks import require
 from recsys.distributed.env import collective_device
 from recsys.errors import UserError
+from recsys.train import compiling
 from recsys.train.faults import Faults
 from recsys.train.host import reuse_freed_memory
 from recsys.train.log import RunLog, SampleLog
@@ -78,6 +79,9 @@ class RunConfig:
     see ``recsys.models.tower.attend``): ~1.4x faster CTR training steps (the tower alone
     ~1.7x) on CPUs with bf16 matrix units (AMX: Xeon Sapphire Rapids and later), slower on
     CPUs without them (``recsys doctor`` tells)."""
+    compile: str = "auto"
+    """``torch.compile`` the tower, one Transformer block at a time: ``on``, ``off``, or
+    ``auto``: on CUDA, and on CPU for runs of 500 steps or more (``recsys.train.compiling``)."""
     nonfinite: str = "stop"
     """A step whose loss or dense gradient norm is NaN or infinite: ``stop`` the run with
     one line naming the step, rank and value (:class:`NonFinite`: no checkpoint, no DONE),
@@ -94,6 +98,8 @@ class RunConfig:
         require(0 <= self.seed < SEED_LIMIT, "seed", seed_range, self.seed)
         choices = " or ".join(NONFINITE_POLICIES)
         require(self.nonfinite in NONFINITE_POLICIES, "nonfinite", choices, self.nonfinite)
+        modes = " or ".join(compiling.CHOICES)
+        require(self.compile in compiling.CHOICES, "compile", modes, self.compile)
 
 
 NONFINITE_POLICIES = ("stop", "skip")

@@ -108,7 +108,7 @@ def test_rotary_heads_unused_slot_gets_zero_gradient() -> None:
 
 
 def test_torch_path_where_the_kernels_do_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("_RMSNorm", "_SwiGLU", "_RotaryHeads"):
+    for name in ("_rms_norm", "_swiglu", "_rotary_heads"):
         monkeypatch.setattr(fused, name, None)  # any use of a kernel would fail
     cos, sin = rotary_tables(4, 6, 10_000.0)
     x64 = torch.randn(2, 6, 8, dtype=torch.float64)
@@ -249,7 +249,7 @@ def test_kernels_allocate_fp32_on_cpu_whatever_the_defaults() -> None:
 
 
 def test_shapes_the_kernels_do_not_take_go_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("_RMSNorm", "_SwiGLU", "_RotaryHeads"):
+    for name in ("_rms_norm", "_swiglu", "_rotary_heads"):
         monkeypatch.setattr(fused, name, None)  # any use of a kernel would fail
     x = torch.randn(2, 3, 8)
     assert fused.rms_norm(x, torch.ones(1), 1e-6).shape == x.shape  # a broadcast weight

@@ -11,10 +11,10 @@
 # set-up step against what this file copies before it, and hadolint (`make lint`) the file.
 FROM python:3.11-slim-bookworm
 
-# make runs the set-up; gcc and the C library's headers build the C helpers of the stream and
-# the tower (recsys/data/_segments.c, recsys/models/_fused.c), which would silently fall back
-# to NumPy and torch without them. Debian's bookworm versions, not pinned: its point releases
-# replace them.
+# make runs the set-up; gcc and the C library's headers build the stream's C helper
+# (recsys/data/_segments.c), which would silently fall back to NumPy without them, and Triton
+# builds its kernel launchers with them when torch.compile compiles the tower on the GPU.
+# Debian's bookworm versions, not pinned: its point releases replace them.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends make gcc libc6-dev \
@@ -26,13 +26,12 @@ ENV VENV=/opt/venv \
     PYTHONPATH=/workspace/recsys
 WORKDIR /workspace/recsys
 
-# What the editable installation reads (pyproject.toml's readme, version and C sources), so
+# What the editable installation reads (pyproject.toml's readme, version and C source), so
 # that a change to the rest of the code does not reinstall the stack ...
 COPY pyproject.toml Makefile README.md ./
 COPY scripts/requirements.py scripts/
 COPY recsys/__init__.py recsys/
 COPY recsys/data/_segments.c recsys/data/
-COPY recsys/models/_fused.c recsys/models/
 RUN make setup ACCEL=cuda EXTRAS=cuda VENV=$VENV PYTHON=python3 \
  && rm -rf /root/.cache/pip
 
@@ -43,6 +42,6 @@ COPY configs/ configs/
 COPY torchx.yaml .torchxconfig ./
 
 # Jobs run `torchrun -m recsys.stages.<stage>` (components/); this checks the stack imports and
-# that both C helpers were built.
-RUN python -c "import torch, torchrec, fbgemm_gpu, recsys.data._segments, recsys.models._fused; \
+# that the C helper was built.
+RUN python -c "import torch, torchrec, fbgemm_gpu, recsys.data._segments; \
 print(torch.__version__, torch.version.cuda)"

@@ -45,7 +45,7 @@ $(PY):
 
 # torchrec's metadata names the CUDA-only fbgemm-gpu, so torchrec goes in with --no-deps and
 # its other requirements with the rest (scripts/requirements.py splits the two groups).
-$(STAMP): pyproject.toml Makefile scripts/requirements.py recsys/data/_segments.c recsys/models/_fused.c | $(PY)
+$(STAMP): pyproject.toml Makefile scripts/requirements.py recsys/data/_segments.c | $(PY)
 	@for other in $(VENV)/.installed-*; do \
 	  if [ -e "$$other" ] && [ "$$other" != "$(STAMP)" ]; then \
 	    echo "$(VENV) holds the $${other##*-} build; for ACCEL=$(ACCEL) remove it (rm -rf $(VENV)) or pass VENV=.venv-$(ACCEL)" >&2; \

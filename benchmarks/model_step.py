@@ -9,8 +9,8 @@ Adagrad for the tables (fused into backward for the sharded model; TorchRec's ow
 Adagrad over the plain tables' dense gradients for the baseline) and AdamW for the dense
 part (data-parallel through DDP when sharded). The baseline runs in one process with all
 cores. Both see the same global batch. ``--tower-only`` times the Transformer tower
-alone (pure torch, bf16 autocast on CUDA) and reports achieved TFLOP/s and the fraction of
-the device's peak (MFU).
+alone (pure torch, bf16 autocast on CUDA), eager and compiled block by block, and reports
+achieved TFLOP/s and the fraction of the device's peak (MFU).
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from common import print_rates, seconds_per_step, slowest_rank
-
-# Dense bf16 peak, TFLOP/s, by device name fragment (vendor data sheets, no sparsity).
-PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 @dataclass(frozen=True)
@@ -125,47 +122,47 @@ def sharded_worker(setting: Setting) -> float:
         return slowest_rank(seconds_per_step(step, setting.warmup, setting.steps))
 
 
-def tower_flops(config, tokens: int) -> float:
-    """FLOPs of one forward + backward of the tower over ``tokens`` tokens in sequences of
-    ``config.max_len``: 6 per weight per token, plus attention's QKᵀ and AV (3 × 4·T·d per
-    token and layer)."""
-    d, t = config.hidden, config.max_len
-    weights = config.layers * (4 * d * d + 3 * d * config.ffn)
-    return 6 * weights * tokens + 3 * 4 * config.layers * t * d * tokens
-
-
 def tower_only(size: str, length: int, batch: int, device: str, steps: int) -> None:
+    """The tower alone, eager and compiled block by block (``run.compile``), in bf16 on
+    CUDA (fp32 on CPU): tokens/s, TFLOP/s and MFU of each, measured in the same run."""
     from recsys.models.tower import Tower, TowerConfig
+    from recsys.train.compiling import compile_towers
+    from recsys.train.throughput import peak_tflops, tower_flops
 
     config = TowerConfig.from_name(size, max_len=length)
-    model = Tower(config).to(device)
+    eager = Tower(config).to(device)
+    compiled = Tower(config).to(device)
+    compiled.load_state_dict(eager.state_dict())
+    compile_towers(compiled)
     x = torch.randn(batch, length, config.hidden, device=device, requires_grad=True)
     valid = torch.ones(batch, length, dtype=torch.bool, device=device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-
-    def step() -> None:
-        with torch.autocast(device_type=device, dtype=dtype, enabled=device == "cuda"):
-            y = model(x, valid)
-        y.float().square().mean().backward()
-
-    for _ in range(3):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
-    achieved = tower_flops(config, batch * length) / seconds / 1e12
+    bf16 = device == "cuda"
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    mfu = f", MFU {achieved / peak:.1%} of {peak:.0f} TFLOP/s bf16" if peak else ""
-    print(
-        f"tower {size}, {batch} × {length} tokens on {name} ({dtype}): "
-        f"{batch * length / seconds:,.0f} tokens/s, {achieved:.2f} TFLOP/s{mfu}"
-    )
+    peak = peak_tflops(torch.device(device), bf16)
+    for label, model in (("eager", eager), ("compiled", compiled)):
+
+        def step(model=model) -> None:
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+                y = model(x, valid)
+            y.float().square().mean().backward()
+
+        for _ in range(3):  # the compiled one compiles here
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / steps
+        achieved = tower_flops(config, batch * length, length) / seconds / 1e12
+        mfu = f", MFU {achieved / peak:.1%} of {peak:.0f} TFLOP/s" if peak else ""
+        print(
+            f"tower {size} {label}, {batch} × {length} tokens on {name} "
+            f"({'bf16' if bf16 else 'fp32'}): {batch * length / seconds:,.0f} tokens/s, "
+            f"{achieved:.2f} TFLOP/s{mfu}"
+        )
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
-"""Loading the package's compiled helpers (``recsys.data._segments``, ``recsys.models._fused``):
-plain C built with the package as optional extensions, called through ctypes.
+"""Loading the package's compiled helper (``recsys.data._segments``): plain C built with the
+package as an optional extension, called through ctypes.
 
 A helper is used only when it was built, loads, and reports the calling convention its
 Python side expects (an older in-place build would read and write the wrong arguments);

@@ -5,6 +5,11 @@ residual, RMSNorm → SwiGLU feed-forward → residual, and a final RMSNorm (GPS
 LLaMA architecture). Attention is causal by default and bidirectional as an option; padded
 positions are masked as keys. Sizes are named as in the paper: ``L4H64A4`` = 4 layers,
 hidden size 64, 4 heads.
+
+One source for every device, plain torch operations throughout: speed comes from
+``torch.compile`` of each block (``run.compile``, :mod:`recsys.train.compiling`), which fuses
+the elementwise steps (RMSNorm, SwiGLU, the rotary embedding) into the products around them.
+The one device-dependent choice is the type attention computes in (:func:`attention_dtype`).
 """
 
 from __future__ import annotations
@@ -15,8 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from recsys.models.fused import attention, compute_dtype, rms_norm, rotary_heads, swiglu
 
 # ASCII digits and nothing after them (``\d`` takes other scripts' digits, ``$`` a newline).
 NAME = re.compile(r"L([0-9]+)H([0-9]+)A([0-9]+)")
@@ -68,6 +71,29 @@ class TowerConfig:
         return self.ffn_hidden or 3 * self.hidden
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The type a matrix product of x computes in: autocast's on x's device, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The type attention computes in: the products' type (bf16 under autocast), except on
+    CPU, where it stays fp32: torch's CPU attention kernels run backward ~9x slower in bf16
+    than in fp32 (torch 2.13, 51 positions, head size 16), while the projections around it
+    gain 2-3x from bf16 matrix units."""
+    return torch.float32 if x.device.type == "cpu" else compute_dtype(x)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """x / rms(x) · weight over the last dimension, computed in fp32, returned as ``dtype``
+    (default x's: a bf16 result under autocast spares the next product its cast)."""
+    scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return ((x.float() * scale).type_as(x) * weight).to(dtype or x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -86,20 +112,18 @@ def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tens
     return angles.cos(), angles.sin()
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> torch.Tensor:
-    """Scaled dot-product attention; on CPU always in fp32: under bf16 autocast its CPU
-    kernels' backward is ~9x slower in bf16 than in fp32 (torch 2.13, measured at T=51,
-    head size 16), while the projections around it gain 2-3x from bf16 matrix units. Without
-    dropout, CPU attention over short sequences runs :func:`recsys.models.fused.attention`."""
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, **options)
-    q, k, v = q.float(), k.float(), v.float()
-    if not options.get("dropout_p") and set(options) <= {"attn_mask", "is_causal", "dropout_p"}:
-        out = attention(q, k, v, options.get("attn_mask"), options.get("is_causal", False))
-        if out is not None:
-            return out
-    with torch.autocast("cpu", enabled=False):  # autocast would cast fp32 inputs to bf16
-        return F.scaled_dot_product_attention(q, k, v, **options)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype):
+    """Rotate pairs (even, odd) of the last dimension of x [B, T, S, H, D] by position t
+    (dimension 1): each pair is a complex number e + i·o multiplied by cos + i·sin. ``cos``
+    and ``sin`` are [T, D / 2] or, per row, [B, T, D / 2]. Computed in fp32 (in real
+    arithmetic, which compilers fuse), returned as ``dtype``."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, None], sin[:, :, None, None]
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    turned = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return turned.flatten(-2).to(dtype)
 
 
 class Attention(nn.Module):
@@ -122,32 +146,38 @@ class Attention(nn.Module):
         position): [B, 1, d] out, with ``mask`` [B, 1, 1, T]."""
         b, t, d = x.shape
         heads = (self.heads, d // self.heads)
-        # On CPU attention runs in fp32 (attend): the heads come out of the rotation in fp32
-        # rather than going back to a bf16 projection's type and up again.
-        dtype = torch.float32 if x.device.type == "cpu" else None
+        dtype = attention_dtype(x)
         if at is None:
             qkv = self.qkv(x).view(b, t, 3, *heads)
-            q, k, v = rotary_heads(qkv, cos, sin, rotated=2, dtype=dtype)
+            q, k = rotate(qkv[:, :, :2], _first(cos, t), _first(sin, t), dtype).unbind(2)
+            v = qkv[:, :, 2].to(dtype)
         else:  # one query per row: its projection alone, rotated by its own position
             weight = self.qkv.weight
             kv = F.linear(x, weight[d:]).view(b, t, 2, *heads)
-            k, v = rotary_heads(kv, cos, sin, rotated=1, dtype=dtype)
+            k = rotate(kv[:, :, :1], cos[:t], sin[:t], dtype)[:, :, 0]
+            v = kv[:, :, 1].to(dtype)
             query = F.linear(x[torch.arange(b, device=x.device), at], weight[:d])
-            (q,) = rotary_heads(
-                query.view(b, 1, 1, *heads), cos[at][:, None], sin[at][:, None], 1, dtype
-            )
+            q = rotate(query.view(b, 1, 1, *heads), cos[at][:, None], sin[at][:, None], dtype)
+            q = q[:, :, 0]
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, D] as attention takes
         # mask None: causal over right-padded rows, which lets SDPA pick its fused kernels.
-        y = attend(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        # Heads back side by side, in the output projection's type: one copy.
-        y = y.transpose(1, 2).to(compute_dtype(x), memory_format=torch.contiguous_format)
-        return self.out(y.view(b, q.shape[2], d))
+        with torch.autocast(x.device.type, enabled=False):  # in the type chosen above
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None,
+                dropout_p=self.dropout if self.training else 0.0,
+            )
+        # Heads back side by side, in the output projection's type.
+        y = y.transpose(1, 2).to(compute_dtype(x)).reshape(b, q.shape[2], d)
+        return self.out(y)
+
+
+def _first(table: torch.Tensor, t: int) -> torch.Tensor:
+    """The rotary table's first ``t`` positions (a per-row table [B, T, D / 2] is whole)."""
+    return table[:t] if table.dim() == 2 else table
 
 
 class FeedForward(nn.Module):
@@ -161,7 +191,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # W1 and W3 in one GEMM (twice as wide runs faster than two), then split.
-        return self.w2(swiglu(F.linear(x, torch.cat((self.w1.weight, self.w3.weight)))))
+        gate, up = F.linear(x, torch.cat((self.w1.weight, self.w3.weight))).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):

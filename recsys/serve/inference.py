@@ -15,9 +15,9 @@ Output: float32 [B], the click probability (the sigmoid of the CTR model's logit
 As in training, each event is the sum of its item and side-feature embeddings plus the
 history segment embedding, the candidate (plus the candidate segment embedding) goes right
 after the last real event, and the tower's output there goes through the MLP head. The tower
-is the training model's own :class:`recsys.models.tower.Tower` (its torch path: inside
-``torch.export`` the compiled kernels of ``recsys.models.fused`` step aside, as they do under
-``torch.compile``). It does not read checkpoints or vocabularies (:mod:`recsys.serve.export`).
+is the training model's own :class:`recsys.models.tower.Tower`, plain torch operations that
+``torch.export`` traces. It does not read checkpoints or vocabularies
+(:mod:`recsys.serve.export`).
 """
 
 from __future__ import annotations

@@ -194,6 +194,10 @@ class StageConfig:
             out.pop("freeze")
         if not self.run.cpu_bf16:  # the same for runs in fp32, as before the option
             out["run"].pop("cpu_bf16")
+        if self.run.bf16 == "auto":  # kept out of records made before the option
+            out["run"].pop("bf16")
+        if self.run.log_every == 10:  # how often to log, not what
+            out["run"].pop("log_every")
         if self.run.compile == "auto":  # how fast, not what: kept out of earlier records
             out["run"].pop("compile")
         if self.run.nonfinite == "stop":  # the default keeps earlier stages' fingerprints

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 KEEP_NAN = float("nan")
 """torchmetrics' ``nan_strategy`` that keeps a NaN (it replaces NaNs with this value)."""
+PENDING = 256
+"""Steps a pretraining metric keeps on the device before it adds them up."""
 
 
 def grouped_auc(
@@ -99,9 +101,11 @@ class CTRMetrics:
         self.reset()
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, users: torch.Tensor) -> None:
-        self.logits.append(logits.detach().float().flatten().cpu())
-        self.labels.append(labels.detach().float().flatten().cpu())
-        self.users.append(users.detach().long().flatten().cpu())
+        # Kept where they are (a GPU's memory): copying to the host at each step would
+        # wait for the step; compute and state_dict bring them over once.
+        self.logits.append(logits.detach().float().flatten())
+        self.labels.append(labels.detach().float().flatten())
+        self.users.append(users.detach().long().flatten())
 
     def compute(self) -> dict[str, float]:
         """The metrics over every rank's samples (NaN when no rank has any, or when a logit
@@ -185,7 +189,8 @@ def _undefined(samples: int, nonfinite: int) -> dict[str, float]:
 
 
 def _cat(parts: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+    """The parts in one host tensor."""
+    return torch.cat([p.cpu() for p in parts]) if parts else torch.empty(0, dtype=dtype)
 
 
 def _gathered(parts: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -210,14 +215,29 @@ class PretrainMetrics:
         self.targets = SumMetric().to(device)
         for metric in (self.loss, self.hits, self.targets):
             metric.persistent(True)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def update(self, loss: torch.Tensor, hits: torch.Tensor, targets: torch.Tensor) -> None:
-        # A copy: torchmetrics writes its NaN replacement into the tensor it is given.
-        self.loss.update(loss.detach().clone(), weight=targets.detach().float())
-        self.hits.update(hits.detach().float())
-        self.targets.update(targets.detach().float())
+        """Kept on the device until :meth:`compute` or :meth:`state_dict` (torchmetrics'
+        NaN check waits for the device at each update)."""
+        self._pending.append((loss.detach(), hits.detach(), targets.detach()))
+        if len(self._pending) >= PENDING:
+            self._flush()
+
+    def _flush(self) -> None:
+        """The pending steps into the metrics, in one update each."""
+        if not self._pending:
+            return
+        losses, hits, targets = (
+            torch.stack([v.float() for v in vs]) for vs in zip(*self._pending, strict=True)
+        )
+        self._pending = []
+        self.loss.update(losses, weight=targets)  # the mean over steps weighted by targets
+        self.hits.update(hits)
+        self.targets.update(targets)
 
     def compute(self) -> dict[str, float]:
+        self._flush()
         targets = float(self.targets.compute())
         return {
             "loss": float(self.loss.compute()),
@@ -225,11 +245,13 @@ class PretrainMetrics:
         }
 
     def reset(self) -> None:
+        self._pending = []
         for metric in (self.loss, self.hits, self.targets):
             metric.reset()
 
     def state_dict(self) -> dict:
         """This rank's running sums (not synced: each rank restores its own)."""
+        self._flush()
         return {
             name: {k: v.clone() for k, v in getattr(self, name).state_dict().items()}
             for name in ("loss", "hits", "targets")
@@ -237,6 +259,7 @@ class PretrainMetrics:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore running sums saved on any device onto this metric's device."""
+        self._pending = []
         for name in ("loss", "hits", "targets"):
             metric = getattr(self, name)
             metric.load_state_dict(state[name])

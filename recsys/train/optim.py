@@ -123,11 +123,21 @@ def dense_optimizer(
     optimizer = KeyedOptimizerWrapper(
         dense_parameters(model),
         lambda params: torch.optim.AdamW(
-            params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+            params,
+            lr=config.lr,
+            betas=config.betas,
+            weight_decay=config.weight_decay,
+            fused=_fused(params),
         ),
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     return optimizer, schedule
+
+
+def _fused(params: list[torch.Tensor]) -> bool | None:
+    """AdamW's fused kernel (one launch for the whole update) when every parameter is on
+    CUDA; None elsewhere: torch's default (the foreach kernels)."""
+    return True if params and all(p.is_cuda for p in params) else None
 
 
 def clip(model: nn.Module, config: OptimConfig) -> torch.Tensor | None:

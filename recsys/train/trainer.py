@@ -25,11 +25,14 @@ tables were updated in backward by then). Skipped steps are counted in the epoch
 
 from __future__ import annotations
 
+import copy
 import io
+import itertools
 import logging
 import math
 import random
 import signal
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -44,13 +47,14 @@ from recsys.checkpoint.manager import CheckpointManager, keys
 from recsys.checks import require
 from recsys.distributed.env import collective_device
 from recsys.errors import UserError
-from recsys.train import compiling
+from recsys.train import compiling, precision
 from recsys.train.faults import Faults
 from recsys.train.host import reuse_freed_memory
 from recsys.train.log import RunLog, SampleLog
 from recsys.train.metrics import CTRMetrics, PretrainMetrics
 from recsys.train.optim import OptimConfig, clip, dense_parameters
-from recsys.train.ranks import until_every_rank_is_done, while_every_rank_has
+from recsys.train.ranks import until_every_rank_is_done
+from recsys.train.throughput import Meter, batch_tokens
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +78,18 @@ class RunConfig:
     """Seed of Python's, NumPy's and torch's generators (``seed + rank`` on each rank)."""
     record_samples: bool = False
     """Audit: write each training step's dataset row ids to ``RUN/samples/rank<r>.jsonl``."""
+    bf16: str = "auto"
+    """bf16 autocast of the forward pass: ``on``, ``off``, or ``auto``: on CUDA, and on CPU
+    with ``cpu_bf16`` (``recsys.train.precision``)."""
     cpu_bf16: bool = False
-    """bf16 autocast of the forward pass on CPU too (always on CUDA; attention stays fp32,
-    see ``recsys.models.tower.attend``): ~1.4x faster CTR training steps (the tower alone
-    ~1.7x) on CPUs with bf16 matrix units (AMX: Xeon Sapphire Rapids and later), slower on
-    CPUs without them (``recsys doctor`` tells)."""
+    """With ``bf16=auto``, bf16 autocast on CPU too (attention stays fp32): ~1.4x faster CTR
+    training steps (the tower alone ~1.7x) on CPUs with bf16 matrix units (AMX: Xeon
+    Sapphire Rapids and later), slower on CPUs without them (``recsys doctor`` tells)."""
+    log_every: int = 10
+    """Steps between logged training steps (loss, gradient norm, learning rate, samples/s)
+    and between the ranks' agreements on SIGTERM, non-finite values and the end of their
+    data: the only steps that wait for the device or talk to the other ranks (besides
+    checkpoints and epoch ends). 1: every step."""
     compile: str = "auto"
     """``torch.compile`` the tower, one Transformer block at a time: ``on``, ``off``, or
     ``auto``: on CUDA, and on CPU for runs of 500 steps or more (``recsys.train.compiling``)."""
@@ -98,10 +109,17 @@ class RunConfig:
         require(0 <= self.seed < SEED_LIMIT, "seed", seed_range, self.seed)
         choices = " or ".join(NONFINITE_POLICIES)
         require(self.nonfinite in NONFINITE_POLICIES, "nonfinite", choices, self.nonfinite)
+        require(self.log_every >= 1, "log_every", ">= 1", self.log_every)
+        formats = " or ".join(precision.CHOICES)
+        require(self.bf16 in precision.CHOICES, "bf16", formats, self.bf16)
         modes = " or ".join(compiling.CHOICES)
         require(self.compile in compiling.CHOICES, "compile", modes, self.compile)
 
 
+STEP_LIMIT = 2**31
+"""Steps of a run lie below it (the agreement on non-finite values encodes the step)."""
+CODES = 8
+"""More than the kinds of non-finite values (:meth:`NonFiniteValue.code`)."""
 NONFINITE_POLICIES = ("stop", "skip")
 """What a step with a NaN or infinite loss or dense gradient norm does (``RunConfig``)."""
 SEED_LIMIT = 2**31
@@ -135,6 +153,13 @@ def _iterate(loader) -> Iterator:
     that generator)."""
     with torch.random.fork_rng(devices=[]):
         return iter(loader)
+
+
+def _cursor(loader) -> dict:
+    """A copy of ``loader``'s state that leaves the global random generator alone (before its
+    first iterator, a torch DataLoader's state draws the iterator's seed from it)."""
+    with torch.random.fork_rng(devices=[]):
+        return copy.deepcopy(loader.state_dict())
 
 
 @dataclass(frozen=True)
@@ -215,6 +240,33 @@ class Preempted(RuntimeError):
         self.step, self.path = step, path
 
 
+@dataclass
+class _Step:
+    """A trained (or skipped) step as the window keeps it until the next agreement: its
+    loss and dense gradient norm stay on the device until then."""
+
+    step: int
+    lr: float
+    loss: Any
+    """The loss tensor; its value once settled."""
+    norm: Any
+    """The gradient norm tensor (None: skipped before backward); its value once settled."""
+    samples: int
+    """Rows trained on (0: skipped)."""
+    tokens: int = 0
+    """Items the tower took in (``recsys.train.throughput.batch_tokens``)."""
+    counted: bool = False
+    """Already counted as skipped (before backward)."""
+
+    @property
+    def stepped_backward(self) -> bool:
+        return not self.counted
+
+    def values(self) -> torch.Tensor:
+        norm = self.norm if self.norm is not None else torch.zeros_like(self.loss)
+        return torch.stack([self.loss.float(), norm.float().to(self.loss.device)])
+
+
 class Trainer:
     def __init__(
         self,
@@ -241,6 +293,9 @@ class Trainer:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         dense = next(iter(self.dense.params.values()), None)
         self.device = dense.device if dense is not None else torch.device("cpu")
+        self.bf16 = precision.bf16(config.bf16, config.cpu_bf16, self.device)
+        precision.use_tf32(self.device)
+        self.meter = Meter(model, self.device, self.bf16, self.world_size)
         if self.device.type == "cpu":
             reuse_freed_memory()  # steps reuse the last step's pages (recsys.train.host)
         self.step = self.epoch = self.epoch_step = 0
@@ -256,6 +311,8 @@ class Trainer:
             f"{run_dir}/checkpoint", keep=config.keep, faults=self.faults
         )
         self._sigterm = False  # set by the SIGTERM handler while train() runs
+        self._cursor: dict | None = None  # the loader's state at the last agreement
+        self._clock = time.perf_counter()  # when the last window's values were settled
         self._fetched = 0  # training batches this process has taken from the loader
         self.samples_log: SampleLog | None = None
         self.log: RunLog | None = None  # opened by train(), once it knows where it resumes
@@ -286,7 +343,9 @@ class Trainer:
         if with_rank_state:
             state[self._rank_key] = _blob(
                 {
-                    "loader": self.train_loader.state_dict(),
+                    "loader": (
+                        self._cursor if self._cursor is not None else self.train_loader.state_dict()
+                    ),
                     "metrics": self.train_metrics.state_dict(),
                     "rng": {
                         "python": random.getstate(),
@@ -383,16 +442,23 @@ class Trainer:
         """Whether any rank got SIGTERM (all ranks agree, so they save together)."""
         return self._agree(None)[0]
 
-    def _agree(self, bad: NonFiniteValue | None) -> tuple[bool, NonFiniteValue | None]:
-        """Whether any rank got SIGTERM, and the non-finite value any rank saw (the loss
-        before the gradient norm, then the lowest rank): one all-reduce for both, so the
-        check of every step costs no collective of its own."""
-        code = bad.code(self.world_size) if bad is not None else 0
-        flags = torch.tensor([int(self._sigterm), code], device=collective_device())
+    def _agree(
+        self, bad: NonFiniteValue | None, batches: int = 0, step: int = 0
+    ) -> tuple[bool, NonFiniteValue | None, int, int]:
+        """Whether any rank got SIGTERM; the non-finite value any rank saw at ``step`` (the
+        earliest step, then the loss before the gradient norm, then the lowest rank) and
+        that step; and the fewest ``batches`` any rank has for the next window: one
+        all-reduce for all of it."""
+        code = 0
+        if bad is not None:
+            code = (STEP_LIMIT - step) * CODES * self.world_size + bad.code(self.world_size)
+        flags = torch.tensor([int(self._sigterm), code, -batches], device=collective_device())
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        sigterm, code = flags.tolist()
-        return bool(sigterm), NonFiniteValue.decode(code, self.world_size)
+        sigterm, code, fewest = flags.tolist()
+        where, code = divmod(code, CODES * self.world_size)
+        agreed = NonFiniteValue.decode(code, self.world_size)
+        return bool(sigterm), agreed, (STEP_LIMIT - where if agreed else 0), -fewest
 
     def _train(self) -> dict[str, float]:
         seed_everything(self.config.seed, self.rank)
@@ -448,22 +514,42 @@ class Trainer:
             self.samples_log.close()
 
     def _run_epoch(self) -> bool:
-        """Train through the rest of the current epoch; False if max_steps stopped it first."""
+        """Train through the rest of the current epoch; False if max_steps stopped it first.
+
+        Steps run in windows that end at logging steps (``log_every``), checkpoints, the
+        epoch's end and ``max_steps``. Before a window each rank draws its batches, and the
+        ranks agree, in one all-reduce, on the fewest any of them drew, on SIGTERM and on
+        the non-finite values of the window just trained; inside a window no step waits for
+        the device or for the other ranks. With ``nonfinite="skip"`` windows are one step
+        long: the loss is agreed on before each backward."""
         self._set_epoch(self.epoch)
         length = self._epoch_length()
-        for batch in while_every_rank_has(self._batches()):
-            bad = self._train_step(batch)
-            self.epoch_step += 1
-            self.faults.after_step(self.step)
-            preempted = self._after_step(bad)  # before anything of this step is saved
-            if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
-                self.checkpoints.save(self.step, self.state())
-                preempted = self._preempted()  # a SIGTERM during the save counts too
-            if length is not None and self.epoch_step >= length:
-                return True  # every rank's share is done
-            if self._done():
-                return False
-            self._stop_if_preempted(preempted)  # (at an epoch's end, after the epoch is ended)
+        batches = self._batches()
+        self._clock = time.perf_counter()  # samples/s counts this epoch's steps only
+        trained: list[_Step] = []  # the steps since the last agreement
+        try:
+            while True:
+                # A checkpoint at this boundary holds the cursor before the next window's
+                # batches are drawn: they are not trained yet.
+                self._cursor = _cursor(self.train_loader)
+                window = list(itertools.islice(batches, self._window(length)))
+                seen, at = self._settle(trained)
+                preempted, bad, at, count = self._agree(seen, len(window), at)
+                self._after_window(bad, at)
+                every = self.config.checkpoint_every
+                if trained and every and self.step % every == 0:
+                    self.checkpoints.save(self.step, self.state())
+                    preempted = self._preempted() or preempted  # SIGTERM while saving
+                if length is not None and self.epoch_step >= length:
+                    return True  # every rank's share is done
+                if self._done():
+                    return False
+                self._stop_if_preempted(preempted)  # (at an epoch's end, after the epoch)
+                if count == 0:
+                    break
+                trained = [self._train_step(batch) for batch in window[:count]]
+        finally:
+            self._cursor = None
         if length is not None and self.epoch_step < length:
             log.warning(
                 "epoch %d ended after %d of %d steps: a rank's data ran out (rows of bad row "
@@ -473,6 +559,63 @@ class Trainer:
                 length,
             )
         return True
+
+    def _window(self, length: int | None) -> int:
+        """Steps until the next agreement: the next logging step, checkpoint, the epoch's
+        end or ``max_steps``, whichever comes first (one step when skipping non-finite
+        steps)."""
+        if self.config.nonfinite == "skip":
+            size = 1
+        else:
+            size = self.config.log_every - self.step % self.config.log_every
+        if self.config.checkpoint_every:
+            size = min(
+                size, self.config.checkpoint_every - self.step % self.config.checkpoint_every
+            )
+        if length is not None:
+            size = min(size, length - self.epoch_step)
+        if self.config.max_steps is not None:
+            size = min(size, self.config.max_steps - self.step)
+        return max(size, 0)
+
+    def _settle(self, trained: list[_Step]) -> tuple[NonFiniteValue | None, int]:
+        """Bring the window's losses and norms to the host (one copy, the only wait for the
+        device in a window); log its logging steps; the first non-finite value this rank saw
+        that is not counted yet, and its step."""
+        if not trained:
+            return None, 0
+        values = torch.stack([t.values() for t in trained]).tolist()
+        first, at = None, 0
+        now = time.perf_counter()
+        elapsed, self._clock = now - self._clock, now
+        samples = sum(t.samples for t in trained)
+        speed = self.meter.figures(samples, sum(t.tokens for t in trained), elapsed)
+        for step, (loss, norm) in zip(trained, values, strict=True):
+            step.loss, step.norm = loss, norm if step.stepped_backward else None
+            if first is None and not step.counted:
+                first = nonfinite("loss", loss, self.rank) or nonfinite(
+                    "gradient norm", step.norm, self.rank
+                )
+                at = step.step
+            last = step is trained[-1] and self._done()
+            if step.step % self.config.log_every == 0 or last:
+                record = {"loss": loss, "lr": step.lr}
+                if step.norm is not None:
+                    record["grad_norm"] = step.norm
+                record.update(speed)
+                self.log.record(step.step, "step", record)
+                self.log.progress(step.step, record)
+        return first, at
+
+    def _after_window(self, bad: NonFiniteValue | None, step: int) -> None:
+        """A non-finite value some rank saw at ``step`` stops every rank (``stop``) or is
+        counted (``skip``)."""
+        if bad is None:
+            return
+        if self.config.nonfinite == "stop":
+            self._close_logs()
+            raise NonFinite(step, bad, self.checkpoints.latest())
+        self._count_skipped(step, bad, "no dense step; the tables were updated in backward")
 
     def _batches(self) -> Iterator:
         """This epoch's training batches; a ``loader`` fault fires at its batch."""
@@ -495,35 +638,32 @@ class Trainer:
             dist.all_reduce(length, op=dist.ReduceOp.MIN)
         return int(length)
 
-    def _train_step(self, batch) -> NonFiniteValue | None:
-        """One step; the non-finite value this rank saw and has not yet counted (None:
-        finite, or skipped before backward and counted already)."""
+    def _train_step(self, batch) -> _Step:
+        """One step, waiting for nothing unless non-finite steps are skipped (then the loss
+        and the gradient norm are looked at before the updates they would spoil)."""
         self.model.train()
+        tokens = batch_tokens(batch)  # on the host, before the batch moves
         out = self._forward(batch)
         out = out._replace(loss=self.faults.poison_loss(self.step + 1, out.loss))
         lr = self.schedule.get_last_lr()[0]  # the rate this step uses
         skip = self.config.nonfinite == "skip"
-        loss = out.loss.item() if skip else None  # skipping: agreed on before backward
-        if skip and self._skipped_before_backward(loss):
-            self._advance(batch, {"loss": loss, "lr": lr}, trained=False)
-            return None
+        if skip and self._skipped_before_backward(out.loss.item()):
+            self._advance(batch, trained=False)
+            return _Step(self.step, lr, out.loss.detach(), None, 0, counted=True)
         self.dense.zero_grad()
         out.loss.backward()  # the tables' optimizer runs inside backward
         norm = self._grad_norm()
-        bad = None
+        finite = True
         if skip:  # the dense step waits for the norm (the default path does not wait)
-            bad = nonfinite("gradient norm", float(norm), self.rank)
-        if bad is None:
+            finite = math.isfinite(float(norm)) and math.isfinite(out.loss.item())
+        if finite:
             self.dense.step()
-        if loss is None:
-            loss = out.loss.item()
-        values = {"loss": loss, "lr": lr, "grad_norm": float(norm)}
-        bad = bad or nonfinite("loss", loss, self.rank)
-        bad = bad or nonfinite("gradient norm", values["grad_norm"], self.rank)
-        if bad is None:
-            self._update(self.train_metrics, out, batch)  # a non-finite step adds nothing
-        self._advance(batch, values, trained=bad is None)
-        return bad
+            # A non-finite step stops the run (the default) or was just found (skip): its
+            # metrics are not kept either way.
+            self._update(self.train_metrics, out, batch)
+        self._advance(batch, trained=finite)
+        trained = len(batch) if finite else 0
+        return _Step(self.step, lr, out.loss.detach(), norm.detach(), trained, tokens)
 
     def _grad_norm(self) -> torch.Tensor:
         """The dense gradients' norm, clipped to ``clip_norm`` when set. Without clipping it
@@ -534,41 +674,27 @@ class Trainer:
             norm = torch.nn.utils.get_total_norm(grads)
         return norm
 
-    def _advance(self, batch, values: dict[str, float], trained: bool = True) -> None:
-        """Count a step (trained or skipped): schedule, logs, sample record."""
+    def _advance(self, batch, trained: bool = True) -> None:
+        """Count a step (trained or skipped): schedule, sample record, faults."""
         with warnings.catch_warnings():
             # A skipped first step advances the schedule before any optimizer step.
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
             self.schedule.step()
         self.step += 1
+        self.epoch_step += 1
         if trained:
             self.samples += len(batch)
-        self.log.record(self.step, "step", values)
         if self.samples_log is not None:
             self.samples_log.record(self.step, self.epoch, batch.row_ids.tolist())
-        self.log.progress(self.step, values)
+        self.faults.after_step(self.step)
 
     def _skipped_before_backward(self, loss: float) -> bool:
         """``nonfinite="skip"``: whether any rank's loss is non-finite, agreed before backward
         (every rank skips it together: backward is collective, and it updates the tables)."""
-        _, bad = self._agree(nonfinite("loss", loss, self.rank))
+        _, bad, _, _ = self._agree(nonfinite("loss", loss, self.rank), step=self.step + 1)
         if bad is not None:
             self._count_skipped(self.step + 1, bad, "no update")
         return bad is not None
-
-    def _after_step(self, bad: NonFiniteValue | None) -> bool:
-        """Agree with every rank on SIGTERM and on non-finite values of this step; whether to
-        stop for SIGTERM. A non-finite value stops every rank (``stop``) or is counted
-        (``skip``)."""
-        preempted, bad = self._agree(bad)
-        if bad is not None and self.config.nonfinite == "stop":
-            self._close_logs()
-            raise NonFinite(self.step, bad, self.checkpoints.latest())
-        if bad is not None:  # skipping: the loss was finite, checked before backward
-            self._count_skipped(
-                self.step, bad, "no dense step; the tables were updated in backward"
-            )
-        return preempted
 
     def _count_skipped(self, step: int, bad: NonFiniteValue, what: str) -> None:
         self.nonfinite_steps += 1
@@ -627,7 +753,7 @@ class Trainer:
         with torch.autocast(
             device_type=device.type,
             dtype=torch.bfloat16,
-            enabled=device.type == "cuda" or self.config.cpu_bf16,
+            enabled=self.bf16,
         ):
             if self.task == "ctr" and batch.extra is not None:
                 return self.model(batch.features, batch.labels, extra=batch.extra)

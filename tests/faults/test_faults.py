@@ -21,7 +21,8 @@ from recsys.train.faults import Fault, parse
 pytestmark = pytest.mark.dist
 
 TINY = ["model.size=L1H16A2", "model.max_len=12", "model.negatives=8", "data.batch_size=8"]
-RUN = ["run.epochs=2", "run.checkpoint_every=2", "run.record_samples=true", "optim.warmup_steps=2"]
+RUN = ["run.epochs=2", "run.checkpoint_every=2", "run.log_every=3", "run.record_samples=true"]
+RUN += ["optim.warmup_steps=2"]
 
 
 @pytest.fixture(scope="module")

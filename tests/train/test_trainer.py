@@ -4,8 +4,11 @@ bitwise."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from recsys.distributed.planning import planned
 from recsys.distributed.wrap import shard
 from recsys.models.ctr import CTRConfig, CTRModel
 from recsys.models.tower import TowerConfig
+from recsys.train import trainer as trainer_module
 from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
 from recsys.train.trainer import RunConfig, Trainer
 
@@ -30,7 +34,15 @@ pytestmark = pytest.mark.dist
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=2, total_steps=8, sparse_lr=0.05)
 
 
-def run(data: str, run_dir: str, max_steps: int, epochs: int, checkpoint_every: int = 0) -> dict:
+def run(
+    data: str,
+    run_dir: str,
+    max_steps: int,
+    epochs: int,
+    checkpoint_every: int = 0,
+    log_every: int = 1,
+    count: bool = False,
+) -> dict:
     with distributed("cpu") as env:
         torch.manual_seed(0)
         model = CTRModel(
@@ -49,12 +61,57 @@ def run(data: str, run_dir: str, max_steps: int, epochs: int, checkpoint_every: 
             dense,
             schedule,
             StatefulDataLoader(stream, batch_size=None),
-            RunConfig(epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every),
+            RunConfig(
+                epochs=epochs,
+                max_steps=max_steps,
+                checkpoint_every=checkpoint_every,
+                log_every=log_every,
+            ),
             OPTIM,
             valid_loader=StatefulDataLoader(valid, batch_size=None),
             run_dir=run_dir,
         )
-        return {"results": trainer.train(), "step": trainer.step}
+        if not count:
+            return {"results": trainer.train(), "step": trainer.step}
+        with waits_counted(trainer) as waits:
+            results = trainer.train()
+        return {"results": results, "step": trainer.step, "waits": waits}
+
+
+@contextlib.contextmanager
+def waits_counted(trainer: Trainer):
+    """Count the all-reduces and the copies of a value to the host (``item``, ``tolist``)
+    the training loop itself makes (recsys.train.trainer; TorchRec's input distribution is
+    the pipeline's concern), by where they happen: inside a training step or elsewhere."""
+    waits: collections.Counter = collections.Counter()
+    step = trainer._train_step
+    inside = [False]
+
+    def counted(function, name):
+        def call(*args, **kwargs):
+            if sys._getframe(1).f_code.co_filename == trainer_module.__file__:
+                waits[f"{name} in step" if inside[0] else name] += 1
+            return function(*args, **kwargs)
+
+        return call
+
+    def train_step(batch):
+        inside[0] = True
+        try:
+            return step(batch)
+        finally:
+            inside[0] = False
+
+    with contextlib.ExitStack() as stack:
+        patch = pytest.MonkeyPatch()
+        stack.callback(patch.undo)
+        patch.setattr(trainer, "_train_step", train_step)
+        patch.setattr(
+            torch.distributed, "all_reduce", counted(torch.distributed.all_reduce, "all_reduce")
+        )
+        patch.setattr(torch.Tensor, "item", counted(torch.Tensor.item, "item"))
+        patch.setattr(torch.Tensor, "tolist", counted(torch.Tensor.tolist, "tolist"))
+        yield waits
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +123,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_resumed_run_equals_uninterrupted_run(data: str, tmp_path: Path) -> None:
-    whole = run_on_ranks(run, data, str(tmp_path / "whole"), 8, 2, world_size=2)
+    # Logged (and agreed on by the ranks) every second step.
+    whole = run_on_ranks(run, data, str(tmp_path / "whole"), 8, 2, 0, 2, world_size=2)
     # The same run, killed after step 3 (mid-epoch) before it could save step 3: its last
     # checkpoint is step 2 and its log already holds step 3. Resumed, it runs to the end.
-    run_on_ranks(run, data, str(tmp_path / "split"), 3, 2, 2, world_size=2)
+    run_on_ranks(run, data, str(tmp_path / "split"), 3, 2, 2, 2, world_size=2)
     shutil.rmtree(tmp_path / "split/checkpoint/step-00000003")
-    resumed = run_on_ranks(run, data, str(tmp_path / "split"), 8, 2, world_size=2)
+    resumed = run_on_ranks(run, data, str(tmp_path / "split"), 8, 2, 0, 2, world_size=2)
     assert whole[0]["step"] == resumed[0]["step"] == 8
     assert resumed[0]["results"] == whole[0]["results"]  # AUC, logloss, gAUC, gap: equal
     a = torch.load(export(tmp_path / "whole/checkpoint/step-00000008", tmp_path / "a.pt"))
@@ -82,8 +140,9 @@ def test_resumed_run_equals_uninterrupted_run(data: str, tmp_path: Path) -> None
         for key, value in flat_a.items():
             assert torch.equal(value, flat_b[key]), f"{part}: {key}"
     log = [json.loads(line) for line in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
-    # Every step logged once: the resumed run dropped the killed run's record of step 3.
-    assert [r["step"] for r in log if r["split"] == "step"] == list(range(1, 9))
+    # Every second step logged once: the resumed run dropped the killed run's record of its
+    # last step, 3.
+    assert [r["step"] for r in log if r["split"] == "step"] == [2, 4, 6, 8]
     whole_log = [json.loads(x) for x in (tmp_path / "whole/metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in whole_log if r["split"] == "step"] == [
         r["loss"] for r in log if r["split"] == "step"
@@ -100,6 +159,24 @@ def _flatten(tree, prefix: str = "") -> dict[str, torch.Tensor]:
     elif torch.is_tensor(tree):
         flat[prefix] = tree
     return flat
+
+
+def test_steps_wait_for_nothing_between_logging_steps(data: str, tmp_path: Path) -> None:
+    # 8 steps logged every 4th: the ranks agree before steps 1 and 5 and after step 8, and
+    # bring the losses of steps 1-4 and 5-8 to the host in one copy each; no step waits.
+    (out,) = run_on_ranks(run, data, str(tmp_path / "run"), 8, 1, 0, 4, True, world_size=1)
+    assert out["step"] == 8
+    waits = out["waits"]
+    assert not [key for key in waits if key.endswith(" in step")], waits
+    # The epoch's length and the 3 agreements (max_steps stops the run inside the epoch).
+    assert waits["all_reduce"] == 1 + 3, waits
+    assert waits["tolist"] == 2 + 3, waits  # the two windows' values, the 3 agreements
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["split"] == "step"
+    ]
+    assert steps == [4, 8]
 
 
 def test_resume_on_another_world_size(data: str, tmp_path: Path) -> None:

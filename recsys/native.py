@@ -3,7 +3,7 @@ package as an optional extension, called through ctypes.
 
 A helper is used only when it was built, loads, and reports the calling convention its
 Python side expects (an older in-place build would read and write the wrong arguments);
-otherwise, or with ``RECSYS_NATIVE=0``, the callers run their NumPy or torch paths.
+otherwise, or with ``RECSYS_NATIVE=0``, the caller runs its NumPy path.
 """
 
 from __future__ import annotations

@@ -228,11 +228,14 @@ class PretrainMetrics:
         """The pending steps into the metrics, in one update each."""
         if not self._pending:
             return
+        # On the metrics' device: a model may give its counts on the host, its loss on a GPU.
         losses, hits, targets = (
-            torch.stack([v.float() for v in vs]) for vs in zip(*self._pending, strict=True)
+            torch.stack([v.float().to(self.device) for v in vs])
+            for vs in zip(*self._pending, strict=True)
         )
         self._pending = []
-        self.loss.update(losses, weight=targets)  # the mean over steps weighted by targets
+        # A copy for the weight: torchmetrics writes its NaN replacement into it.
+        self.loss.update(losses, weight=targets.clone())  # the mean over steps by targets
         self.hits.update(hits)
         self.targets.update(targets)
 
@@ -250,16 +253,21 @@ class PretrainMetrics:
             metric.reset()
 
     def state_dict(self) -> dict:
-        """This rank's running sums (not synced: each rank restores its own)."""
-        self._flush()
-        return {
+        """This rank's running sums and its pending steps (not synced: each rank restores its
+        own). The pending steps are saved as they are, not added up: a resumed run then adds
+        them up in the same groups as an uninterrupted one, to the last bit."""
+        state = {
             name: {k: v.clone() for k, v in getattr(self, name).state_dict().items()}
             for name in ("loss", "hits", "targets")
         }
+        state["pending"] = [tuple(v.clone() for v in step) for step in self._pending]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore running sums saved on any device onto this metric's device."""
-        self._pending = []
+        self._pending = [
+            tuple(v.to(self.device) for v in step) for step in state.get("pending", [])
+        ]
         for name in ("loss", "hits", "targets"):
             metric = getattr(self, name)
             metric.load_state_dict(state[name])

@@ -18,11 +18,14 @@ from torch import nn
 
 PEAK_TFLOPS = {
     "H200": {"bf16": 989.0, "fp32": 494.0},
+    "H100 PCIe": {"bf16": 756.0, "fp32": 378.0},
+    "H100 NVL": {"bf16": 835.0, "fp32": 418.0},
     "H100": {"bf16": 989.0, "fp32": 494.0},
     "A100": {"bf16": 312.0, "fp32": 156.0},
 }
-"""Dense peak TFLOP/s by device name fragment (vendors' data sheets, SXM parts, no sparsity):
-bf16, and fp32 matmuls on TF32 tensor cores (``torch.backends.cuda.matmul.allow_tf32``)."""
+"""Dense peak TFLOP/s by device name fragment, the first that matches (vendors' data sheets,
+no sparsity; SXM parts where the name says no more): bf16, and fp32 matmuls on TF32 tensor
+cores (``torch.backends.cuda.matmul.allow_tf32``)."""
 
 
 def tower_flops(config, tokens: int, length: float) -> float:

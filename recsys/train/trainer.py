@@ -9,14 +9,17 @@ generators — so a resumed run continues bit for bit where it stopped.
 
 Every rank has the same number of batches in an epoch (the stream sizes each reader's share
 so); the epoch's length is still taken as the fewest any rank has, so collectives stay
-matched whatever the loader. SIGTERM (preemption) makes every rank save at the next step or
-epoch end and stop; ``recsys.train.faults`` injects failures for the recovery tests.
+matched whatever the loader. Steps run in windows between logging steps (``log_every``),
+checkpoints and epoch ends, and the ranks agree once per window (:meth:`Trainer._run_epoch`).
+SIGTERM (preemption) makes every rank save at the next agreement or epoch end and stop;
+``recsys.train.faults`` injects failures for the recovery tests.
 
-A NaN or infinite loss or dense gradient norm is never averaged away. After every step the
-ranks agree, in the one all-reduce that also carries the SIGTERM flag, on whether any rank
-saw one: with ``nonfinite="stop"`` (the default) every rank raises :class:`NonFinite`
-naming the step, rank and value before anything of that step is saved. With ``"skip"`` the
-ranks agree on the loss before backward (one more small all-reduce per step), because the
+A NaN or infinite loss or dense gradient norm is never averaged away. At the end of every
+window the ranks agree, in the one all-reduce that also carries the SIGTERM flag, on whether
+any rank saw one: with ``nonfinite="stop"`` (the default) every rank raises
+:class:`NonFinite` naming the step, rank and value before anything after it is saved. With
+``"skip"`` windows are one step long and the ranks agree on the loss before backward (one
+more small all-reduce per step), because the
 tables' fused optimizer updates them inside backward: a step with a non-finite loss makes no
 update at all; a non-finite gradient norm behind a finite loss skips the dense step only (the
 tables were updated in backward by then). Skipped steps are counted in the epoch's
@@ -409,7 +412,8 @@ class Trainer:
             self.epoch_step = 0
             return None
         mine = _unblob(loaded[self._rank_key])
-        self.train_loader.load_state_dict(mine["loader"])
+        if self.epoch_step:  # (an epoch that has not started starts from its beginning)
+            self.train_loader.load_state_dict(mine["loader"])
         self.train_metrics.load_state_dict(mine["metrics"])
         random.setstate(mine["rng"]["python"])
         np.random.set_state(mine["rng"]["numpy"])
@@ -421,8 +425,8 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Run to the end; return the last epoch's metrics.
 
-        On SIGTERM (preemption) every rank finishes its step, the job saves a checkpoint and
-        :class:`Preempted` is raised; the next run resumes from it."""
+        On SIGTERM (preemption) every rank finishes its window of steps, the job saves a
+        checkpoint and :class:`Preempted` is raised; the next run resumes from it."""
         self._sigterm = False
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
@@ -435,7 +439,7 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
 
     def _on_sigterm(self, signum, frame) -> None:
-        log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        log.warning("SIGTERM: saving a checkpoint at the next agreement, then stopping")
         self._sigterm = True
 
     def _preempted(self) -> bool:
@@ -497,8 +501,8 @@ class Trainer:
         return latest is not None and latest.name == f"step-{self.step:08d}"
 
     def _stop_if_preempted(self, preempted: bool | None = None) -> None:
-        """After a step or an epoch's end: if any rank got SIGTERM, save and stop
-        (``preempted``: what the ranks agreed after the step, None: ask them now)."""
+        """At an agreement or an epoch's end: if any rank got SIGTERM, save and stop
+        (``preempted``: what the ranks agreed, None: ask them now)."""
         if preempted is None:
             preempted = self._preempted()
         if preempted:

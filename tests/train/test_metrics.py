@@ -142,3 +142,20 @@ def test_pretrain_metrics_resume_their_running_sums() -> None:
     resumed.update(*parts[1])
     assert resumed.compute() == whole.compute()
     assert whole.compute() == {"loss": 1.25, "hit_rate": 0.1}
+
+
+def test_pretrain_metrics_resumed_with_pending_steps_add_up_as_the_whole_run() -> None:
+    from recsys.train.metrics import PretrainMetrics
+
+    # Float32 sums that depend on their grouping: 1 + 1e8 - 1e8 is 0 added at once, 1 added
+    # as 1 and then 1e8 - 1e8. A checkpoint between steps must not change the grouping.
+    steps = [(torch.tensor(x), torch.tensor(1), torch.tensor(1)) for x in (1.0, 1e8, -1e8)]
+    whole, first = PretrainMetrics(), PretrainMetrics()
+    for step in steps:
+        whole.update(*step)
+    first.update(*steps[0])
+    resumed = PretrainMetrics()
+    resumed.load_state_dict(first.state_dict())
+    for step in steps[1:]:
+        resumed.update(*step)
+    assert resumed.compute() == whole.compute()

@@ -89,6 +89,17 @@ def test_a_frozen_table_stored_in_fp16_is_planned_at_half_its_bytes(tmp_path: Pa
                   frozen=("item",), frozen_dtype="int4"), cluster("cpu", world_size=2))  # fmt: skip
 
 
+def frozen_plan(data: Path, tmp_path: Path, dtype: str):
+    """A 2-rank CPU plan file of a CTR finetune whose item table is frozen in ``dtype``; the
+    finetune's config and rank 0's environment."""
+    out = tmp_path / f"{dtype}.json"
+    ctr = [*TINY, f"data.train={data / 'ctr_train'}"]
+    args = ["plan", "--host", "cpu", "-j", "1x2", "--frozen", "item", "--frozen-dtype", dtype]
+    assert cli([*args, "--out", str(out), *ctr]) == 0
+    env = DistEnv(0, 2, 0, 2, "gloo", __import__("torch").device("cpu"))
+    return out, load(None, ctr, "finetune"), env
+
+
 def test_int8_frozen_tables_are_planned_as_their_own_row_blocks(data: Path, tmp_path: Path) -> None:
     doc = plan_json(tmp_path, *BIG, "-j", "4x8", "--frozen", "item", "--frozen-dtype", "int8")
     (item,) = [t for t in doc["tables"] if t["name"] == "item"]
@@ -105,12 +116,7 @@ def test_int8_frozen_tables_are_planned_as_their_own_row_blocks(data: Path, tmp_
     # On too few ranks the explanation counts the int8 rows' bytes.
     assert cli(["plan", *BIG, "-j", "1x2", "--frozen", "item", "--frozen-dtype", "int8"]) == 2
     # A plan file of int8 tables places a job whose freeze stored them int8, and no other.
-    out = tmp_path / "int8.json"
-    ctr = [*TINY, f"data.train={data / 'ctr_train'}"]
-    args = ["plan", "--host", "cpu", "-j", "1x2", "--frozen", "item", "--frozen-dtype", "int8"]
-    assert cli([*args, "--out", str(out), *ctr]) == 0
-    config = load(None, ctr, "finetune")
-    env = DistEnv(0, 2, 0, 2, "gloo", __import__("torch").device("cpu"))
+    out, config, env = frozen_plan(data, tmp_path, "int8")
     int8 = meta_model(config, Request(frozen=("item",), frozen_dtype="int8"))
     placed = planfile.sharding_plan(planfile.read(out), int8, env)
     assert {t for m in placed.plan.values() for t in m} == {"category"}  # item places itself
@@ -226,12 +232,7 @@ def test_the_plan_file_round_trips_into_the_same_torchrec_plan(data: Path, tmp_p
 def test_a_plan_of_fp16_frozen_tables_used_for_fp32_ones_is_warned_about(
     data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    out = tmp_path / "fp16.json"
-    ctr = [*TINY, f"data.train={data / 'ctr_train'}"]
-    args = ["plan", "--host", "cpu", "-j", "1x2", "--frozen", "item", "--frozen-dtype", "fp16"]
-    assert cli([*args, "--out", str(out), *ctr]) == 0
-    config = load(None, ctr, "finetune")
-    env = DistEnv(0, 2, 0, 2, "gloo", __import__("torch").device("cpu"))
+    out, config, env = frozen_plan(data, tmp_path, "fp16")
     for dtype, warned in (("fp16", False), ("fp32", True)):
         caplog.clear()
         model = meta_model(config, Request(frozen=("item",), frozen_dtype=dtype))

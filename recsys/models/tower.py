@@ -291,3 +291,8 @@ class Tower(nn.Module):
         keys = valid & (position <= at[:, None]) if self.config.causal else valid
         keys = (keys | (position == at[:, None]))[:, None, None, :]
         return self.norm(self.blocks[-1](x, keys, cos, sin, at))[:, 0]
+
+
+def towers(model: nn.Module) -> list[Tower]:
+    """Every Transformer tower in ``model`` (sharded or not)."""
+    return [m for m in model.modules() if isinstance(m, Tower)]

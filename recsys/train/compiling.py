@@ -44,14 +44,13 @@ def wanted(choice: str, device: torch.device, steps: int) -> bool:
 def compile_towers(model: nn.Module) -> int:
     """Compile every Transformer block of every tower in ``model`` in place (each block its
     own region); how many blocks."""
-    from recsys.models.tower import Tower
+    from recsys.models.tower import towers
 
     blocks = 0
-    for module in model.modules():
-        if isinstance(module, Tower):
-            for block in module.blocks:
-                block.compile()
-                blocks += 1
+    for tower in towers(model):
+        for block in tower.blocks:
+            block.compile()
+            blocks += 1
     # Each block is its own module: raise the per-function cache past the default 8, so
     # that a deep tower's blocks, each with its static and its dynamic graph, all stay
     # compiled (they share Block.forward's code).

@@ -73,10 +73,10 @@ class Meter:
     def __init__(
         self, model: nn.Module, device: torch.device, bf16: bool, world_size: int = 1
     ) -> None:
-        from recsys.models.tower import Tower
+        from recsys.models.tower import towers
 
-        towers = [m.config for m in model.modules() if isinstance(m, Tower)]
-        self.tower = towers[0] if towers else None
+        found = towers(model)
+        self.tower = found[0].config if found else None
         self.device, self.world_size = device, world_size
         self.peak = peak_tflops(device, bf16)
 

@@ -253,17 +253,12 @@ class _Step:
     loss: Any
     """The loss tensor; its value once settled."""
     norm: Any
-    """The gradient norm tensor (None: skipped before backward); its value once settled."""
+    """The gradient norm tensor (None: skipped before backward, and counted then); its value
+    once settled."""
     samples: int
     """Rows trained on (0: skipped)."""
     tokens: int = 0
     """Items the tower took in (``recsys.train.throughput.batch_tokens``)."""
-    counted: bool = False
-    """Already counted as skipped (before backward)."""
-
-    @property
-    def stepped_backward(self) -> bool:
-        return not self.counted
 
     def values(self) -> torch.Tensor:
         norm = self.norm if self.norm is not None else torch.zeros_like(self.loss)
@@ -595,8 +590,9 @@ class Trainer:
         samples = sum(t.samples for t in trained)
         speed = self.meter.figures(samples, sum(t.tokens for t in trained), elapsed)
         for step, (loss, norm) in zip(trained, values, strict=True):
-            step.loss, step.norm = loss, norm if step.stepped_backward else None
-            if first is None and not step.counted:
+            backward = step.norm is not None
+            step.loss, step.norm = loss, norm if backward else None
+            if first is None and backward:
                 first = nonfinite("loss", loss, self.rank) or nonfinite(
                     "gradient norm", step.norm, self.rank
                 )
@@ -653,7 +649,7 @@ class Trainer:
         skip = self.config.nonfinite == "skip"
         if skip and self._skipped_before_backward(out.loss.item()):
             self._advance(batch, trained=False)
-            return _Step(self.step, lr, out.loss.detach(), None, 0, counted=True)
+            return _Step(self.step, lr, out.loss.detach(), None, 0)
         self.dense.zero_grad()
         out.loss.backward()  # the tables' optimizer runs inside backward
         norm = self._grad_norm()
